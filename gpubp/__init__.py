@@ -1,0 +1,35 @@
+"""gpubp: backpropagation for dense neural networks, with a NumPy reference path.
+
+    import gpubp as gp
+    model = gp.Sequential(gp.Dense(40, 256, activation="relu"), gp.Dense(256, 10), seed=0)
+    loss_value, dlogits = gp.losses.CrossEntropy()(model(x), y)
+    model.backward(dlogits)
+"""
+
+from gpubp import activations, datasets, gradcheck, losses, optim, schedules
+from gpubp.activations import Activation
+from gpubp.io import load, save
+from gpubp.layers import Dense
+from gpubp.model import NonFiniteError, Sequential
+from gpubp.optim import clip_grad_norm
+from gpubp.parameter import Parameter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "Dense",
+    "NonFiniteError",
+    "Parameter",
+    "Sequential",
+    "__version__",
+    "activations",
+    "clip_grad_norm",
+    "datasets",
+    "gradcheck",
+    "load",
+    "losses",
+    "optim",
+    "save",
+    "schedules",
+]

@@ -1,0 +1,73 @@
+"""Input checks shared by the model, the losses and the training loop.
+
+Each failure is a ValueError or TypeError whose message starts with the name of
+the argument and says what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def as_float_array(x: Any, name: str, dtype: Any) -> np.ndarray:
+    """``x`` as a C-contiguous array of ``dtype``.
+
+    Floats are cast, integers and booleans are converted; objects, strings,
+    complex numbers and anything NumPy cannot turn into a numeric array raise
+    TypeError. Non-contiguous and Fortran-ordered inputs are copied into C order.
+    """
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name}: expected a numeric array, got {type(x).__name__}")
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as e:  # ragged lists and the like
+        raise TypeError(f"{name}: expected a numeric array, could not convert: {e}") from None
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{name}: expected a float, integer or boolean array, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def check_2d(x: np.ndarray, name: str, features: int | None = None) -> None:
+    """x must be (N, features) with N >= 1."""
+    if x.ndim != 2:
+        want = f"(N, {features})" if features is not None else "(N, features)"
+        raise ValueError(f"{name}: expected a 2-D array of shape {want}, got {x.ndim}-D shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch (0 rows); expected at least one sample")
+    if features is not None and x.shape[1] != features:
+        raise ValueError(f"{name}: expected {features} features per row, got shape {x.shape}")
+
+
+def check_finite(x: np.ndarray, name: str) -> None:
+    """Raise ValueError naming the first non-finite element of x."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: contains NaN or Inf (first at index {idx}: {x[idx]})")
+
+
+def positive_int(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    return int(v)
+
+
+def nonneg_int(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, got {v!r}")
+    return int(v)
+
+
+def real(v: Any, name: str, *, min: float | None = None, min_open: bool = False) -> float:
+    """A finite real number, optionally > min (min_open) or >= min."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    if min is not None and (f <= min if min_open else f < min):
+        raise ValueError(f"{name}: expected a number {'>' if min_open else '>='} {min}, got {v!r}")
+    return f

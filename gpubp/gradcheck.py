@@ -1,0 +1,296 @@
+"""Gradient checks: analytic backward passes against float64 central differences.
+
+For a function y = f(inputs) (a layer's output, a loss value, or a model's
+loss), two checks compare the backward pass with finite differences taken on a
+float64 copy of the same computation:
+
+- ``"full"``: the whole Jacobian dy/d(input), one central difference
+  (f(p + eps e_j) - f(p - eps e_j)) / 2 eps per input element against one
+  backward pass per output element. Exact coverage; for small shapes.
+- ``"directional"``: one random direction u over all inputs at once and one
+  random output weighting v: v^T J u from the backward pass (sum over inputs of
+  <dL/dinput, u>, with L = <v, y>) against v . (f(p + eps u) - f(p - eps u)) / 2 eps.
+  Cheap at any size and catches most errors.
+
+The backward pass runs in the checked dtype (float32 or float64); the finite
+differences always run in float64, so a float32 check measures the float32
+backward against the exact derivative. An element passes when
+|got - want| <= atol + rtol * |want|, with (atol, rtol) from :data:`TOLERANCES`
+for the checked dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from gpubp import losses as losses_mod
+from gpubp.layers import Dense
+from gpubp.model import Sequential
+
+EPS = 1e-6  # central-difference step, in float64: truncation O(eps^2), rounding O(1e-16 / eps)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+
+# float64: the finite-difference error itself (~1e-10 at eps 1e-6) is far below these.
+# float32: a backward pass in float32 carries ~1e-7 relative rounding per operation,
+# accumulated over dot products of length K and over the cancellations in
+# softmax - onehot; 1e-4 absolute / 1e-3 relative covers K up to a few hundred.
+TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(atol=1e-6, rtol=1e-5),
+    "float32": Tolerance(atol=1e-4, rtol=1e-3),
+}
+
+
+@dataclass
+class Check:
+    """The comparison of one input's derivatives (or of one directional derivative)."""
+
+    name: str
+    mode: str
+    max_abs_err: float
+    max_rel_err: float
+    worst_index: tuple[int, ...]
+    got: float
+    want: float
+    passed: bool
+
+
+@dataclass
+class Report:
+    """Every :class:`Check` of one case; ``passed`` when all passed."""
+
+    case: str
+    dtype: str
+    tolerance: Tolerance
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def max_abs_err(self) -> float:
+        return max((c.max_abs_err for c in self.checks), default=0.0)
+
+    @property
+    def max_rel_err(self) -> float:
+        return max((c.max_rel_err for c in self.checks), default=0.0)
+
+    def worst(self) -> Check:
+        return max(self.checks, key=lambda c: (not c.passed, c.max_abs_err))
+
+    def __str__(self) -> str:
+        tol = self.tolerance
+        lines = [f"gradcheck {self.case} [{self.dtype}, atol={tol.atol:g}, rtol={tol.rtol:g}]: "
+                 f"{'pass' if self.passed else 'FAIL'}"]
+        for c in self.checks:
+            lines.append(
+                f"  {c.name:<14} {c.mode:<11} max abs {c.max_abs_err:.3e}  max rel {c.max_rel_err:.3e}  "
+                f"worst at {c.worst_index}: got {c.got:.9g} want {c.want:.9g}  {'ok' if c.passed else 'FAIL'}"
+            )
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            raise GradcheckError(str(self))
+
+
+class GradcheckError(AssertionError):
+    """An analytic gradient disagrees with finite differences."""
+
+
+def _compare(name: str, mode: str, got: np.ndarray, want: np.ndarray, tol: Tolerance,
+             index_of: Callable[[int], tuple[int, ...]]) -> Check:
+    got = np.asarray(got, dtype=np.float64).reshape(-1)
+    want = np.asarray(want, dtype=np.float64).reshape(-1)
+    err = np.abs(got - want)
+    bound = tol.atol + tol.rtol * np.abs(want)
+    ok = err <= bound  # NaN compares False: a NaN gradient fails
+    ratio = np.where(np.isnan(err), np.inf, err / bound)
+    k = int(np.argmax(ratio))
+    rel = err / np.maximum(np.abs(want), np.finfo(np.float64).tiny)
+    return Check(
+        name=name,
+        mode=mode,
+        max_abs_err=float(np.nanmax(err)) if not np.isnan(err).all() else float("nan"),
+        max_rel_err=float(np.nanmax(rel)) if not np.isnan(rel).all() else float("nan"),
+        worst_index=index_of(k),
+        got=float(got[k]),
+        want=float(want[k]),
+        passed=bool(ok.all()),
+    )
+
+
+def check_function(
+    forward64: Callable[[], np.ndarray],
+    inputs64: dict[str, np.ndarray],
+    backward: Callable[[np.ndarray], dict[str, np.ndarray]],
+    out_shape: tuple[int, ...],
+    *,
+    case: str,
+    dtype: str,
+    mode: str = "both",
+    eps: float = EPS,
+    seed: int = 0,
+    tolerance: Tolerance | None = None,
+) -> Report:
+    """Check ``backward`` against central differences of ``forward64``.
+
+    Args:
+        forward64: evaluates y (``out_shape``) in float64 from the current
+            contents of ``inputs64`` (which this function perturbs in place and restores).
+        inputs64: name -> float64 array, the differentiated inputs.
+        backward: given v (``out_shape``), returns name -> dL/d(input) for
+            L = <v, y>, computed by the code under test in ``dtype``.
+        mode: ``"full"``, ``"directional"`` or ``"both"``.
+    """
+    if mode not in ("full", "directional", "both"):
+        raise ValueError(f"mode: expected 'full', 'directional' or 'both', got {mode!r}")
+    if not eps > 0:
+        raise ValueError(f"eps: expected a number > 0, got {eps!r}")
+    tol = tolerance or TOLERANCES[dtype]
+    report = Report(case=case, dtype=dtype, tolerance=tol)
+    n_out = int(np.prod(out_shape, dtype=np.int64))
+    if mode in ("full", "both"):
+        analytic = {name: np.empty((n_out, x.size)) for name, x in inputs64.items()}
+        for k in range(n_out):
+            v = np.zeros(n_out)
+            v[k] = 1.0
+            grads = backward(v.reshape(out_shape))
+            for name in inputs64:
+                analytic[name][k] = np.asarray(grads[name], dtype=np.float64).reshape(-1)
+        for name, x in inputs64.items():
+            flat = x.reshape(-1)  # a view: perturbing it perturbs the input
+            numeric = np.empty((n_out, x.size))
+            for j in range(x.size):
+                orig = flat[j]
+                flat[j] = orig + eps
+                plus = np.asarray(forward64(), dtype=np.float64).reshape(-1)
+                flat[j] = orig - eps
+                minus = np.asarray(forward64(), dtype=np.float64).reshape(-1)
+                flat[j] = orig
+                numeric[:, j] = (plus - minus) / (2 * eps)
+            shape = x.shape
+
+            def index_of(i: int, shape=shape) -> tuple[int, ...]:
+                out_k, in_j = divmod(i, int(np.prod(shape, dtype=np.int64)))
+                idx = tuple(int(t) for t in np.unravel_index(in_j, shape))
+                return tuple(int(t) for t in np.unravel_index(out_k, out_shape)) + idx if n_out > 1 else idx
+
+            report.checks.append(_compare(name, "full", analytic[name], numeric, tol, index_of))
+    if mode in ("directional", "both"):
+        rng = np.random.default_rng(seed)
+        v = rng.standard_normal(out_shape)
+        u = {name: rng.standard_normal(x.shape) for name, x in inputs64.items()}
+        grads = backward(v)
+        got = sum(float(np.sum(np.asarray(grads[n], dtype=np.float64) * u[n])) for n in inputs64)
+        saved = {name: x.copy() for name, x in inputs64.items()}
+        for name, x in inputs64.items():
+            x += eps * u[name]
+        plus = float(np.sum(v * forward64()))
+        for name, x in inputs64.items():
+            x[...] = saved[name] - eps * u[name]
+        minus = float(np.sum(v * forward64()))
+        for name, x in inputs64.items():
+            x[...] = saved[name]
+        want = (plus - minus) / (2 * eps)
+        # The directional sum adds up many terms: scale atol by their number.
+        dtol = Tolerance(tol.atol * max(1.0, np.sqrt(sum(x.size for x in inputs64.values()))), tol.rtol)
+        report.checks.append(_compare("v^T J u", "directional", np.array([got]), np.array([want]), dtol,
+                                      lambda i: ()))
+    return report
+
+
+def _random_input(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def check_layer(layer: Dense, x: Any = None, *, batch: int = 3, mode: str = "both", eps: float = EPS,
+                seed: int = 0, dtype: str = "float64") -> Report:
+    """Check one Dense layer's backward (dx, dW, db) against finite differences of its forward.
+
+    A layer that is not yet part of a model is placed in a one-layer model of
+    ``dtype`` (initialised from ``seed``); a layer inside a model is checked in
+    its model's dtype, and its gradients are overwritten. ``x`` defaults to a
+    standard-normal (batch, in_features) array drawn from ``seed``.
+    """
+    if not isinstance(layer, Dense):
+        raise TypeError(f"layer: expected a Dense layer, got {type(layer).__name__}")
+    if layer.weight is None:
+        Sequential(layer, dtype=dtype, seed=seed)
+    dt = layer.weight.data.dtype
+    x64 = np.array(_random_input((batch, layer.in_features), seed + 1) if x is None else x, dtype=np.float64)
+    twin = Dense.from_config(layer.config())
+    Sequential(twin, dtype="float64", seed=seed)
+    inputs64 = {"x": x64, "weight": twin.weight.data, "bias": twin.bias.data}
+    twin.weight.data[...] = layer.weight.data
+    twin.bias.data[...] = layer.bias.data
+    x_dt = x64.astype(dt)
+
+    def forward64() -> np.ndarray:
+        return twin.forward(inputs64["x"], training=False)
+
+    def backward(v: np.ndarray) -> dict[str, np.ndarray]:
+        layer.forward(x_dt, training=True)
+        dx = layer.backward(v.astype(dt), need_dx=True)
+        return {"x": dx, "weight": layer.weight.grad.copy(), "bias": layer.bias.grad.copy()}
+
+    return check_function(forward64, inputs64, backward, (x64.shape[0], layer.out_features),
+                          case=f"{layer!r} batch {x64.shape[0]}", dtype=dt.name, mode=mode, eps=eps, seed=seed)
+
+
+def check_loss(loss: "str | losses_mod.Loss", pred: Any, target: Any, *, mode: str = "both", eps: float = EPS,
+               seed: int = 0, dtype: str = "float64") -> Report:
+    """Check a loss's gradient dL/dpred against finite differences of its value."""
+    loss = losses_mod.get(loss)
+    pred64 = np.array(pred, dtype=np.float64)
+    inputs64 = {"pred": pred64}
+
+    def forward64() -> np.ndarray:
+        return np.array(loss(inputs64["pred"], target)[0])
+
+    def backward(v: np.ndarray) -> dict[str, np.ndarray]:
+        _, g = loss(pred64.astype(dtype), target)
+        return {"pred": g * float(v)}
+
+    return check_function(forward64, inputs64, backward, (), case=f"{loss!r} pred {pred64.shape}",
+                          dtype=np.dtype(dtype).name, mode=mode, eps=eps, seed=seed)
+
+
+def check_model(model: Sequential, loss: "str | losses_mod.Loss", x: Any, y: Any, *, mode: str = "both",
+                eps: float = EPS, seed: int = 0, input_grad: bool = True) -> Report:
+    """Check a whole model + loss: dL/d(every parameter) (and dL/dx) against finite differences.
+
+    The backward pass runs in the model's dtype and overwrites its gradients;
+    the finite differences run on a float64 clone.
+    """
+    loss = losses_mod.get(loss)
+    twin = model.clone("float64")
+    x64 = np.array(x, dtype=np.float64)
+    inputs64 = {p.name: p.data for p in twin.parameters()}
+    if input_grad:
+        inputs64["x"] = x64
+
+    def forward64() -> np.ndarray:
+        return np.array(loss(twin.forward(x64, training=False), y)[0])
+
+    def backward(v: np.ndarray) -> dict[str, np.ndarray]:
+        _, dout = loss(model.forward(x64.astype(model.dtype)), y)
+        dx = model.backward(dout * model.dtype.type(float(v)), input_grad=input_grad)
+        grads = {p.name: p.grad.copy() for p in model.parameters()}
+        if input_grad:
+            grads["x"] = dx
+        return grads
+
+    acts = "-".join(layer.activation.name for layer in model.layers)
+    return check_function(forward64, inputs64, backward, (),
+                          case=f"model[{acts}] + {loss.name} x {x64.shape}", dtype=model.dtype.name,
+                          mode=mode, eps=eps, seed=seed)

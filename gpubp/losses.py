@@ -1,0 +1,140 @@
+"""Losses: value and gradient in one call.
+
+``loss(pred, target) -> (value, dL/dpred)``. ``value`` is a Python float
+(accumulated in float64); the gradient has pred's shape and dtype. With
+``reduction="mean"`` (default) the loss is averaged as PyTorch does; with
+``"sum"`` it is summed.
+
+| loss          | target                                   | mean over            |
+|---------------|------------------------------------------|----------------------|
+| MSE           | same shape as pred (or (N,) for (N, 1))  | every element        |
+| CrossEntropy  | labels (N,) in [0, C), or probs (N, C)   | rows (samples)       |
+| BCEWithLogits | same shape as pred, values in [0, 1]     | every element        |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gpubp._validate import as_float_array, check_finite
+from gpubp.backends import backend_of
+
+REDUCTIONS = ("mean", "sum")
+
+
+class Loss:
+    """Base class: validates inputs, then calls the backend's fused value+gradient."""
+
+    name = ""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
+
+    def __call__(self, pred: Any, target: Any) -> tuple[float, Any]:
+        pred = self._check_pred(pred)
+        target = self.check_target(target, pred.shape, pred.dtype)
+        scale = 1.0 / self._count(pred) if self.reduction == "mean" else 1.0
+        # The backend function of the same name computes value and gradient in one pass.
+        return getattr(backend_of(pred), self.name)(pred, target, scale)
+
+    def _check_pred(self, pred: Any) -> np.ndarray:
+        if not isinstance(pred, np.ndarray) or pred.dtype.kind != "f":
+            pred = as_float_array(pred, "pred", np.float64)
+        if pred.ndim != 2 or pred.shape[0] == 0:
+            raise ValueError(f"pred: expected a non-empty 2-D array (N, outputs), got shape {pred.shape}")
+        return np.ascontiguousarray(pred)
+
+    def _count(self, pred: np.ndarray) -> int:
+        return pred.size
+
+    def check_target(self, target: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """Validate ``target`` for predictions of ``shape`` and return it ready for the kernel."""
+        t = as_float_array(target, "target", dtype)
+        if t.ndim == 1 and len(shape) == 2 and shape[1] == 1:
+            t = t.reshape(-1, 1)  # (N,) targets for a single output: made explicit, no broadcasting
+        if t.shape != tuple(shape):
+            raise ValueError(f"target: expected shape {tuple(shape)} to match pred, got {t.shape}")
+        check_finite(t, "target")
+        return t
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "reduction": self.reduction}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reduction={self.reduction!r})"
+
+
+class MSE(Loss):
+    """Mean squared error, as torch.nn.MSELoss: mean over all elements of (pred - target)^2."""
+
+    name = "mse"
+
+
+class CrossEntropy(Loss):
+    """Softmax cross-entropy over logits (N, C), as torch.nn.CrossEntropyLoss.
+
+    Targets are integer class labels (N,) in [0, C) or class probabilities
+    (N, C). Computed through log-sum-exp, so finite for logits of any finite size.
+    The mean is over the N samples.
+    """
+
+    name = "cross_entropy"
+
+    def _count(self, pred: np.ndarray) -> int:
+        return pred.shape[0]
+
+    def check_target(self, target: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        arr = np.asarray(target)
+        if arr.ndim == 1:
+            if arr.dtype.kind not in "iu":
+                raise TypeError(
+                    f"target: expected integer class labels (N,) or probabilities (N, C), got a 1-D {arr.dtype} array"
+                )
+            if arr.shape[0] != shape[0]:
+                raise ValueError(f"target: expected {shape[0]} labels to match pred, got {arr.shape[0]}")
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi >= shape[1]:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"target: class labels must lie in [0, {shape[1]}), got {bad}")
+            return np.ascontiguousarray(arr, dtype=np.int64)
+        return super().check_target(target, shape, dtype)
+
+
+class BCEWithLogits(Loss):
+    """Binary cross-entropy on logits, as torch.nn.BCEWithLogitsLoss.
+
+    Per element max(x, 0) - x t + log(1 + exp(-|x|)), stable for any finite x;
+    targets in [0, 1], same shape as the logits.
+    """
+
+    name = "bce_with_logits"
+
+    def check_target(self, target: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        t = super().check_target(target, shape, dtype)
+        if t.min() < 0 or t.max() > 1:
+            raise ValueError(f"target: expected values in [0, 1], got range [{t.min()}, {t.max()}]")
+        return t
+
+
+_BY_NAME: dict[str, type[Loss]] = {
+    "mse": MSE,
+    "cross_entropy": CrossEntropy,
+    "bce_with_logits": BCEWithLogits,
+}
+NAMES: tuple[str, ...] = tuple(_BY_NAME)
+
+
+def get(loss: "str | Loss", **kwargs: Any) -> Loss:
+    """Resolve a loss name (``"mse"``, ``"cross_entropy"``, ``"bce_with_logits"``) or instance."""
+    if isinstance(loss, Loss):
+        return loss
+    if not isinstance(loss, str):
+        raise TypeError(f"loss: expected a name or a Loss, got {type(loss).__name__}")
+    key = loss.strip().lower().replace("-", "_")
+    if key not in _BY_NAME:
+        raise ValueError(f"loss: unknown name {loss!r}; expected one of {', '.join(NAMES)}")
+    return _BY_NAME[key](**kwargs)

@@ -1,0 +1,337 @@
+"""Sequential: a chain of Dense layers with one flat parameter arena.
+
+Forward runs the layers in order, keeping what each backward needs; backward
+runs them in reverse and writes every parameter's gradient (=, not +=) into the
+gradient arena. ``fit`` / ``evaluate`` / ``predict`` are the training loop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gpubp import losses as losses_mod
+from gpubp._validate import as_float_array, check_2d, check_finite, positive_int
+from gpubp.backends import get_backend
+from gpubp.device import Device, parse_device
+from gpubp.layers import Dense
+from gpubp.parameter import Arena, Parameter
+
+DTYPES = ("float32", "float64")
+
+
+class NonFiniteError(ValueError):
+    """A NaN or Inf appeared in a layer's output or gradient, or in the loss (``check_finite=True``)."""
+
+
+def _dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dt
+
+
+class Sequential:
+    """A dense network: ``Sequential(Dense(40, 256, "relu"), Dense(256, 10), dtype="float32", seed=0)``.
+
+    Args:
+        *layers: Dense layers; each one's in_features must equal the previous out_features.
+        device: ``"cpu"`` or ``"auto"`` (the CUDA device is a later addition).
+        dtype: ``"float32"`` or ``"float64"``, for parameters, gradients and activations.
+        seed: seeds initialisation (numpy.random.Generator) and the shuffling in ``fit``.
+        check_finite: when True, every layer's output and gradient and the loss are
+            checked, and the first non-finite one raises :class:`NonFiniteError`
+            naming the layer. Off by default: it costs a pass over each array.
+    """
+
+    def __init__(
+        self,
+        *layers: Dense,
+        device: str = "cpu",
+        dtype: Any = "float32",
+        seed: int = 0,
+        check_finite: bool = False,
+    ) -> None:
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        if not layers:
+            raise ValueError("layers: expected at least one Dense layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Dense):
+                raise TypeError(f"layers[{i}]: expected a Dense layer, got {type(layer).__name__}")
+            if any(layer is other for other in layers[:i]):
+                raise ValueError(f"layers[{i}]: the same Dense object appears twice; create a new layer")
+        for i in range(1, len(layers)):
+            if layers[i].in_features != layers[i - 1].out_features:
+                raise ValueError(
+                    f"layers[{i}]: in_features={layers[i].in_features} does not match the previous "
+                    f"layer's out_features={layers[i - 1].out_features}"
+                )
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+        self.layers: list[Dense] = list(layers)
+        self.dtype = _dtype(dtype)
+        self.seed = int(seed)
+        self.check_finite = bool(check_finite)
+        self.device: Device = parse_device(device)
+        self.epoch = 0  # epochs trained by fit so far (drives the per-epoch shuffle)
+        self.optimizer: Any = None  # the optimizer fit last used
+        self._backend = get_backend(self.device)
+        self.arena = Arena(sum(layer.num_parameters for layer in self.layers), self.dtype, self._backend.xp)
+        for i, layer in enumerate(self.layers):
+            layer.bind(self.arena, i, self._backend)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        """Weights from one Generator(seed) in layer order, drawn in float64 then cast; biases 0."""
+        rng = np.random.default_rng(self.seed)
+        for layer in self.layers:
+            layer.weight.data[...] = layer.initial_weight(rng)
+            layer.bias.data[...] = 0
+
+    # -- structure -------------------------------------------------------------------------
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1].out_features
+
+    def parameters(self) -> list[Parameter]:
+        """Every parameter in layer order: "0.weight", "0.bias", "1.weight", ..."""
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    @property
+    def num_parameters(self) -> int:
+        return self.arena.size
+
+    def zero_grad(self) -> None:
+        self.arena.grad[...] = 0
+
+    def config(self) -> dict[str, Any]:
+        """The architecture and settings, JSON-serialisable (saved in checkpoints)."""
+        return {
+            "layers": [layer.config() for layer in self.layers],
+            "dtype": self.dtype.name,
+            "seed": self.seed,
+            "check_finite": self.check_finite,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], device: str = "cpu") -> "Sequential":
+        layers = [Dense.from_config(c) for c in cfg["layers"]]
+        return cls(*layers, device=device, dtype=cfg["dtype"], seed=cfg["seed"], check_finite=cfg["check_finite"])
+
+    def clone(self, dtype: Any = None) -> "Sequential":
+        """A new model of the same architecture with these parameter values (cast to ``dtype``)."""
+        cfg = self.config()
+        if dtype is not None:
+            cfg["dtype"] = _dtype(dtype).name
+        twin = Sequential.from_config(cfg, device=str(self.device))
+        twin.arena.data[...] = self.arena.data
+        twin.epoch = self.epoch
+        return twin
+
+    def to(self, device: str) -> "Sequential":
+        """Move the model to ``device`` (returns self)."""
+        target = parse_device(device)
+        if target != self.device:
+            raise RuntimeError(f"device {target}: moving models between devices needs the CUDA backend")
+        return self
+
+    def __repr__(self) -> str:
+        inner = ",\n".join(f"  {layer!r}" for layer in self.layers)
+        return (
+            f"Sequential(\n{inner},\n  device={str(self.device)!r}, dtype={self.dtype.name!r}, "
+            f"seed={self.seed})  # {self.num_parameters} parameters"
+        )
+
+    # -- forward / backward pair -----------------------------------------------------------
+
+    def _input(self, x: Any, name: str = "x") -> Any:
+        x = as_float_array(x, name, self.dtype)
+        check_2d(x, name, self.in_features)
+        if self.check_finite:
+            check_finite(x, name)
+        return x
+
+    def _check_layer(self, i: int, arr: Any, what: str) -> None:
+        if self.check_finite and not self._backend.all_finite(arr):
+            raise NonFiniteError(f"layer {i} ({self.layers[i]!r}): {what} contains NaN or Inf")
+
+    def forward(self, x: Any, training: bool = True) -> Any:
+        """Logits (N, out) for x (N, in). With training=True each layer keeps what backward needs."""
+        h = self._input(x)
+        for i, layer in enumerate(self.layers):
+            h = layer.forward(h, training)
+            self._check_layer(i, h, "forward output")
+        return h
+
+    __call__ = forward
+
+    def backward(self, dout: Any, input_grad: bool = False) -> Any:
+        """Back-propagate dL/d(output) (N, out) through every layer, writing each ``p.grad``.
+
+        Gradients are overwritten, not accumulated. Returns dL/dx (N, in) when
+        ``input_grad`` (otherwise the first layer skips computing it) else None.
+        """
+        g = as_float_array(dout, "dout", self.dtype)
+        for i in reversed(range(len(self.layers))):
+            layer = self.layers[i]
+            g = layer.backward(g, need_dx=(i > 0 or input_grad))
+            self._check_layer(i, layer.weight.grad, "weight gradient")
+            self._check_layer(i, layer.bias.grad, "bias gradient")
+        return g
+
+    # -- training loop ---------------------------------------------------------------------
+
+    def _dataset(self, x: Any, y: Any, loss: losses_mod.Loss, name: str) -> tuple[Any, Any]:
+        """Validate a whole (x, y) once: shapes, lengths, finiteness, labels."""
+        x = as_float_array(x, f"{name}x", self.dtype)
+        check_2d(x, f"{name}x", self.in_features)
+        check_finite(x, f"{name}x")
+        n_y = np.shape(y)[0] if np.ndim(y) >= 1 else None
+        if n_y != x.shape[0]:
+            raise ValueError(f"{name}y: expected {x.shape[0]} rows to match {name}x, got shape {np.shape(y)}")
+        y = loss.check_target(y, (x.shape[0], self.out_features), self.dtype)
+        return x, y
+
+    @staticmethod
+    def _correct(loss: losses_mod.Loss, pred: Any, y: Any) -> tuple[int, int]:
+        """(correct, predictions made): argmax per row for CrossEntropy, sign per element for BCEWithLogits."""
+        if isinstance(loss, losses_mod.CrossEntropy):
+            labels = y if y.ndim == 1 else y.argmax(axis=1)
+            return int((pred.argmax(axis=1) == labels).sum()), pred.shape[0]
+        return int(((pred > 0) == (y >= 0.5)).sum()), pred.size
+
+    def _resolve_optimizer(self, optimizer: Any) -> Any:
+        from gpubp import optim
+
+        if isinstance(optimizer, str):
+            return optim.get(optimizer, self.parameters())
+        if not isinstance(optimizer, optim.Optimizer):
+            raise TypeError(f"optimizer: expected a gpubp.optim.Optimizer or a name, got {type(optimizer).__name__}")
+        mine = {id(p) for p in self.parameters()}
+        if not all(id(p) in mine for p in optimizer.params):
+            raise ValueError("optimizer: it was built for parameters of another model; pass model.parameters()")
+        return optimizer
+
+    def fit(
+        self,
+        x: Any,
+        y: Any,
+        loss: "str | losses_mod.Loss",
+        optimizer: Any,
+        epochs: int = 1,
+        batch_size: int = 32,
+        validation_data: tuple[Any, Any] | None = None,
+        shuffle: bool = True,
+        verbose: int = 1,
+        scheduler: Any = None,
+        clip_grad_norm: float | None = None,
+    ) -> dict[str, list[float]]:
+        """Train for ``epochs`` more epochs of mini-batch steps; returns the history.
+
+        Each epoch visits every sample once in batches of ``batch_size`` (the last,
+        partial batch included), in an order drawn from Generator([seed, epoch])
+        when ``shuffle``: so a run resumed from a checkpoint sees the same order.
+        Per step: forward, loss value and gradient, backward, optional global-norm
+        clipping, optimizer step. ``scheduler.step()`` runs after each epoch.
+
+        History keys: ``loss`` (per-sample mean over the epoch), ``accuracy`` (for
+        CrossEntropy and BCEWithLogits), ``val_loss`` / ``val_accuracy`` with
+        validation data, ``lr``, ``time`` (seconds per epoch).
+        """
+        from gpubp import optim
+
+        loss = losses_mod.get(loss)
+        optimizer = self._resolve_optimizer(optimizer)
+        epochs = positive_int(epochs, "epochs")
+        batch_size = positive_int(batch_size, "batch_size")
+        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm: expected a number > 0 or None, got {clip_grad_norm!r}")
+        x, y = self._dataset(x, y, loss, "")
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise TypeError("validation_data: expected a tuple (x_val, y_val)")
+            xv, yv = self._dataset(validation_data[0], validation_data[1], loss, "validation_data ")
+        self.optimizer = optimizer
+        n = x.shape[0]
+        steps = -(-n // batch_size)
+        classifies = isinstance(loss, (losses_mod.CrossEntropy, losses_mod.BCEWithLogits))
+        history: dict[str, list[float]] = {}
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if shuffle else None
+            total, correct, counted = 0.0, 0, 0
+            bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}", disable=verbose == 0, leave=False, unit="batch")
+            for s in range(steps):
+                idx = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
+                xb, yb = x[idx], y[idx]
+                out = self.forward(xb, training=True)
+                value, dout = loss(out, yb)
+                if self.check_finite and not np.isfinite(value):
+                    raise NonFiniteError(f"loss: {value} at epoch {self.epoch + 1}, step {s + 1}")
+                self.backward(dout)
+                if clip_grad_norm is not None:
+                    optim.clip_grad_norm(optimizer.params, clip_grad_norm)
+                optimizer.step()
+                total += value * (xb.shape[0] if loss.reduction == "mean" else 1)
+                if classifies:
+                    c, k = self._correct(loss, out, yb)
+                    correct, counted = correct + c, counted + k
+                bar.update(1)
+                if s % 16 == 0 or s == steps - 1:
+                    bar.set_postfix(loss=f"{value:.4f}")
+            bar.close()
+            self.epoch += 1
+            record = {"loss": total / n}
+            if classifies:
+                record["accuracy"] = correct / counted
+            if validation_data is not None:
+                for k, v in self.evaluate(xv, yv, loss, batch_size=max(batch_size, 1024)).items():
+                    record[f"val_{k}"] = v
+            record["lr"] = float(optimizer.lr)
+            if scheduler is not None:
+                scheduler.step()
+            record["time"] = time.perf_counter() - t0
+            for k, v in record.items():
+                history.setdefault(k, []).append(v)
+            if verbose:
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("lr", "time"))
+                print(f"epoch {self.epoch:3d}  {shown}  ({record['time']:.2f}s, {self.device})", flush=True)
+        return history
+
+    def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
+        """Outputs (N, out) for x (N, in), without keeping anything for backward."""
+        x = self._input(x)
+        bs = x.shape[0] if batch_size is None else positive_int(batch_size, "batch_size")
+        outs = [self.forward(x[i : i + bs], training=False) for i in range(0, x.shape[0], bs)]
+        return self._backend.to_numpy(np.concatenate(outs) if len(outs) > 1 else outs[0])
+
+    def evaluate(self, x: Any, y: Any, loss: "str | losses_mod.Loss", batch_size: int = 1024) -> dict[str, float]:
+        """``{"loss": ..., "accuracy": ...}`` over (x, y); accuracy for classification losses only."""
+        loss = losses_mod.get(loss)
+        x, y = self._dataset(x, y, loss, "")
+        bs = positive_int(batch_size, "batch_size")
+        classifies = isinstance(loss, (losses_mod.CrossEntropy, losses_mod.BCEWithLogits))
+        total, correct, counted = 0.0, 0, 0
+        for i in range(0, x.shape[0], bs):
+            out = self.forward(x[i : i + bs], training=False)
+            value, _ = loss(out, y[i : i + bs])
+            total += value * (out.shape[0] if loss.reduction == "mean" else 1)
+            if classifies:
+                c, k = self._correct(loss, out, y[i : i + bs])
+                correct, counted = correct + c, counted + k
+        result = {"loss": total / x.shape[0]}
+        if classifies:
+            result["accuracy"] = correct / counted
+        return result

@@ -1,0 +1,505 @@
+"""Optimizers: SGD, Adam, AdamW, RMSprop and Adagrad, plus gradient-norm clipping.
+
+The update equations, argument names and defaults are those of torch.optim.
+An optimizer holds a list of :class:`~gpubp.parameter.Parameter` and updates
+them with one in-place operation per contiguous run of arena storage (all of a
+model's parameters, in order, form one run). Its state buffers are flat arrays
+laid out like the runs. The maths lives in the backend module picked from the
+arena's array module (``gpubp.backends.numpy_optim`` for NumPy); this module
+checks arguments, owns the state and dispatches.
+
+One step counter is kept per optimizer (``step_count``); ``lr`` may be changed
+between steps, which is what the schedules in :mod:`gpubp.schedules` do.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from gpubp._validate import real
+from gpubp.backends import numpy_optim
+from gpubp.parameter import Arena, Parameter, contiguous_runs
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "get", "clip_grad_norm"]
+
+
+def _ops(arena: Arena) -> ModuleType:
+    """The backend module holding the update maths for ``arena``'s arrays."""
+    if arena.xp is np:
+        return numpy_optim
+    raise NotImplementedError(f"no optimizer backend for arrays of module {getattr(arena.xp, '__name__', arena.xp)!r}")
+
+
+def _check_params(params: Iterable[Parameter]) -> list[Parameter]:
+    if isinstance(params, Parameter):
+        raise TypeError("params: expected an iterable of Parameter, got a single Parameter (wrap it in a list)")
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError(f"params: expected an iterable of Parameter, got {type(params).__name__}") from None
+    if not items:
+        raise ValueError("params: expected at least one Parameter, got an empty sequence")
+    for i, p in enumerate(items):
+        if not isinstance(p, Parameter):
+            raise TypeError(f"params: expected Parameter items, got {type(p).__name__} at index {i}")
+    dtypes = sorted({str(p.arena.dtype) for p in items})
+    if len(dtypes) > 1:
+        raise ValueError(f"params: expected parameters of one dtype, got a mix of {', '.join(dtypes)}")
+    names = [p.name for p in items]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"params: expected distinct parameter names, got duplicates {dup}")
+    spans = sorted((id(p.arena), p.offset, p.offset + p.size, p.name) for p in items if p.size)
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            raise ValueError(f"params: parameters {a[3]!r} and {b[3]!r} share storage")
+    return items
+
+
+def _flag(v: Any, name: str) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {type(v).__name__}")
+    return bool(v)
+
+
+def _beta(v: Any, name: str) -> float:
+    b = real(v, name, min=0.0)
+    if b >= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1), got {v!r}")
+    return b
+
+
+class Optimizer:
+    """Base class: parameters, contiguous runs, state buffers, ``step`` dispatch and checkpoints.
+
+    A subclass lists its hyper-parameters in ``_hparam_names``, normalises and
+    checks them in :meth:`_check`, names its state buffers (and their initial
+    value) in :meth:`_buffers` and performs one update of one run in
+    :meth:`_update`.
+    """
+
+    _hparam_names: tuple[str, ...] = ("lr",)
+
+    def __init__(self, params: Iterable[Parameter], **hparams: Any) -> None:
+        self.params: list[Parameter] = _check_params(params)
+        if real(hparams["lr"], "lr") <= 0:
+            raise ValueError(f"lr: expected a number > 0, got {hparams['lr']!r}")
+        self._runs = contiguous_runs(self.params)
+        self._where = [self._locate(p) for p in self.params]
+        self._set_hparams(self._check(hparams))
+        self.step_count: int = 0
+        self._state = self._new_state()
+
+    # --- hyper-parameters and state -------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step (a number >= 0; schedules set it)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = real(value, "lr", min=0.0)
+
+    def _check(self, hp: dict[str, Any]) -> dict[str, Any]:
+        """Checked, normalised hyper-parameters (JSON-friendly Python values)."""
+        return {"lr": real(hp["lr"], "lr", min=0.0)}
+
+    def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
+        """State buffer names, in order, with the value each starts at."""
+        return {}
+
+    def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _hparams(self) -> dict[str, Any]:
+        """The hyper-parameters as JSON-friendly values (tuples become lists)."""
+        hp = {k: getattr(self, k) for k in self._hparam_names}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()}
+
+    def _set_hparams(self, hp: dict[str, Any]) -> None:
+        for k, v in hp.items():
+            setattr(self, k, v)
+
+    def _locate(self, p: Parameter) -> tuple[int, int]:
+        """(run index, offset of ``p`` inside that run)."""
+        for i, (arena, lo, hi) in enumerate(self._runs):
+            if arena is p.arena and lo <= p.offset and p.offset + p.size <= hi:
+                return i, p.offset - lo
+        raise AssertionError(f"parameter {p.name!r} is in no run")  # contiguous_runs covers every parameter
+
+    def _new_state(self) -> list[dict[str, Any]]:
+        bufs = self._buffers(self._hparams())
+        return [
+            {name: _ops(arena).full(hi - lo, fill, arena.dtype) for name, fill in bufs.items()}
+            for arena, lo, hi in self._runs
+        ]
+
+    # --- public API -------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Update every parameter once from its current gradient."""
+        self.step_count += 1
+        for (arena, lo, hi), state in zip(self._runs, self._state):
+            self._update(_ops(arena), arena.data[lo:hi], arena.grad[lo:hi], state)
+
+    def zero_grad(self) -> None:
+        """Set the gradients of this optimizer's parameters to 0."""
+        for arena, lo, hi in self._runs:
+            arena.grad[lo:hi].fill(0)
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(meta, tensors)``: a JSON-serialisable description and host copies of the state.
+
+        ``meta`` holds ``"type"`` (the class name), every hyper-parameter,
+        ``"step"`` and ``"param_names"``. ``tensors`` maps
+        ``"{param name}.{buffer}"`` to an array shaped like the parameter.
+        """
+        meta: dict[str, Any] = {"type": type(self).__name__, **self._hparams()}
+        meta["step"] = self.step_count
+        meta["param_names"] = [p.name for p in self.params]
+        tensors: dict[str, np.ndarray] = {}
+        for p, (r, off) in zip(self.params, self._where):
+            ops = _ops(p.arena)
+            for buf, arr in self._state[r].items():
+                tensors[f"{p.name}.{buf}"] = ops.to_numpy(arr[off : off + p.size]).reshape(p.shape)
+        return meta, tensors
+
+    def load_state_dict(self, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        """Restore hyper-parameters, step count and state from :meth:`state_dict`'s output.
+
+        Everything is checked before anything changes; a mismatch in type,
+        parameter names, hyper-parameters or tensor names, shapes or dtypes
+        raises ValueError naming it.
+        """
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta: expected a dict, got {type(meta).__name__}")
+        if not isinstance(tensors, dict):
+            raise TypeError(f"tensors: expected a dict, got {type(tensors).__name__}")
+        kind = type(self).__name__
+        if meta.get("type") != kind:
+            raise ValueError(f"meta['type']: state is for optimizer {meta.get('type')!r}, this is {kind!r}")
+        names = [p.name for p in self.params]
+        saved = meta.get("param_names")
+        if saved != names:
+            if not isinstance(saved, list):
+                raise ValueError(f"meta['param_names']: expected a list of names, got {saved!r}")
+            missing = [n for n in names if n not in saved]
+            extra = [n for n in saved if n not in names]
+            why = f"missing {missing}, unexpected {extra}" if missing or extra else "different order"
+            raise ValueError(f"meta['param_names']: do not match this optimizer's parameters ({why})")
+        absent = [k for k in (*self._hparam_names, "step") if k not in meta]
+        if absent:
+            raise ValueError(f"meta: missing keys {absent}")
+        hp = self._check({k: meta[k] for k in self._hparam_names})
+        step = meta["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"meta['step']: expected an integer >= 0, got {step!r}")
+
+        bufs = self._buffers(hp)
+        want = {f"{p.name}.{b}": p for p in self.params for b in bufs}
+        missing = [k for k in want if k not in tensors]
+        extra = sorted(k for k in tensors if k not in want)
+        if missing or extra:
+            raise ValueError(f"tensors: missing {missing}, unexpected {extra}")
+        for key, p in want.items():
+            t = tensors[key]
+            shape = tuple(getattr(t, "shape", ()))
+            if shape != p.shape:
+                raise ValueError(f"tensors[{key!r}]: expected shape {p.shape}, got {shape}")
+            if np.dtype(getattr(t, "dtype", object)) != p.arena.dtype:
+                raise ValueError(f"tensors[{key!r}]: expected dtype {p.arena.dtype}, got {getattr(t, 'dtype', None)}")
+
+        self._set_hparams(hp)
+        self.step_count = int(step)
+        self._state = self._new_state()
+        for p, (r, off) in zip(self.params, self._where):
+            ops = _ops(p.arena)
+            for buf, arr in self._state[r].items():
+                ops.assign_(arr[off : off + p.size], tensors[f"{p.name}.{buf}"])
+
+    def __repr__(self) -> str:
+        hp = ", ".join(f"{k}={v!r}" for k, v in self._hparams().items())
+        return f"{type(self).__name__}({len(self.params)} parameters, {hp}, step_count={self.step_count})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum and L2 weight decay.
+
+    For each parameter p with gradient g, at step t (counting from 1)::
+
+        d = g + weight_decay * p
+        b = d                                          if t == 1
+        b = momentum * b + (1 - dampening) * d         otherwise   (when momentum != 0)
+        d = d + momentum * b   if nesterov   else   d = b          (when momentum != 0)
+        p = p - lr * d
+
+    ``nesterov`` needs ``momentum > 0`` and ``dampening == 0``.
+    State: ``momentum_buffer`` (when momentum != 0).
+    """
+
+    _hparam_names = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
+        )
+
+    def _check(self, hp: dict[str, Any]) -> dict[str, Any]:
+        out = super()._check(hp)
+        for k in ("momentum", "dampening", "weight_decay"):
+            out[k] = real(hp[k], k, min=0.0)
+        out["nesterov"] = _flag(hp["nesterov"], "nesterov")
+        if out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
+            raise ValueError(
+                f"nesterov: needs momentum > 0 and dampening == 0, got momentum={hp['momentum']!r}, "
+                f"dampening={hp['dampening']!r}"
+            )
+        return out
+
+    def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
+        return {"momentum_buffer": 0.0} if hp["momentum"] != 0 else {}
+
+    def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
+        ops.sgd_update(
+            p, g, state.get("momentum_buffer"),
+            lr=self.lr, momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov,
+            weight_decay=self.weight_decay, first_step=self.step_count == 1,
+        )
+
+
+class Adam(Optimizer):
+    """Adam, with L2 weight decay added to the gradient and optional AMSGrad.
+
+    For each parameter p with gradient g, at step t (counting from 1)::
+
+        g = g + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        v_max = max(v_max, v);  v = v_max                        (amsgrad)
+        denom = sqrt(v) / sqrt(1 - beta2**t) + eps
+        p = p - (lr / (1 - beta1**t)) * m / denom
+
+    State: ``exp_avg`` (m), ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (amsgrad).
+    """
+
+    _hparam_names = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+    _decoupled = False
+
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+
+    def _check(self, hp: dict[str, Any]) -> dict[str, Any]:
+        out = super()._check(hp)
+        betas = hp["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+        out["betas"] = (_beta(betas[0], "betas[0]"), _beta(betas[1], "betas[1]"))
+        out["eps"] = real(hp["eps"], "eps", min=0.0)
+        out["weight_decay"] = real(hp["weight_decay"], "weight_decay", min=0.0)
+        out["amsgrad"] = _flag(hp["amsgrad"], "amsgrad")
+        return out
+
+    def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
+        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
+        return dict.fromkeys(names, 0.0)
+
+    def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
+        ops.adam_update(
+            p, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+            lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+            weight_decay=self.weight_decay, decoupled=self._decoupled, step=self.step_count,
+            amsgrad=self.amsgrad,
+        )
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (the decay does not pass through m and v).
+
+    For each parameter p with gradient g, at step t (counting from 1)::
+
+        p = p * (1 - lr * weight_decay)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        v_max = max(v_max, v);  v = v_max                        (amsgrad)
+        denom = sqrt(v) / sqrt(1 - beta2**t) + eps
+        p = p - (lr / (1 - beta1**t)) * m / denom
+
+    State: ``exp_avg`` (m), ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (amsgrad).
+    """
+
+    _decoupled = True
+
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+
+
+class RMSprop(Optimizer):
+    """RMSprop, optionally centred and with momentum.
+
+    For each parameter p with gradient g::
+
+        g = g + weight_decay * p
+        v = alpha * v + (1 - alpha) * g * g
+        centred:   a = alpha * a + (1 - alpha) * g;   avg = sqrt(v - a * a) + eps
+        otherwise: avg = sqrt(v) + eps
+        momentum > 0:  b = momentum * b + g / avg;   p = p - lr * b
+        otherwise:     p = p - lr * g / avg
+
+    State: ``square_avg`` (v), ``grad_avg`` (a, centred), ``momentum_buffer`` (b, momentum > 0).
+    """
+
+    _hparam_names = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
+
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered
+        )
+
+    def _check(self, hp: dict[str, Any]) -> dict[str, Any]:
+        out = super()._check(hp)
+        for k in ("alpha", "eps", "weight_decay", "momentum"):
+            out[k] = real(hp[k], k, min=0.0)
+        out["centered"] = _flag(hp["centered"], "centered")
+        return out
+
+    def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
+        names = ["square_avg"] + (["grad_avg"] if hp["centered"] else [])
+        names += ["momentum_buffer"] if hp["momentum"] > 0 else []
+        return dict.fromkeys(names, 0.0)
+
+    def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
+        ops.rmsprop_update(
+            p, g, state["square_avg"], state.get("grad_avg"), state.get("momentum_buffer"),
+            lr=self.lr, alpha=self.alpha, eps=self.eps, weight_decay=self.weight_decay,
+            momentum=self.momentum, centered=self.centered,
+        )
+
+
+class Adagrad(Optimizer):
+    """Adagrad with learning-rate decay.
+
+    For each parameter p with gradient g, at step t (counting from 1)::
+
+        g = g + weight_decay * p
+        clr = lr / (1 + (t - 1) * lr_decay)
+        s = s + g * g                      (s starts at initial_accumulator_value)
+        p = p - clr * g / (sqrt(s) + eps)
+
+    State: ``sum`` (s).
+    """
+
+    _hparam_names = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
+
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, eps=eps,
+        )
+
+    def _check(self, hp: dict[str, Any]) -> dict[str, Any]:
+        out = super()._check(hp)
+        for k in ("lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
+            out[k] = real(hp[k], k, min=0.0)
+        return out
+
+    def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
+        return {"sum": hp["initial_accumulator_value"]}
+
+    def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
+        ops.adagrad_update(
+            p, g, state["sum"],
+            lr=self.lr, lr_decay=self.lr_decay, eps=self.eps, weight_decay=self.weight_decay,
+            step=self.step_count,
+        )
+
+
+_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": SGD,
+    "adam": Adam,
+    "adamw": AdamW,
+    "rmsprop": RMSprop,
+    "adagrad": Adagrad,
+}
+
+
+def get(name: str, params: Iterable[Parameter], **kwargs: Any) -> Optimizer:
+    """Build the optimizer called ``name`` (case-insensitive) over ``params``."""
+    key = name.lower() if isinstance(name, str) else None
+    if key not in _OPTIMIZERS:
+        raise ValueError(f"name: expected one of {', '.join(map(repr, _OPTIMIZERS))}, got {name!r}")
+    return _OPTIMIZERS[key](params, **kwargs)
+
+
+def clip_grad_norm(params: Iterable[Parameter], max_norm: float, norm_type: float = 2.0) -> float:
+    """Scale the gradients so that their joint norm is at most ``max_norm``; return the norm.
+
+    The norm is that of all the gradients laid end to end as one vector,
+    computed in float64 in a fixed order; ``norm_type`` is 2.0 or ``inf``.
+    When ``max_norm / (norm + 1e-6) < 1`` every gradient is multiplied by that
+    factor; otherwise the gradients are left alone. The norm returned is the
+    one before scaling.
+    """
+    items = _check_params(params)
+    max_norm = real(max_norm, "max_norm", min=0.0, min_open=True)
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float, np.integer, np.floating)):
+        raise TypeError(f"norm_type: expected 2.0 or float('inf'), got {type(norm_type).__name__}")
+    kind = float(norm_type)
+    if kind not in (2.0, math.inf):
+        raise ValueError(f"norm_type: expected 2.0 or float('inf'), got {norm_type!r}")
+    runs = contiguous_runs(items)
+    if kind == 2.0:
+        total = math.sqrt(sum(_ops(a).sum_of_squares(a.grad[lo:hi]) for a, lo, hi in runs))
+    else:
+        total = max(_ops(a).max_abs(a.grad[lo:hi]) for a, lo, hi in runs)
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for a, lo, hi in runs:
+            _ops(a).scale_(a.grad[lo:hi], coef)
+    return total

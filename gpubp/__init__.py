@@ -7,6 +7,7 @@
 """
 
 from gpubp import activations, datasets, gradcheck, losses, optim, schedules
+from gpubp._resources import kernel_dir
 from gpubp.activations import Activation
 from gpubp.io import load, save
 from gpubp.layers import Dense
@@ -27,6 +28,7 @@ __all__ = [
     "clip_grad_norm",
     "datasets",
     "gradcheck",
+    "kernel_dir",
     "load",
     "losses",
     "optim",

@@ -8,7 +8,7 @@ from gpubp._validate import nonneg_int, positive_int, real
 
 
 def spirals(
-    n_samples: int = 3000, n_classes: int = 3, noise: float = 0.2, turns: float = 1.0, seed: int = 0
+    n_samples: int = 6000, n_classes: int = 4, noise: float = 0.3, turns: float = 2.0, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Interleaved 2-D spirals, one arm per class: a classic problem no linear model solves.
 

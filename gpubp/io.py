@@ -143,12 +143,12 @@ def load(
         meta = json.loads(metadata["optimizer"])
         state = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}
         if optimizer is None:
-            optimizer = _build_optimizer(meta, model)
+            optimizer = _rebuild(optim_mod, optim_mod.Optimizer, meta, model.parameters())
         optimizer.load_state_dict(meta, state)
     if "scheduler" in metadata and optimizer is not None:
         meta = json.loads(metadata["scheduler"])
         if scheduler is None:
-            scheduler = schedules_mod.get(meta["type"], optimizer, **_ctor_args(getattr(schedules_mod, meta["type"]), meta))
+            scheduler = _rebuild(schedules_mod, schedules_mod.LRSchedule, meta, optimizer)
         scheduler.load_state_dict(meta)
     model.optimizer = optimizer
     return Checkpoint(model, optimizer, scheduler, metadata)
@@ -160,11 +160,12 @@ def _ctor_args(cls: type, meta: dict[str, Any]) -> dict[str, Any]:
     return {k: (tuple(meta[k]) if isinstance(meta[k], list) else meta[k]) for k in names if k in meta}
 
 
-def _build_optimizer(meta: dict[str, Any], model: Sequential) -> Any:
-    cls = getattr(optim_mod, str(meta.get("type")), None)
-    if not (isinstance(cls, type) and issubclass(cls, optim_mod.Optimizer)):
-        raise ValueError(f"path: unknown optimizer type {meta.get('type')!r} in checkpoint")
-    return cls(model.parameters(), **_ctor_args(cls, meta))
+def _rebuild(module: Any, base: type, meta: dict[str, Any], first: Any) -> Any:
+    """A new ``module.<meta["type"]>(first, **saved settings)``, checked to be a ``base``."""
+    cls = getattr(module, str(meta.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"path: unknown {base.__name__} type {meta.get('type')!r} in checkpoint")
+    return cls(first, **_ctor_args(cls, meta))
 
 
 def _describe(cfg: dict[str, Any]) -> str:

@@ -15,8 +15,9 @@ between steps, which is what the schedules in :mod:`gpubp.schedules` do.
 from __future__ import annotations
 
 import math
-from types import ModuleType
 from collections.abc import Iterable
+from itertools import pairwise
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,7 @@ def _check_params(params: Iterable[Parameter]) -> list[Parameter]:
     if dup:
         raise ValueError(f"params: expected distinct parameter names, got duplicates {dup}")
     spans = sorted((id(p.arena), p.offset, p.offset + p.size, p.name) for p in items if p.size)
-    for a, b in zip(spans, spans[1:]):
+    for a, b in pairwise(spans):
         if a[0] == b[0] and b[1] < a[2]:
             raise ValueError(f"params: parameters {a[3]!r} and {b[3]!r} share storage")
     return items
@@ -145,7 +146,7 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter once from its current gradient."""
         self.step_count += 1
-        for (arena, lo, hi), state in zip(self._runs, self._state):
+        for (arena, lo, hi), state in zip(self._runs, self._state, strict=True):
             self._update(_ops(arena), arena.data[lo:hi], arena.grad[lo:hi], state)
 
     def zero_grad(self) -> None:
@@ -164,7 +165,7 @@ class Optimizer:
         meta["step"] = self.step_count
         meta["param_names"] = [p.name for p in self.params]
         tensors: dict[str, np.ndarray] = {}
-        for p, (r, off) in zip(self.params, self._where):
+        for p, (r, off) in zip(self.params, self._where, strict=True):
             ops = _ops(p.arena)
             for buf, arr in self._state[r].items():
                 tensors[f"{p.name}.{buf}"] = ops.to_numpy(arr[off : off + p.size]).reshape(p.shape)
@@ -218,7 +219,7 @@ class Optimizer:
         self._set_hparams(hp)
         self.step_count = int(step)
         self._state = self._new_state()
-        for p, (r, off) in zip(self.params, self._where):
+        for p, (r, off) in zip(self.params, self._where, strict=True):
             ops = _ops(p.arena)
             for buf, arr in self._state[r].items():
                 ops.assign_(arr[off : off + p.size], tensors[f"{p.name}.{buf}"])
@@ -275,9 +276,15 @@ class SGD(Optimizer):
 
     def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
         ops.sgd_update(
-            p, g, state.get("momentum_buffer"),
-            lr=self.lr, momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov,
-            weight_decay=self.weight_decay, first_step=self.step_count == 1,
+            p,
+            g,
+            state.get("momentum_buffer"),
+            lr=self.lr,
+            momentum=self.momentum,
+            dampening=self.dampening,
+            nesterov=self.nesterov,
+            weight_decay=self.weight_decay,
+            first_step=self.step_count == 1,
         )
 
 
@@ -327,9 +334,18 @@ class Adam(Optimizer):
 
     def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
         ops.adam_update(
-            p, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-            lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-            weight_decay=self.weight_decay, decoupled=self._decoupled, step=self.step_count,
+            p,
+            g,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state.get("max_exp_avg_sq"),
+            lr=self.lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            decoupled=self._decoupled,
+            step=self.step_count,
             amsgrad=self.amsgrad,
         )
 
@@ -408,9 +424,17 @@ class RMSprop(Optimizer):
 
     def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
         ops.rmsprop_update(
-            p, g, state["square_avg"], state.get("grad_avg"), state.get("momentum_buffer"),
-            lr=self.lr, alpha=self.alpha, eps=self.eps, weight_decay=self.weight_decay,
-            momentum=self.momentum, centered=self.centered,
+            p,
+            g,
+            state["square_avg"],
+            state.get("grad_avg"),
+            state.get("momentum_buffer"),
+            lr=self.lr,
+            alpha=self.alpha,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            centered=self.centered,
         )
 
 
@@ -439,8 +463,12 @@ class Adagrad(Optimizer):
         eps: float = 1e-10,
     ) -> None:
         super().__init__(
-            params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value, eps=eps,
+            params,
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
         )
 
     def _check(self, hp: dict[str, Any]) -> dict[str, Any]:
@@ -454,8 +482,13 @@ class Adagrad(Optimizer):
 
     def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
         ops.adagrad_update(
-            p, g, state["sum"],
-            lr=self.lr, lr_decay=self.lr_decay, eps=self.eps, weight_decay=self.weight_decay,
+            p,
+            g,
+            state["sum"],
+            lr=self.lr,
+            lr_decay=self.lr_decay,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
             step=self.step_count,
         )
 

@@ -150,11 +150,19 @@ class CosineAnnealingLR(LRSchedule):
         return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch / self.T_max)) / 2
 
 
-_SCHEDULES: dict[str, type[LRSchedule]] = {"step": StepLR, "cosine": CosineAnnealingLR}
+_SCHEDULES: dict[str, type[LRSchedule]] = {
+    "step": StepLR,
+    "cosine": CosineAnnealingLR,
+    "steplr": StepLR,
+    "cosineannealinglr": CosineAnnealingLR,
+}
 
 
 def get(name: str, optimizer: Optimizer, **kwargs: Any) -> LRSchedule:
-    """Build the schedule called ``name`` (``"step"`` or ``"cosine"``, case-insensitive)."""
+    """Build the schedule called ``name``, case-insensitive.
+
+    ``"step"`` or ``"cosine"``; the class names (as in ``state_dict()["type"]``) work too.
+    """
     key = name.lower() if isinstance(name, str) else None
     if key not in _SCHEDULES:
         raise ValueError(f"name: expected one of {', '.join(map(repr, _SCHEDULES))}, got {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from gpubp.cli import main
+
+sys.exit(main())

@@ -26,8 +26,9 @@ beyond): exponentials only ever see non-positive arguments.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -250,7 +251,7 @@ class Activation:
         return f"Activation({self.name!r}{extra})"
 
 
-def get(activation: "str | Activation | None") -> Activation:
+def get(activation: str | Activation | None) -> Activation:
     """Resolve ``None`` (identity), a name, or an :class:`Activation`."""
     if activation is None:
         return Activation("identity")

@@ -7,7 +7,7 @@ import importlib.metadata
 import platform
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -39,7 +39,7 @@ def cuda_status() -> tuple[int, str]:
     return n, ""
 
 
-def parse_device(device: "str | Device") -> Device:
+def parse_device(device: str | Device) -> Device:
     """Parse a device string, raising ValueError/TypeError on a malformed one.
 
     ``"auto"`` resolves to ``"cpu"`` while gpubp has no CUDA backend; see

@@ -21,8 +21,9 @@ for the checked dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -247,7 +248,7 @@ def check_layer(layer: Dense, x: Any = None, *, batch: int = 3, mode: str = "bot
                           case=f"{layer!r} batch {x64.shape[0]}", dtype=dt.name, mode=mode, eps=eps, seed=seed)
 
 
-def check_loss(loss: "str | losses_mod.Loss", pred: Any, target: Any, *, mode: str = "both", eps: float = EPS,
+def check_loss(loss: str | losses_mod.Loss, pred: Any, target: Any, *, mode: str = "both", eps: float = EPS,
                seed: int = 0, dtype: str = "float64") -> Report:
     """Check a loss's gradient dL/dpred against finite differences of its value."""
     loss = losses_mod.get(loss)
@@ -265,7 +266,7 @@ def check_loss(loss: "str | losses_mod.Loss", pred: Any, target: Any, *, mode: s
                           dtype=np.dtype(dtype).name, mode=mode, eps=eps, seed=seed)
 
 
-def check_model(model: Sequential, loss: "str | losses_mod.Loss", x: Any, y: Any, *, mode: str = "both",
+def check_model(model: Sequential, loss: str | losses_mod.Loss, x: Any, y: Any, *, mode: str = "both",
                 eps: float = EPS, seed: int = 0, input_grad: bool = True) -> Report:
     """Check a whole model + loss: dL/d(every parameter) (and dL/dx) against finite differences.
 

@@ -41,7 +41,7 @@ class Checkpoint(NamedTuple):
     metadata: dict[str, str]
 
 
-def save(path: "str | os.PathLike[str]", model: Sequential, optimizer: Any = None, scheduler: Any = None) -> None:
+def save(path: str | os.PathLike[str], model: Sequential, optimizer: Any = None, scheduler: Any = None) -> None:
     """Write ``model`` (and ``optimizer``, ``scheduler`` when given) to ``path`` atomically."""
     if not isinstance(model, Sequential):
         raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
@@ -103,7 +103,7 @@ def _read(path: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
 
 
 def load(
-    path: "str | os.PathLike[str]",
+    path: str | os.PathLike[str],
     model: Sequential | None = None,
     optimizer: Any = None,
     scheduler: Any = None,
@@ -165,7 +165,12 @@ def _rebuild(module: Any, base: type, meta: dict[str, Any], first: Any) -> Any:
     cls = getattr(module, str(meta.get("type")), None)
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ValueError(f"path: unknown {base.__name__} type {meta.get('type')!r} in checkpoint")
-    return cls(first, **_ctor_args(cls, meta))
+    args = _ctor_args(cls, meta)
+    if "lr" in args and args["lr"] == 0:
+        # A schedule may have annealed lr to exactly 0, which a constructor rejects;
+        # build with a stand-in and let load_state_dict restore the saved 0.
+        args["lr"] = 1.0
+    return cls(first, **args)
 
 
 def _describe(cfg: dict[str, Any]) -> str:

@@ -41,7 +41,7 @@ class Dense:
         self,
         in_features: int,
         out_features: int,
-        activation: "str | Activation | None" = None,
+        activation: str | Activation | None = None,
         init: str | None = None,
     ) -> None:
         self.in_features = positive_int(in_features, "in_features")
@@ -121,7 +121,7 @@ class Dense:
         }
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "Dense":
+    def from_config(cls, cfg: dict[str, Any]) -> Dense:
         if cfg.get("type") != "Dense":
             raise ValueError(f"layer config: expected type 'Dense', got {cfg.get('type')!r}")
         act = cfg["activation"]

@@ -128,7 +128,7 @@ _BY_NAME: dict[str, type[Loss]] = {
 NAMES: tuple[str, ...] = tuple(_BY_NAME)
 
 
-def get(loss: "str | Loss", **kwargs: Any) -> Loss:
+def get(loss: str | Loss, **kwargs: Any) -> Loss:
     """Resolve a loss name (``"mse"``, ``"cross_entropy"``, ``"bce_with_logits"``) or instance."""
     if isinstance(loss, Loss):
         return loss

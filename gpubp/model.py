@@ -82,6 +82,7 @@ class Sequential:
         self.device: Device = parse_device(device)
         self.epoch = 0  # epochs trained by fit so far (drives the per-epoch shuffle)
         self.optimizer: Any = None  # the optimizer fit last used
+        self._out_shape: tuple[int, ...] | None = None  # output shape of the last training forward
         self._backend = get_backend(self.device)
         self.arena = Arena(sum(layer.num_parameters for layer in self.layers), self.dtype, self._backend.xp)
         for i, layer in enumerate(self.layers):
@@ -126,11 +127,11 @@ class Sequential:
         }
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], device: str = "cpu") -> "Sequential":
+    def from_config(cls, cfg: dict[str, Any], device: str = "cpu") -> Sequential:
         layers = [Dense.from_config(c) for c in cfg["layers"]]
         return cls(*layers, device=device, dtype=cfg["dtype"], seed=cfg["seed"], check_finite=cfg["check_finite"])
 
-    def clone(self, dtype: Any = None) -> "Sequential":
+    def clone(self, dtype: Any = None) -> Sequential:
         """A new model of the same architecture with these parameter values (cast to ``dtype``)."""
         cfg = self.config()
         if dtype is not None:
@@ -140,7 +141,7 @@ class Sequential:
         twin.epoch = self.epoch
         return twin
 
-    def to(self, device: str) -> "Sequential":
+    def to(self, device: str) -> Sequential:
         """Move the model to ``device`` (returns self)."""
         target = parse_device(device)
         if target != self.device:
@@ -173,6 +174,7 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             h = layer.forward(h, training)
             self._check_layer(i, h, "forward output")
+        self._out_shape = tuple(h.shape) if training else None
         return h
 
     __call__ = forward
@@ -184,6 +186,11 @@ class Sequential:
         ``input_grad`` (otherwise the first layer skips computing it) else None.
         """
         g = as_float_array(dout, "dout", self.dtype)
+        if self._out_shape is None:
+            raise RuntimeError("backward called without a training forward pass before it")
+        if tuple(g.shape) != self._out_shape:
+            raise ValueError(f"dout: expected shape {self._out_shape} (the last forward's output), got {g.shape}")
+        self._out_shape = None
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
             g = layer.backward(g, need_dx=(i > 0 or input_grad))
@@ -228,7 +235,7 @@ class Sequential:
         self,
         x: Any,
         y: Any,
-        loss: "str | losses_mod.Loss",
+        loss: str | losses_mod.Loss,
         optimizer: Any,
         epochs: int = 1,
         batch_size: int = 32,
@@ -317,7 +324,7 @@ class Sequential:
         outs = [self.forward(x[i : i + bs], training=False) for i in range(0, x.shape[0], bs)]
         return self._backend.to_numpy(np.concatenate(outs) if len(outs) > 1 else outs[0])
 
-    def evaluate(self, x: Any, y: Any, loss: "str | losses_mod.Loss", batch_size: int = 1024) -> dict[str, float]:
+    def evaluate(self, x: Any, y: Any, loss: str | losses_mod.Loss, batch_size: int = 1024) -> dict[str, float]:
         """``{"loss": ..., "accuracy": ...}`` over (x, y); accuracy for classification losses only."""
         loss = losses_mod.get(loss)
         x, y = self._dataset(x, y, loss, "")

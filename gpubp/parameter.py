@@ -9,8 +9,9 @@ once, while layers still see ``(in, out)`` weights and ``(out,)`` biases.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class Arena:
         self.grad = xp.zeros(self.size, dtype=self.dtype)
         self._next = 0
 
-    def carve(self, name: str, shape: tuple[int, ...]) -> "Parameter":
+    def carve(self, name: str, shape: tuple[int, ...]) -> Parameter:
         """Return the next ``shape``-sized :class:`Parameter` of the arena."""
         n = int(np.prod(shape, dtype=np.int64))
         lo, hi = self._next, self._next + n

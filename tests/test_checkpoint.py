@@ -190,3 +190,15 @@ def test_save_rejects_bad_arguments(tmp_path):
         gp.save(tmp_path / "x", object())
     with pytest.raises(TypeError, match="optimizer:"):
         gp.save(tmp_path / "x", spiral_model(), optimizer="adam")
+
+
+def test_checkpoint_after_lr_annealed_to_zero(tmp_path, spirals_small):
+    xt, yt, _, _ = spirals_small
+    model = spiral_model()
+    opt = gp.optim.Adam(model.parameters(), lr=1e-2)
+    sched = gp.schedules.CosineAnnealingLR(opt, T_max=2)
+    model.fit(xt, yt, "cross_entropy", opt, epochs=2, batch_size=128, scheduler=sched, verbose=0)
+    assert opt.lr == 0.0
+    gp.save(tmp_path / "z.safetensors", model, opt, sched)
+    ck = gp.load(tmp_path / "z.safetensors")
+    assert ck.optimizer.lr == 0.0 and ck.scheduler.last_epoch == 2

@@ -112,7 +112,8 @@ def _gelu_f(z, p):
 
 def _gelu_b(da, z, a, p):
     cdf = _c(z, 0.5) * (_c(z, 1.0) + erf(z * _c(z, _INV_SQRT_2)))
-    pdf = _c(z, _INV_SQRT_2PI) * np.exp(_c(z, -0.5) * z * z)
+    zc = np.clip(z, _c(z, -40.0), _c(z, 40.0))  # phi(40) = 0 in float64 already; z*z cannot overflow
+    pdf = _c(z, _INV_SQRT_2PI) * np.exp(_c(z, -0.5) * zc * zc)
     return da * (cdf + z * pdf)
 
 

@@ -15,6 +15,7 @@ between steps, which is what the schedules in :mod:`gpubp.schedules` do.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from itertools import pairwise
 from types import ModuleType
@@ -33,7 +34,7 @@ def _ops(arena: Arena) -> ModuleType:
     """The backend module holding the update maths for ``arena``'s arrays."""
     if arena.xp is np:
         return numpy_optim
-    raise NotImplementedError(f"no optimizer backend for arrays of module {getattr(arena.xp, '__name__', arena.xp)!r}")
+    raise TypeError(f"params: no optimizer backend for arrays of module {getattr(arena.xp, '__name__', arena.xp)!r}")
 
 
 def _check_params(params: Iterable[Parameter]) -> list[Parameter]:
@@ -75,7 +76,7 @@ def _beta(v: Any, name: str) -> float:
     return b
 
 
-class Optimizer:
+class Optimizer(ABC):
     """Base class: parameters, contiguous runs, state buffers, ``step`` dispatch and checkpoints.
 
     A subclass lists its hyper-parameters in ``_hparam_names``, normalises and
@@ -115,8 +116,9 @@ class Optimizer:
         """State buffer names, in order, with the value each starts at."""
         return {}
 
+    @abstractmethod
     def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Update one run in place: parameters ``p``, gradients ``g``, state buffers ``state``."""
 
     def _hparams(self) -> dict[str, Any]:
         """The hyper-parameters as JSON-friendly values (tuples become lists)."""

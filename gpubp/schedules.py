@@ -17,6 +17,7 @@ until the next ``step()``).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 from gpubp._validate import positive_int, real
@@ -25,7 +26,7 @@ from gpubp.optim import Optimizer
 __all__ = ["LRSchedule", "StepLR", "CosineAnnealingLR", "get"]
 
 
-class LRSchedule:
+class LRSchedule(ABC):
     """Base class: ``last_epoch``, ``base_lr``, ``step()``, ``get_last_lr()`` and checkpoints.
 
     A subclass lists its settings in ``_settings`` and computes the rate of an
@@ -42,9 +43,9 @@ class LRSchedule:
         self.last_epoch: int = 0
         self._apply()
 
+    @abstractmethod
     def lr_at(self, epoch: int) -> float:
         """The learning rate of ``epoch`` (0 is the first epoch)."""
-        raise NotImplementedError
 
     def _apply(self) -> None:
         self._last_lr = self.lr_at(self.last_epoch)

@@ -1,0 +1,900 @@
+"""CUDA optimizer maths as Numba kernels: the functions of ``numpy_optim`` for device arrays.
+
+Every optimizer update is one fused kernel launch over a whole flat run of an
+arena (a grid-stride loop, so any length fits any grid). The kernels follow
+:mod:`gpubp.backends.numpy_optim` operation by operation, in the same order
+and in the arrays' dtype, so float64 and float32 results agree with the NumPy
+reference to the last bit or so:
+
+* every hyper-parameter is rounded to the arrays' dtype on the host, exactly as
+  NumPy rounds a Python float operand, and scalar factors (bias corrections,
+  Adagrad's decayed rate) are computed on the host as Python floats;
+* products are formed with the round-to-nearest multiply intrinsics of
+  libdevice, so that the compiler cannot fuse a product and a sum into one
+  fused multiply-add (which rounds once instead of twice). Division and square
+  root are the IEEE-rounded ones (Numba's default, no fast-math).
+
+Optional state buffers (``momentum_buf``, ``max_exp_avg_sq``, ``grad_avg``) are
+selected by integer flags; when one is absent a one-element dummy array takes
+its place, so each optimizer is one kernel.
+
+Gradient-norm clipping without a host round-trip: :func:`sum_of_squares_into`
+leaves the float64 sum of squares in a one-element device array, computed by a
+deterministic two-pass reduction (see :func:`sum_of_squares_into`), and
+:func:`clip_scale_` reads it on the device. :func:`all_finite_into` leaves a
+device-side flag. Functions that return a Python value (``sum_of_squares``,
+``max_abs``, ``all_finite``, ``to_numpy``) wait for the GPU; the others only
+enqueue work on ``stream``.
+
+Arrays may be NumPy arrays (under the Numba CUDA simulator; on a GPU Numba then
+copies them to the device and back around each launch), Numba device arrays or
+any object with ``__cuda_array_interface__`` such as CuPy arrays. They must be
+1-D and C-contiguous, all of one dtype, float32 or float64. ``stream`` is 0
+(the default stream), a Numba stream, a CuPy stream or a raw stream handle.
+
+This module imports ``numba.cuda``; only the CUDA backend and the tests import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from numba import cuda
+
+try:  # where numba-cuda keeps its configuration differs between releases
+    from numba.cuda import config as _nb_config
+except ImportError:  # pragma: no cover
+    from numba.core import config as _nb_config
+
+__all__ = [
+    "sgd_update",
+    "adam_update",
+    "rmsprop_update",
+    "adagrad_update",
+    "sum_of_squares",
+    "sum_of_squares_into",
+    "max_abs",
+    "scale_",
+    "clip_scale_",
+    "all_finite",
+    "all_finite_into",
+    "full",
+    "assign_",
+    "to_numpy",
+    "launch_config",
+    "ptx_targets",
+    "REDUCE_CHUNK",
+]
+
+Array = Any
+
+#: True when the kernels run under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
+SIMULATOR: bool = bool(getattr(_nb_config, "ENABLE_CUDASIM", False))
+
+#: Elements summed by one block of the reduction's first pass; fixes the order of the sum.
+REDUCE_CHUNK = 1024
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --- launch configuration ------------------------------------------------------------------
+
+
+class _LaunchConfig:
+    """Threads per block and the most blocks of a launch (grid-stride loops cover the rest)."""
+
+    def __init__(self) -> None:
+        self.threads = 256
+        self.max_blocks = 1024
+
+
+_LAUNCH = _LaunchConfig()
+
+
+@contextlib.contextmanager
+def launch_config(threads: int | None = None, max_blocks: int | None = None) -> Iterator[None]:
+    """Inside the ``with`` block, launch kernels with ``threads`` threads per block and at most ``max_blocks`` blocks.
+
+    The results do not depend on either: element-wise kernels loop over the
+    whole array whatever the grid, and the reductions' order is fixed by
+    :data:`REDUCE_CHUNK` alone. Tests use it to exercise several grids.
+    """
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= REDUCE_CHUNK
+    ):
+        raise ValueError(f"threads: expected an int in [1, {REDUCE_CHUNK}], got {threads!r}")
+    if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1):
+        raise ValueError(f"max_blocks: expected an int >= 1, got {max_blocks!r}")
+    old = (_LAUNCH.threads, _LAUNCH.max_blocks)
+    _LAUNCH.threads = old[0] if threads is None else threads
+    _LAUNCH.max_blocks = old[1] if max_blocks is None else max_blocks
+    try:
+        yield
+    finally:
+        _LAUNCH.threads, _LAUNCH.max_blocks = old
+
+
+def _blocks(n: int) -> int:
+    return max(1, min(-(-n // _LAUNCH.threads), _LAUNCH.max_blocks))
+
+
+# --- kernels -------------------------------------------------------------------------------
+#
+# Kernels call no Numba device functions: numba-cuda compiles those for the
+# current device, and the kernels must also compile to PTX on machines without a
+# GPU (see ptx_targets). So each kernel is written out in full, and the
+# dtype-specific pieces (the multiply intrinsic, the cast to the arrays' dtype)
+# are bound per dtype by closing over them in _build_kernels.
+#
+# Argument kinds, for the signatures listed by ptx_targets():
+#   A: 1-D contiguous array of the dtype    S: scalar of the dtype
+#   D: 1-D contiguous float64 array         F: float64 scalar
+#   N: 1-D contiguous int32 array           I: int64 scalar
+
+
+def _py_mul(a: Any, b: Any) -> Any:
+    """Product of two scalars of one dtype (the simulator's stand-in for the libdevice intrinsics)."""
+    return a * b
+
+
+def _build_kernels(dtype: np.dtype) -> dict[str, tuple[Any, str]]:
+    """The kernels for arrays of ``dtype``: name -> (dispatcher, argument kinds)."""
+    if SIMULATOR:
+        mul = _py_mul
+        mul64 = _py_mul
+    else:
+        from numba.cuda import libdevice
+
+        mul = libdevice.fmul_rn if dtype == np.float32 else libdevice.dmul_rn
+        mul64 = libdevice.dmul_rn
+    cast = dtype.type
+    chunk = REDUCE_CHUNK
+
+    def sgd(p, g, buf, lr, momentum, one_minus_dampening, wd, has_wd, use_momentum, first, damped, nesterov):
+        n = p.shape[0]
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < n:
+            d = g[i]
+            if has_wd:
+                d = mul(p[i], wd) + d
+            if use_momentum:
+                if first:
+                    b = d
+                else:
+                    b = mul(buf[i], momentum)
+                    if damped:
+                        b = b + mul(d, one_minus_dampening)
+                    else:
+                        b = b + d
+                buf[i] = b
+                if nesterov:
+                    d = mul(b, momentum) + d
+                else:
+                    d = b
+            p[i] = p[i] - mul(d, lr)
+            i += stride
+
+    def adam(
+        p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,
+        decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+        wd_mode, lerp_high, amsgrad,
+    ):  # fmt: skip
+        n = p.shape[0]
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < n:
+            pi = p[i]
+            d = g[i]
+            if wd_mode == 2:  # AdamW: p *= 1 - lr * wd
+                pi = mul(pi, decay)
+            elif wd_mode == 1:  # Adam: d = g + wd * p
+                d = mul(pi, wd) + d
+            m = exp_avg[i]
+            diff = d - m
+            if lerp_high:
+                m = d - mul(diff, one_minus_w1)
+            else:
+                m = m + mul(diff, w1)
+            exp_avg[i] = m
+            v = mul(exp_avg_sq[i], beta2) + mul(mul(d, one_minus_beta2), d)
+            exp_avg_sq[i] = v
+            if amsgrad:
+                vmax = max_exp_avg_sq[i]
+                if v > vmax or v != v:  # NaN-propagating maximum, as np.maximum
+                    vmax = v
+                max_exp_avg_sq[i] = vmax
+                denom = math.sqrt(vmax)
+            else:
+                denom = math.sqrt(v)
+            denom = denom / bias_correction2_sqrt + eps
+            p[i] = pi - mul(m, step_size) / denom
+            i += stride
+
+    def rmsprop(
+        p, g, square_avg, grad_avg, momentum_buf,
+        lr, alpha, w, one_minus_w, eps, wd, momentum,
+        has_wd, centered, lerp_high, use_momentum,
+    ):  # fmt: skip
+        n = p.shape[0]
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < n:
+            d = g[i]
+            if has_wd:
+                d = mul(p[i], wd) + d
+            v = mul(square_avg[i], alpha) + mul(mul(d, w), d)
+            square_avg[i] = v
+            if centered:
+                a = grad_avg[i]
+                diff = d - a
+                if lerp_high:
+                    a = d - mul(diff, one_minus_w)
+                else:
+                    a = a + mul(diff, w)
+                grad_avg[i] = a
+                avg = math.sqrt(v - mul(a, a))
+            else:
+                avg = math.sqrt(v)
+            avg = avg + eps
+            if use_momentum:
+                b = mul(momentum_buf[i], momentum) + d / avg
+                momentum_buf[i] = b
+                t = mul(b, lr)
+            else:
+                t = mul(d, lr) / avg
+            p[i] = p[i] - t
+            i += stride
+
+    def adagrad(p, g, state_sum, clr, eps, wd, has_wd):
+        n = p.shape[0]
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < n:
+            d = g[i]
+            if has_wd:
+                d = mul(p[i], wd) + d
+            s = state_sum[i] + mul(d, d)
+            state_sum[i] = s
+            std = math.sqrt(s) + eps
+            p[i] = p[i] - mul(d, clr) / std
+            i += stride
+
+    def scale(g, c):
+        n = g.shape[0]
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < n:
+            g[i] = mul(g[i], c)
+            i += stride
+
+    def fill(a, value):
+        n = a.shape[0]
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < n:
+            a[i] = value
+            i += stride
+
+    def clip_scale(g, total_sq, max_norm):
+        # Same float64 arithmetic as optim.clip_grad_norm: coef = max_norm / (sqrt(total) + 1e-6).
+        coef = max_norm / (math.sqrt(total_sq[0]) + 1e-6)
+        if coef < 1.0:
+            n = g.shape[0]
+            i = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            while i < n:
+                g[i] = mul(g[i], cast(coef))
+                i += stride
+
+    def reduce_chunks(g, partials, nchunks, mode):
+        # Pass 1: block b reduces chunks b, b + gridDim, ...; chunk c covers
+        # g[c * chunk : (c + 1) * chunk] and is reduced as a fixed binary tree
+        # in shared memory (at each level element j takes in element j + s),
+        # whatever the number of threads. The last chunk is reduced as if
+        # zero-padded: an element whose partner is padding is left as it is, since adding
+        # +0.0 (or taking the maximum with it) leaves a square or |x| unchanged.
+        # mode 0: sum of squares; mode 1: NaN-propagating maximum of |g|.
+        sm = cuda.shared.array(chunk, np.float64)
+        n = g.shape[0]
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        c = cuda.blockIdx.x
+        while c < nchunks:
+            base = c * chunk
+            valid = min(chunk, n - base)
+            j = tid
+            while j < valid:
+                sm[j] = g[base + j]
+                if mode == 0:
+                    sm[j] = mul64(sm[j], sm[j])
+                else:
+                    sm[j] = abs(sm[j])
+                j += nt
+            cuda.syncthreads()
+            s = chunk // 2
+            while s > 0:
+                if s < valid:  # else element j + s is padding: the sum (or max) with 0 leaves sm[j] as it is
+                    j = tid
+                    while j + s < valid:
+                        x = sm[j]
+                        y = sm[j + s]
+                        if mode == 0:
+                            sm[j] = x + y
+                        elif y > x or y != y:
+                            sm[j] = y
+                        j += nt
+                    valid = s
+                    cuda.syncthreads()
+                s //= 2
+            if tid == 0:
+                partials[c] = sm[0]
+            cuda.syncthreads()
+            c += cuda.gridDim.x
+
+    def finite_scan(g, flag):
+        n = g.shape[0]
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < n:
+            if not math.isfinite(g[i]):
+                flag[0] = 0  # every writer stores the same value
+            i += stride
+
+    table = {
+        "sgd": (sgd, "AAA" + "SSSS" + "IIIII"),
+        "adam": (adam, "AAAAA" + "SSSSSSSSS" + "III"),
+        "rmsprop": (rmsprop, "AAAAA" + "SSSSSSS" + "IIII"),
+        "adagrad": (adagrad, "AAA" + "SSS" + "I"),
+        "scale": (scale, "AS"),
+        "fill": (fill, "AS"),
+        "clip_scale": (clip_scale, "ADF"),
+        "reduce_chunks": (reduce_chunks, "ADII"),
+        "finite_scan": (finite_scan, "AN"),
+    }
+    return {name: (cuda.jit(fn), kinds) for name, (fn, kinds) in table.items()}
+
+
+def _build_common_kernels() -> dict[str, tuple[Any, str]]:
+    """The kernels that do not depend on the arrays' dtype."""
+    chunk = REDUCE_CHUNK
+
+    def reduce_partials(partials, nparts, out, mode, accumulate):
+        # Pass 2, one block: the partials in tiles of `chunk`, each tile as the
+        # same fixed tree as pass 1, the tiles' results added (or maxed) in order.
+        sm = cuda.shared.array(chunk, np.float64)
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        acc = 0.0
+        base = 0
+        while base < nparts:
+            valid = min(chunk, nparts - base)
+            j = tid
+            while j < valid:
+                sm[j] = partials[base + j]
+                j += nt
+            cuda.syncthreads()
+            s = chunk // 2
+            while s > 0:
+                if s < valid:
+                    j = tid
+                    while j + s < valid:
+                        x = sm[j]
+                        y = sm[j + s]
+                        if mode == 0:
+                            sm[j] = x + y
+                        elif y > x or y != y:
+                            sm[j] = y
+                        j += nt
+                    valid = s
+                    cuda.syncthreads()
+                s //= 2
+            if tid == 0:
+                y = sm[0]
+                if mode == 0:
+                    acc = acc + y
+                elif y > acc or y != y:
+                    acc = y
+            cuda.syncthreads()
+            base += chunk
+        if tid == 0:
+            if accumulate:
+                x = out[0]
+                if mode == 0:
+                    out[0] = x + acc
+                elif acc > x or acc != acc:
+                    out[0] = acc
+            else:
+                out[0] = acc
+
+    def set_flag(flag):
+        if cuda.grid(1) == 0:
+            flag[0] = 1
+
+    table = {
+        "reduce_partials": (reduce_partials, "DIDII"),
+        "set_flag": (set_flag, "N"),
+    }
+    return {name: (cuda.jit(fn), kinds) for name, (fn, kinds) in table.items()}
+
+
+_KERNELS: dict[np.dtype, dict[str, tuple[Any, str]]] = {dt: _build_kernels(dt) for dt in _FLOAT_DTYPES}
+_COMMON = _build_common_kernels()
+
+
+def _kernel(dtype: np.dtype, name: str) -> Any:
+    return _KERNELS[dtype][name][0]
+
+
+def ptx_targets() -> list[tuple[str, Callable, tuple]]:
+    """Every kernel's Python function with each signature it is launched with.
+
+    Returns ``(name, function, argument types)`` triples, e.g.
+    ``("sgd[float32]", <function>, (array(float32, 1d, C), ...))``, ready for
+    ``numba.cuda.compile_ptx(function, argument types, cc=...)``.
+    """
+    from numba import types
+
+    def signature(kinds: str, t: Any) -> tuple:
+        kind_type = {
+            "A": types.Array(t, 1, "C"),
+            "S": t,
+            "D": types.Array(types.float64, 1, "C"),
+            "F": types.float64,
+            "N": types.Array(types.int32, 1, "C"),
+            "I": types.int64,
+        }
+        return tuple(kind_type[k] for k in kinds)
+
+    out: list[tuple[str, Callable, tuple]] = []
+    for dt, kernels in _KERNELS.items():
+        t = getattr(types, dt.name)
+        for name, (disp, kinds) in kernels.items():
+            out.append((f"{name}[{dt.name}]", disp.py_func, signature(kinds, t)))
+    for name, (disp, kinds) in _COMMON.items():
+        out.append((name, disp.py_func, signature(kinds, types.float64)))
+    return out
+
+
+# --- arrays and streams --------------------------------------------------------------------
+
+
+def _stream(stream: Any) -> Any:
+    """A stream Numba's launch syntax takes: 0, a Numba stream, or one wrapped from a handle."""
+    if stream is None or (isinstance(stream, (int, np.integer)) and not isinstance(stream, bool) and stream == 0):
+        return 0
+    if SIMULATOR:
+        return 0  # the simulator runs each launch to completion
+    from numba.cuda.cudadrv.driver import Stream
+
+    if isinstance(stream, Stream):
+        return stream
+    ptr = getattr(stream, "ptr", stream)  # a CuPy stream, or a raw handle
+    if isinstance(ptr, bool) or not isinstance(ptr, (int, np.integer)):
+        raise TypeError(f"stream: expected 0, a Numba or CuPy stream, or a stream handle, got {type(stream).__name__}")
+    return cuda.external_stream(int(ptr)) if ptr else 0
+
+
+def _stream_key(s: Any) -> int:
+    return 0 if isinstance(s, int) else int(s)
+
+
+def _arr(a: Any, name: str) -> Any:
+    """``a`` as something a kernel takes: NumPy arrays as they are, device arrays as Numba device arrays."""
+    if a is None:
+        raise ValueError(f"{name}: expected an array, got None")
+    if isinstance(a, np.ndarray):
+        return a
+    if not SIMULATOR:
+        from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
+
+        if is_cuda_ndarray(a):
+            return a
+        if cuda.is_cuda_array(a):
+            # sync=False: do not wait on the producer's stream (that would stall the host).
+            return cuda.as_cuda_array(a, sync=False)
+    elif hasattr(a, "copy_to_host"):  # a simulator device array
+        return a
+    raise TypeError(f"{name}: expected a NumPy or CUDA array, got {type(a).__name__}")
+
+
+def _contiguous(a: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return bool(a.flags.c_contiguous)
+    check = getattr(a, "is_c_contiguous", None)
+    return bool(check()) if check is not None else True
+
+
+def _check(arrays: dict[str, Any], n: int | None = None, dtype: np.dtype | None = None) -> tuple[int, np.dtype]:
+    """Check that ``arrays`` (already converted) are 1-D, contiguous, of one float dtype and one length."""
+    for name, a in arrays.items():
+        dt = np.dtype(a.dtype)
+        if dtype is None:
+            if dt not in _FLOAT_DTYPES:
+                raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {dt}")
+            dtype = dt
+        elif dt != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} like the other arrays, got {dt}")
+        shape = tuple(a.shape)
+        if len(shape) != 1:
+            raise ValueError(f"{name}: expected a 1-D array, got shape {shape}")
+        if n is None:
+            n = shape[0]
+        elif shape[0] != n:
+            raise ValueError(f"{name}: expected {n} elements like the other arrays, got {shape[0]}")
+        if not _contiguous(a):
+            raise ValueError(f"{name}: expected a contiguous array")
+    assert n is not None and dtype is not None
+    return n, dtype
+
+
+def _one(a: Any, name: str, dtype: np.dtype) -> Any:
+    """A converted one-element array of ``dtype`` (a device-side scalar)."""
+    a = _arr(a, name)
+    if np.dtype(a.dtype) != dtype or tuple(a.shape) != (1,):
+        raise ValueError(f"{name}: expected a 1-element {dtype} array, got shape {tuple(a.shape)} dtype {a.dtype}")
+    return a
+
+
+_DEVICE_CACHE: dict[tuple, Any] = {}
+
+
+def _device_key() -> int:
+    return int(cuda.get_current_device().id)
+
+
+def _dummy(dtype: np.dtype) -> Any:
+    """A 1-element array standing in for an absent state buffer (never read or written)."""
+    if SIMULATOR:
+        return np.zeros(1, dtype)
+    key = ("dummy", _device_key(), dtype.str)
+    a = _DEVICE_CACHE.get(key)
+    if a is None:
+        a = _DEVICE_CACHE[key] = cuda.device_array(1, dtype)
+    return a
+
+
+def _workspace(what: str, n: int, dtype: Any, s: Any) -> Any:
+    """A scratch device array of at least ``n`` elements, reused per (device, stream)."""
+    if SIMULATOR:
+        return np.empty(max(n, 1), dtype)
+    key = (what, _device_key(), _stream_key(s), np.dtype(dtype).str)
+    a = _DEVICE_CACHE.get(key)
+    if a is None or a.shape[0] < n:
+        a = _DEVICE_CACHE[key] = cuda.device_array(max(n, 1), dtype, stream=s)
+    return a
+
+
+def _read_scalar(a: Any, s: Any) -> Any:
+    """Element 0 of a 1-element array, on the host (waits for ``s``)."""
+    if isinstance(a, np.ndarray):
+        return a[0]
+    host = a.copy_to_host(stream=s)
+    if s != 0:
+        s.synchronize()
+    return host[0]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def to_numpy(a: Array, *, stream: Any = 0) -> np.ndarray:
+    """A host copy of ``a`` (waits for the copy to finish)."""
+    if isinstance(a, np.ndarray):
+        return np.array(a, copy=True)
+    s = _stream(stream)
+    d = _arr(a, "a")
+    host = d.copy_to_host(stream=s)
+    if s != 0:
+        s.synchronize()
+    return np.asarray(host)
+
+
+def assign_(dst: Array, src: np.ndarray, *, stream: Any = 0) -> None:
+    """Copy the host array ``src`` (any shape, ``dst.size`` elements, ``dst``'s dtype) into ``dst``."""
+    if isinstance(dst, np.ndarray):
+        np.copyto(dst, np.asarray(src).reshape(dst.shape), casting="no")
+        return
+    d = _arr(dst, "dst")
+    host = np.asarray(src)
+    if host.dtype != np.dtype(d.dtype):
+        raise TypeError(f"src: expected dtype {d.dtype} (no casting), got {host.dtype}")
+    host = np.ascontiguousarray(host.reshape(tuple(d.shape)))
+    d.copy_to_device(host, stream=_stream(stream))
+
+
+def full(n: int, value: float, dtype: Any, *, stream: Any = 0) -> Array:
+    """A new 1-D array of ``n`` elements, all ``value``.
+
+    A NumPy array under the simulator; on a GPU a CuPy array when CuPy is
+    installed, otherwise a Numba device array. Float32 and float64 arrays are
+    filled by a kernel on ``stream``.
+    """
+    dt = np.dtype(dtype)
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n: expected a number of elements >= 0, got {n}")
+    if SIMULATOR:
+        out = np.empty(n, dt)
+    else:
+        try:
+            import cupy
+        except ImportError:
+            cupy = None
+        if dt not in _FLOAT_DTYPES:
+            host = np.full(n, value, dtype=dt)
+            return cupy.asarray(host) if cupy is not None else cuda.to_device(host)
+        out = cupy.empty(n, dt) if cupy is not None else cuda.device_array(n, dt)
+    if dt not in _FLOAT_DTYPES:
+        out[...] = value
+        return out
+    if n:
+        s = _stream(stream)
+        _kernel(dt, "fill")[_blocks(n), _LAUNCH.threads, s](_arr(out, "out"), dt.type(value))
+    return out
+
+
+def scale_(g: Array, c: float, *, stream: Any = 0) -> None:
+    """``g *= c`` in place (``c`` rounded to ``g``'s dtype first, as NumPy does)."""
+    ga = _arr(g, "g")
+    n, dt = _check({"g": ga})
+    if n:
+        _kernel(dt, "scale")[_blocks(n), _LAUNCH.threads, _stream(stream)](ga, dt.type(c))
+
+
+def _reduce(g: Array, out: Array, mode: int, accumulate: bool, stream: Any) -> None:
+    ga = _arr(g, "g")
+    n, dt = _check({"g": ga})
+    oa = _one(out, "out", np.dtype(np.float64))
+    s = _stream(stream)
+    threads = _LAUNCH.threads
+    nchunks = -(-n // REDUCE_CHUNK)
+    partials = _workspace("partials", nchunks, np.float64, s)
+    if nchunks:
+        blocks = min(nchunks, _LAUNCH.max_blocks)
+        _kernel(dt, "reduce_chunks")[blocks, threads, s](ga, partials, nchunks, mode)
+    _COMMON["reduce_partials"][0][1, threads, s](partials, nchunks, oa, mode, int(bool(accumulate)))
+
+
+def sum_of_squares_into(g: Array, out: Array, *, stream: Any = 0, accumulate: bool = False) -> None:
+    """Leave the float64 sum of ``g**2`` in the 1-element float64 array ``out``, without waiting for it.
+
+    With ``accumulate=True`` the sum is added to ``out[0]`` instead, so a sum
+    over several runs can be formed on the device (``out[0] + sum``, in the
+    order of the calls, like ``sum()`` over the runs' sums).
+
+    Two passes, no atomics, so the same bits every run whatever the launch
+    configuration: pass 1 gives each chunk of :data:`REDUCE_CHUNK` elements
+    (zero-padded at the end) to one block, which squares them in float64 and
+    adds them as a fixed binary tree in shared memory (element j of the chunk
+    is paired with element j + chunk/2, and so on), writing one partial per
+    chunk; pass 2, a single block, reduces the partials in tiles of the same
+    size with the same tree and adds the tiles' sums in order.
+    """
+    _reduce(g, out, 0, accumulate, stream)
+
+
+def sum_of_squares(g: Array, *, stream: Any = 0) -> float:
+    """Sum of ``g**2`` accumulated in float64, as a Python float (waits for the GPU).
+
+    The order of the sum is that of :func:`sum_of_squares_into`, not NumPy's
+    pairwise sum, so the last bits may differ from ``numpy_optim``.
+    """
+    s = _stream(stream)
+    out = _workspace("sum", 1, np.float64, s)
+    _reduce(g, out, 0, False, s)
+    return float(_read_scalar(out, s))
+
+
+def max_abs(g: Array, *, stream: Any = 0) -> float:
+    """Largest ``|g|`` (0.0 for an empty array; NaN when ``g`` holds one), as a Python float (waits for the GPU)."""
+    s = _stream(stream)
+    out = _workspace("max", 1, np.float64, s)
+    _reduce(g, out, 1, False, s)
+    return float(_read_scalar(out, s))
+
+
+def clip_scale_(g: Array, total_sq: Array, max_norm: float, *, stream: Any = 0) -> None:
+    """Scale ``g`` for a global-norm clip, reading the squared norm on the device.
+
+    ``total_sq`` is a 1-element float64 array holding the sum of squares of all
+    the gradients (e.g. from :func:`sum_of_squares_into`). The kernel computes
+    ``coef = max_norm / (sqrt(total_sq) + 1e-6)`` in float64 and, when
+    ``coef < 1``, multiplies ``g`` by ``coef`` rounded to ``g``'s dtype, as
+    :func:`gpubp.optim.clip_grad_norm` does; nothing comes back to the host.
+    """
+    ga = _arr(g, "g")
+    n, dt = _check({"g": ga})
+    ta = _one(total_sq, "total_sq", np.dtype(np.float64))
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float, np.integer, np.floating)):
+        raise TypeError(f"max_norm: expected a number, got {type(max_norm).__name__}")
+    max_norm = float(max_norm)
+    if not max_norm > 0:
+        raise ValueError(f"max_norm: expected a number > 0, got {max_norm!r}")
+    if n:
+        _kernel(dt, "clip_scale")[_blocks(n), _LAUNCH.threads, _stream(stream)](ga, ta, max_norm)
+
+
+def all_finite_into(g: Array, out_flag: Array, *, stream: Any = 0) -> None:
+    """Leave 1 in the 1-element int32 array ``out_flag`` if every element of ``g`` is finite, else 0 (no wait)."""
+    ga = _arr(g, "g")
+    n, dt = _check({"g": ga})
+    fa = _one(out_flag, "out_flag", np.dtype(np.int32))
+    s = _stream(stream)
+    _COMMON["set_flag"][0][1, 1, s](fa)
+    if n:
+        _kernel(dt, "finite_scan")[_blocks(n), _LAUNCH.threads, s](ga, fa)
+
+
+def all_finite(g: Array, *, stream: Any = 0) -> bool:
+    """True when every element of ``g`` is finite (no NaN, no infinity); waits for the GPU."""
+    s = _stream(stream)
+    flag = _workspace("flag", 1, np.int32, s)
+    all_finite_into(g, flag, stream=s)
+    return bool(_read_scalar(flag, s))
+
+
+# --- updates -------------------------------------------------------------------------------
+
+
+def _launch(dt: np.dtype, name: str, n: int, stream: Any, *args: Any) -> None:
+    if n:
+        _kernel(dt, name)[_blocks(n), _LAUNCH.threads, _stream(stream)](*args)
+
+
+def _lerp_factors(dt: np.dtype, weight: float) -> tuple[Any, Any, int]:
+    """(w, 1 - w, high) for numpy_optim's lerp: w rounded to ``dt``, 1 - w computed in ``dt``."""
+    w = dt.type(weight)
+    return w, dt.type(1) - w, int(not abs(w) < 0.5)
+
+
+def sgd_update(
+    p: Array,
+    g: Array,
+    momentum_buf: Array | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    first_step: bool,
+    stream: Any = 0,
+) -> None:
+    """SGD with optional momentum, dampening, Nesterov momentum and L2 weight decay (one launch).
+
+    The equations of ``numpy_optim.sgd_update``; on the first step the
+    momentum buffer is only written, never read.
+    """
+    use_momentum = momentum != 0
+    if use_momentum and momentum_buf is None:
+        raise ValueError("momentum_buf: required when momentum != 0")
+    pa, ga = _arr(p, "p"), _arr(g, "g")
+    arrays = {"p": pa, "g": ga}
+    if use_momentum:
+        arrays["momentum_buf"] = _arr(momentum_buf, "momentum_buf")
+    n, dt = _check(arrays)
+    buf = arrays["momentum_buf"] if use_momentum else _dummy(dt)
+    T = dt.type
+    _launch(
+        dt, "sgd", n, stream,
+        pa, ga, buf,
+        T(lr), T(momentum), T(1.0 - dampening), T(weight_decay),
+        int(weight_decay != 0), int(use_momentum), int(bool(first_step)), int(dampening != 0), int(bool(nesterov)),
+    )  # fmt: skip
+
+
+def adam_update(
+    p: Array,
+    g: Array,
+    exp_avg: Array,
+    exp_avg_sq: Array,
+    max_exp_avg_sq: Array | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    step: int,
+    amsgrad: bool,
+    stream: Any = 0,
+) -> None:
+    """Adam (``decoupled=False``) or AdamW (``decoupled=True``), optionally AMSGrad (one launch).
+
+    The equations of ``numpy_optim.adam_update``; the bias corrections
+    ``lr / (1 - beta1**step)`` and ``sqrt(1 - beta2**step)`` are Python floats
+    computed on the host.
+    """
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError("max_exp_avg_sq: required when amsgrad is True")
+    arrays = {
+        "p": _arr(p, "p"),
+        "g": _arr(g, "g"),
+        "exp_avg": _arr(exp_avg, "exp_avg"),
+        "exp_avg_sq": _arr(exp_avg_sq, "exp_avg_sq"),
+    }
+    if amsgrad:
+        arrays["max_exp_avg_sq"] = _arr(max_exp_avg_sq, "max_exp_avg_sq")
+    n, dt = _check(arrays)
+    vmax = arrays["max_exp_avg_sq"] if amsgrad else _dummy(dt)
+    T = dt.type
+    wd_mode = 0 if weight_decay == 0 else (2 if decoupled else 1)
+    w1, one_minus_w1, high = _lerp_factors(dt, 1.0 - beta1)
+    step_size = lr / (1.0 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    _launch(
+        dt, "adam", n, stream,
+        arrays["p"], arrays["g"], arrays["exp_avg"], arrays["exp_avg_sq"], vmax,
+        T(1.0 - lr * weight_decay), T(weight_decay), w1, one_minus_w1, T(beta2), T(1.0 - beta2),
+        T(step_size), T(bias_correction2_sqrt), T(eps),
+        wd_mode, high, int(bool(amsgrad)),
+    )  # fmt: skip
+
+
+def rmsprop_update(
+    p: Array,
+    g: Array,
+    square_avg: Array,
+    grad_avg: Array | None,
+    momentum_buf: Array | None,
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    stream: Any = 0,
+) -> None:
+    """RMSprop, optionally centred and with momentum (one launch); the equations of ``numpy_optim.rmsprop_update``."""
+    use_momentum = momentum > 0
+    if centered and grad_avg is None:
+        raise ValueError("grad_avg: required when centered is True")
+    if use_momentum and momentum_buf is None:
+        raise ValueError("momentum_buf: required when momentum > 0")
+    arrays = {"p": _arr(p, "p"), "g": _arr(g, "g"), "square_avg": _arr(square_avg, "square_avg")}
+    if centered:
+        arrays["grad_avg"] = _arr(grad_avg, "grad_avg")
+    if use_momentum:
+        arrays["momentum_buf"] = _arr(momentum_buf, "momentum_buf")
+    n, dt = _check(arrays)
+    T = dt.type
+    w, one_minus_w, high = _lerp_factors(dt, 1.0 - alpha)
+    _launch(
+        dt, "rmsprop", n, stream,
+        arrays["p"], arrays["g"], arrays["square_avg"],
+        arrays["grad_avg"] if centered else _dummy(dt),
+        arrays["momentum_buf"] if use_momentum else _dummy(dt),
+        T(lr), T(alpha), w, one_minus_w, T(eps), T(weight_decay), T(momentum),
+        int(weight_decay != 0), int(bool(centered)), high, int(use_momentum),
+    )  # fmt: skip
+
+
+def adagrad_update(
+    p: Array,
+    g: Array,
+    state_sum: Array,
+    *,
+    lr: float,
+    lr_decay: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    stream: Any = 0,
+) -> None:
+    """Adagrad with learning-rate decay (one launch); ``clr = lr / (1 + (step - 1) * lr_decay)`` is computed on the host."""
+    arrays = {"p": _arr(p, "p"), "g": _arr(g, "g"), "state_sum": _arr(state_sum, "state_sum")}
+    n, dt = _check(arrays)
+    T = dt.type
+    clr = lr / (1.0 + (step - 1) * lr_decay)
+    _launch(
+        dt, "adagrad", n, stream,
+        arrays["p"], arrays["g"], arrays["state_sum"],
+        T(clr), T(eps), T(weight_decay), int(weight_decay != 0),
+    )  # fmt: skip

@@ -1,0 +1,389 @@
+"""Tests for gpubp.backends.numba_optim: the CUDA optimizer kernels against the NumPy reference.
+
+Without a GPU the kernels run under the Numba CUDA simulator (conftest sets
+NUMBA_ENABLE_CUDASIM before numba is imported) on NumPy arrays; on a GPU the
+same tests run on device arrays. Inputs are fresh random numbers every run; a
+failure message carries the seed that reproduces it.
+
+The simulator is slow, above all at cuda.syncthreads, so arrays are small and
+reductions few.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numba import cuda
+
+from gpubp import optim
+from gpubp.backends import numba_optim as nbo
+from gpubp.backends import numpy_optim as npo
+from gpubp.parameter import Arena
+
+SIM = nbo.SIMULATOR
+DTYPES = (np.float64, np.float32)
+RTOL = {np.float64: 1e-12, np.float32: 1e-6}
+SIZES = (1, 7, 33, 130)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dev(a: np.ndarray):
+    """The array the kernels get: a copy of ``a`` (simulator) or a device copy (GPU)."""
+    return a.copy() if SIM else cuda.to_device(a)
+
+
+def host(a) -> np.ndarray:
+    return nbo.to_numpy(a)
+
+
+@pytest.fixture
+def seed() -> int:
+    return int(np.random.default_rng().integers(2**63))
+
+
+@pytest.fixture(autouse=True)
+def small_blocks():
+    """32-thread blocks, at most 2 of them: 130 elements take several turns of the grid-stride loops."""
+    with nbo.launch_config(threads=32, max_blocks=2):
+        yield
+
+
+def close(actual, expected, dtype, what: str, seed: int) -> None:
+    """Within RTOL; under the simulator, where kernels do NumPy's scalar arithmetic, to the bit."""
+    rtol = 0.0 if SIM else RTOL[dtype]
+    np.testing.assert_allclose(host(actual), expected, rtol=rtol, atol=0, err_msg=f"{what} (seed={seed})")
+
+
+def same_bits(a: float, b: float) -> bool:
+    return np.float64(a).tobytes() == np.float64(b).tobytes()
+
+
+# --- optimizers -----------------------------------------------------------------------------
+
+
+CASES = [
+    ("sgd", dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)),
+    ("sgd", dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.1)),
+    ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)),
+    ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.25, nesterov=False, weight_decay=0.01)),
+    ("sgd", dict(lr=0.05, momentum=0.8, dampening=0.0, nesterov=True, weight_decay=0.01)),
+    ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, amsgrad=False)),
+    ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05, decoupled=False, amsgrad=True)),
+    ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False)),
+    ("adam", dict(lr=3e-2, beta1=0.3, beta2=0.9, eps=1e-6, weight_decay=0.1, decoupled=True, amsgrad=True)),
+    ("adam", dict(lr=1e-2, beta1=0.5, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, amsgrad=False)),
+    ("rmsprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False)),
+    ("rmsprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=True)),
+    ("rmsprop", dict(lr=1e-2, alpha=0.9, eps=1e-8, weight_decay=0.01, momentum=0.9, centered=False)),
+    ("rmsprop", dict(lr=1e-2, alpha=0.3, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True)),
+    ("adagrad", dict(lr=1e-2, lr_decay=0.0, eps=1e-10, weight_decay=0.0, initial=0.0)),
+    ("adagrad", dict(lr=5e-2, lr_decay=0.1, eps=1e-10, weight_decay=0.01, initial=0.1)),
+]
+
+
+def buffers(kind: str, cfg: dict) -> dict[str, float]:
+    """State buffer names and start values; SGD's momentum buffer starts as NaN (step 1 must only write it)."""
+    if kind == "sgd":
+        return {"momentum_buf": np.nan} if cfg["momentum"] != 0 else {}
+    if kind == "adam":
+        return dict.fromkeys(["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if cfg["amsgrad"] else []), 0.0)
+    if kind == "rmsprop":
+        names = ["square_avg"] + (["grad_avg"] if cfg["centered"] else [])
+        return dict.fromkeys(names + (["momentum_buf"] if cfg["momentum"] > 0 else []), 0.0)
+    return {"state_sum": cfg["initial"]}
+
+
+def update(mod, kind: str, cfg: dict, p, g, st: dict, step: int) -> None:
+    if kind == "sgd":
+        mod.sgd_update(p, g, st.get("momentum_buf"), first_step=step == 1, **cfg)
+    elif kind == "adam":
+        mod.adam_update(p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"), step=step, **cfg)
+    elif kind == "rmsprop":
+        mod.rmsprop_update(p, g, st["square_avg"], st.get("grad_avg"), st.get("momentum_buf"), **cfg)
+    else:
+        cfg = {k: v for k, v in cfg.items() if k != "initial"}
+        mod.adagrad_update(p, g, st["state_sum"], step=step, **cfg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("kind", "cfg"), CASES, ids=[f"{k}{i}" for i, (k, _) in enumerate(CASES)])
+def test_update_matches_numpy(kind, cfg, dtype, seed):
+    rng = np.random.default_rng(seed)
+    for n in SIZES:
+        p_ref = rng.standard_normal(n).astype(dtype)
+        p = dev(p_ref)
+        st_ref = {k: npo.full(n, v, dtype) for k, v in buffers(kind, cfg).items()}
+        st = {k: nbo.full(n, v, dtype) for k, v in buffers(kind, cfg).items()}
+        for step, size in enumerate((3.0, 0.5, 1.0), start=1):  # changing sizes, so AMSGrad's maximum matters
+            g_ref = (rng.standard_normal(n) * size).astype(dtype)
+            g = dev(g_ref)
+            update(npo, kind, cfg, p_ref, g_ref, st_ref, step)
+            update(nbo, kind, cfg, p, g, st, step)
+            where = f"{kind} {cfg} {np.dtype(dtype).name} n={n} step {step}"
+            close(p, p_ref, dtype, f"p after {where}", seed)
+            for name in st:
+                close(st[name], st_ref[name], dtype, f"{name} after {where}", seed)
+            np.testing.assert_array_equal(host(g), g_ref, err_msg=f"g was written by {where} (seed={seed})")
+
+
+def test_missing_buffers_are_refused():
+    p, g = dev(np.zeros(3)), dev(np.zeros(3))
+    common = dict(lr=0.1, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=True)
+    with pytest.raises(ValueError, match="momentum_buf"):
+        nbo.sgd_update(p, g, None, momentum=0.9, **common)
+    nbo.sgd_update(p, g, None, momentum=0.0, **common)
+    with pytest.raises(ValueError, match="max_exp_avg_sq"):
+        nbo.adam_update(
+            p, g, dev(np.zeros(3)), dev(np.zeros(3)), None,
+            lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, step=1, amsgrad=True,
+        )  # fmt: skip
+    rms = dict(lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0.0)
+    with pytest.raises(ValueError, match="grad_avg"):
+        nbo.rmsprop_update(p, g, dev(np.zeros(3)), None, None, momentum=0.0, centered=True, **rms)
+    with pytest.raises(ValueError, match="momentum_buf"):
+        nbo.rmsprop_update(p, g, dev(np.zeros(3)), None, None, momentum=0.5, centered=False, **rms)
+
+
+def test_bad_arrays_are_refused():
+    kw = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=True)
+    with pytest.raises(TypeError, match="dtype"):
+        nbo.sgd_update(dev(np.zeros(3)), dev(np.zeros(3, np.float32)), None, **kw)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        nbo.sgd_update(dev(np.zeros(3, np.int64)), dev(np.zeros(3, np.int64)), None, **kw)
+    with pytest.raises(ValueError, match="elements"):
+        nbo.sgd_update(dev(np.zeros(3)), dev(np.zeros(4)), None, **kw)
+    with pytest.raises(ValueError, match="1-D"):
+        nbo.sgd_update(dev(np.zeros((2, 2))), dev(np.zeros((2, 2))), None, **kw)
+    with pytest.raises(TypeError, match="array"):
+        nbo.scale_([1.0, 2.0], 0.5)
+    with pytest.raises(ValueError, match="1-element float64"):
+        nbo.sum_of_squares_into(dev(np.zeros(3)), dev(np.zeros(2)))
+    with pytest.raises(ValueError, match="1-element int32"):
+        nbo.all_finite_into(dev(np.zeros(3)), dev(np.zeros(1)))
+    with pytest.raises(ValueError, match="threads"):
+        with nbo.launch_config(threads=0):
+            pass
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_full_assign_to_numpy_scale(dtype, seed):
+    rng = np.random.default_rng(seed)
+    for n in (0, *SIZES):
+        a = nbo.full(n, 0.1, dtype)
+        np.testing.assert_array_equal(host(a), npo.full(n, 0.1, dtype))
+        src = rng.standard_normal(n).astype(dtype)
+        nbo.assign_(a, src.reshape(n, 1))
+        got = host(a)
+        np.testing.assert_array_equal(got, src, err_msg=f"seed={seed}")
+        got[...] = 7  # a copy: writing it leaves the array alone
+        np.testing.assert_array_equal(host(a), src)
+        ref = src.copy()
+        npo.scale_(ref, 0.3)
+        nbo.scale_(a, 0.3)
+        np.testing.assert_array_equal(host(a), ref, err_msg=f"scale_ n={n} (seed={seed})")
+    with pytest.raises(TypeError):
+        nbo.assign_(nbo.full(2, 0.0, dtype), np.zeros(2, np.float16))
+
+
+# --- reductions -----------------------------------------------------------------------------
+
+
+def tree_sum_of_squares(x: np.ndarray) -> float:
+    """The documented order of sum_of_squares_into, in NumPy: fixed trees over chunks, then over the partials."""
+    chunk = nbo.REDUCE_CHUNK
+
+    def tree(v: np.ndarray) -> np.ndarray:
+        out = []
+        for lo in range(0, v.size, chunk):
+            a = np.zeros(chunk)
+            a[: min(chunk, v.size - lo)] = v[lo : lo + chunk]
+            while a.size > 1:
+                a = a[: a.size // 2] + a[a.size // 2 :]
+            out.append(a[0])
+        return np.array(out)
+
+    acc = 0.0
+    for t in tree(tree(np.square(x, dtype=np.float64))):  # partials per chunk, then per tile, tiles in order
+        acc = acc + t
+    return float(acc)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_sum_of_squares_and_max_abs_match_numpy(dtype, seed):
+    rng = np.random.default_rng(seed)
+    for n in (0, 1, 130, 2500):
+        x = (rng.standard_normal(n) * 3).astype(dtype)
+        got = nbo.sum_of_squares(dev(x))
+        assert isinstance(got, float)
+        np.testing.assert_allclose(got, npo.sum_of_squares(x), rtol=1e-13, err_msg=f"n={n} (seed={seed})")
+        assert same_bits(got, tree_sum_of_squares(x)), f"n={n}: order differs from the documented tree (seed={seed})"
+        if n <= 130:
+            m = nbo.max_abs(dev(x))
+            assert isinstance(m, float) and m == npo.max_abs(x), f"max_abs n={n} (seed={seed})"
+    x = rng.standard_normal(33).astype(dtype)
+    x[20] = np.nan
+    assert np.isnan(nbo.max_abs(dev(x)))
+
+
+def test_sum_of_squares_same_bits_on_any_grid(seed):
+    """Three chunks; the bits depend on the chunking only, not on threads, blocks or the run."""
+    x = np.random.default_rng(seed).standard_normal(2 * nbo.REDUCE_CHUNK + 452)
+    d = dev(x)
+    results = []
+    for threads, blocks in ((32, 1), (32, 1), (64, 3), (96, 2)):
+        out = dev(np.full(1, np.nan))  # poisoned: must be overwritten
+        with nbo.launch_config(threads=threads, max_blocks=blocks):
+            nbo.sum_of_squares_into(d, out)
+        results.append(float(host(out)[0]))
+    assert all(same_bits(r, results[0]) for r in results), f"{[r.hex() for r in results]} (seed={seed})"
+    assert same_bits(results[0], tree_sum_of_squares(x)), f"seed={seed}"
+
+
+def test_sum_of_squares_into_accumulates_in_call_order(seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal(130), rng.standard_normal(7)
+    out = dev(np.full(1, np.nan))
+    nbo.sum_of_squares_into(dev(a), out)
+    nbo.sum_of_squares_into(dev(b), out, accumulate=True)
+    want = sum([nbo.sum_of_squares(dev(a)), nbo.sum_of_squares(dev(b))])
+    assert same_bits(float(host(out)[0]), want), f"seed={seed}"
+
+
+# --- clipping -------------------------------------------------------------------------------
+
+
+def arena_with_grads(dtype, grads: np.ndarray):
+    a = Arena(grads.size, dtype)
+    params = [a.carve("0.weight", (8, 15)), a.carve("0.bias", (grads.size - 120,))]
+    a.grad[:] = grads
+    return a, params
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_clip_scale_follows_clip_grad_norm(dtype, seed):
+    grads = np.random.default_rng(seed).standard_normal(130).astype(dtype)
+    norm = float(np.sqrt(npo.sum_of_squares(grads)))
+    for max_norm in (0.5 * norm, 2.0 * norm):
+        arena, params = arena_with_grads(dtype, grads)
+        optim.clip_grad_norm(params, max_norm)
+        g = dev(grads)
+        total = dev(np.full(1, np.nan))
+        nbo.sum_of_squares_into(g, total)
+        nbo.clip_scale_(g, total, max_norm)
+        # the sums of squares are added in different orders, so coef may differ in its last bit
+        np.testing.assert_allclose(
+            host(g), arena.grad, rtol=RTOL[dtype], atol=0, err_msg=f"clip to {max_norm / norm} x norm (seed={seed})"
+        )
+        if max_norm > norm:
+            np.testing.assert_array_equal(host(g), grads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_clip_scale_is_exact_given_the_total(dtype, seed):
+    """With the same total as clip_grad_norm, the same float64 coef and so the same bits, in every case."""
+    grads = np.random.default_rng(seed).standard_normal(33).astype(dtype)
+    total_sq = npo.sum_of_squares(grads)
+    for tot, max_norm in ((total_sq, 0.1), (total_sq, 1e3), (np.inf, 1.0), (np.nan, 1.0)):
+        want = grads.copy()
+        coef = max_norm / (math.sqrt(tot) + 1e-6)  # Python floats, as clip_grad_norm
+        if coef < 1.0:
+            npo.scale_(want, coef)
+        g = dev(grads)
+        nbo.clip_scale_(g, dev(np.array([tot])), max_norm)
+        np.testing.assert_array_equal(host(g), want, err_msg=f"total={tot} max_norm={max_norm} (seed={seed})")
+    with pytest.raises(ValueError, match="max_norm"):
+        nbo.clip_scale_(dev(grads), dev(np.array([1.0])), 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_all_finite(dtype, seed):
+    rng = np.random.default_rng(seed)
+    assert nbo.all_finite(dev(np.zeros(0, dtype)))
+    for n in (33, 130):
+        x = rng.standard_normal(n).astype(dtype)
+        assert nbo.all_finite(dev(x)), f"seed={seed}"
+        for bad in (np.nan, np.inf, -np.inf):
+            for i in (0, n // 2, n - 1):
+                y = x.copy()
+                y[i] = bad
+                assert not nbo.all_finite(dev(y)), f"{bad} at {i} of {n} not seen"
+    flag = dev(np.full(1, -7, np.int32))  # poisoned: must be overwritten
+    nbo.all_finite_into(dev(x), flag)
+    assert host(flag)[0] == 1
+    y = x.copy()
+    y[-1] = np.nan
+    nbo.all_finite_into(dev(y), flag)
+    assert host(flag)[0] == 0
+
+
+# --- compiling to PTX -----------------------------------------------------------------------
+
+
+PTX_SCRIPT = textwrap.dedent(
+    """
+    from numba import cuda
+    from gpubp.backends import numba_optim as nbo
+
+    assert not nbo.SIMULATOR
+    targets = nbo.ptx_targets()
+    compiled = 0
+    for cc in ((8, 0), (9, 0)):
+        for name, fn, sig in targets:
+            ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
+            assert ".entry" in ptx, name
+            assert "fma." not in ptx, f"{name}: fused multiply-add in the PTX"
+            compiled += 1
+    print("targets", len(targets), "compiled", compiled)
+    """
+)
+
+
+def test_ptx_targets_listing():
+    targets = nbo.ptx_targets()
+    names = [t[0] for t in targets]
+    assert len(names) == len(set(names)) == 20
+    for name in ("sgd", "adam", "rmsprop", "adagrad", "reduce_chunks", "clip_scale", "finite_scan"):
+        assert f"{name}[float32]" in names and f"{name}[float64]" in names
+    assert all(callable(fn) and isinstance(sig, tuple) for _, fn, sig in targets)
+
+
+def test_every_kernel_compiles_to_ptx():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    run = subprocess.run(
+        [sys.executable, "-c", PTX_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "targets 20 compiled 40" in run.stdout, run.stdout
+
+
+# --- GPU only -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(SIM, reason="needs a GPU")
+def test_cupy_arrays_and_streams(seed):
+    cp = pytest.importorskip("cupy")
+    rng = np.random.default_rng(seed)
+    p_ref, g_ref = rng.standard_normal(130), rng.standard_normal(130)
+    buf_ref = np.zeros(130)
+    p, g, buf = cp.asarray(p_ref), cp.asarray(g_ref), cp.zeros(130)
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01)
+    stream = cp.cuda.Stream(non_blocking=True)
+    for step in (1, 2):
+        npo.sgd_update(p_ref, g_ref, buf_ref, first_step=step == 1, **kw)
+        nbo.sgd_update(p, g, buf, first_step=step == 1, stream=stream, **kw)
+    total = cp.zeros(1)
+    nbo.sum_of_squares_into(p, total, stream=stream)
+    stream.synchronize()
+    close(p, p_ref, np.float64, "cupy sgd", seed)
+    close(buf, buf_ref, np.float64, "cupy sgd buffer", seed)
+    np.testing.assert_allclose(float(total[0]), npo.sum_of_squares(p_ref), rtol=1e-12)

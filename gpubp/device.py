@@ -1,10 +1,16 @@
-"""Device strings: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` and ``"auto"``.
+"""Device strings: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` (and ``"cudasim"``).
 
 Nothing here imports CuPy unless a CUDA device is asked for.
+
+``"cudasim"`` runs the CUDA backend's own code with host (NumPy) arrays and its
+Numba kernels in the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1 must be set
+before numba is imported). It is very slow and exists so that the CUDA backend
+can be tested on machines without a GPU.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -14,46 +20,57 @@ class Device:
 
     kind: str
     index: int = 0
+    simulated: bool = False
 
     def __str__(self) -> str:
-        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+        if self.kind == "cpu":
+            return "cpu"
+        return "cudasim" if self.simulated else f"cuda:{self.index}"
 
 
 def cuda_status() -> tuple[int, str]:
     """Return ``(number of CUDA devices, reason when 0)`` without raising.
 
-    The reason says which piece is missing: CuPy, the driver, or a device.
+    The reason says which piece is missing, and how to fix it: CuPy, the driver,
+    or a device.
     """
     try:
         import cupy
     except ImportError:
-        return 0, "CuPy is not installed (pip install 'gpubp[cuda13]' or 'gpubp[cuda12]')"
+        return 0, "CuPy is not installed (fix: pip install 'gpubp[cuda13]', or 'gpubp[cuda12]' for a CUDA 12 driver)"
     except Exception as e:  # a broken CuPy install: report it, do not crash `gpubp info`
-        return 0, f"CuPy failed to import: {e}"
+        return 0, f"CuPy failed to import: {e} (fix: reinstall the cupy-cuda13x / cupy-cuda12x wheel)"
     try:
         n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDARuntimeError: no driver, or driver too old for this CuPy
-        return 0, f"no usable CUDA driver ({type(e).__name__}: {e})"
+    except Exception as e:  # CUDARuntimeError: no driver, or a driver too old for this CuPy
+        return 0, (
+            f"no usable NVIDIA driver ({type(e).__name__}: {e}) (fix: install an NVIDIA driver, "
+            "or a cupy-cuda12x build if the driver only supports CUDA 12)"
+        )
     if n == 0:
-        return 0, "the CUDA driver reports no GPU"
+        return 0, "the NVIDIA driver reports no GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
     return n, ""
 
 
-def parse_device(device: str | Device) -> Device:
-    """Parse a device string, raising ValueError/TypeError on a malformed one.
-
-    ``"auto"`` resolves to ``"cpu"`` while gpubp has no CUDA backend; see
-    :func:`resolve_device`.
-    """
+def parse_device(device: "str | Device") -> Device:
+    """Parse and resolve a device string, raising ValueError/TypeError on a malformed one
+    and RuntimeError (saying why, and how to fix it) when a GPU is asked for and none can be used."""
     if isinstance(device, Device):
         return device
     if not isinstance(device, str):
-        raise TypeError(f"device: expected a string such as 'cpu', 'cuda', 'cuda:1' or 'auto', got {type(device).__name__}")
+        raise TypeError(
+            f"device: expected a string such as 'cpu', 'cuda', 'cuda:1' or 'auto', got {type(device).__name__}"
+        )
     d = device.strip().lower()
     if d == "cpu":
         return Device("cpu")
     if d == "auto":
-        return resolve_device("auto")
+        n, _ = cuda_status()
+        return Device("cuda", 0) if n > 0 else Device("cpu")
+    if d == "cudasim":
+        if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+            raise RuntimeError("device 'cudasim' needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported")
+        return Device("cuda", 0, simulated=True)
     if d == "cuda" or d.startswith("cuda:"):
         idx = 0
         if ":" in d:
@@ -63,21 +80,13 @@ def parse_device(device: str | Device) -> Device:
                 raise ValueError(f"device: expected 'cuda:N' with an integer N, got {device!r}") from None
             if idx < 0:
                 raise ValueError(f"device: GPU index must be >= 0, got {device!r}")
-        return resolve_device(f"cuda:{idx}")
+        n, why = cuda_status()
+        if n == 0:
+            raise RuntimeError(f"device {device!r} asked for, but no GPU can be used: {why}")
+        if idx >= n:
+            raise RuntimeError(f"device {device!r}: only {n} GPU(s) visible (cuda:0 to cuda:{n - 1})")
+        return Device("cuda", idx)
     raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
-
-
-def resolve_device(device: str) -> Device:
-    """Resolve ``"auto"`` or ``"cuda:N"`` against what this machine and this build offer."""
-    if device == "auto":
-        return Device("cpu")
-    n, why = cuda_status()
-    if n == 0:
-        raise RuntimeError(f"device {device!r} asked for, but no GPU can be used: {why}")
-    raise RuntimeError(
-        f"device {device!r}: this version of gpubp trains on the CPU only (the CUDA backend "
-        "is not part of it yet); use device='cpu' or device='auto'"
-    )
 
 
 def auto_device_reason() -> str:
@@ -85,4 +94,4 @@ def auto_device_reason() -> str:
     n, why = cuda_status()
     if n == 0:
         return f"no GPU: {why}"
-    return f"{n} GPU(s) seen, but this version of gpubp has no CUDA backend yet"
+    return f"{n} GPU(s) seen, using cuda:0"

@@ -35,11 +35,32 @@ class Loss:
         self.reduction = reduction
 
     def __call__(self, pred: Any, target: Any) -> tuple[float, Any]:
-        pred = self._check_pred(pred)
-        target = self.check_target(target, pred.shape, pred.dtype)
+        """Validate, then return ``(value, dL/dpred)``; ``value`` is a Python float.
+
+        ``pred`` may be a NumPy array or an array of a device backend (then the
+        gradient lives there too, and reading ``value`` waits for the device).
+        """
+        backend = backend_of(pred)
+        if backend is None or not backend.is_device_array(pred):
+            from gpubp.backends import numpy_ref as backend
+
+            pred = self._check_pred(pred)
+        elif pred.ndim != 2 or pred.shape[0] == 0:
+            raise ValueError(f"pred: expected a non-empty 2-D array (N, outputs), got shape {pred.shape}")
+        target = self.check_target(backend.to_numpy(target), pred.shape, pred.dtype)
+        value, grad = self.compute(pred, backend.asarray(target, target.dtype), backend)
+        return float(value), grad
+
+    def compute(self, pred: Any, target: Any, backend: Any) -> tuple[Any, Any]:
+        """``(value, grad)`` from ``backend`` without validation or waiting (for the training loop).
+
+        ``target`` must already have passed :meth:`check_target` and live on the
+        backend. ``value`` is whatever the backend returns: a float on the host,
+        a one-element device array on a GPU.
+        """
         scale = 1.0 / self._count(pred) if self.reduction == "mean" else 1.0
         # The backend function of the same name computes value and gradient in one pass.
-        return getattr(backend_of(pred), self.name)(pred, target, scale)
+        return getattr(backend, self.name)(pred, target, scale)
 
     def _check_pred(self, pred: Any) -> np.ndarray:
         if not isinstance(pred, np.ndarray) or pred.dtype.kind != "f":

@@ -42,7 +42,7 @@ class Sequential:
 
     Args:
         *layers: Dense layers; each one's in_features must equal the previous out_features.
-        device: ``"cpu"`` or ``"auto"`` (the CUDA device is a later addition).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the GPU when there is one).
         dtype: ``"float32"`` or ``"float64"``, for parameters, gradients and activations.
         seed: seeds initialisation (numpy.random.Generator) and the shuffling in ``fit``.
         check_finite: when True, every layer's output and gradient and the loss are
@@ -84,17 +84,29 @@ class Sequential:
         self.optimizer: Any = None  # the optimizer fit last used
         self._out_shape: tuple[int, ...] | None = None  # output shape of the last training forward
         self._backend = get_backend(self.device)
-        self.arena = Arena(sum(layer.num_parameters for layer in self.layers), self.dtype, self._backend.xp)
-        for i, layer in enumerate(self.layers):
-            layer.bind(self.arena, i, self._backend)
+        self._bind(self._backend)
         self._initialise()
 
+    def _bind(self, backend: Any) -> None:
+        """Allocate a zeroed arena on ``backend`` and carve every layer's parameters from it."""
+        self._backend = backend
+        self.arena = Arena(sum(layer.num_parameters for layer in self.layers), self.dtype, backend)
+        for i, layer in enumerate(self.layers):
+            layer.bind(self.arena, i, backend)
+
     def _initialise(self) -> None:
-        """Weights from one Generator(seed) in layer order, drawn in float64 then cast; biases 0."""
+        """Weights from one Generator(seed) in layer order, drawn in float64 then cast; biases 0.
+
+        Drawn on the host and copied once, so every device starts from the same values.
+        """
         rng = np.random.default_rng(self.seed)
+        host = np.zeros(self.arena.size, dtype=self.dtype)
+        offset = 0
         for layer in self.layers:
-            layer.weight.data[...] = layer.initial_weight(rng)
-            layer.bias.data[...] = 0
+            w = layer.initial_weight(rng)
+            host[offset : offset + w.size] = w.ravel()
+            offset += layer.num_parameters  # the bias that follows stays 0
+        self.arena.ops.assign_(self.arena.data, host)
 
     # -- structure -------------------------------------------------------------------------
 
@@ -131,21 +143,34 @@ class Sequential:
         layers = [Dense.from_config(c) for c in cfg["layers"]]
         return cls(*layers, device=device, dtype=cfg["dtype"], seed=cfg["seed"], check_finite=cfg["check_finite"])
 
-    def clone(self, dtype: Any = None) -> Sequential:
-        """A new model of the same architecture with these parameter values (cast to ``dtype``)."""
+    def clone(self, dtype: Any = None, device: "str | Device | None" = None) -> "Sequential":
+        """A new model of the same architecture with these parameter values (cast to ``dtype``, on ``device``)."""
         cfg = self.config()
         if dtype is not None:
             cfg["dtype"] = _dtype(dtype).name
-        twin = Sequential.from_config(cfg, device=str(self.device))
-        twin.arena.data[...] = self.arena.data
+        twin = Sequential.from_config(cfg, device=self.device if device is None else device)
+        host = self._backend.to_numpy(self.arena.data).astype(twin.dtype)
+        twin.arena.ops.assign_(twin.arena.data, host)
         twin.epoch = self.epoch
         return twin
 
-    def to(self, device: str) -> Sequential:
-        """Move the model to ``device`` (returns self)."""
+    def to(self, device: "str | Device") -> "Sequential":
+        """Move parameters and gradients to ``device`` (``"cpu"``, ``"cuda:N"``, ...); returns self.
+
+        Parameters become new objects on the new device: build the optimizer
+        after moving (an optimizer of the old parameters is refused by ``fit``).
+        """
         target = parse_device(device)
-        if target != self.device:
-            raise RuntimeError(f"device {target}: moving models between devices needs the CUDA backend")
+        if target == self.device:
+            return self
+        data = self._backend.to_numpy(self.arena.data)
+        grad = self._backend.to_numpy(self.arena.grad)
+        self._bind(get_backend(target))
+        self.arena.ops.assign_(self.arena.data, data)
+        self.arena.ops.assign_(self.arena.grad, grad)
+        self.device = target
+        self._out_shape = None
+        self.optimizer = None
         return self
 
     def __repr__(self) -> str:
@@ -157,12 +182,25 @@ class Sequential:
 
     # -- forward / backward pair -----------------------------------------------------------
 
-    def _input(self, x: Any, name: str = "x") -> Any:
+    def _input(self, x: Any, name: str = "x", finite: bool | None = None) -> Any:
+        """x as a C-contiguous (N, in) array of the model's dtype on the model's device.
+
+        Host data is validated on the host, then copied to the device; an array
+        already on the device (CuPy, or anything exposing __cuda_array_interface__
+        or DLPack) is taken without a copy when its dtype and layout allow.
+        """
+        finite = self.check_finite if finite is None else finite
+        if self._backend.is_device_array(x):
+            x = self._backend.asarray(x, self.dtype)
+            check_2d(x, name, self.in_features)
+            if finite and not self._backend.all_finite(x):
+                raise ValueError(f"{name}: contains NaN or Inf")
+            return x
         x = as_float_array(x, name, self.dtype)
         check_2d(x, name, self.in_features)
-        if self.check_finite:
+        if finite:
             check_finite(x, name)
-        return x
+        return self._backend.asarray(x, self.dtype)
 
     def _check_layer(self, i: int, arr: Any, what: str) -> None:
         if self.check_finite and not self._backend.all_finite(arr):
@@ -185,7 +223,10 @@ class Sequential:
         Gradients are overwritten, not accumulated. Returns dL/dx (N, in) when
         ``input_grad`` (otherwise the first layer skips computing it) else None.
         """
-        g = as_float_array(dout, "dout", self.dtype)
+        if self._backend.is_device_array(dout):
+            g = self._backend.asarray(dout, self.dtype)
+        else:
+            g = self._backend.asarray(as_float_array(dout, "dout", self.dtype), self.dtype)
         if self._out_shape is None:
             raise RuntimeError("backward called without a training forward pass before it")
         if tuple(g.shape) != self._out_shape:
@@ -201,23 +242,42 @@ class Sequential:
     # -- training loop ---------------------------------------------------------------------
 
     def _dataset(self, x: Any, y: Any, loss: losses_mod.Loss, name: str) -> tuple[Any, Any]:
-        """Validate a whole (x, y) once: shapes, lengths, finiteness, labels."""
-        x = as_float_array(x, f"{name}x", self.dtype)
-        check_2d(x, f"{name}x", self.in_features)
-        check_finite(x, f"{name}x")
+        """Validate a whole (x, y) once: shapes, lengths, finiteness, labels.
+
+        x stays where it is (host arrays are copied to the device batch by batch);
+        y is validated and kept on the host, as labels are small.
+        """
+        if self._backend.is_device_array(x):
+            x = self._input(x, f"{name}x", finite=True)
+        else:
+            x = as_float_array(x, f"{name}x", self.dtype)
+            check_2d(x, f"{name}x", self.in_features)
+            check_finite(x, f"{name}x")
+        y = self._backend.to_numpy(y) if self._backend.is_device_array(y) else y
         n_y = np.shape(y)[0] if np.ndim(y) >= 1 else None
         if n_y != x.shape[0]:
             raise ValueError(f"{name}y: expected {x.shape[0]} rows to match {name}x, got shape {np.shape(y)}")
         y = loss.check_target(y, (x.shape[0], self.out_features), self.dtype)
         return x, y
 
+    def _batch(self, data: Any, index: Any) -> Any:
+        """Rows ``index`` (a slice, or a host int64 array) of data, on the device."""
+        if self._backend.is_device_array(data):
+            if not isinstance(index, slice):
+                index = self._backend.asarray(index, np.int64)
+            return data[index]
+        return self._backend.asarray(data[index], data.dtype)
+
     @staticmethod
-    def _correct(loss: losses_mod.Loss, pred: Any, y: Any) -> tuple[int, int]:
-        """(correct, predictions made): argmax per row for CrossEntropy, sign per element for BCEWithLogits."""
+    def _correct(loss: losses_mod.Loss, pred: Any, y: Any) -> tuple[Any, int]:
+        """(correct, predictions made): argmax per row for CrossEntropy, sign per element for BCEWithLogits.
+
+        ``correct`` is a scalar of pred's array module: on a GPU it stays there until read.
+        """
         if isinstance(loss, losses_mod.CrossEntropy):
             labels = y if y.ndim == 1 else y.argmax(axis=1)
-            return int((pred.argmax(axis=1) == labels).sum()), pred.shape[0]
-        return int(((pred > 0) == (y >= 0.5)).sum()), pred.size
+            return (pred.argmax(axis=1) == labels).sum(), pred.shape[0]
+        return ((pred > 0) == (y >= 0.5)).sum(), pred.size
 
     def _resolve_optimizer(self, optimizer: Any) -> Any:
         from gpubp import optim
@@ -282,27 +342,28 @@ class Sequential:
             bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}", disable=verbose == 0, leave=False, unit="batch")
             for s in range(steps):
                 idx = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
-                xb, yb = x[idx], y[idx]
+                xb, yb = self._batch(x, idx), self._batch(y, idx)
                 out = self.forward(xb, training=True)
-                value, dout = loss(out, yb)
-                if self.check_finite and not np.isfinite(value):
-                    raise NonFiniteError(f"loss: {value} at epoch {self.epoch + 1}, step {s + 1}")
+                value, dout = loss.compute(out, yb, self._backend)
+                if self.check_finite and not np.isfinite(float(value)):
+                    raise NonFiniteError(f"loss: {float(value)} at epoch {self.epoch + 1}, step {s + 1}")
                 self.backward(dout)
                 if clip_grad_norm is not None:
                     optim.clip_grad_norm(optimizer.params, clip_grad_norm)
                 optimizer.step()
-                total += value * (xb.shape[0] if loss.reduction == "mean" else 1)
+                # Sums stay on the device: read once per epoch, and for the bar every 16 steps.
+                total = total + value * (xb.shape[0] if loss.reduction == "mean" else 1)
                 if classifies:
                     c, k = self._correct(loss, out, yb)
                     correct, counted = correct + c, counted + k
                 bar.update(1)
-                if s % 16 == 0 or s == steps - 1:
-                    bar.set_postfix(loss=f"{value:.4f}")
+                if verbose and (s % 16 == 0 or s == steps - 1):
+                    bar.set_postfix(loss=f"{float(value):.4f}")
             bar.close()
             self.epoch += 1
-            record = {"loss": total / n}
+            record = {"loss": float(total) / n}
             if classifies:
-                record["accuracy"] = correct / counted
+                record["accuracy"] = float(correct) / counted
             if validation_data is not None:
                 for k, v in self.evaluate(xv, yv, loss, batch_size=max(batch_size, 1024)).items():
                     record[f"val_{k}"] = v
@@ -318,11 +379,11 @@ class Sequential:
         return history
 
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
-        """Outputs (N, out) for x (N, in), without keeping anything for backward."""
+        """Outputs (N, out) for x (N, in) as a NumPy array, without keeping anything for backward."""
         x = self._input(x)
         bs = x.shape[0] if batch_size is None else positive_int(batch_size, "batch_size")
-        outs = [self.forward(x[i : i + bs], training=False) for i in range(0, x.shape[0], bs)]
-        return self._backend.to_numpy(np.concatenate(outs) if len(outs) > 1 else outs[0])
+        outs = [self._backend.to_numpy(self.forward(x[i : i + bs], training=False)) for i in range(0, x.shape[0], bs)]
+        return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
     def evaluate(self, x: Any, y: Any, loss: str | losses_mod.Loss, batch_size: int = 1024) -> dict[str, float]:
         """``{"loss": ..., "accuracy": ...}`` over (x, y); accuracy for classification losses only."""
@@ -332,13 +393,15 @@ class Sequential:
         classifies = isinstance(loss, (losses_mod.CrossEntropy, losses_mod.BCEWithLogits))
         total, correct, counted = 0.0, 0, 0
         for i in range(0, x.shape[0], bs):
-            out = self.forward(x[i : i + bs], training=False)
-            value, _ = loss(out, y[i : i + bs])
-            total += value * (out.shape[0] if loss.reduction == "mean" else 1)
+            rows = slice(i, i + bs)
+            out = self.forward(self._batch(x, rows), training=False)
+            yb = self._batch(y, rows)
+            value, _ = loss.compute(out, yb, self._backend)
+            total = total + value * (out.shape[0] if loss.reduction == "mean" else 1)
             if classifies:
-                c, k = self._correct(loss, out, y[i : i + bs])
+                c, k = self._correct(loss, out, yb)
                 correct, counted = correct + c, counted + k
-        result = {"loss": total / x.shape[0]}
+        result = {"loss": float(total) / x.shape[0]}
         if classifies:
-            result["accuracy"] = correct / counted
+            result["accuracy"] = float(correct) / counted
         return result

@@ -5,7 +5,7 @@ An optimizer holds a list of :class:`~gpubp.parameter.Parameter` and updates
 them with one in-place operation per contiguous run of arena storage (all of a
 model's parameters, in order, form one run). Its state buffers are flat arrays
 laid out like the runs. The maths lives in the backend module picked from the
-arena's array module (``gpubp.backends.numpy_optim`` for NumPy); this module
+arena's backend (``gpubp.backends.numpy_optim`` for NumPy arrays); this module
 checks arguments, owns the state and dispatches.
 
 One step counter is kept per optimizer (``step_count``); ``lr`` may be changed
@@ -24,17 +24,14 @@ from typing import Any
 import numpy as np
 
 from gpubp._validate import real
-from gpubp.backends import numpy_optim
 from gpubp.parameter import Arena, Parameter, contiguous_runs
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "get", "clip_grad_norm"]
 
 
 def _ops(arena: Arena) -> ModuleType:
-    """The backend module holding the update maths for ``arena``'s arrays."""
-    if arena.xp is np:
-        return numpy_optim
-    raise TypeError(f"params: no optimizer backend for arrays of module {getattr(arena.xp, '__name__', arena.xp)!r}")
+    """The module holding the update maths for ``arena``'s arrays (chosen by its backend)."""
+    return arena.ops
 
 
 def _check_params(params: Iterable[Parameter]) -> list[Parameter]:

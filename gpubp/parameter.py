@@ -20,15 +20,20 @@ class Arena:
     """Flat ``data`` and ``grad`` storage shared by a model's parameters.
 
     ``data`` and ``grad`` are 1-D, C-contiguous, of length ``size`` and the
-    model's dtype; parameters are carved out of them in order by :meth:`carve`.
+    model's dtype, allocated by ``backend`` (the NumPy reference by default);
+    parameters are carved out of them in order by :meth:`carve`.
     """
 
-    def __init__(self, size: int, dtype: Any, xp: Any = np) -> None:
+    def __init__(self, size: int, dtype: Any, backend: Any = None) -> None:
+        if backend is None:
+            from gpubp.backends import numpy_ref as backend
         self.size = int(size)
         self.dtype = np.dtype(dtype)
-        self.xp = xp
-        self.data = xp.zeros(self.size, dtype=self.dtype)
-        self.grad = xp.zeros(self.size, dtype=self.dtype)
+        self.backend = backend
+        self.xp = backend.xp
+        self.ops = backend.optim  # update maths for these arrays (numpy_optim, numba_optim, ...)
+        self.data = backend.zeros(self.size, self.dtype)
+        self.grad = backend.zeros(self.size, self.dtype)
         self._next = 0
 
     def carve(self, name: str, shape: tuple[int, ...]) -> Parameter:

@@ -1,15 +1,15 @@
 """The NumPy reference backend: the spec every other backend is checked against.
 
 Clear before fast. Every function computes in the dtype of its inputs (float32 or
-float64), except loss values, which are accumulated in float64. Shapes follow
-DESIGN.md: x (N, in), W (in, out), b (out,), z = x @ W + b (N, out), a = f(z).
+float64), except loss values, which are accumulated in float64. Shapes:
+x (N, in), W (in, out), b (out,), z = x @ W + b (N, out), a = f(z).
 
 The backend interface (what a layer, a loss or an optimizer may call):
     asarray, to_numpy, zeros                       array helpers
     dense_forward / dense_backward                 a dense layer, as a pair
     mse / cross_entropy / bce_with_logits          loss value and gradient in one call
     all_finite                                     finite check
-The optimizer update maths live beside this module in ``numpy_optim``.
+The optimizer update maths live beside this module in ``numpy_optim`` (``optim``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from gpubp.activations import Activation, sigmoid
+from gpubp.backends import numpy_optim
 
 name = "numpy"
 xp = np
+optim = numpy_optim  # the optimizer update maths for this backend's arrays
 Array = np.ndarray
 
 
@@ -35,6 +37,11 @@ def asarray(x: Any, dtype: Any) -> Array:
 
 def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
+
+
+def is_device_array(x: Any) -> bool:
+    """Whether x already lives where this backend computes (never, for the host reference)."""
+    return False
 
 
 def zeros(shape: Any, dtype: Any) -> Array:

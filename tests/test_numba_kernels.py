@@ -1,0 +1,405 @@
+"""Tests for gpubp.backends.numba_kernels against the NumPy reference.
+
+Without a GPU the kernels run under the Numba CUDA simulator (conftest sets
+NUMBA_ENABLE_CUDASIM before numba is imported); with one, the same tests run on
+device arrays. Inputs are fresh random numbers on every run (the seed is printed,
+and shown by pytest on failure); every output is filled with NaN before a launch,
+so an element a kernel forgets to write fails the comparison.
+
+The simulator runs each CUDA thread as a Python thread, so shapes stay small and
+blocks narrow; a shorter thread switch interval keeps its barriers quick.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpubp.activations import NAMES, Activation
+from gpubp.backends import numba_kernels as nk
+from gpubp.backends import numpy_ref as ref
+from tests.conftest import CUDA_MODE
+
+SIM = CUDA_MODE == "simulator"
+DTYPES = [np.float32, np.float64]
+REPO = Path(__file__).resolve().parents[1]
+
+# Elementwise results: a few ulp of float32 (device libm vs NumPy) / of float64.
+TOL = {np.float32: {"rtol": 2e-5, "atol": 2e-6}, np.float64: {"rtol": 1e-12, "atol": 1e-13}}
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quick_simulator_barriers():
+    """The simulator polls for blocked threads; a short switch interval makes syncthreads cheap."""
+    if not SIM:
+        yield
+        return
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+@pytest.fixture
+def rng():
+    """Unseeded: fresh inputs on every run; the seed is printed to reproduce a failure."""
+    seed = np.random.SeedSequence().entropy
+    print(f"numba kernel test seed: {seed}")
+    return np.random.default_rng(seed)
+
+
+def dev(x):
+    """The array as the kernels take it here: NumPy under the simulator, a device array on a GPU."""
+    x = np.ascontiguousarray(x)
+    if SIM:
+        return x
+    from numba import cuda
+
+    return cuda.to_device(x)
+
+
+def host(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    from numba import cuda
+
+    cuda.synchronize()
+    return x.copy_to_host()
+
+
+def poisoned(shape, dtype):
+    return dev(np.full(shape, np.nan, dtype=dtype))
+
+
+def bits(x: np.ndarray) -> bytes:
+    return np.ascontiguousarray(x).tobytes()
+
+
+def act_inputs(rng, n: int, dtype) -> np.ndarray:
+    """Random z with hard cases mixed in: 0, +-1e4, +-3e19, around the softplus thresholds, tiny."""
+    special = np.array([0.0, 1e4, -1e4, 20.0, 2.5, -30.0, 30.0, 1e-3, -1e-3, 5.0, 6.0, 3e19, -3e19])
+    z = rng.standard_normal(n) * 4.0
+    k = min(n, len(special))
+    z[:k] = special[:k] if n > 3 else rng.choice(special, size=k, replace=False)
+    rng.shuffle(z)
+    return z.astype(dtype)
+
+
+ACTS = [(name, {}) for name in NAMES] + [
+    ("leaky_relu", {"slope": 0.2}),
+    ("elu", {"alpha": 1.7}),
+    ("softplus", {"beta": 2.0, "threshold": 5.0}),
+    ("softplus", {"beta": 0.5, "threshold": 3.0}),
+]
+ACT_IDS = [name + "".join(f"-{k}{v}" for k, v in params.items()) for name, params in ACTS]
+SIZES = [1, 3, 33, 129]
+
+
+def test_mode_agrees_with_conftest():
+    assert nk.SIMULATOR == SIM
+
+
+# --- 1. activations ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize(("name", "params"), ACTS, ids=ACT_IDS)
+def test_activation_forward(rng, name, params, dtype):
+    act = Activation(name, **params)
+    for n in SIZES:
+        z = act_inputs(rng, n, dtype)
+        out = poisoned(n, dtype)
+        got = nk.activation_forward(dev(z), act, out=out, threads=32)
+        assert got is out
+        np.testing.assert_allclose(host(out), act.forward(z), **TOL[dtype], err_msg=f"{act} n={n}")
+    # Allocated output, 2-D shape, and a grid smaller than the data (grid-stride loop).
+    z = act_inputs(rng, 17 * 33, dtype).reshape(17, 33)
+    a = host(nk.activation_forward(dev(z), act, threads=16, max_blocks=3))
+    assert a.shape == z.shape and a.dtype == dtype
+    np.testing.assert_allclose(a, act.forward(z), **TOL[dtype], err_msg=f"{act} grid-stride")
+
+
+def backward_slack(name: str, z: np.ndarray, da: np.ndarray, dtype) -> np.ndarray:
+    """Absolute error allowed in dz = da f'(z): a few ulp of |da| times the conditioning of f'.
+
+    gelu_tanh: f' has 1 + t and 1 - t^2 with t = tanh(u) near +-1, multiplied by
+    z/2 k (1 + 3c z^2): one ulp of t costs up to that factor. silu: z (1 - s), one ulp
+    of s costs |z|. gelu: z phi(z) adds |z| phi(z) <= 1. Others: 1.
+    """
+    z = np.abs(z.astype(np.float64))
+    cond = np.ones_like(z)
+    if name == "gelu_tanh":
+        zc = np.minimum(z, 1e6)
+        cond += 0.5 * z * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * zc * zc)
+    elif name in ("silu", "gelu"):
+        cond += z
+    return 8 * float(np.finfo(dtype).eps) * np.abs(da.astype(np.float64)) * cond
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize(("name", "params"), ACTS, ids=ACT_IDS)
+def test_activation_backward(rng, name, params, dtype):
+    act = Activation(name, **params)
+    for n in [*SIZES, 17 * 33]:
+        z = act_inputs(rng, n, dtype)
+        a = act.forward(z)
+        da = rng.standard_normal(n).astype(dtype)
+        want = act.backward(da, z, a)
+        # Only what the activation saves is handed over; the rest is None.
+        zz = dev(z) if act.saves == "z" else None
+        aa = dev(a) if act.saves == "a" else None
+        out = poisoned(n, dtype)
+        nk.activation_backward(dev(da), zz, aa, act, out=out, threads=32, max_blocks=2 if n > 100 else nk.MAX_BLOCKS)
+        got = host(out)
+        slack = TOL[dtype]["rtol"] * np.abs(want) + TOL[dtype]["atol"] + backward_slack(name, z, da, dtype)
+        bad = ~(np.abs(got.astype(np.float64) - want) <= slack)
+        assert not bad.any(), f"{act} n={n}: z={z[bad]} got={got[bad]} want={want[bad]}"
+
+
+def test_activation_backward_relu_passes_da_exactly(rng):
+    # np.where(z > 0, da, 0): an inf/NaN da below zero gives 0, as in the reference.
+    z = np.array([-1.0, 0.0, 2.0, -3.0, 4.0])
+    da = np.array([np.inf, np.nan, 1.5, -2.0, np.nan])
+    out = poisoned(5, np.float64)
+    nk.activation_backward(dev(da), dev(z), None, "relu", out=out, threads=4)
+    np.testing.assert_array_equal(host(out), Activation("relu").backward(da, z, None))
+
+
+def test_activation_rejects_bad_arguments():
+    z = np.zeros(4, np.float32)
+    with pytest.raises(TypeError):
+        nk.activation_forward(np.zeros(4, np.int32), "relu")
+    with pytest.raises(ValueError):
+        nk.activation_forward(z, "relu", out=np.zeros(4, np.float64))
+    with pytest.raises(ValueError):
+        nk.activation_backward(z, None, None, "tanh")
+    with pytest.raises(ValueError):
+        nk.activation_forward(np.zeros((4, 4), np.float32)[:, ::2], "relu")
+
+
+# --- 2. bias gradient ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (17, 33), (129, 3)], ids=str)
+def test_bias_grad_matches_reference(rng, shape, dtype):
+    dz = (rng.standard_normal(shape) * 3.0).astype(dtype)
+    db = poisoned(shape[1], dtype)
+    nk.bias_grad(dev(dz), db, tile=8, row_threads=4)
+    got = host(db)
+    want = dz.sum(axis=0)
+    eps = float(np.finfo(dtype).eps)
+    mass = np.abs(dz).astype(np.float64).sum(axis=0)
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    assert np.all(diff <= 4 * eps * mass), (got, want)
+    if dtype == np.float32:
+        # Summed in float64 and rounded once: within half an ulp of the exact column sums.
+        exact = dz.astype(np.float64).sum(axis=0)
+        assert np.all(np.abs(got - exact) <= 0.5 * eps * np.abs(exact) + 1e-12 * mass), (got, exact)
+
+
+def test_bias_grad_chunks_follow_rows_only():
+    assert nk.bias_grad_chunks(0) == 1
+    assert nk.bias_grad_chunks(129) == 5  # 32 rows per chunk for small N
+    assert nk.bias_grad_rows_per_chunk(10**7) * nk.BG_MAX_CHUNKS >= 10**7
+    assert nk.bias_grad_chunks(10**7) <= nk.BG_MAX_CHUNKS
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_bias_grad_deterministic_whatever_the_launch(rng, dtype):
+    dz = (rng.standard_normal((129, 5)) * 10.0).astype(dtype)
+    dz[::7] *= 1e6  # a wide range of magnitudes makes the summation order visible
+    d = dev(dz)
+    results = []
+    for tile, row_threads in [(8, 8), (8, 8), (3, 2), (1, 1), (32, 1)]:
+        db = poisoned(5, dtype)
+        work = poisoned(nk.bias_grad_work_size(*dz.shape) + 3, np.float64)
+        nk.bias_grad(d, db, work=work, tile=tile, row_threads=row_threads)
+        results.append(host(db))
+    assert all(bits(r) == bits(results[0]) for r in results[1:]), results
+    mass = np.abs(dz).astype(np.float64).sum(axis=0)
+    err = np.abs(results[0] - dz.astype(np.float64).sum(axis=0))
+    assert np.all(err <= 4 * np.finfo(dtype).eps * mass), err
+
+
+def test_bias_grad_rejects_bad_arguments():
+    dz = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError):
+        nk.bias_grad(dz, np.zeros(4, np.float32))
+    with pytest.raises(ValueError):
+        nk.bias_grad(dz, np.zeros(3, np.float32), tile=33)
+    with pytest.raises(ValueError):
+        nk.bias_grad(dz, np.zeros(3, np.float32), work=np.zeros(1, np.float64))
+
+
+# --- 3. losses ----------------------------------------------------------------------------
+
+
+def run_loss(fn, x, target, scale, **kw):
+    """Launch a loss on poisoned outputs and scratch; return (value, grad) on the host."""
+    value = poisoned(1, np.float64)
+    grad = poisoned(x.shape, x.dtype)
+    rowwise = fn is nk.cross_entropy
+    work = poisoned(max(1, nk.loss_work_size(x.shape, rowwise=rowwise)) + 2, np.float64)
+    fn(dev(x), dev(target), scale, value, grad, work=work, **kw)
+    v = host(value)
+    assert v.shape == (1,)
+    return float(v[0]), host(grad)
+
+
+def check_loss(got, want, dtype, what):
+    (v, g), (vr, gr) = got, want
+    vt = 1e-5 if dtype == np.float32 else 1e-11
+    assert np.isfinite(v), what
+    assert abs(v - vr) <= vt * max(abs(vr), 1e-30) + 1e-300, (what, v, vr)
+    gmax = float(np.abs(gr).max()) if gr.size else 0.0
+    tol = TOL[dtype]
+    np.testing.assert_allclose(g, gr, rtol=tol["rtol"], atol=tol["atol"] * max(gmax, 1e-30), err_msg=what)
+
+
+LOSS_SHAPES = [(1, 1), (3, 5), (17, 33), (70, 33)]  # 70 x 33 spans two CHUNKs
+
+
+def mse_inputs(rng, shape, dtype):
+    return (rng.standard_normal(shape) * 2).astype(dtype), rng.standard_normal(shape).astype(dtype)
+
+
+def bce_inputs(rng, shape, dtype):
+    x = rng.standard_normal(shape) * 4
+    flat = x.reshape(-1)
+    flat[: min(4, flat.size)] = [1e4, -1e4, 0.0, 40.0][: min(4, flat.size)]
+    t = rng.random(shape)
+    t.reshape(-1)[::3] = np.round(t.reshape(-1)[::3])  # some hard 0/1 targets
+    return x.astype(dtype), t.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=str)
+@pytest.mark.parametrize("loss", ["mse", "bce_with_logits"])
+def test_elementwise_loss_matches_reference(rng, loss, shape, dtype):
+    make = mse_inputs if loss == "mse" else bce_inputs
+    x, t = make(rng, shape, dtype)
+    for scale in (1.0 / x.size, 1.0):
+        got = run_loss(getattr(nk, loss), x, t, scale, threads=16)
+        check_loss(got, getattr(ref, loss)(x, t, scale), dtype, f"{loss} {shape} scale={scale}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 129), (5, 300)], ids=str)
+@pytest.mark.parametrize("kind", ["labels", "probs"])
+def test_cross_entropy_matches_reference(rng, kind, shape, dtype):
+    n, c = shape
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    if kind == "labels":
+        t = rng.integers(0, c, size=n).astype(np.int64)
+    else:
+        t = rng.random(shape) * (rng.random((n, 1)) < 0.5)  # some rows all zero
+        t[n // 2 :] /= t[n // 2 :].sum(axis=1, keepdims=True) + 1e-30  # some rows normalised
+        t = t.astype(dtype)
+    for scale, max_blocks in ((1.0 / n, nk.MAX_BLOCKS), (1.0, 2)):
+        got = run_loss(nk.cross_entropy, x, t, scale, threads=16, max_blocks=max_blocks)
+        check_loss(got, ref.cross_entropy(x, t, scale), dtype, f"{kind} {shape} scale={scale}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_losses_finite_at_extreme_logits(rng, dtype):
+    n, c = 6, 40
+    x = (rng.choice([-1.0, 1.0], size=(n, c)) * 1e4 * rng.random((n, c))).astype(dtype)
+    x[0] = 1e4
+    x[1] = -1e4
+    x[2, 3] = 1e4
+    labels = rng.integers(0, c, size=n).astype(np.int64)
+    probs = rng.random((n, c)).astype(dtype)
+    scale = 1.0 / n
+    for t in (labels, probs):
+        v, g = run_loss(nk.cross_entropy, x, t, scale, threads=16)
+        assert np.isfinite(v) and np.isfinite(g).all()
+        check_loss((v, g), ref.cross_entropy(x, t, scale), dtype, f"extreme ce {t.dtype}")
+    tb = rng.random((n, c)).astype(dtype)
+    v, g = run_loss(nk.bce_with_logits, x, tb, scale, threads=16)
+    assert np.isfinite(v) and np.isfinite(g).all()
+    check_loss((v, g), ref.bce_with_logits(x, tb, scale), dtype, "extreme bce")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_loss_values_deterministic_whatever_the_launch(rng, dtype):
+    cases = [
+        (nk.mse, *mse_inputs(rng, (70, 33), dtype)),
+        (nk.bce_with_logits, *bce_inputs(rng, (70, 33), dtype)),
+        (nk.cross_entropy, (rng.standard_normal((5, 200)) * 5).astype(dtype), rng.integers(0, 200, 5)),
+        (nk.cross_entropy, (rng.standard_normal((5, 200)) * 5).astype(dtype), rng.random((5, 200)).astype(dtype)),
+    ]
+    for fn, x, t in cases:
+        runs = [run_loss(fn, x, t, 1.0, threads=th, max_blocks=mb) for th, mb in ((16, 64), (16, 64), (5, 1), (64, 2))]
+        v0, g0 = runs[0]
+        for v, g in runs[1:]:
+            assert bits(np.float64(v)) == bits(np.float64(v0)), (fn.__name__, v, v0)
+            assert bits(g) == bits(g0), fn.__name__
+
+
+def test_cross_entropy_single_class_and_bad_labels():
+    x = np.array([[3.0], [-2.0]])
+    v, g = run_loss(nk.cross_entropy, x, np.array([0, 0]), 0.5, threads=4)
+    assert v == 0.0 and np.all(g == 0.0)
+    x = np.zeros((3, 4))
+    for bad in (4, -1):
+        v, g = run_loss(nk.cross_entropy, x, np.array([0, bad, 2]), 1.0, threads=4)
+        assert np.isnan(v)  # an out-of-range label shows in the loss value
+
+
+def test_loss_rejects_bad_arguments():
+    x = np.zeros((2, 3))
+    value = np.zeros(1)
+    with pytest.raises(ValueError):
+        nk.cross_entropy(x, np.array([0, 1], np.int32), 1.0, value, np.zeros_like(x))
+    with pytest.raises(ValueError):
+        nk.mse(x, np.zeros((3, 2)), 1.0, value, np.zeros_like(x))
+    with pytest.raises(ValueError):
+        nk.mse(x, x, 1.0, np.zeros(1, np.float32), np.zeros_like(x))
+    with pytest.raises(ValueError):
+        nk.mse(x, x, 1.0, value, np.zeros_like(x), threads=nk.LANES + 1)
+
+
+# --- 4. PTX compile check ---------------------------------------------------------------
+
+PTX_SCRIPT = textwrap.dedent(
+    """
+    from numba import cuda
+    from gpubp.backends import numba_kernels as nk
+
+    targets = nk.ptx_targets()
+    assert not nk.SIMULATOR
+    done = 0
+    for name, func, sig in targets:
+        for cc in ((8, 0), (9, 0)):
+            ptx, _ = cuda.compile_ptx(func, sig, cc=cc)
+            assert ".entry" in ptx, name
+            print(f"compiled {name} for sm_{cc[0]}{cc[1]}: {len(ptx)} chars of PTX")
+        done += 1
+    print(f"TOTAL {done} {len(targets)}")
+    """
+)
+
+
+def test_every_kernel_compiles_to_ptx():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", PTX_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    total = [line.split() for line in proc.stdout.splitlines() if line.startswith("TOTAL")]
+    expected = len(nk.ptx_targets())
+    assert total == [["TOTAL", str(expected), str(expected)]], proc.stdout[-2000:]
+    assert expected == 17  # 8 kernels x (float32, float64) + the final reduction

@@ -40,7 +40,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             props = cupy.cuda.runtime.getDeviceProperties(i)
             name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
             print(f"GPU {i}       {name}, sm_{props['major']}{props['minor']}, {props['totalGlobalMem'] / 2**30:.1f} GiB")
-        print("            (this version of gpubp trains on the CPU; the CUDA backend is not part of it yet)")
     return 0
 
 
@@ -79,8 +78,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def gradcheck_cases(activations: Sequence[str], losses: Sequence[str], depths: Sequence[int],
-                    dtypes: Sequence[str], seed: int = 0):
-    """Yield (case name, Report) for every activation x loss x depth x dtype."""
+                    dtypes: Sequence[str], seed: int = 0, device: str = "cpu"):
+    """Yield (case name, Report) for every activation x loss x depth x dtype on ``device``."""
     import gpubp as gp
     from gpubp import gradcheck
 
@@ -100,19 +99,23 @@ def gradcheck_cases(activations: Sequence[str], losses: Sequence[str], depths: S
                 widths = [n_in] + [width] * (depth - 1) + [n_out]
                 for dtype in dtypes:
                     layers = [gp.Dense(widths[i], widths[i + 1], act) for i in range(depth)]
-                    model = gp.Sequential(*layers, dtype=dtype, seed=seed + depth)
+                    model = gp.Sequential(*layers, dtype=dtype, seed=seed + depth, device=device)
                     report = gradcheck.check_model(model, loss, x, y, mode="both", seed=seed)
-                    yield f"{act:<10} {loss:<15} depth {depth} {dtype}", report
+                    yield f"{device:<7} {act:<10} {loss:<15} depth {depth} {dtype}", report
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
     """Every activation x loss x depth x dtype against finite differences; exit 1 on any failure."""
     from gpubp import activations, losses
-    from gpubp.device import auto_device_reason, parse_device
+    from gpubp.device import cuda_status, parse_device
 
-    device = parse_device(args.device)
-    why = f" (auto: {auto_device_reason()})" if args.device == "auto" else ""
-    print(f"device: {device}{why}")
+    if args.device == "all":
+        n, why = cuda_status()
+        devices = ["cpu"] + [f"cuda:{i}" for i in range(n)]
+        print(f"devices: {', '.join(devices)}" + (f" (no GPU: {why})" if n == 0 else ""))
+    else:
+        devices = [str(parse_device(args.device))]
+        print(f"device: {devices[0]}")
     acts = list(activations.NAMES) if args.activations == "all" else args.activations.split(",")
     loss_names = list(losses.NAMES) if args.losses == "all" else args.losses.split(",")
     for a in acts:
@@ -121,14 +124,15 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
         losses.get(name)
     depths = [int(d) for d in args.depths.split(",")]
     dtypes = args.dtypes.split(",")
-    print(f"{'case':<44} {'max abs err':>12} {'max rel err':>12}  result")
+    print(f"{'case':<52} {'max abs err':>12} {'max rel err':>12}  result")
     failed = 0
     total = 0
-    for case, report in gradcheck_cases(acts, loss_names, depths, dtypes, seed=args.seed):
+    cases = (c for d in devices for c in gradcheck_cases(acts, loss_names, depths, dtypes, args.seed, d))
+    for case, report in cases:
         total += 1
         ok = report.passed
         failed += not ok
-        print(f"{case:<44} {report.max_abs_err:12.3e} {report.max_rel_err:12.3e}  {'pass' if ok else 'FAIL'}")
+        print(f"{case:<52} {report.max_abs_err:12.3e} {report.max_rel_err:12.3e}  {'pass' if ok else 'FAIL'}")
         if not ok:
             print(str(report))
     print(f"{total - failed} passed, {failed} failed")
@@ -155,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("gradcheck", help="check every gradient against finite differences")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--device", default="all", help="all (the CPU and every GPU, default), cpu, cuda:N")
     g.add_argument("--activations", default="all", help="comma-separated names, or all")
     g.add_argument("--losses", default="all", help="comma-separated names, or all")
     g.add_argument("--depths", default="1,2,3")

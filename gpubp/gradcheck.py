@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from gpubp import losses as losses_mod
+from gpubp.backends import backend_of
 from gpubp.layers import Dense
 from gpubp.model import Sequential
 
@@ -216,6 +217,12 @@ def check_function(
     return report
 
 
+def _host(a: Any) -> np.ndarray:
+    """A host (NumPy) copy of an array of any backend."""
+    backend = backend_of(a)
+    return np.array(backend.to_numpy(a) if backend is not None else a, dtype=np.float64)
+
+
 def _random_input(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape)
 
@@ -238,8 +245,8 @@ def check_layer(layer: Dense, x: Any = None, *, batch: int = 3, mode: str = "bot
     twin = Dense.from_config(layer.config())
     Sequential(twin, dtype="float64", seed=seed)
     inputs64 = {"x": x64, "weight": twin.weight.data, "bias": twin.bias.data}
-    twin.weight.data[...] = layer.weight.data
-    twin.bias.data[...] = layer.bias.data
+    twin.weight.data[...] = _host(layer.weight.data)
+    twin.bias.data[...] = _host(layer.bias.data)
     x_dt = x64.astype(dt)
 
     def forward64() -> np.ndarray:
@@ -248,7 +255,7 @@ def check_layer(layer: Dense, x: Any = None, *, batch: int = 3, mode: str = "bot
     def backward(v: np.ndarray) -> dict[str, np.ndarray]:
         layer.forward(x_dt, training=True)
         dx = layer.backward(v.astype(dt), need_dx=True)
-        return {"x": dx, "weight": layer.weight.grad.copy(), "bias": layer.bias.grad.copy()}
+        return {"x": _host(dx), "weight": _host(layer.weight.grad), "bias": _host(layer.bias.grad)}
 
     return check_function(forward64, inputs64, backward, (x64.shape[0], layer.out_features),
                           case=f"{layer!r} batch {x64.shape[0]}", dtype=dt.name, mode=mode, eps=eps, seed=seed)
@@ -276,11 +283,11 @@ def check_model(model: Sequential, loss: str | losses_mod.Loss, x: Any, y: Any, 
                 eps: float = EPS, seed: int = 0, input_grad: bool = True) -> Report:
     """Check a whole model + loss: dL/d(every parameter) (and dL/dx) against finite differences.
 
-    The backward pass runs in the model's dtype and overwrites its gradients;
-    the finite differences run on a float64 clone.
+    The backward pass runs in the model's dtype, on the model's device, and
+    overwrites its gradients; the finite differences run on a float64 clone on the CPU.
     """
     loss = losses_mod.get(loss)
-    twin = model.clone("float64")
+    twin = model.clone("float64", device="cpu")
     x64 = np.array(x, dtype=np.float64, order="C")
     inputs64 = {p.name: p.data for p in twin.parameters()}
     if input_grad:
@@ -292,9 +299,9 @@ def check_model(model: Sequential, loss: str | losses_mod.Loss, x: Any, y: Any, 
     def backward(v: np.ndarray) -> dict[str, np.ndarray]:
         _, dout = loss(model.forward(x64.astype(model.dtype)), y)
         dx = model.backward(dout * model.dtype.type(float(v)), input_grad=input_grad)
-        grads = {p.name: p.grad.copy() for p in model.parameters()}
+        grads = {p.name: _host(p.grad) for p in model.parameters()}
         if input_grad:
-            grads["x"] = dx
+            grads["x"] = _host(dx)
         return grads
 
     acts = "-".join(layer.activation.name for layer in model.layers)

@@ -129,6 +129,27 @@ def test_activation_forward(rng, name, params, dtype):
     np.testing.assert_allclose(a, act.forward(z), **TOL[dtype], err_msg=f"{act} grid-stride")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize(("name", "params"), ACTS, ids=ACT_IDS)
+def test_bias_activation_forward(rng, name, params, dtype):
+    """The dense epilogue: a = f(z + b); z becomes z + b only when asked (keep_z)."""
+    act = Activation(name, **params)
+    for shape in [(1, 1), (3, 5), (17, 33)]:
+        z = act_inputs(rng, shape[0] * shape[1], dtype).reshape(shape)
+        b = rng.standard_normal(shape[1]).astype(dtype)
+        want_z = z + b
+        for keep_z in (True, False):
+            zd = dev(z.copy())
+            out = poisoned(z.size, dtype).reshape(shape)
+            nk.bias_activation_forward(zd, dev(b), act, out, keep_z, threads=32, max_blocks=2)
+            np.testing.assert_allclose(host(out), act.forward(want_z), **TOL[dtype], err_msg=f"{act} {shape}")
+            np.testing.assert_array_equal(host(zd), want_z if keep_z else z)
+        # In place: a written over z (what identity, sigmoid and tanh layers do).
+        zd = dev(z.copy())
+        nk.bias_activation_forward(zd, dev(b), act, zd, False, threads=32)
+        np.testing.assert_allclose(host(zd), act.forward(want_z), **TOL[dtype], err_msg=f"{act} in place")
+
+
 def backward_slack(name: str, z: np.ndarray, da: np.ndarray, dtype) -> np.ndarray:
     """Absolute error allowed in dz = da f'(z): a few ulp of |da| times the conditioning of f'.
 
@@ -402,4 +423,4 @@ def test_every_kernel_compiles_to_ptx():
     total = [line.split() for line in proc.stdout.splitlines() if line.startswith("TOTAL")]
     expected = len(nk.ptx_targets())
     assert total == [["TOTAL", str(expected), str(expected)]], proc.stdout[-2000:]
-    assert expected == 17  # 8 kernels x (float32, float64) + the final reduction
+    assert expected == 19  # 9 kernels x (float32, float64) + the final reduction

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numba import cuda, float32, float64, int64
+from numba import boolean, cuda, float32, float64, int64
 
 from gpubp.activations import TABLE, Activation
 from gpubp.activations import get as get_activation
@@ -229,6 +229,20 @@ def activation_forward_kernel(act_id, z, p0, p1, a):
     stride = cuda.gridsize(1)
     for i in range(start, z.size, stride):
         a[i] = act_f(act_id, z[i], p0, p1)
+
+
+@cuda.jit
+def bias_activation_forward_kernel(act_id, z, b, p0, p1, keep_z, a):
+    # z (N*out,) the GEMM output x @ W, flat; b (out,). v = z + b; a = f(v); z = v when keep_z.
+    # ``a`` may be ``z`` itself (identity, sigmoid, tanh: backward needs a or nothing).
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    n_out = b.size
+    for i in range(start, z.size, stride):
+        v = z[i] + b[i % n_out]
+        if keep_z:
+            z[i] = v
+        a[i] = act_f(act_id, v, p0, p1)
 
 
 @cuda.jit
@@ -660,6 +674,39 @@ def activation_forward(
     return out
 
 
+def bias_activation_forward(
+    z: Array,
+    b: Array,
+    act: Activation | str | None,
+    out: Array,
+    keep_z: bool,
+    stream: Any = 0,
+    threads: int = ELEMENTWISE_THREADS,
+    max_blocks: int = MAX_BLOCKS,
+) -> Array:
+    """The dense layer's epilogue: out = f(z + b) for z (N, out) and b (out,); returns out.
+
+    With ``keep_z`` z is overwritten by z + b (what backward needs for activations
+    that save z). ``out`` may be z itself when z + b is not needed afterwards.
+    """
+    dt = _dtype(z, "bias_activation_forward z")
+    if z.ndim != 2 or tuple(b.shape) != (z.shape[1],) or np.dtype(b.dtype) != dt:
+        raise ValueError("bias_activation_forward: expected z (N, out) and b (out,) of one dtype")
+    if tuple(out.shape) != tuple(z.shape) or np.dtype(out.dtype) != dt:
+        raise ValueError("bias_activation_forward: out must match z in shape and dtype")
+    for name, x in (("z", z), ("b", b), ("out", out)):
+        _c_contiguous(x, f"bias_activation_forward {name}")
+    n = _size(z.shape)
+    if n == 0:
+        return out
+    threads = _check_threads(threads, 1024, "bias_activation_forward")
+    act_id, p0, p1 = _act_args(act, dt)
+    bias_activation_forward_kernel[_grid(n, threads, max_blocks), threads, stream](
+        act_id, _flat(z), b, p0, p1, bool(keep_z), _flat(out)
+    )
+    return out
+
+
 def activation_backward(
     da: Array,
     z: Array | None,
@@ -901,6 +948,7 @@ def ptx_targets() -> list[tuple[str, Callable, tuple]]:
         v = ft[::1]
         m = ft[:, ::1]
         add(f"activation_forward_kernel[{tag}]", activation_forward_kernel, (int64, v, ft, ft, v))
+        add(f"bias_activation_forward_kernel[{tag}]", bias_activation_forward_kernel, (int64, v, v, ft, ft, boolean, v))
         add(f"activation_backward_kernel[{tag}]", activation_backward_kernel, (int64, v, v, v, ft, ft, v))
         add(f"bias_grad_partials_kernel[{tag}]", bias_grad_partials_kernel, (m, int64, float64[:, ::1]))
         add(f"bias_grad_finish_kernel[{tag}]", bias_grad_finish_kernel, (float64[:, ::1], v))

@@ -1,0 +1,216 @@
+"""The CUDA backend against the NumPy reference: whole models, every gradient, optimizer steps.
+
+On a GPU these run on device="cuda" in float32 against the float64 reference, over
+every activation and loss. Without a GPU the same code runs on device="cudasim":
+the backend's own logic with host arrays and its Numba kernels in the simulator,
+on a reduced grid (the simulator runs every GPU thread as a Python thread).
+Inputs are fresh random numbers on every run; the seed is in each failure message.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubp as gp
+from gpubp.activations import NAMES
+from tests.conftest import GPUS
+
+ON_GPU = GPUS > 0
+DEVICE = "cuda" if ON_GPU else "cudasim"
+# float32 on the GPU, as users train; float64 under the simulator, so that any
+# disagreement with the reference is a logic error, not rounding.
+DTYPE = "float32" if ON_GPU else "float64"
+TOL = {"float32": dict(rtol=2e-4, atol=2e-5), "float64": dict(rtol=1e-10, atol=1e-12)}[DTYPE]
+ACTS = list(NAMES) if ON_GPU else ["identity", "relu", "sigmoid", "gelu", "softplus"]
+LOSSES = ["mse", "cross_entropy", "bce_with_logits"]
+WIDTHS = (17, 33, 13, 5) if ON_GPU else (3, 5, 4)
+BATCH = 33 if ON_GPU else 7
+STEPS = 20 if ON_GPU else 3
+
+
+@pytest.fixture
+def seed() -> int:
+    return int(np.random.SeedSequence().entropy % 2**32)
+
+
+def targets(loss: str, rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    if loss == "cross_entropy":
+        return rng.integers(0, k, size=n)
+    if loss == "bce_with_logits":
+        return rng.uniform(0, 1, size=(n, k))
+    return rng.standard_normal((n, k))
+
+
+def pair(act: str, seed: int) -> tuple[gp.Sequential, gp.Sequential]:
+    """The same network on the device (DTYPE) and as the float64 CPU reference."""
+
+    def build(device: str, dtype: str) -> gp.Sequential:
+        layers = [gp.Dense(WIDTHS[i], WIDTHS[i + 1], act) for i in range(len(WIDTHS) - 1)]
+        return gp.Sequential(*layers, device=device, dtype=dtype, seed=seed % 1000)
+
+    return build(DEVICE, DTYPE), build("cpu", "float64")
+
+
+def host(model: gp.Sequential, arr) -> np.ndarray:
+    return np.asarray(model.arena.backend.to_numpy(arr), dtype=np.float64)
+
+
+def poison_grads(model: gp.Sequential) -> None:
+    model.arena.ops.assign_(model.arena.grad, np.full(model.arena.size, np.nan, dtype=model.dtype))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("act", ACTS)
+def test_forward_gradients_and_steps_match_reference(act, loss, seed):
+    rng = np.random.default_rng(seed)
+    dev, ref = pair(act, seed)
+    np.testing.assert_allclose(host(dev, dev.arena.data), ref.arena.data, rtol=1e-7, err_msg=f"seed {seed}")
+    opt_d = gp.optim.Adam(dev.parameters(), lr=1e-2)
+    opt_r = gp.optim.Adam(ref.parameters(), lr=1e-2)
+    lf = gp.losses.get(loss)
+    for step in range(STEPS):
+        x = rng.standard_normal((BATCH, WIDTHS[0]))
+        y = targets(loss, rng, BATCH, WIDTHS[-1])
+        out_d, out_r = dev(x), ref(x)
+        msg = f"seed {seed}, step {step}"
+        np.testing.assert_allclose(host(dev, out_d), out_r, **TOL, err_msg=f"forward, {msg}")
+        val_d, g_d = lf(out_d, y)
+        val_r, g_r = lf(out_r, y)
+        assert val_d == pytest.approx(val_r, rel=TOL["rtol"], abs=TOL["atol"]), msg
+        poison_grads(dev)  # backward writes every gradient: none may stay NaN
+        dev.backward(g_d)
+        ref.backward(g_r)
+        for p_d, p_r in zip(dev.parameters(), ref.parameters()):
+            np.testing.assert_allclose(host(dev, p_d.grad), p_r.grad, **TOL, err_msg=f"{p_d.name} grad, {msg}")
+        opt_d.step()
+        opt_r.step()
+    np.testing.assert_allclose(host(dev, dev.arena.data), ref.arena.data, **TOL, err_msg=f"after steps, seed {seed}")
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: gp.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adamw": lambda ps: gp.optim.AdamW(ps, lr=1e-2, amsgrad=True),
+    "rmsprop": lambda ps: gp.optim.RMSprop(ps, lr=1e-3, momentum=0.5, centered=True),
+    "adagrad": lambda ps: gp.optim.Adagrad(ps, lr=1e-2, lr_decay=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fit_matches_reference(name, seed):
+    rng = np.random.default_rng(seed)
+    dev, ref = pair("tanh", seed)
+    x = rng.standard_normal((2 * BATCH + 3, WIDTHS[0]))  # a last partial batch
+    y = rng.integers(0, WIDTHS[-1], size=len(x))
+    kw = dict(loss="cross_entropy", epochs=2, batch_size=BATCH, verbose=0, clip_grad_norm=0.5)
+    h_d = dev.fit(x, y, optimizer=OPTIMIZERS[name](dev.parameters()), **kw)
+    h_r = ref.fit(x, y, optimizer=OPTIMIZERS[name](ref.parameters()), **kw)
+    np.testing.assert_allclose(h_d["loss"], h_r["loss"], **TOL, err_msg=f"seed {seed}")
+    assert h_d["accuracy"] == h_r["accuracy"]
+    np.testing.assert_allclose(host(dev, dev.arena.data), ref.arena.data, **TOL, err_msg=f"seed {seed}")
+    e_d, e_r = dev.evaluate(x, y, "cross_entropy"), ref.evaluate(x, y, "cross_entropy")
+    assert e_d["loss"] == pytest.approx(e_r["loss"], rel=TOL["rtol"])
+    np.testing.assert_allclose(dev.predict(x), ref.predict(x), **TOL)
+
+
+def test_model_moves_between_devices_and_back(seed):
+    model = gp.Sequential(gp.Dense(3, 4, "relu"), gp.Dense(4, 2), dtype=DTYPE, seed=seed % 1000)
+    before = model.arena.data.copy()
+    x = np.random.default_rng(seed).standard_normal((5, 3))
+    want = model.predict(x)
+    model.to(DEVICE)
+    assert str(model.device) == ("cuda:0" if ON_GPU else "cudasim")
+    assert not isinstance(model.arena.data, np.ndarray) or not ON_GPU
+    np.testing.assert_allclose(model.predict(x), want, **TOL)
+    model.to("cpu")
+    assert model.arena.data.tobytes() == before.tobytes()
+
+
+def test_checkpoint_of_a_device_model(tmp_path, seed):
+    dev, _ = pair("relu", seed)
+    opt = gp.optim.Adam(dev.parameters())
+    rng = np.random.default_rng(seed)
+    dev.fit(rng.standard_normal((10, WIDTHS[0])), rng.integers(0, WIDTHS[-1], 10), "cross_entropy", opt,
+            epochs=1, batch_size=5, verbose=0)
+    gp.save(tmp_path / "d.safetensors", dev, opt)
+    ck = gp.load(tmp_path / "d.safetensors")  # rebuilt on the CPU
+    assert ck.model.arena.data.tobytes() == host(dev, dev.arena.data).astype(ck.model.dtype).tobytes()
+    ck_dev = gp.load(tmp_path / "d.safetensors", device=DEVICE)
+    assert host(ck_dev.model, ck_dev.model.arena.data).tobytes() == host(dev, dev.arena.data).tobytes()
+    assert ck_dev.optimizer.step_count == opt.step_count
+
+
+def test_check_finite_on_the_device():
+    model = gp.Sequential(gp.Dense(2, 3), gp.Dense(3, 2), dtype=DTYPE, device=DEVICE, check_finite=True)
+    host_data = host(model, model.arena.data)
+    host_data[8] = np.nan  # layer 0 holds W (2, 3) at 0..5 and b (3,) at 6..8: a NaN bias
+    model.arena.ops.assign_(model.arena.data, host_data.astype(model.dtype))
+    with pytest.raises(gp.NonFiniteError, match="layer 0"):
+        model(np.ones((2, 2)))
+
+
+def test_gradcheck_command_on_the_device(capsys):
+    from gpubp import cli
+
+    code = cli.main(["gradcheck", "--device", DEVICE, "--activations", "tanh", "--losses", "cross_entropy",
+                     "--depths", "2", "--dtypes", DTYPE])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "1 passed, 0 failed" in out
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_device_inputs_are_taken_without_a_copy():
+    import cupy
+
+    model = gp.Sequential(gp.Dense(4, 3), device="cuda", dtype="float32")
+    x = cupy.random.standard_normal((6, 4), dtype=cupy.float32)
+    assert model.arena.backend.asarray(x, np.float32) is x
+    np.testing.assert_allclose(cupy.asnumpy(model(x)), model.predict(cupy.asnumpy(x)), rtol=1e-6)
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        t = torch.randn(6, 4, device="cuda")
+        got = model.arena.backend.asarray(t, np.float32)
+        assert got.data.ptr == t.data_ptr()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_device_memory_does_not_grow_over_1000_steps():
+    import cupy
+
+    rng = np.random.default_rng(0)
+    model = gp.Sequential(gp.Dense(32, 64, "relu"), gp.Dense(64, 10), device="cuda", seed=0)
+    x = cupy.asarray(rng.standard_normal((256, 32)), dtype=cupy.float32)
+    y = cupy.asarray(rng.integers(0, 10, 256))
+    opt = gp.optim.Adam(model.parameters())
+    loss = gp.losses.CrossEntropy()
+    pool = cupy.get_default_memory_pool()
+    used = []
+    for step in range(1000):
+        out = model(x)
+        value, g = loss.compute(out, y, model.arena.backend)
+        model.backward(g)
+        opt.step()
+        if step in (10, 999):
+            cupy.cuda.get_current_stream().synchronize()
+            used.append(pool.used_bytes())
+    assert used[1] <= used[0], used
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_out_of_memory_says_how_much():
+    model = gp.Sequential(gp.Dense(4, 3), device="cuda")
+    with pytest.raises(MemoryError, match=r"MiB asked for; .* MiB free of"):
+        model.arena.backend.zeros((1 << 46,), np.float32)
+
+
+def test_no_gpu_error_says_why_and_how_to_fix():
+    if ON_GPU:
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match=r"no GPU can be used: .*fix"):
+        gp.Sequential(gp.Dense(2, 2), device="cuda")
+    with pytest.raises(RuntimeError, match="no GPU"):
+        gp.Sequential(gp.Dense(2, 2), device="cuda:1")

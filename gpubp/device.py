@@ -52,7 +52,7 @@ def cuda_status() -> tuple[int, str]:
     return n, ""
 
 
-def parse_device(device: "str | Device") -> Device:
+def parse_device(device: str | Device) -> Device:
     """Parse and resolve a device string, raising ValueError/TypeError on a malformed one
     and RuntimeError (saying why, and how to fix it) when a GPU is asked for and none can be used."""
     if isinstance(device, Device):

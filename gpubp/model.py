@@ -143,7 +143,7 @@ class Sequential:
         layers = [Dense.from_config(c) for c in cfg["layers"]]
         return cls(*layers, device=device, dtype=cfg["dtype"], seed=cfg["seed"], check_finite=cfg["check_finite"])
 
-    def clone(self, dtype: Any = None, device: "str | Device | None" = None) -> "Sequential":
+    def clone(self, dtype: Any = None, device: str | Device | None = None) -> Sequential:
         """A new model of the same architecture with these parameter values (cast to ``dtype``, on ``device``)."""
         cfg = self.config()
         if dtype is not None:
@@ -154,7 +154,7 @@ class Sequential:
         twin.epoch = self.epoch
         return twin
 
-    def to(self, device: "str | Device") -> "Sequential":
+    def to(self, device: str | Device) -> Sequential:
         """Move parameters and gradients to ``device`` (``"cpu"``, ``"cuda:N"``, ...); returns self.
 
         Parameters become new objects on the new device: build the optimizer

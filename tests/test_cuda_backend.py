@@ -81,7 +81,7 @@ def test_forward_gradients_and_steps_match_reference(act, loss, seed):
         poison_grads(dev)  # backward writes every gradient: none may stay NaN
         dev.backward(g_d)
         ref.backward(g_r)
-        for p_d, p_r in zip(dev.parameters(), ref.parameters()):
+        for p_d, p_r in zip(dev.parameters(), ref.parameters(), strict=True):
             np.testing.assert_allclose(host(dev, p_d.grad), p_r.grad, **TOL, err_msg=f"{p_d.name} grad, {msg}")
         opt_d.step()
         opt_r.step()

@@ -349,7 +349,7 @@ class Sequential:
                     raise NonFiniteError(f"loss: {float(value)} at epoch {self.epoch + 1}, step {s + 1}")
                 self.backward(dout)
                 if clip_grad_norm is not None:
-                    optim.clip_grad_norm(optimizer.params, clip_grad_norm)
+                    optim.clip_grad_norm(optimizer.params, clip_grad_norm, sync=False)
                 optimizer.step()
                 # Sums stay on the device: read once per epoch, and for the bar every 16 steps.
                 total = total + value * (xb.shape[0] if loss.reduction == "mean" else 1)

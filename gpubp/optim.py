@@ -509,7 +509,9 @@ def get(name: str, params: Iterable[Parameter], **kwargs: Any) -> Optimizer:
     return _OPTIMIZERS[key](params, **kwargs)
 
 
-def clip_grad_norm(params: Iterable[Parameter], max_norm: float, norm_type: float = 2.0) -> float:
+def clip_grad_norm(
+    params: Iterable[Parameter], max_norm: float, norm_type: float = 2.0, *, sync: bool = True
+) -> float | None:
     """Scale the gradients so that their joint norm is at most ``max_norm``; return the norm.
 
     The norm is that of all the gradients laid end to end as one vector,
@@ -517,6 +519,10 @@ def clip_grad_norm(params: Iterable[Parameter], max_norm: float, norm_type: floa
     When ``max_norm / (norm + 1e-6) < 1`` every gradient is multiplied by that
     factor; otherwise the gradients are left alone. The norm returned is the
     one before scaling.
+
+    With ``sync=False`` and a device backend that can (the CUDA one), the 2-norm
+    is reduced and applied on the device without the host waiting for it, and
+    None is returned; the training loop clips that way.
     """
     items = _check_params(params)
     max_norm = real(max_norm, "max_norm", min=0.0, min_open=True)
@@ -526,6 +532,15 @@ def clip_grad_norm(params: Iterable[Parameter], max_norm: float, norm_type: floa
     if kind not in (2.0, math.inf):
         raise ValueError(f"norm_type: expected 2.0 or float('inf'), got {norm_type!r}")
     runs = contiguous_runs(items)
+    ops = _ops(runs[0][0])
+    if not sync and kind == 2.0 and hasattr(ops, "clip_scale_"):
+        # total_sq = sum over runs, in run order (the same order as the host path below).
+        total_sq = ops.full(1, 0.0, np.float64)
+        for a, lo, hi in runs:
+            _ops(a).sum_of_squares_into(a.grad[lo:hi], total_sq, accumulate=True)
+        for a, lo, hi in runs:
+            _ops(a).clip_scale_(a.grad[lo:hi], total_sq, max_norm)
+        return None
     if kind == 2.0:
         total = math.sqrt(sum(_ops(a).sum_of_squares(a.grad[lo:hi]) for a, lo, hi in runs))
     else:

@@ -19,9 +19,10 @@ Every kernel runs on CuPy's current stream (Numba sees it through
 ``numba.cuda.external_stream``), so work is ordered without host waits. Loss
 values stay on the device as 0-d float64 arrays until somebody reads them.
 
-Host data goes to the device through two page-locked (pinned) staging buffers
+Host data goes to the device through four page-locked (pinned) staging buffers
 used in turn: a copy is queued asynchronously, and a buffer is refilled only
-after the copy queued from it two uploads ago has finished.
+after the copy queued from it four uploads ago has finished (a training step
+uploads x and y, so the host runs at most two steps ahead of the device).
 
 ``CudaBackend.simulator()`` is the same code with NumPy arrays and the Numba
 kernels running in the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1): the
@@ -111,7 +112,7 @@ class CudaBackend:
         self._threads = {"threads": _SIM_THREADS} if self.simulated else {}
         self._bias_threads = {"tile": 8, "row_threads": 2} if self.simulated else {}
         self._work: dict[Any, Array] = {}
-        self._slots = [_Slot(), _Slot()]
+        self._slots = [_Slot() for _ in range(4)]
         self._next_slot = 0
         self._numba_streams: dict[int, Any] = {}
         if self.simulated:
@@ -238,9 +239,9 @@ class CudaBackend:
     def _upload(self, host: np.ndarray) -> Array:
         cupy = self.xp
         slot = self._slots[self._next_slot]
-        self._next_slot = 1 - self._next_slot
+        self._next_slot = (self._next_slot + 1) % len(self._slots)
         if slot.event is not None:
-            slot.event.synchronize()  # the copy queued from this buffer two uploads ago
+            slot.event.synchronize()  # the copy queued from this buffer four uploads ago
         if slot.mem is None or slot.mem.size() < host.nbytes:
             slot.mem = cupy.cuda.alloc_pinned_memory(max(host.nbytes, 1))
         staged = np.frombuffer(slot.mem, dtype=host.dtype, count=host.size).reshape(host.shape)

@@ -1,4 +1,4 @@
-"""The ``gpubp`` command: ``info``, ``demo`` and ``gradcheck``."""
+"""The ``gpubp`` command: ``info``, ``demo``, ``gradcheck`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtypes", default="float64,float32")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_gradcheck)
+
+    from gpubp.bench import cli as bench_cli  # argparse set-up only: the harness loads on use
+
+    bench_cli.add_parser(sub)
     return p
 
 

@@ -64,7 +64,11 @@ class Dense:
         return self.in_features * self.out_features + self.out_features
 
     def bind(self, arena: Arena, index: int, backend: Any) -> None:
-        """Take this layer's parameters from ``arena`` (weight first, then bias)."""
+        """Take this layer's parameters from ``arena`` (weight first, then bias).
+
+        ``backend`` provides ``dense_forward`` / ``dense_backward`` (the model's choice
+        of implementation on its device).
+        """
         self.weight = arena.carve(f"{index}.weight", (self.in_features, self.out_features))
         self.bias = arena.carve(f"{index}.bias", (self.out_features,))
         self._backend = backend

@@ -21,6 +21,7 @@ from gpubp.layers import Dense
 from gpubp.parameter import Arena, Parameter
 
 DTYPES = ("float32", "float64")
+DENSE_IMPLS = ("auto", "fused", "unfused")
 
 
 class NonFiniteError(ValueError):
@@ -48,6 +49,10 @@ class Sequential:
         check_finite: when True, every layer's output and gradient and the loss are
             checked, and the first non-finite one raises :class:`NonFiniteError`
             naming the layer. Off by default: it costs a pass over each array.
+        dense_impl: how dense layers run on a GPU: ``"unfused"`` (cuBLAS GEMMs and
+            separate Numba kernels), ``"fused"`` (the CUDA C kernels of kernels/,
+            float32 only), or ``"auto"``: unfused, until the fused kernels have been
+            verified on GPU hardware. On the CPU only ``"auto"`` (the reference) applies.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class Sequential:
         dtype: Any = "float32",
         seed: int = 0,
         check_finite: bool = False,
+        dense_impl: str = "auto",
     ) -> None:
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
@@ -79,6 +85,9 @@ class Sequential:
         self.dtype = _dtype(dtype)
         self.seed = int(seed)
         self.check_finite = bool(check_finite)
+        if dense_impl not in DENSE_IMPLS:
+            raise ValueError(f"dense_impl: expected one of {', '.join(DENSE_IMPLS)}, got {dense_impl!r}")
+        self.dense_impl = dense_impl
         self.device: Device = parse_device(device)
         self.epoch = 0  # epochs trained by fit so far (drives the per-epoch shuffle)
         self.optimizer: Any = None  # the optimizer fit last used
@@ -89,10 +98,11 @@ class Sequential:
 
     def _bind(self, backend: Any) -> None:
         """Allocate a zeroed arena on ``backend`` and carve every layer's parameters from it."""
+        dense = backend.dense_ops(self.dense_impl, self.dtype)
         self._backend = backend
         self.arena = Arena(sum(layer.num_parameters for layer in self.layers), self.dtype, backend)
         for i, layer in enumerate(self.layers):
-            layer.bind(self.arena, i, backend)
+            layer.bind(self.arena, i, dense)
 
     def _initialise(self) -> None:
         """Weights from one Generator(seed) in layer order, drawn in float64 then cast; biases 0.
@@ -136,12 +146,14 @@ class Sequential:
             "dtype": self.dtype.name,
             "seed": self.seed,
             "check_finite": self.check_finite,
+            "dense_impl": self.dense_impl,
         }
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], device: str = "cpu") -> Sequential:
         layers = [Dense.from_config(c) for c in cfg["layers"]]
-        return cls(*layers, device=device, dtype=cfg["dtype"], seed=cfg["seed"], check_finite=cfg["check_finite"])
+        return cls(*layers, device=device, dtype=cfg["dtype"], seed=cfg["seed"], check_finite=cfg["check_finite"],
+                   dense_impl=cfg.get("dense_impl", "auto"))
 
     def clone(self, dtype: Any = None, device: str | Device | None = None) -> Sequential:
         """A new model of the same architecture with these parameter values (cast to ``dtype``, on ``device``)."""

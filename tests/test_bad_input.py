@@ -195,3 +195,11 @@ def test_backward_with_wrong_gradient_shape(model):
     model(np.ones((2, 4)))
     with pytest.raises(ValueError, match=r"dout: expected shape \(2, 3\)"):
         model.backward(np.ones((2, 4)))
+
+
+@pytest.mark.parametrize("impl", ["fused", "unfused"])
+def test_gpu_dense_impls_are_refused_on_the_cpu(impl):
+    with pytest.raises(ValueError, match=f"dense_impl: '{impl}' runs on a CUDA device only"):
+        gp.Sequential(gp.Dense(2, 2), dense_impl=impl)
+    with pytest.raises(ValueError, match="dense_impl: expected one of auto, fused, unfused"):
+        gp.Sequential(gp.Dense(2, 2), dense_impl="cublas")

@@ -214,3 +214,32 @@ def test_no_gpu_error_says_why_and_how_to_fix():
         gp.Sequential(gp.Dense(2, 2), device="cuda")
     with pytest.raises(RuntimeError, match="no GPU"):
         gp.Sequential(gp.Dense(2, 2), device="cuda:1")
+
+
+def test_fused_dense_needs_float32_and_a_real_gpu():
+    with pytest.raises(ValueError, match="float32 only"):
+        gp.Sequential(gp.Dense(2, 2), device=DEVICE, dtype="float64", dense_impl="fused")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="real GPU only"):
+            gp.Sequential(gp.Dense(2, 2), device=DEVICE, dtype="float32", dense_impl="fused")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the CUDA C kernels run only there")
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "identity"])
+def test_fused_model_matches_reference(act, seed):
+    rng = np.random.default_rng(seed)
+    layers = lambda: [gp.Dense(17, 33, act), gp.Dense(33, 5, act)]  # noqa: E731
+    dev = gp.Sequential(*layers(), device="cuda", dtype="float32", seed=seed % 1000, dense_impl="fused")
+    ref = gp.Sequential(*layers(), device="cpu", dtype="float64", seed=seed % 1000)
+    opt_d, opt_r = gp.optim.SGD(dev.parameters(), lr=0.05, momentum=0.9), gp.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for step in range(STEPS):
+        x = rng.standard_normal((BATCH, 17))
+        y = rng.integers(0, 5, BATCH)
+        out_d, out_r = dev(x), ref(x)
+        np.testing.assert_allclose(host(dev, out_d), out_r, **TOL, err_msg=f"seed {seed}, step {step}")
+        dev.backward(gp.losses.CrossEntropy()(out_d, y)[1])
+        ref.backward(gp.losses.CrossEntropy()(out_r, y)[1])
+        for p_d, p_r in zip(dev.parameters(), ref.parameters(), strict=True):
+            np.testing.assert_allclose(host(dev, p_d.grad), p_r.grad, **TOL, err_msg=f"{p_d.name}, seed {seed}")
+        opt_d.step()
+        opt_r.step()

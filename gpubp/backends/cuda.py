@@ -71,6 +71,26 @@ class _OnStream:
         return on_stream
 
 
+class _FusedDense:
+    """Dense layers through the CUDA C kernels of kernels/ (gpubp.backends.rawkernels)."""
+
+    def __init__(self, backend: CudaBackend) -> None:
+        from gpubp.backends import rawkernels
+
+        self._backend = backend
+        self._rk = rawkernels
+
+    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
+        with self._backend.context(), self._backend._oom(f"a fused dense forward of shape {tuple(x.shape)}"):
+            return self._rk.dense_forward(x, w, b, act, training)
+
+    def dense_backward(
+        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool
+    ) -> Array | None:
+        with self._backend.context(), self._backend._oom(f"a fused dense backward of shape {tuple(da.shape)}"):
+            return self._rk.dense_backward(da, saved, w, act, dw, db, need_dx)
+
+
 class _Slot:
     """One pinned staging buffer and the event of the copy last queued from it."""
 
@@ -266,6 +286,16 @@ class CudaBackend:
         return bool(self.optim.all_finite(flat)) if flat.size else True
 
     # -- dense layer: forward and backward as a pair -----------------------------------------
+
+    def dense_ops(self, impl: str, dtype: Any) -> Any:
+        """What runs dense layers: this backend (unfused: cuBLAS + Numba) or the fused CUDA C kernels."""
+        if impl in ("auto", "unfused"):
+            return self
+        if np.dtype(dtype) != np.float32:
+            raise ValueError(f"dense_impl: 'fused' kernels are float32 only, got dtype {np.dtype(dtype).name}")
+        if self.simulated:
+            raise ValueError("dense_impl: 'fused' CUDA C kernels run on a real GPU only, not under the simulator")
+        return _FusedDense(self)
 
     def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
         """a = f(x @ W + b); saved = (x, z or a or None) when training, else (). See numpy_ref."""

@@ -14,6 +14,7 @@ The optimizer update maths live beside this module in ``numpy_optim`` (``optim``
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,13 @@ def asarray(x: Any, dtype: Any) -> Array:
 
 def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
+
+
+def dense_ops(impl: str, dtype: Any) -> Any:
+    """What runs dense layers: this module (the reference) for ``impl="auto"``."""
+    if impl != "auto":
+        raise ValueError(f"dense_impl: {impl!r} runs on a CUDA device only; on the CPU use 'auto' (the reference)")
+    return sys.modules[__name__]
 
 
 def is_device_array(x: Any) -> bool:

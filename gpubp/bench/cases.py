@@ -47,9 +47,9 @@ from gpubp.activations import Activation
 from gpubp.bench import harness
 
 # --- the one place that knows how gpubp picks its dense implementation ------------------------
-# Sequential(..., dense_impl=...) selects the fused kernels (the default) or the unfused path
+# Sequential(..., dense_impl=...) selects the fused CUDA C kernels ("fused") or the unfused path
 # (cupy.matmul + separate activation / bias kernels). Adapt here if that keyword changes.
-GPUBP_IMPLS: dict[str, dict[str, Any]] = {"fused": {}, "unfused": {"dense_impl": "unfused"}}
+GPUBP_IMPLS: dict[str, dict[str, Any]] = {"fused": {"dense_impl": "fused"}, "unfused": {"dense_impl": "unfused"}}
 
 GROUPS = ("dense_fwd", "dense_fwd_bwd", "step", "optim", "loss")
 
@@ -842,7 +842,8 @@ class GpubpContender(Contender):
         return self._be
 
     def model(self, layers: list[gp.Dense], dtype: str) -> gp.Sequential:
-        return gp.Sequential(*layers, device=self.device, dtype=dtype, seed=0, **GPUBP_IMPLS[self.impl])
+        impl = GPUBP_IMPLS[self.impl] if self.device != "cpu" else {}  # the CPU has the reference only
+        return gp.Sequential(*layers, device=self.device, dtype=dtype, seed=0, **impl)
 
     def available(self) -> tuple[bool, str]:
         if self.device == "cpu":

@@ -395,6 +395,18 @@ def test_plots_and_summary_are_written(smoke_run):
     assert "![dense_fwd:relu](dense-fwd-relu.png)" in md
 
 
+def test_without_matplotlib_the_plots_are_skipped_and_said_so(smoke_run, tmp_path, monkeypatch):
+    _, _, out = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    real = report.importlib.util.find_spec
+    monkeypatch.setattr(report.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    written = report.write_all(results, tmp_path)
+    assert not any(k.startswith("plot:") for k in written) and not list(tmp_path.glob("*.png"))
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert "matplotlib is not installed" in data["plots_skipped"]
+
+
 def test_list_prints_cases_and_contenders(capsys):
     assert cli.run(bench_args("--list", "--cases", "step")) == 0
     out = capsys.readouterr().out

@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     n_plots = sum(1 for k in written if k.startswith("plot:"))
     took = (_dt.datetime.now() - started).total_seconds()
     print(f"\nwrote {folder}/: results.json, summary.md, {n_plots} plot(s)  ({took:.1f} s)")
+    if "plots_skipped" in results:
+        print(f"plots skipped: {results['plots_skipped']}")
     ours = {"gpubp", "gpubp-unfused", "numpy"}
     bad = [r for r in results["records"]
            if r["status"] == "refused" or (r["status"] == "error" and r["contender"] in ours)]

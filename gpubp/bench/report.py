@@ -8,6 +8,7 @@ path) is faster by that factor.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -419,6 +420,9 @@ def write_all(results: dict[str, Any], folder: Path, plots: bool = True) -> dict
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     pngs: dict[str, str] = {}
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        results["plots_skipped"] = "matplotlib is not installed (pip install 'gpubp[bench]')"
+        plots = False
     if plots:
         for case in _by_case(results):
             p = plot_case(results, case, folder / f"{slug(case)}.png")

@@ -50,6 +50,10 @@ except ImportError:  # pragma: no cover - older numba-cuda
     from numba.core import config as _config
 
 SIMULATOR: bool = bool(_config.ENABLE_CUDASIM)
+if SIMULATOR:
+    from gpubp.backends import _cudasim
+
+    _cudasim.install()  # shared arrays that the simulator's threads really share
 
 Array = Any
 

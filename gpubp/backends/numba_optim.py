@@ -74,6 +74,10 @@ Array = Any
 
 #: True when the kernels run under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
 SIMULATOR: bool = bool(getattr(_nb_config, "ENABLE_CUDASIM", False))
+if SIMULATOR:
+    from gpubp.backends import _cudasim
+
+    _cudasim.install()  # shared arrays that the simulator's threads really share
 
 #: Elements summed by one block of the reduction's first pass; fixes the order of the sum.
 REDUCE_CHUNK = 1024

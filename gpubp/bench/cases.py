@@ -35,6 +35,7 @@ import fnmatch
 import functools
 import importlib.util
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -278,7 +279,7 @@ class Work:
     item: str
 
 
-class Case:
+class Case(ABC):
     """Base class; see the module docstring for the cases."""
 
     name = ""
@@ -297,14 +298,16 @@ class Case:
         return {"name": self.name, "group": self.group, "kind": self.kind, "title": self.title,
                 "unit": self.unit, "dtype": self.dtype, "counting": self.formula}
 
+    @abstractmethod
     def grid(self, tier: str, target: str) -> tuple[list[dict[str, int]], str]:
-        raise NotImplementedError
+        """See the subclasses."""
 
     def label(self, size: dict[str, int]) -> str:
         return " ".join(f"{k}={v}" for k, v in size.items())
 
+    @abstractmethod
     def work(self, size: dict[str, int]) -> Work:
-        raise NotImplementedError
+        """See the subclasses."""
 
     def throughput(self, size: dict[str, int], seconds: float) -> float:
         w = self.work(size)
@@ -333,9 +336,9 @@ class Case:
     def memory(self, size: dict[str, int], device: str) -> float:
         return 0.0
 
+    @abstractmethod
     def plot_key(self, size: dict[str, int]) -> tuple[str, float, str]:
         """(panel title, x value, x label) of this size in the plots."""
-        raise NotImplementedError
 
 
 def _binary_batch(batch: int, cost_per_row: float, budget: float, floor: int) -> int:
@@ -816,7 +819,8 @@ class Contender:
         return getattr(self, f"setup_{case.kind}")(case, size, inputs, copies)
 
     def events(self) -> Any:
-        raise NotImplementedError
+        """The CUDA timing events of a GPU contender (host contenders are timed with perf_counter)."""
+        raise TypeError(f"{self.name}: runs on the host; it has no CUDA events")
 
     def release(self) -> None:
         """Give cached device memory back between runs."""

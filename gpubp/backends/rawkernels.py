@@ -559,29 +559,28 @@ def _aligned(*arrays: Any) -> bool:
     return all(a is None or _address(a) % 16 == 0 for a in arrays)
 
 
-def _device_input(name: str, arr: Any) -> Any:
-    """``arr`` as a C-contiguous CuPy array on the current device (copies only when not C-contiguous)."""
+def _as_cupy(name: str, arr: Any) -> Any:
+    """``arr`` as a CuPy array on the current device (a zero-copy view of another library's device array)."""
     if isinstance(arr, np.ndarray):
         raise TypeError(f"{name}: expected a CuPy array on the GPU, got a NumPy array (use cupy.asarray)")
     cp = _cupy()
     if not isinstance(arr, cp.ndarray):
         if not hasattr(arr, "__cuda_array_interface__"):
             raise TypeError(f"{name}: expected a CuPy array, got {type(arr).__name__}")
-        arr = cp.asarray(arr)  # zero-copy view of another library's device array
+        arr = cp.asarray(arr)
     _same_device(name, arr)
-    return arr if arr.flags.c_contiguous else cp.ascontiguousarray(arr)
+    return arr
+
+
+def _device_input(name: str, arr: Any) -> Any:
+    """An input as a C-contiguous CuPy array on the current device (copies only when not C-contiguous)."""
+    arr = _as_cupy(name, arr)
+    return arr if arr.flags.c_contiguous else _cupy().ascontiguousarray(arr)
 
 
 def _device_output(name: str, arr: Any) -> Any:
     """An output must be a C-contiguous CuPy array on the current device: it is written in place."""
-    if isinstance(arr, np.ndarray):
-        raise TypeError(f"{name}: expected a CuPy array on the GPU, got a NumPy array")
-    cp = _cupy()
-    if not isinstance(arr, cp.ndarray):
-        if not hasattr(arr, "__cuda_array_interface__"):
-            raise TypeError(f"{name}: expected a CuPy array, got {type(arr).__name__}")
-        arr = cp.asarray(arr)
-    _same_device(name, arr)
+    arr = _as_cupy(name, arr)
     if not arr.flags.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous (it is written in place)")
     return arr

@@ -128,11 +128,40 @@ def _blocks(n: int) -> int:
 
 # --- kernels -------------------------------------------------------------------------------
 #
-# Kernels call no Numba device functions: numba-cuda compiles those for the
-# current device, and the kernels must also compile to PTX on machines without a
-# GPU (see ptx_targets). So each kernel is written out in full, and the
-# dtype-specific pieces (the multiply intrinsic, the cast to the arrays' dtype)
-# are bound per dtype by closing over them in _build_kernels.
+# Kernels call only device functions inlined into them (inline="always"): numba-cuda
+# compiles other device functions for the current device, and the kernels must also
+# compile to PTX on machines without a GPU (see ptx_targets). The dtype-specific
+# pieces (the multiply intrinsic, the cast to the arrays' dtype) are bound per dtype
+# by closing over them in _build_kernels.
+
+
+@cuda.jit(device=True, inline="always")
+def _tree_reduce(sm, valid, mode):
+    """sm[0] <- sum (mode 0) or NaN-propagating maximum (mode 1) of sm[:valid], valid <= REDUCE_CHUNK.
+
+    A fixed binary tree over REDUCE_CHUNK slots: at each level s = CHUNK/2, CHUNK/4, ...,
+    element j takes in element j + s, whatever the number of threads. Slots past
+    ``valid`` act as zero padding: an element whose partner is padding is left as it
+    is (adding +0.0 to, or taking the maximum with 0 of, a square or |x| changes
+    nothing). The caller synchronises before; every thread of the block must call it.
+    """
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    s = REDUCE_CHUNK // 2
+    while s > 0:
+        if s < valid:
+            j = tid
+            while j + s < valid:
+                x = sm[j]
+                y = sm[j + s]
+                if mode == 0:
+                    sm[j] = x + y
+                elif y > x or y != y:
+                    sm[j] = y
+                j += nt
+            valid = s
+            cuda.syncthreads()
+        s //= 2
 #
 # Argument kinds, for the signatures listed by ptx_targets():
 #   A: 1-D contiguous array of the dtype    S: scalar of the dtype
@@ -297,11 +326,7 @@ def _build_kernels(dtype: np.dtype) -> dict[str, tuple[Any, str]]:
 
     def reduce_chunks(g, partials, nchunks, mode):
         # Pass 1: block b reduces chunks b, b + gridDim, ...; chunk c covers
-        # g[c * chunk : (c + 1) * chunk] and is reduced as a fixed binary tree
-        # in shared memory (at each level element j takes in element j + s),
-        # whatever the number of threads. The last chunk is reduced as if
-        # zero-padded: an element whose partner is padding is left as it is, since adding
-        # +0.0 (or taking the maximum with it) leaves a square or |x| unchanged.
+        # g[c * chunk : (c + 1) * chunk] and is reduced by _tree_reduce in shared memory.
         # mode 0: sum of squares; mode 1: NaN-propagating maximum of |g|.
         sm = cuda.shared.array(chunk, np.float64)
         n = g.shape[0]
@@ -320,21 +345,7 @@ def _build_kernels(dtype: np.dtype) -> dict[str, tuple[Any, str]]:
                     sm[j] = abs(sm[j])
                 j += nt
             cuda.syncthreads()
-            s = chunk // 2
-            while s > 0:
-                if s < valid:  # else element j + s is padding: the sum (or max) with 0 leaves sm[j] as it is
-                    j = tid
-                    while j + s < valid:
-                        x = sm[j]
-                        y = sm[j + s]
-                        if mode == 0:
-                            sm[j] = x + y
-                        elif y > x or y != y:
-                            sm[j] = y
-                        j += nt
-                    valid = s
-                    cuda.syncthreads()
-                s //= 2
+            _tree_reduce(sm, valid, mode)
             if tid == 0:
                 partials[c] = sm[0]
             cuda.syncthreads()
@@ -382,21 +393,7 @@ def _build_common_kernels() -> dict[str, tuple[Any, str]]:
                 sm[j] = partials[base + j]
                 j += nt
             cuda.syncthreads()
-            s = chunk // 2
-            while s > 0:
-                if s < valid:
-                    j = tid
-                    while j + s < valid:
-                        x = sm[j]
-                        y = sm[j + s]
-                        if mode == 0:
-                            sm[j] = x + y
-                        elif y > x or y != y:
-                            sm[j] = y
-                        j += nt
-                    valid = s
-                    cuda.syncthreads()
-                s //= 2
+            _tree_reduce(sm, valid, mode)
             if tid == 0:
                 y = sm[0]
                 if mode == 0:

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from gpubp.backends import rawkernels as rk
+from gpubp.backends import cuda_fused as rk
 
 FP32_PEAK_TFLOPS = 67.0  # H100 SXM FP32 on CUDA cores (datasheet); the floor of the bench
 
@@ -136,7 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     db = cp.empty(n_out, dtype=cp.float32)
 
     # Correctness first, on a sample of rows (float64 reference on the host): a and dx, within
-    # the accuracy contract of rawkernels (dot_error_bound, ACT_RTOL, ACT_AEPS).
+    # the accuracy contract of cuda_fused (dot_error_bound, ACT_RTOL, ACT_AEPS).
     a, saved = rk.dense_forward(x, w, b, act, True, version=args.version)
     dx = rk.dense_backward(da, saved, w, act, dw, db, True, version=args.version)
     rows = min(n, 256)

@@ -31,7 +31,7 @@ class Arena:
         self.dtype = np.dtype(dtype)
         self.backend = backend
         self.xp = backend.xp
-        self.ops = backend.optim  # update maths for these arrays (numpy_optim, numba_optim, ...)
+        self.ops = backend.optim  # update maths for these arrays (numpy_optim, numba_cuda_optim, ...)
         self.data = backend.zeros(self.size, self.dtype)
         self.grad = backend.zeros(self.size, self.dtype)
         self._next = 0

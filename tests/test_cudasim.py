@@ -18,7 +18,7 @@ def test_threads_arriving_together_get_one_shared_array():
 
     from numba.cuda.simulator import kernelapi
 
-    import gpubp.backends.numba_kernels  # noqa: F401  (installs the locked allocator)
+    import gpubp.backends.numba_cuda  # noqa: F401  (installs the locked allocator)
 
     old = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows if it is there
@@ -49,7 +49,7 @@ def _race(kernelapi):
 def test_two_call_sites_get_two_arrays():
     from numba.cuda.simulator import kernelapi
 
-    import gpubp.backends.numba_kernels  # noqa: F401
+    import gpubp.backends.numba_cuda  # noqa: F401
 
     shared = kernelapi.FakeCUDAShared(0)
     a = shared.array(4, np.float64)

@@ -9,10 +9,10 @@ What runs where, for a dense layer (the "unfused" path: the baseline the fused
 CUDA C kernels are measured against):
 
     forward   z = x @ W               cupy.matmul (cuBLAS; TF32 only if CUPY_TF32=1)
-              a = f(z + b)            numba_kernels.bias_activation_forward (z + b kept if f' needs z)
-    backward  dz = da * f'(z or a)    numba_kernels.activation_backward (skipped for identity)
+              a = f(z + b)            numba_cuda.bias_activation_forward (z + b kept if f' needs z)
+    backward  dz = da * f'(z or a)    numba_cuda.activation_backward (skipped for identity)
               dW = x^T @ dz           cupy.matmul into the gradient arena
-              db = sum_rows dz        numba_kernels.bias_grad (two-stage, fixed order: same bits every run)
+              db = sum_rows dz        numba_cuda.bias_grad (two-stage, fixed order: same bits every run)
               dx = dz @ W^T           cupy.matmul, skipped for the first layer
 
 Every kernel runs on CuPy's current stream (Numba sees it through
@@ -72,13 +72,13 @@ class _OnStream:
 
 
 class _FusedDense:
-    """Dense layers through the CUDA C kernels of kernels/ (gpubp.backends.rawkernels)."""
+    """Dense layers through the CUDA C kernels of kernels/ (gpubp.backends.cuda_fused)."""
 
     def __init__(self, backend: CudaBackend) -> None:
-        from gpubp.backends import rawkernels
+        from gpubp.backends import cuda_fused
 
         self._backend = backend
-        self._rk = rawkernels
+        self._rk = cuda_fused
 
     def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
         with self._backend.context(), self._backend._oom(f"a fused dense forward of shape {tuple(x.shape)}"):
@@ -121,14 +121,14 @@ class CudaBackend:
         return cls._cache["sim"]
 
     def __init__(self, index: int | None) -> None:
-        from gpubp.backends import numba_kernels, numba_optim
+        from gpubp.backends import numba_cuda, numba_cuda_optim
 
         self.simulated = index is None
-        if self.simulated and not numba_kernels.SIMULATOR:
+        if self.simulated and not numba_cuda.SIMULATOR:
             raise RuntimeError("the simulated CUDA backend needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported")
         self.index = 0 if index is None else int(index)
-        self.nk = numba_kernels
-        self.optim = _OnStream(numba_optim, self)
+        self.nk = numba_cuda
+        self.optim = _OnStream(numba_cuda_optim, self)
         self._threads = {"threads": _SIM_THREADS} if self.simulated else {}
         self._bias_threads = {"tile": 8, "row_threads": 2} if self.simulated else {}
         self._work: dict[Any, Array] = {}

@@ -1,4 +1,4 @@
-"""Tests for gpubp.backends.numba_optim: the CUDA optimizer kernels against the NumPy reference.
+"""Tests for gpubp.backends.numba_cuda_optim: the CUDA optimizer kernels against the NumPy reference.
 
 Without a GPU the kernels run under the Numba CUDA simulator (conftest sets
 NUMBA_ENABLE_CUDASIM before numba is imported) on NumPy arrays; on a GPU the
@@ -23,7 +23,7 @@ import pytest
 from numba import cuda
 
 from gpubp import optim
-from gpubp.backends import numba_optim as nbo
+from gpubp.backends import numba_cuda_optim as nbo
 from gpubp.backends import numpy_optim as npo
 from gpubp.parameter import Arena
 
@@ -332,7 +332,7 @@ def test_all_finite(dtype, seed):
 PTX_SCRIPT = textwrap.dedent(
     """
     from numba import cuda
-    from gpubp.backends import numba_optim as nbo
+    from gpubp.backends import numba_cuda_optim as nbo
 
     assert not nbo.SIMULATOR
     targets = nbo.ptx_targets()

@@ -9,11 +9,11 @@
 3. Launchers. Argument checks that fail before any device call (dtype, shape, version, split).
 4. Host emulation. The kernels compiled as plain C++ by g++ (kernels/host_emulation.h: each
    CUDA thread a std::thread, barriers for __syncthreads and warp shuffles) and run on the CPU
-   through the launch code the GPU uses (rawkernels.queue_forward / queue_backward), against
+   through the launch code the GPU uses (cuda_fused.queue_forward / queue_backward), against
    the NumPy float64 reference, outputs poisoned with NaN inside guard regions. This checks
    indexing, edge tiles, the vector / scalar paths, masks, split-K and summation order; not
    what only hardware shows (the device libm's last bits, memory ordering, speed): the GPU
-   tests (test_cuda_kernels_gpu.py) do that where a GPU exists.
+   tests (test_cuda_fused_gpu.py) do that where a GPU exists.
 
 Inputs are fresh random numbers on every run; the seed is in every failure message.
 """
@@ -34,7 +34,7 @@ import pytest
 from gpubp import kernel_dir
 from gpubp import kernels as kcli
 from gpubp.activations import TABLE, Activation
-from gpubp.backends import rawkernels as rk
+from gpubp.backends import cuda_fused as rk
 from tests.conftest import GPUS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,7 +239,7 @@ def test_module_source_carries_the_headers_digest():
 
 def test_import_gpubp_imports_neither_cupy_nor_nvrtc():
     code = (
-        "import sys, gpubp, gpubp.kernels, gpubp.backends.rawkernels\n"
+        "import sys, gpubp, gpubp.kernels, gpubp.backends.cuda_fused\n"
         "bad = [m for m in sys.modules if m.split('.')[0] == 'cupy' or m.startswith('cuda.bindings')]\n"
         "assert not bad, bad\n"
     )
@@ -338,7 +338,7 @@ def test_forward_mode_and_backward_source():
 
 
 class Emulator:
-    """kernels/*.cu compiled by g++ with host_emulation.h; ``launch`` has rawkernels' LaunchFn signature."""
+    """kernels/*.cu compiled by g++ with host_emulation.h; ``launch`` has cuda_fused' LaunchFn signature."""
 
     def __init__(self, build_dir: Path):
         specs = rk.kernel_specs()

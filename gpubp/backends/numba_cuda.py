@@ -2,7 +2,7 @@
 
 The NumPy reference (``numpy_ref`` and ``gpubp.activations``) is the spec; every
 kernel here computes the same maths, in the dtype of its inputs (float32 or
-float64), and is checked against it by ``tests/test_numba_kernels.py``.
+float64), and is checked against it by ``tests/test_numba_cuda.py``.
 
 This module is imported only by the CUDA backend and the tests, never by
 ``import gpubp``. Without a GPU the kernels run under the Numba CUDA simulator

@@ -1,4 +1,4 @@
-"""Tests for gpubp.backends.numba_kernels against the NumPy reference.
+"""Tests for gpubp.backends.numba_cuda against the NumPy reference.
 
 Without a GPU the kernels run under the Numba CUDA simulator (conftest sets
 NUMBA_ENABLE_CUDASIM before numba is imported); with one, the same tests run on
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from gpubp.activations import NAMES, Activation
-from gpubp.backends import numba_kernels as nk
+from gpubp.backends import numba_cuda as nk
 from gpubp.backends import numpy_ref as ref
 from tests.conftest import CUDA_MODE
 
@@ -396,7 +396,7 @@ def test_loss_rejects_bad_arguments():
 PTX_SCRIPT = textwrap.dedent(
     """
     from numba import cuda
-    from gpubp.backends import numba_kernels as nk
+    from gpubp.backends import numba_cuda as nk
 
     targets = nk.ptx_targets()
     assert not nk.SIMULATOR

@@ -1,7 +1,7 @@
-"""GPU tests of the CUDA C dense kernels (kernels/*.cu) through their launchers (rawkernels).
+"""GPU tests of the CUDA C dense kernels (kernels/*.cu) through their launchers (cuda_fused).
 
 Skipped cleanly where the CUDA driver reports no GPU (tests/conftest.py: GPUS); what runs
-without one is in test_cuda_kernels_offline.py (NVRTC compile checks, host emulation), whose
+without one is in test_cuda_fused_offline.py (NVRTC compile checks, host emulation), whose
 reference and error-bound helpers these tests share.
 
 Every kernel version and activation, forward and backward, against the NumPy float64 reference
@@ -9,7 +9,7 @@ Every kernel version and activation, forward and backward, against the NumPy flo
 issue (1x1x1, 17x33x65, 1x4096x4096, 65536x64x64) and on a fresh random shape every run.
 Inputs are fresh random numbers every run; the seed is in every failure message. Every output is
 poisoned before the launch (NaN, or 0xDEADBEEF for mask words), so an element a kernel forgets to
-write fails. Tolerance (rawkernels.dot_error_bound): a K-long float32 fmaf chain errs by at most
+write fails. Tolerance (cuda_fused.dot_error_bound): a K-long float32 fmaf chain errs by at most
 about K * eps32/2 * sum_k |x_k w_k|; the bound is |err| <= 2 * K * eps32 * sum_k |x_k w_k| (4x
 margin), plus 2e-5 relative for the activation and its derivative in float32.
 """
@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 from gpubp.activations import Activation
-from gpubp.backends import rawkernels as rk
+from gpubp.backends import cuda_fused as rk
 from tests.conftest import GPUS
-from tests.test_cuda_kernels_offline import (
+from tests.test_cuda_fused_offline import (
     ACTIVATIONS,
     POISON_U32,
     check_backward,
@@ -221,7 +221,7 @@ def test_a_second_process_pays_no_compile_time(tmp_path):
     """CuPy's on-disk cache holds the modules: a second process adds no cache entry."""
     code = (
         "import cupy as cp\n"
-        "from gpubp.backends import rawkernels as rk\n"
+        "from gpubp.backends import cuda_fused as rk\n"
         "x = cp.ones((8, 8), cp.float32)\n"
         "a, _ = rk.dense_forward(x, x, x[0], 'relu', True)\n"
         "cp.cuda.Device().synchronize()\n"

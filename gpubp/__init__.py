@@ -6,7 +6,7 @@
     model.backward(dlogits)
 """
 
-from gpubp import activations, datasets, gradcheck, losses, optim, schedules
+from gpubp import accuracy, activations, datasets, gradcheck, losses, optim, schedules
 from gpubp._resources import kernel_dir
 from gpubp.activations import Activation
 from gpubp.io import load, save
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation",
+    "accuracy",
     "Dense",
     "NonFiniteError",
     "Parameter",

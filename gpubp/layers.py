@@ -1,7 +1,7 @@
 """Dense layer: z = x @ W + b, a = f(z), with its backward pass beside it.
 
 Shapes: x (N, in), W (in, out), b (out,), z and a (N, out). The maths runs in the
-model's backend (``backends.numpy_ref`` on the CPU); this class holds the
+model's backend (gpubp.backends.base.Backend; the NumPy reference on the CPU); this class holds the
 parameters, what forward saves for backward, and the initialisation.
 """
 
@@ -66,8 +66,8 @@ class Dense:
     def bind(self, arena: Arena, index: int, backend: Any) -> None:
         """Take this layer's parameters from ``arena`` (weight first, then bias).
 
-        ``backend`` provides ``dense_forward`` / ``dense_backward`` (the model's choice
-        of implementation on its device).
+        ``backend`` (a gpubp.backends.base.Backend, the model's) runs ``dense_forward`` /
+        ``dense_backward``.
         """
         self.weight = arena.carve(f"{index}.weight", (self.in_features, self.out_features))
         self.bias = arena.carve(f"{index}.bias", (self.out_features,))

@@ -14,20 +14,28 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
 
 from gpubp._validate import as_float_array, check_finite
 from gpubp.backends import backend_of
+from gpubp.backends.base import Backend
 
 REDUCTIONS = ("mean", "sum")
 
 
-class Loss:
-    """Base class: validates inputs, then calls the backend's fused value+gradient."""
+class Loss(ABC):
+    """Base class: validates inputs, then calls the backend's fused value+gradient.
+
+    A subclass names itself (``name``), says whether it classifies (then
+    :meth:`correct` counts right predictions) and calls its backend method in
+    :meth:`_value_and_grad`.
+    """
 
     name = ""
+    classifies = False
 
     def __init__(self, reduction: str = "mean") -> None:
         if reduction not in REDUCTIONS:
@@ -42,7 +50,7 @@ class Loss:
         """
         backend = backend_of(pred)
         if backend is None or not backend.is_device_array(pred):
-            from gpubp.backends import numpy_ref as backend
+            from gpubp.backends.numpy_ref import BACKEND as backend
 
             pred = self._check_pred(pred)
         elif pred.ndim != 2 or pred.shape[0] == 0:
@@ -51,7 +59,7 @@ class Loss:
         value, grad = self.compute(pred, backend.asarray(target, target.dtype), backend)
         return float(value), grad
 
-    def compute(self, pred: Any, target: Any, backend: Any) -> tuple[Any, Any]:
+    def compute(self, pred: Any, target: Any, backend: Backend) -> tuple[Any, Any]:
         """``(value, grad)`` from ``backend`` without validation or waiting (for the training loop).
 
         ``target`` must already have passed :meth:`check_target` and live on the
@@ -59,8 +67,16 @@ class Loss:
         a one-element device array on a GPU.
         """
         scale = 1.0 / self._count(pred) if self.reduction == "mean" else 1.0
-        # The backend function of the same name computes value and gradient in one pass.
-        return getattr(backend, self.name)(pred, target, scale)
+        return self._value_and_grad(backend, pred, target, scale)
+
+    @abstractmethod
+    def _value_and_grad(self, backend: Backend, pred: Any, target: Any, scale: float) -> tuple[Any, Any]:
+        """The backend's one-pass value and gradient of this loss."""
+
+    def correct(self, pred: Any, target: Any) -> tuple[Any, int]:
+        """(right predictions, predictions made) for a classifying loss; ``pred`` and
+        ``target`` are arrays of one backend and the count stays there until read."""
+        raise TypeError(f"{type(self).__name__} does not classify: it has no accuracy")
 
     def _check_pred(self, pred: Any) -> np.ndarray:
         if not isinstance(pred, np.ndarray) or pred.dtype.kind != "f":
@@ -94,6 +110,9 @@ class MSE(Loss):
 
     name = "mse"
 
+    def _value_and_grad(self, backend: Backend, pred: Any, target: Any, scale: float) -> tuple[Any, Any]:
+        return backend.mse(pred, target, scale)
+
 
 class CrossEntropy(Loss):
     """Softmax cross-entropy over logits (N, C), as torch.nn.CrossEntropyLoss.
@@ -104,6 +123,15 @@ class CrossEntropy(Loss):
     """
 
     name = "cross_entropy"
+    classifies = True
+
+    def _value_and_grad(self, backend: Backend, pred: Any, target: Any, scale: float) -> tuple[Any, Any]:
+        return backend.cross_entropy(pred, target, scale)
+
+    def correct(self, pred: Any, target: Any) -> tuple[Any, int]:
+        """argmax of each row against the label (or the most probable class)."""
+        labels = target if target.ndim == 1 else target.argmax(axis=1)
+        return (pred.argmax(axis=1) == labels).sum(), pred.shape[0]
 
     def _count(self, pred: np.ndarray) -> int:
         return pred.shape[0]
@@ -133,6 +161,14 @@ class BCEWithLogits(Loss):
     """
 
     name = "bce_with_logits"
+    classifies = True
+
+    def _value_and_grad(self, backend: Backend, pred: Any, target: Any, scale: float) -> tuple[Any, Any]:
+        return backend.bce_with_logits(pred, target, scale)
+
+    def correct(self, pred: Any, target: Any) -> tuple[Any, int]:
+        """Each element: logit > 0 against target >= 0.5."""
+        return ((pred > 0) == (target >= 0.5)).sum(), pred.size
 
     def check_target(self, target: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         t = super().check_target(target, shape, dtype)

@@ -15,13 +15,12 @@ from tqdm.auto import tqdm
 
 from gpubp import losses as losses_mod
 from gpubp._validate import as_float_array, check_2d, check_finite, positive_int
-from gpubp.backends import get_backend
+from gpubp.backends import DENSE_IMPLS, Backend, get_backend
 from gpubp.device import Device, parse_device
 from gpubp.layers import Dense
 from gpubp.parameter import Arena, Parameter
 
 DTYPES = ("float32", "float64")
-DENSE_IMPLS = ("auto", "fused", "unfused")
 
 
 class NonFiniteError(ValueError):
@@ -64,6 +63,11 @@ class Sequential:
         check_finite: bool = False,
         dense_impl: str = "auto",
     ) -> None:
+        self._construct(layers, device, dtype, seed, check_finite, dense_impl)
+        self._initialise()
+
+    def _construct(self, layers: Any, device: Any, dtype: Any, seed: Any, check_finite: Any, dense_impl: Any) -> None:
+        """Check the arguments, pick the backend and carve a zeroed arena (no initialisation)."""
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         if not layers:
@@ -92,17 +96,14 @@ class Sequential:
         self.epoch = 0  # epochs trained by fit so far (drives the per-epoch shuffle)
         self.optimizer: Any = None  # the optimizer fit last used
         self._out_shape: tuple[int, ...] | None = None  # output shape of the last training forward
-        self._backend = get_backend(self.device)
-        self._bind(self._backend)
-        self._initialise()
+        self._bind(get_backend(self.device, self.dense_impl, self.dtype))
 
-    def _bind(self, backend: Any) -> None:
+    def _bind(self, backend: Backend) -> None:
         """Allocate a zeroed arena on ``backend`` and carve every layer's parameters from it."""
-        dense = backend.dense_ops(self.dense_impl, self.dtype)
         self._backend = backend
         self.arena = Arena(sum(layer.num_parameters for layer in self.layers), self.dtype, backend)
         for i, layer in enumerate(self.layers):
-            layer.bind(self.arena, i, dense)
+            layer.bind(self.arena, i, backend)
 
     def _initialise(self) -> None:
         """Weights from one Generator(seed) in layer order, drawn in float64 then cast; biases 0.
@@ -116,7 +117,7 @@ class Sequential:
             w = layer.initial_weight(rng)
             host[offset : offset + w.size] = w.ravel()
             offset += layer.num_parameters  # the bias that follows stays 0
-        self.arena.ops.assign_(self.arena.data, host)
+        self._backend.assign_(self.arena.data, host)
 
     # -- structure -------------------------------------------------------------------------
 
@@ -150,19 +151,23 @@ class Sequential:
         }
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], device: str = "cpu") -> Sequential:
-        layers = [Dense.from_config(c) for c in cfg["layers"]]
-        return cls(*layers, device=device, dtype=cfg["dtype"], seed=cfg["seed"], check_finite=cfg["check_finite"],
-                   dense_impl=cfg.get("dense_impl", "auto"))
+    def from_config(cls, cfg: dict[str, Any], device: str = "cpu", initialise: bool = True) -> Sequential:
+        """A model of the architecture ``cfg`` (from :meth:`config`); its parameters are
+        initialised from its seed, or left at 0 with ``initialise=False`` (to be loaded)."""
+        model = cls.__new__(cls)
+        model._construct([Dense.from_config(c) for c in cfg["layers"]], device, cfg["dtype"], cfg["seed"],
+                         cfg["check_finite"], cfg.get("dense_impl", "auto"))
+        if initialise:
+            model._initialise()
+        return model
 
     def clone(self, dtype: Any = None, device: str | Device | None = None) -> Sequential:
         """A new model of the same architecture with these parameter values (cast to ``dtype``, on ``device``)."""
         cfg = self.config()
         if dtype is not None:
             cfg["dtype"] = _dtype(dtype).name
-        twin = Sequential.from_config(cfg, device=self.device if device is None else device)
-        host = self._backend.to_numpy(self.arena.data).astype(twin.dtype)
-        twin.arena.ops.assign_(twin.arena.data, host)
+        twin = Sequential.from_config(cfg, device=self.device if device is None else device, initialise=False)
+        twin._backend.assign_(twin.arena.data, self._backend.to_numpy(self.arena.data).astype(twin.dtype))
         twin.epoch = self.epoch
         return twin
 
@@ -177,9 +182,9 @@ class Sequential:
             return self
         data = self._backend.to_numpy(self.arena.data)
         grad = self._backend.to_numpy(self.arena.grad)
-        self._bind(get_backend(target))
-        self.arena.ops.assign_(self.arena.data, data)
-        self.arena.ops.assign_(self.arena.grad, grad)
+        self._bind(get_backend(target, self.dense_impl, self.dtype))
+        self._backend.assign_(self.arena.data, data)
+        self._backend.assign_(self.arena.grad, grad)
         self.device = target
         self._out_shape = None
         self.optimizer = None
@@ -202,17 +207,22 @@ class Sequential:
         or DLPack) is taken without a copy when its dtype and layout allow.
         """
         finite = self.check_finite if finite is None else finite
-        if self._backend.is_device_array(x):
-            x = self._backend.asarray(x, self.dtype)
-            check_2d(x, name, self.in_features)
-            if finite and not self._backend.all_finite(x):
-                raise ValueError(f"{name}: contains NaN or Inf")
-            return x
-        x = as_float_array(x, name, self.dtype)
-        check_2d(x, name, self.in_features)
-        if finite:
+        return self._backend.asarray(self._checked(x, name, self.in_features, finite), self.dtype)
+
+    def _checked(self, x: Any, name: str, features: int | None, finite: bool) -> Any:
+        """x validated where it lives: a host array (converted to the model's dtype) is checked
+        on the host; an array already on the backend's device is checked there. ``features``
+        None: no shape check (the caller compares the whole shape)."""
+        backend = self._backend
+        device_side = backend.is_device_array(x)
+        x = backend.asarray(x, self.dtype) if device_side else as_float_array(x, name, self.dtype)
+        if features is not None:
+            check_2d(x, name, features)
+        if finite and device_side and not backend.all_finite(x):
+            raise ValueError(f"{name}: contains NaN or Inf")
+        if finite and not device_side:
             check_finite(x, name)
-        return self._backend.asarray(x, self.dtype)
+        return x
 
     def _check_layer(self, i: int, arr: Any, what: str) -> None:
         if self.check_finite and not self._backend.all_finite(arr):
@@ -220,14 +230,17 @@ class Sequential:
 
     def forward(self, x: Any, training: bool = True) -> Any:
         """Logits (N, out) for x (N, in). With training=True each layer keeps what backward needs."""
-        h = self._input(x)
+        return self._forward(self._input(x), training)
+
+    __call__ = forward
+
+    def _forward(self, h: Any, training: bool) -> Any:
+        """The forward pass over an input already validated and on the device."""
         for i, layer in enumerate(self.layers):
             h = layer.forward(h, training)
             self._check_layer(i, h, "forward output")
         self._out_shape = tuple(h.shape) if training else None
         return h
-
-    __call__ = forward
 
     def backward(self, dout: Any, input_grad: bool = False) -> Any:
         """Back-propagate dL/d(output) (N, out) through every layer, writing each ``p.grad``.
@@ -235,10 +248,13 @@ class Sequential:
         Gradients are overwritten, not accumulated. Returns dL/dx (N, in) when
         ``input_grad`` (otherwise the first layer skips computing it) else None.
         """
-        if self._backend.is_device_array(dout):
-            g = self._backend.asarray(dout, self.dtype)
-        else:
-            g = self._backend.asarray(as_float_array(dout, "dout", self.dtype), self.dtype)
+        if self._out_shape is None:
+            raise RuntimeError("backward called without a training forward pass before it")
+        g = self._backend.asarray(self._checked(dout, "dout", None, False), self.dtype)
+        return self._backward(g, input_grad)
+
+    def _backward(self, g: Any, input_grad: bool) -> Any:
+        """The backward pass from dL/d(output) already on the device."""
         if self._out_shape is None:
             raise RuntimeError("backward called without a training forward pass before it")
         if tuple(g.shape) != self._out_shape:
@@ -259,13 +275,9 @@ class Sequential:
         x stays where it is (host arrays are copied to the device batch by batch);
         y is validated and kept on the host, as labels are small.
         """
-        if self._backend.is_device_array(x):
-            x = self._input(x, f"{name}x", finite=True)
-        else:
-            x = as_float_array(x, f"{name}x", self.dtype)
-            check_2d(x, f"{name}x", self.in_features)
-            check_finite(x, f"{name}x")
-        y = self._backend.to_numpy(y) if self._backend.is_device_array(y) else y
+        x = self._checked(x, f"{name}x", self.in_features, finite=True)
+        if self._backend.is_device_array(y):
+            y = self._backend.to_numpy(y)  # labels and targets are validated on the host
         n_y = np.shape(y)[0] if np.ndim(y) >= 1 else None
         if n_y != x.shape[0]:
             raise ValueError(f"{name}y: expected {x.shape[0]} rows to match {name}x, got shape {np.shape(y)}")
@@ -273,23 +285,8 @@ class Sequential:
         return x, y
 
     def _batch(self, data: Any, index: Any) -> Any:
-        """Rows ``index`` (a slice, or a host int64 array) of data, on the device."""
-        if self._backend.is_device_array(data):
-            if not isinstance(index, slice):
-                index = self._backend.asarray(index, np.int64)
-            return data[index]
-        return self._backend.asarray(data[index], data.dtype)
-
-    @staticmethod
-    def _correct(loss: losses_mod.Loss, pred: Any, y: Any) -> tuple[Any, int]:
-        """(correct, predictions made): argmax per row for CrossEntropy, sign per element for BCEWithLogits.
-
-        ``correct`` is a scalar of pred's array module: on a GPU it stays there until read.
-        """
-        if isinstance(loss, losses_mod.CrossEntropy):
-            labels = y if y.ndim == 1 else y.argmax(axis=1)
-            return (pred.argmax(axis=1) == labels).sum(), pred.shape[0]
-        return ((pred > 0) == (y >= 0.5)).sum(), pred.size
+        """Rows ``index`` (a slice, or a host int64 array) of validated data, on the device."""
+        return self._backend.take_rows(data, index)
 
     def _resolve_optimizer(self, optimizer: Any) -> Any:
         from gpubp import optim
@@ -345,7 +342,7 @@ class Sequential:
         self.optimizer = optimizer
         n = x.shape[0]
         steps = -(-n // batch_size)
-        classifies = isinstance(loss, (losses_mod.CrossEntropy, losses_mod.BCEWithLogits))
+        classifies = loss.classifies
         history: dict[str, list[float]] = {}
         for _ in range(epochs):
             t0 = time.perf_counter()
@@ -355,18 +352,18 @@ class Sequential:
             for s in range(steps):
                 idx = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
                 xb, yb = self._batch(x, idx), self._batch(y, idx)
-                out = self.forward(xb, training=True)
+                out = self._forward(xb, training=True)
                 value, dout = loss.compute(out, yb, self._backend)
                 if self.check_finite and not np.isfinite(float(value)):
                     raise NonFiniteError(f"loss: {float(value)} at epoch {self.epoch + 1}, step {s + 1}")
-                self.backward(dout)
+                self._backward(dout, input_grad=False)
                 if clip_grad_norm is not None:
                     optim.clip_grad_norm(optimizer.params, clip_grad_norm, sync=False)
                 optimizer.step()
                 # Sums stay on the device: read once per epoch, and for the bar every 16 steps.
                 total = total + value * (xb.shape[0] if loss.reduction == "mean" else 1)
                 if classifies:
-                    c, k = self._correct(loss, out, yb)
+                    c, k = loss.correct(out, yb)
                     correct, counted = correct + c, counted + k
                 bar.update(1)
                 if verbose and (s % 16 == 0 or s == steps - 1):
@@ -394,7 +391,7 @@ class Sequential:
         """Outputs (N, out) for x (N, in) as a NumPy array, without keeping anything for backward."""
         x = self._input(x)
         bs = x.shape[0] if batch_size is None else positive_int(batch_size, "batch_size")
-        outs = [self._backend.to_numpy(self.forward(x[i : i + bs], training=False)) for i in range(0, x.shape[0], bs)]
+        outs = [self._backend.to_numpy(self._forward(x[i : i + bs], training=False)) for i in range(0, x.shape[0], bs)]
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
     def evaluate(self, x: Any, y: Any, loss: str | losses_mod.Loss, batch_size: int = 1024) -> dict[str, float]:
@@ -402,16 +399,16 @@ class Sequential:
         loss = losses_mod.get(loss)
         x, y = self._dataset(x, y, loss, "")
         bs = positive_int(batch_size, "batch_size")
-        classifies = isinstance(loss, (losses_mod.CrossEntropy, losses_mod.BCEWithLogits))
+        classifies = loss.classifies
         total, correct, counted = 0.0, 0, 0
         for i in range(0, x.shape[0], bs):
             rows = slice(i, i + bs)
-            out = self.forward(self._batch(x, rows), training=False)
+            out = self._forward(self._batch(x, rows), training=False)
             yb = self._batch(y, rows)
             value, _ = loss.compute(out, yb, self._backend)
             total = total + value * (out.shape[0] if loss.reduction == "mean" else 1)
             if classifies:
-                c, k = self._correct(loss, out, yb)
+                c, k = loss.correct(out, yb)
                 correct, counted = correct + c, counted + k
         result = {"loss": float(total) / x.shape[0]}
         if classifies:

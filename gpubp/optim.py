@@ -4,9 +4,9 @@ The update equations, argument names and defaults are those of torch.optim.
 An optimizer holds a list of :class:`~gpubp.parameter.Parameter` and updates
 them with one in-place operation per contiguous run of arena storage (all of a
 model's parameters, in order, form one run). Its state buffers are flat arrays
-laid out like the runs. The maths lives in the backend module picked from the
-arena's backend (``gpubp.backends.numpy_optim`` for NumPy arrays); this module
-checks arguments, owns the state and dispatches.
+laid out like the runs. The maths lives in the arena's backend (the backend
+interface's ``*_update`` and reduction methods; ``gpubp.backends.numpy_optim`` is
+the spec); this module checks arguments, owns the state and dispatches.
 
 One step counter is kept per optimizer (``step_count``); ``lr`` may be changed
 between steps, which is what the schedules in :mod:`gpubp.schedules` do.
@@ -18,20 +18,20 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from itertools import pairwise
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from gpubp._validate import real
+from gpubp.backends.base import Backend
 from gpubp.parameter import Arena, Parameter, contiguous_runs
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "get", "clip_grad_norm"]
 
 
-def _ops(arena: Arena) -> ModuleType:
-    """The module holding the update maths for ``arena``'s arrays (chosen by its backend)."""
-    return arena.ops
+def _ops(arena: Arena) -> Backend:
+    """The backend that runs the update maths for ``arena``'s arrays."""
+    return arena.backend
 
 
 def _check_params(params: Iterable[Parameter]) -> list[Parameter]:
@@ -114,7 +114,7 @@ class Optimizer(ABC):
         return {}
 
     @abstractmethod
-    def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
+    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any]) -> None:
         """Update one run in place: parameters ``p``, gradients ``g``, state buffers ``state``."""
 
     def _hparams(self) -> dict[str, Any]:
@@ -273,7 +273,7 @@ class SGD(Optimizer):
     def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
         return {"momentum_buffer": 0.0} if hp["momentum"] != 0 else {}
 
-    def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
+    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any]) -> None:
         ops.sgd_update(
             p,
             g,
@@ -331,7 +331,7 @@ class Adam(Optimizer):
         names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
         return dict.fromkeys(names, 0.0)
 
-    def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
+    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any]) -> None:
         ops.adam_update(
             p,
             g,
@@ -421,7 +421,7 @@ class RMSprop(Optimizer):
         names += ["momentum_buffer"] if hp["momentum"] > 0 else []
         return dict.fromkeys(names, 0.0)
 
-    def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
+    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any]) -> None:
         ops.rmsprop_update(
             p,
             g,
@@ -479,7 +479,7 @@ class Adagrad(Optimizer):
     def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
         return {"sum": hp["initial_accumulator_value"]}
 
-    def _update(self, ops: ModuleType, p: Any, g: Any, state: dict[str, Any]) -> None:
+    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any]) -> None:
         ops.adagrad_update(
             p,
             g,
@@ -520,9 +520,9 @@ def clip_grad_norm(
     factor; otherwise the gradients are left alone. The norm returned is the
     one before scaling.
 
-    With ``sync=False`` and a device backend that can (the CUDA one), the 2-norm
-    is reduced and applied on the device without the host waiting for it, and
-    None is returned; the training loop clips that way.
+    With ``sync=False`` the 2-norm is reduced and applied by the backend without
+    the host waiting for it (on a GPU: on the device), and None is returned; the
+    training loop clips that way.
     """
     items = _check_params(params)
     max_norm = real(max_norm, "max_norm", min=0.0, min_open=True)
@@ -533,7 +533,7 @@ def clip_grad_norm(
         raise ValueError(f"norm_type: expected 2.0 or float('inf'), got {norm_type!r}")
     runs = contiguous_runs(items)
     ops = _ops(runs[0][0])
-    if not sync and kind == 2.0 and hasattr(ops, "clip_scale_"):
+    if not sync and kind == 2.0:
         # total_sq = sum over runs, in run order (the same order as the host path below).
         total_sq = ops.full(1, 0.0, np.float64)
         for a, lo, hi in runs:

@@ -15,23 +15,24 @@ from typing import Any
 
 import numpy as np
 
+from gpubp.backends.base import Backend
+
 
 class Arena:
     """Flat ``data`` and ``grad`` storage shared by a model's parameters.
 
     ``data`` and ``grad`` are 1-D, C-contiguous, of length ``size`` and the
-    model's dtype, allocated by ``backend`` (the NumPy reference by default);
-    parameters are carved out of them in order by :meth:`carve`.
+    model's dtype, allocated by ``backend`` (a gpubp.backends.base.Backend; the
+    NumPy reference by default), which also runs every update and reduction over
+    them; parameters are carved out of them in order by :meth:`carve`.
     """
 
-    def __init__(self, size: int, dtype: Any, backend: Any = None) -> None:
+    def __init__(self, size: int, dtype: Any, backend: Backend | None = None) -> None:
         if backend is None:
-            from gpubp.backends import numpy_ref as backend
+            from gpubp.backends.numpy_ref import BACKEND as backend
         self.size = int(size)
         self.dtype = np.dtype(dtype)
-        self.backend = backend
-        self.xp = backend.xp
-        self.ops = backend.optim  # update maths for these arrays (numpy_optim, numba_cuda_optim, ...)
+        self.backend: Backend = backend
         self.data = backend.zeros(self.size, self.dtype)
         self.grad = backend.zeros(self.size, self.dtype)
         self._next = 0

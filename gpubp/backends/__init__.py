@@ -1,45 +1,69 @@
 """Backends: where the arrays live and which code runs the maths.
 
-``numpy_ref`` is the NumPy reference, the spec every other backend is checked
-against; ``cuda.CudaBackend`` runs on NVIDIA GPUs (CuPy arrays, cuBLAS GEMMs, Numba
-kernels). :func:`get_backend` maps a device to its backend.
+Every backend implements :class:`gpubp.backends.base.Backend`. ``numpy_ref`` is the
+NumPy reference, the spec every other backend is checked against; ``cuda.CudaBackend``
+runs on NVIDIA GPUs (CuPy arrays, cuBLAS GEMMs or the fused CUDA C kernels, Numba
+kernels); ``cudasim.SimulatedCudaBackend`` runs the CUDA backend's code with host
+arrays in the Numba CUDA simulator. :func:`get_backend` maps a device to its backend;
+this is the one place where the device decides the code.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
+import numpy as np
+
+from gpubp.backends.base import Backend
 from gpubp.device import Device
 
+__all__ = ["Backend", "get_backend", "backend_of"]
 
-def get_backend(device: Device) -> Any:
-    """Return the backend that runs ``device``'s arrays (numpy_ref, or a CudaBackend)."""
+DENSE_IMPLS = ("auto", "fused", "unfused")
+
+
+def get_backend(device: Device, dense_impl: str = "auto", dtype: Any = np.float32) -> Backend:
+    """The backend that runs ``device``'s arrays, with dense layers as ``dense_impl`` says.
+
+    ``dense_impl``: ``"auto"`` (each backend's default), ``"unfused"`` (cuBLAS GEMMs and
+    separate Numba kernels) or ``"fused"`` (the CUDA C kernels of kernels/, float32, on a
+    real GPU only).
+    """
+    if dense_impl not in DENSE_IMPLS:
+        raise ValueError(f"dense_impl: expected one of {', '.join(DENSE_IMPLS)}, got {dense_impl!r}")
     if device.kind == "cpu":
-        from gpubp.backends import numpy_ref
+        if dense_impl != "auto":
+            raise ValueError(
+                f"dense_impl: {dense_impl!r} runs on a CUDA device only; on the CPU use 'auto' (the reference)"
+            )
+        from gpubp.backends.numpy_ref import BACKEND
 
-        return numpy_ref
+        return BACKEND
+    fused = dense_impl == "fused"
+    if fused and np.dtype(dtype) != np.float32:
+        raise ValueError(f"dense_impl: 'fused' kernels are float32 only, got dtype {np.dtype(dtype).name}")
+    if device.simulated:
+        from gpubp.backends.cudasim import SimulatedCudaBackend
+
+        if fused:
+            raise ValueError("dense_impl: 'fused' CUDA C kernels run on a real GPU only, not under the simulator")
+        return SimulatedCudaBackend.instance()
     from gpubp.backends.cuda import CudaBackend
 
-    if device.simulated:
-        return CudaBackend.simulator()
-    return CudaBackend.for_device(device.index)
+    return CudaBackend.for_device(device.index, fused=fused)
 
 
-def backend_of(array: object) -> ModuleType | None:
-    """The backend whose arrays ``array`` is one of: numpy_ref for host arrays, None if unknown.
+def backend_of(array: object) -> Backend | None:
+    """The backend whose arrays ``array`` is one of: the reference for NumPy arrays, None if unknown.
 
     CuPy arrays map to the CUDA backend of their device; anything else that is
     not a NumPy array gives None (callers then convert it to NumPy).
     """
-    import numpy as np
-
     if isinstance(array, np.ndarray):
-        from gpubp.backends import numpy_ref
+        from gpubp.backends.numpy_ref import BACKEND
 
-        return numpy_ref
-    module = type(array).__module__.split(".")[0]
-    if module == "cupy":
+        return BACKEND
+    if type(array).__module__.split(".")[0] == "cupy":
         from gpubp.backends.cuda import CudaBackend
 
         return CudaBackend.for_device(array.device.id)

@@ -50,7 +50,7 @@ class Backend(ABC):
 
     @abstractmethod
     def to_numpy(self, x: Any) -> np.ndarray:
-        """A host array with the values of ``x`` (waits for the device)."""
+        """A host copy of ``x`` (waits for the device); never a view of the backend's array."""
 
     @abstractmethod
     def zeros(self, shape: Any, dtype: Any) -> Array:
@@ -66,7 +66,8 @@ class Backend(ABC):
 
     @abstractmethod
     def take_rows(self, data: Array, index: slice | np.ndarray) -> Array:
-        """Rows ``index`` (a slice, or a host int64 array) of ``data``, an array of this backend."""
+        """Rows ``index`` (a slice, or a host int64 array) of ``data`` (an array of this backend, or a
+        host array that is then copied in), as a C-contiguous array of this backend."""
 
     @abstractmethod
     def all_finite(self, x: Array) -> bool:

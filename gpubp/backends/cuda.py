@@ -1,11 +1,6 @@
 """The CUDA backend: CuPy arrays on an NVIDIA GPU, cuBLAS GEMMs, Numba kernels for the rest.
 
-The same interface as ``numpy_ref`` (asarray, to_numpy, zeros, all_finite,
-dense_forward / dense_backward, mse / cross_entropy / bce_with_logits, and
-``optim``, the optimizer update maths), so that layers, losses and optimizers
-are written once.
-
-What runs where, for a dense layer (the "unfused" path: the baseline the fused
+Implements gpubp.backends.base.Backend. What runs where, for a dense layer (the "unfused" path: the baseline the fused
 CUDA C kernels are measured against):
 
     forward   z = x @ W               cupy.matmul (cuBLAS; TF32 only if CUPY_TF32=1)
@@ -24,71 +19,25 @@ used in turn: a copy is queued asynchronously, and a buffer is refilled only
 after the copy queued from it four uploads ago has finished (a training step
 uploads x and y, so the host runs at most two steps ahead of the device).
 
-``CudaBackend.simulator()`` is the same code with NumPy arrays and the Numba
-kernels running in the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1): the
-backend's own logic (dispatch, arenas, work buffers, optimizer launches) is
-tested on machines without a GPU that way.
+With ``fused=True`` dense layers run the fused CUDA C kernels of kernels/ instead
+(gpubp.backends.cuda_fused: forward GEMM + bias + activation in one kernel, backward
+with dz formed in the operand loads); everything else is the same.
+
+The simulated backend (gpubp.backends.cudasim) subclasses this one and overrides
+only where arrays live and how kernels are launched: the hooks :meth:`context`,
+:meth:`stream`, :meth:`_oom` and the array helpers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from gpubp.activations import Activation
-
-Array = Any
-
-# Threads per block under the simulator, which runs every thread as a Python thread.
-_SIM_THREADS = 32
-
-
-class _OnStream:
-    """A view of an update-maths module whose functions always run on the backend's stream."""
-
-    def __init__(self, module: Any, backend: CudaBackend) -> None:
-        self._module = module
-        self._backend = backend
-
-    def __getattr__(self, name: str) -> Any:
-        fn = getattr(self._module, name)
-        if not callable(fn):
-            return fn
-
-        @functools.wraps(fn)
-        def on_stream(*args: Any, **kwargs: Any) -> Any:
-            with self._backend.context():
-                kwargs.setdefault("stream", self._backend.stream())
-                if self._backend.simulated:
-                    with self._module.launch_config(threads=_SIM_THREADS):
-                        return fn(*args, **kwargs)
-                return fn(*args, **kwargs)
-
-        return on_stream
-
-
-class _FusedDense:
-    """Dense layers through the CUDA C kernels of kernels/ (gpubp.backends.cuda_fused)."""
-
-    def __init__(self, backend: CudaBackend) -> None:
-        from gpubp.backends import cuda_fused
-
-        self._backend = backend
-        self._rk = cuda_fused
-
-    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
-        with self._backend.context(), self._backend._oom(f"a fused dense forward of shape {tuple(x.shape)}"):
-            return self._rk.dense_forward(x, w, b, act, training)
-
-    def dense_backward(
-        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool
-    ) -> Array | None:
-        with self._backend.context(), self._backend._oom(f"a fused dense backward of shape {tuple(da.shape)}"):
-            return self._rk.dense_backward(da, saved, w, act, dw, db, need_dx)
+from gpubp.backends.base import Array, Backend, Value
 
 
 class _Slot:
@@ -99,66 +48,68 @@ class _Slot:
         self.event: Any = None
 
 
-class CudaBackend:
-    """Arrays and kernels of one CUDA device (or of the simulator: see the module docstring)."""
+def _cuda_interface(x: Any) -> bool:
+    """Whether x exposes __cuda_array_interface__; a torch tensor that requires grad gets a TypeError."""
+    try:
+        return hasattr(x, "__cuda_array_interface__")
+    except RuntimeError as e:  # torch: "Can't get __cuda_array_interface__ on Variable that requires grad"
+        if getattr(x, "requires_grad", False):
+            raise TypeError(
+                f"x: a {type(x).__name__} that requires grad cannot be shared without a copy; "
+                "pass x.detach() (gpubp computes its own gradients)"
+            ) from None
+        raise
+
+
+class CudaBackend(Backend):
+    """Arrays and kernels of one CUDA device."""
 
     name = "cuda"
     _cache: dict[Any, CudaBackend] = {}
+    #: launch-shape keywords for the Numba kernels (the simulator narrows them)
+    _launch: dict[str, int] = {}
+    _bias_launch: dict[str, int] = {}
 
     @classmethod
-    def for_device(cls, index: int) -> CudaBackend:
-        """The backend of GPU ``index`` (one per device and process)."""
-        key = int(index)
+    def for_device(cls, index: int, fused: bool = False) -> CudaBackend:
+        """The backend of GPU ``index`` (one per device, dense path and process)."""
+        key = (int(index), bool(fused))
         if key not in cls._cache:
-            cls._cache[key] = cls(key)
+            cls._cache[key] = cls(*key)
         return cls._cache[key]
 
-    @classmethod
-    def simulator(cls) -> CudaBackend:
-        """The backend with host arrays and the Numba CUDA simulator (needs NUMBA_ENABLE_CUDASIM=1)."""
-        if "sim" not in cls._cache:
-            cls._cache["sim"] = cls(None)
-        return cls._cache["sim"]
+    def __init__(self, index: int, fused: bool = False) -> None:
+        import cupy
+        from numba.core import config as numba_config
 
-    def __init__(self, index: int | None) -> None:
         from gpubp.backends import numba_cuda, numba_cuda_optim
 
-        self.simulated = index is None
-        if self.simulated and not numba_cuda.SIMULATOR:
-            raise RuntimeError("the simulated CUDA backend needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported")
-        self.index = 0 if index is None else int(index)
+        self.index = int(index)
+        self.fused = bool(fused)
         self.nk = numba_cuda
-        self.optim = _OnStream(numba_cuda_optim, self)
-        self._threads = {"threads": _SIM_THREADS} if self.simulated else {}
-        self._bias_threads = {"tile": 8, "row_threads": 2} if self.simulated else {}
+        self.nbo = numba_cuda_optim
+        self.xp = cupy
+        self._device = cupy.cuda.Device(self.index)
         self._work: dict[Any, Array] = {}
         self._slots = [_Slot() for _ in range(4)]
         self._next_slot = 0
         self._numba_streams: dict[int, Any] = {}
-        if self.simulated:
-            self.xp = np
-            self._device = None
-        else:
-            import cupy
-            from numba.core import config as numba_config
+        # Every launch runs on the stream its arrays were made on (CuPy's current
+        # stream); Numba need not synchronise on a CUDA-array-interface stream.
+        numba_config.CUDA_ARRAY_INTERFACE_SYNC = False
+        if self.fused:
+            from gpubp.backends import cuda_fused
 
-            self.xp = cupy
-            self._device = cupy.cuda.Device(self.index)
-            # Every launch runs on the stream its arrays were made on (CuPy's current
-            # stream); Numba need not synchronise on a CUDA-array-interface stream.
-            numba_config.CUDA_ARRAY_INTERFACE_SYNC = False
+            self._fused = cuda_fused
 
     def __repr__(self) -> str:
-        return "CudaBackend(simulator)" if self.simulated else f"CudaBackend(cuda:{self.index})"
+        return f"CudaBackend(cuda:{self.index}{', fused' if self.fused else ''})"
 
-    # -- device, stream, memory ------------------------------------------------------------
+    # -- device, stream, memory (hooks the simulator overrides) ----------------------------
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
-        """Make this backend's GPU current for CuPy and Numba (a no-op under the simulator)."""
-        if self.simulated:
-            yield
-            return
+        """Make this backend's GPU current for CuPy and Numba."""
         from numba import cuda
 
         with self._device:
@@ -167,13 +118,10 @@ class CudaBackend:
             yield
 
     def stream(self) -> Any:
-        """CuPy's current stream as a Numba stream (0, the default stream, under the simulator)."""
-        if self.simulated:
-            return 0
-        import cupy
+        """CuPy's current stream as a Numba stream (0 for the default stream)."""
         from numba import cuda
 
-        ptr = cupy.cuda.get_current_stream().ptr
+        ptr = self.xp.cuda.get_current_stream().ptr
         if ptr == 0:
             return 0
         if ptr not in self._numba_streams:
@@ -183,11 +131,7 @@ class CudaBackend:
     @contextlib.contextmanager
     def _oom(self, what: str, nbytes: int | None = None) -> Iterator[None]:
         """Turn CuPy's out-of-memory error into a MemoryError that gives the sizes."""
-        if self.simulated:
-            yield
-            return
-        import cupy
-
+        cupy = self.xp
         try:
             yield
         except cupy.cuda.memory.OutOfMemoryError as e:
@@ -200,6 +144,12 @@ class CudaBackend:
                 f"{pool.total_bytes() / 2**20:.1f} MiB held by CuPy's memory pool "
                 f"(use a smaller batch or model, or free other arrays)"
             ) from None
+
+    @contextlib.contextmanager
+    def _launching(self, what: str, nbytes: int | None = None) -> Iterator[Any]:
+        """Device current, out-of-memory translated; yields the stream to launch on."""
+        with self.context(), self._oom(what, nbytes), self.nbo.launch_config(**self._launch):
+            yield self.stream()
 
     def _scratch(self, size: int, key: str) -> Array:
         """A float64 work vector of at least ``size`` elements, reused across calls on one stream."""
@@ -214,10 +164,10 @@ class CudaBackend:
     # -- array helpers ---------------------------------------------------------------------
 
     def is_device_array(self, x: Any) -> bool:
-        """Whether x lives on a GPU (CuPy, or anything exposing CUDA memory); never under the simulator."""
-        if self.simulated or isinstance(x, np.ndarray):
+        """Whether x lives on a GPU (CuPy, or anything exposing CUDA memory)."""
+        if isinstance(x, np.ndarray):
             return False
-        if hasattr(x, "__cuda_array_interface__"):
+        if _cuda_interface(x):
             return True
         dl = getattr(x, "__dlpack_device__", None)
         if dl is not None:
@@ -229,11 +179,17 @@ class CudaBackend:
 
     def zeros(self, shape: Any, dtype: Any) -> Array:
         dt = np.dtype(dtype)
-        if self.simulated:
-            return np.zeros(shape, dtype=dt)
         n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         with self.context(), self._oom("allocating an array", n):
             return self.xp.zeros(shape, dtype=dt)
+
+    def full(self, n: int, value: float, dtype: Any) -> Array:
+        with self._launching("allocating an array", int(n) * np.dtype(dtype).itemsize) as s:
+            return self.nbo.full(n, value, dtype, stream=s)
+
+    def assign_(self, dst: Array, src: np.ndarray) -> None:
+        with self._launching("copying to the device") as s:
+            self.nbo.assign_(dst, src, stream=s)
 
     def asarray(self, x: Any, dtype: Any) -> Array:
         """x as a C-contiguous array of ``dtype`` on this device.
@@ -243,13 +199,11 @@ class CudaBackend:
         the pinned staging buffers.
         """
         dt = np.dtype(dtype)
-        if self.simulated:
-            return np.array(x, dtype=dt, order="C", copy=True)  # a copy, as a transfer would be
         cupy = self.xp
         with self.context():
             if self.is_device_array(x):
                 if not isinstance(x, cupy.ndarray):
-                    x = cupy.asarray(x) if hasattr(x, "__cuda_array_interface__") else cupy.from_dlpack(x)
+                    x = cupy.asarray(x) if _cuda_interface(x) else cupy.from_dlpack(x)
                 if x.dtype == dt and x.flags.c_contiguous:
                     return x
                 with self._oom("converting an input array", x.size * dt.itemsize):
@@ -276,35 +230,40 @@ class CudaBackend:
     def to_numpy(self, x: Any) -> np.ndarray:
         """A host copy (waits for the device)."""
         if isinstance(x, np.ndarray) or np.isscalar(x):
-            return np.asarray(x)
+            return np.array(x, copy=True)
         with self.context():
             return self.xp.asnumpy(x)
+
+    def take_rows(self, data: Array, index: slice | np.ndarray) -> Array:
+        """Rows of a device array (a host index array is uploaded first), or of a host array, uploaded."""
+        if not self.is_device_array(data):
+            return self.asarray(data[index], data.dtype)
+        with self.context():
+            if not isinstance(index, slice):
+                index = self.asarray(index, np.int64)
+            return data[index]
 
     def all_finite(self, x: Array) -> bool:
         """Whether every element is finite (one deterministic kernel pass; waits for the answer)."""
         flat = x.reshape(-1)
-        return bool(self.optim.all_finite(flat)) if flat.size else True
+        if not flat.size:
+            return True
+        with self._launching("checking for NaN/Inf") as s:
+            return bool(self.nbo.all_finite(flat, stream=s))
 
     # -- dense layer: forward and backward as a pair -----------------------------------------
 
-    def dense_ops(self, impl: str, dtype: Any) -> Any:
-        """What runs dense layers: this backend (unfused: cuBLAS + Numba) or the fused CUDA C kernels."""
-        if impl in ("auto", "unfused"):
-            return self
-        if np.dtype(dtype) != np.float32:
-            raise ValueError(f"dense_impl: 'fused' kernels are float32 only, got dtype {np.dtype(dtype).name}")
-        if self.simulated:
-            raise ValueError("dense_impl: 'fused' CUDA C kernels run on a real GPU only, not under the simulator")
-        return _FusedDense(self)
-
     def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
-        """a = f(x @ W + b); saved = (x, z or a or None) when training, else (). See numpy_ref."""
+        """a = f(x @ W + b); saved = (x, z or a or a mask) when training, else (). See numpy_ref."""
+        if self.fused:
+            with self.context(), self._oom(f"a fused dense forward of shape {tuple(x.shape)}"):
+                return self._fused.dense_forward(x, w, b, act, training)
         xp = self.xp
-        with self.context(), self._oom(f"a dense forward of shape {tuple(x.shape)} @ {tuple(w.shape)}"):
+        with self._launching(f"a dense forward of shape {tuple(x.shape)} @ {tuple(w.shape)}") as s:
             z = xp.matmul(x, w)
             keep_z = training and act.saves == "z"
             a = xp.empty_like(z) if keep_z else z  # a over z when z + b is not needed again
-            self.nk.bias_activation_forward(z, b, act, a, keep_z, stream=self.stream(), **self._threads)
+            self.nk.bias_activation_forward(z, b, act, a, keep_z, stream=s, **self._launch)
         if not training:
             return a, ()
         return a, (x, {"z": z, "a": a, "": None}[act.saves])
@@ -313,36 +272,80 @@ class CudaBackend:
         self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool
     ) -> Array | None:
         """dz = da * f'; dW = x^T dz (into dw); db = sum_rows dz (into db); dx = dz W^T if need_dx."""
+        if self.fused:
+            with self.context(), self._oom(f"a fused dense backward of shape {tuple(da.shape)}"):
+                return self._fused.dense_backward(da, saved, w, act, dw, db, need_dx)
         xp = self.xp
         x, kept = saved
-        with self.context(), self._oom(f"a dense backward of shape {tuple(da.shape)}"):
-            stream = self.stream()
+        with self._launching(f"a dense backward of shape {tuple(da.shape)}") as s:
             if act.saves == "":
                 dz = da  # identity: f' = 1
             else:
                 z = kept if act.saves == "z" else None
                 a = kept if act.saves == "a" else None
-                dz = self.nk.activation_backward(da, z, a, act, stream=stream, **self._threads)
+                dz = self.nk.activation_backward(da, z, a, act, stream=s, **self._launch)
             xp.matmul(x.T, dz, out=dw)
             work = self._scratch(self.nk.bias_grad_work_size(*dz.shape), "bias_grad")
-            self.nk.bias_grad(dz, db, stream=stream, work=work, **self._bias_threads)
+            self.nk.bias_grad(dz, db, stream=s, work=work, **self._bias_launch)
             return xp.matmul(dz, w.T) if need_dx else None
 
     # -- losses: value and gradient in one call -----------------------------------------------
 
-    def _loss(self, kernel: Any, pred: Array, target: Array, scale: float, rowwise: bool) -> tuple[Array, Array]:
-        with self.context(), self._oom(f"a loss over {tuple(pred.shape)}"):
+    def _loss(self, kernel: Any, pred: Array, target: Array, scale: float, rowwise: bool) -> tuple[Value, Array]:
+        with self._launching(f"a loss over {tuple(pred.shape)}") as s:
             value = self.xp.empty(1, dtype=np.float64)
             grad = self.xp.empty_like(pred)
             work = self._scratch(self.nk.loss_work_size(tuple(pred.shape), rowwise=rowwise), "loss")
-            kernel(pred, target, scale, value, grad, stream=self.stream(), work=work, **self._threads)
+            kernel(pred, target, scale, value, grad, stream=s, work=work, **self._launch)
         return value.reshape(()), grad
 
-    def mse(self, pred: Array, target: Array, scale: float) -> tuple[Array, Array]:
+    def mse(self, pred: Array, target: Array, scale: float) -> tuple[Value, Array]:
         return self._loss(self.nk.mse, pred, target, scale, rowwise=False)
 
-    def cross_entropy(self, logits: Array, target: Array, scale: float) -> tuple[Array, Array]:
+    def cross_entropy(self, logits: Array, target: Array, scale: float) -> tuple[Value, Array]:
         return self._loss(self.nk.cross_entropy, logits, target, scale, rowwise=True)
 
-    def bce_with_logits(self, logits: Array, target: Array, scale: float) -> tuple[Array, Array]:
+    def bce_with_logits(self, logits: Array, target: Array, scale: float) -> tuple[Value, Array]:
         return self._loss(self.nk.bce_with_logits, logits, target, scale, rowwise=False)
+
+    # -- optimizer updates: one launch over each contiguous run of the arena ---------------------
+
+    def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, **hp: Any) -> None:
+        with self._launching("an SGD step") as s:
+            self.nbo.sgd_update(p, g, momentum_buf, stream=s, **hp)
+
+    def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None,
+                    **hp: Any) -> None:
+        with self._launching("an Adam step") as s:
+            self.nbo.adam_update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, stream=s, **hp)
+
+    def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
+                       momentum_buf: Array | None, **hp: Any) -> None:
+        with self._launching("an RMSprop step") as s:
+            self.nbo.rmsprop_update(p, g, square_avg, grad_avg, momentum_buf, stream=s, **hp)
+
+    def adagrad_update(self, p: Array, g: Array, state_sum: Array, **hp: Any) -> None:
+        with self._launching("an Adagrad step") as s:
+            self.nbo.adagrad_update(p, g, state_sum, stream=s, **hp)
+
+    # -- reductions (two-pass, fixed order) ------------------------------------------------------
+
+    def sum_of_squares(self, g: Array) -> float:
+        with self._launching("a sum of squares") as s:
+            return self.nbo.sum_of_squares(g, stream=s)
+
+    def max_abs(self, g: Array) -> float:
+        with self._launching("a max-abs reduction") as s:
+            return self.nbo.max_abs(g, stream=s)
+
+    def scale_(self, g: Array, c: float) -> None:
+        with self._launching("scaling gradients") as s:
+            self.nbo.scale_(g, c, stream=s)
+
+    def sum_of_squares_into(self, g: Array, out: Array, *, accumulate: bool = False) -> None:
+        with self._launching("a sum of squares") as s:
+            self.nbo.sum_of_squares_into(g, out, stream=s, accumulate=accumulate)
+
+    def clip_scale_(self, g: Array, total_sq: Array, max_norm: float) -> None:
+        with self._launching("clipping gradients") as s:
+            self.nbo.clip_scale_(g, total_sq, max_norm, stream=s)

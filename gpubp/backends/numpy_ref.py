@@ -4,60 +4,22 @@ Clear before fast. Every function computes in the dtype of its inputs (float32 o
 float64), except loss values, which are accumulated in float64. Shapes:
 x (N, in), W (in, out), b (out,), z = x @ W + b (N, out), a = f(z).
 
-The backend interface (what a layer, a loss or an optimizer may call):
-    asarray, to_numpy, zeros                       array helpers
-    dense_forward / dense_backward                 a dense layer, as a pair
-    mse / cross_entropy / bce_with_logits          loss value and gradient in one call
-    all_finite                                     finite check
-The optimizer update maths live beside this module in ``numpy_optim`` (``optim``).
+The maths are the module's functions (dense_forward / dense_backward, the losses;
+the optimizer updates live beside them in ``numpy_optim``); :class:`NumpyBackend`
+implements the backend interface (gpubp.backends.base.Backend) by calling them.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
 
 from gpubp.activations import Activation, sigmoid
 from gpubp.backends import numpy_optim
+from gpubp.backends.base import Backend
 
-name = "numpy"
-xp = np
-optim = numpy_optim  # the optimizer update maths for this backend's arrays
 Array = np.ndarray
-
-
-# --- array helpers ---------------------------------------------------------------------
-
-
-def asarray(x: Any, dtype: Any) -> Array:
-    """C-contiguous array of ``dtype`` (copies only when layout or dtype differ)."""
-    return np.ascontiguousarray(x, dtype=dtype)
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    return np.asarray(x)
-
-
-def dense_ops(impl: str, dtype: Any) -> Any:
-    """What runs dense layers: this module (the reference) for ``impl="auto"``."""
-    if impl != "auto":
-        raise ValueError(f"dense_impl: {impl!r} runs on a CUDA device only; on the CPU use 'auto' (the reference)")
-    return sys.modules[__name__]
-
-
-def is_device_array(x: Any) -> bool:
-    """Whether x already lives where this backend computes (never, for the host reference)."""
-    return False
-
-
-def zeros(shape: Any, dtype: Any) -> Array:
-    return np.zeros(shape, dtype=dtype)
-
-
-def all_finite(x: Array) -> bool:
-    return bool(np.isfinite(x).all())
 
 
 # --- dense layer: forward and backward as a pair -----------------------------------------
@@ -148,3 +110,98 @@ def bce_with_logits(logits: Array, target: Array, scale: float) -> tuple[float, 
     elem = np.maximum(logits, zero) - logits * target + np.log1p(np.exp(-np.abs(logits)))
     value = float(np.sum(elem, dtype=np.float64) * scale)
     return value, (sigmoid(logits) - target) * logits.dtype.type(scale)
+
+
+# --- the interface ---------------------------------------------------------------------------
+
+
+class NumpyBackend(Backend):
+    """The backend interface over this module's functions and ``numpy_optim`` (looked up at call time)."""
+
+    name = "numpy"
+    xp = np
+
+    def __repr__(self) -> str:
+        return "NumpyBackend()"
+
+    # array helpers
+    def is_device_array(self, x: Any) -> bool:
+        return False  # host arrays are validated on the host
+
+    def asarray(self, x: Any, dtype: Any) -> Array:
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.array(x, copy=True)
+
+    def zeros(self, shape: Any, dtype: Any) -> Array:
+        return np.zeros(shape, dtype=dtype)
+
+    def full(self, n: int, value: float, dtype: Any) -> Array:
+        return numpy_optim.full(n, value, dtype)
+
+    def assign_(self, dst: Array, src: np.ndarray) -> None:
+        numpy_optim.assign_(dst, src)
+
+    def take_rows(self, data: Array, index: slice | np.ndarray) -> Array:
+        return np.ascontiguousarray(data[index])
+
+    def all_finite(self, x: Array) -> bool:
+        return bool(np.isfinite(x).all())
+
+    # dense layer
+    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
+        return dense_forward(x, w, b, act, training)
+
+    def dense_backward(
+        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool
+    ) -> Array | None:
+        return dense_backward(da, saved, w, act, dw, db, need_dx)
+
+    # losses
+    def mse(self, pred: Array, target: Array, scale: float) -> tuple[float, Array]:
+        return mse(pred, target, scale)
+
+    def cross_entropy(self, logits: Array, target: Array, scale: float) -> tuple[float, Array]:
+        return cross_entropy(logits, target, scale)
+
+    def bce_with_logits(self, logits: Array, target: Array, scale: float) -> tuple[float, Array]:
+        return bce_with_logits(logits, target, scale)
+
+    # optimizer updates
+    def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, **hp: Any) -> None:
+        numpy_optim.sgd_update(p, g, momentum_buf, **hp)
+
+    def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None,
+                    **hp: Any) -> None:
+        numpy_optim.adam_update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, **hp)
+
+    def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
+                       momentum_buf: Array | None, **hp: Any) -> None:
+        numpy_optim.rmsprop_update(p, g, square_avg, grad_avg, momentum_buf, **hp)
+
+    def adagrad_update(self, p: Array, g: Array, state_sum: Array, **hp: Any) -> None:
+        numpy_optim.adagrad_update(p, g, state_sum, **hp)
+
+    # reductions
+    def sum_of_squares(self, g: Array) -> float:
+        return numpy_optim.sum_of_squares(g)
+
+    def max_abs(self, g: Array) -> float:
+        return numpy_optim.max_abs(g)
+
+    def scale_(self, g: Array, c: float) -> None:
+        numpy_optim.scale_(g, c)
+
+    def sum_of_squares_into(self, g: Array, out: Array, *, accumulate: bool = False) -> None:
+        total = numpy_optim.sum_of_squares(g)
+        out[0] = (float(out[0]) + total) if accumulate else total
+
+    def clip_scale_(self, g: Array, total_sq: Array, max_norm: float) -> None:
+        coef = max_norm / (float(np.sqrt(total_sq[0])) + 1e-6)
+        if coef < 1.0:
+            numpy_optim.scale_(g, coef)
+
+
+#: The one instance (the backend holds no state).
+BACKEND = NumpyBackend()

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from gpubp import losses as losses_mod
+from gpubp.accuracy import GRADCHECK, Tolerance
 from gpubp.backends import backend_of
 from gpubp.layers import Dense
 from gpubp.model import Sequential
@@ -35,20 +36,10 @@ from gpubp.model import Sequential
 EPS = 1e-6  # central-difference step, in float64: truncation O(eps^2), rounding O(1e-16 / eps)
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    atol: float
-    rtol: float
-
-
-# float64: the finite-difference error itself (~1e-10 at eps 1e-6) is far below these.
-# float32: a backward pass in float32 carries ~1e-7 relative rounding per operation,
-# accumulated over dot products of length K and over the cancellations in
-# softmax - onehot; 1e-4 absolute / 1e-3 relative covers K up to a few hundred.
-TOLERANCES: dict[str, Tolerance] = {
-    "float64": Tolerance(atol=1e-6, rtol=1e-5),
-    "float32": Tolerance(atol=1e-4, rtol=1e-3),
-}
+# The tolerances are the accuracy contract's (gpubp.accuracy.GRADCHECK): float64 far above
+# the finite-difference error itself (~1e-10 at eps 1e-6); float32 covering the rounding of a
+# backward pass over dot products of length up to a few hundred.
+TOLERANCES: dict[str, Tolerance] = GRADCHECK
 
 
 @dataclass

@@ -52,7 +52,7 @@ def _cuda_interface(x: Any) -> bool:
     """Whether x exposes __cuda_array_interface__; a torch tensor that requires grad gets a TypeError."""
     try:
         return hasattr(x, "__cuda_array_interface__")
-    except RuntimeError as e:  # torch: "Can't get __cuda_array_interface__ on Variable that requires grad"
+    except RuntimeError:  # torch: "Can't get __cuda_array_interface__ on Variable that requires grad"
         if getattr(x, "requires_grad", False):
             raise TypeError(
                 f"x: a {type(x).__name__} that requires grad cannot be shared without a copy; "

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from gpubp._validate import as_float_array, check_finite
-from gpubp.backends import backend_of
+from gpubp.backends import backend_of, host_backend
 from gpubp.backends.base import Backend
 
 REDUCTIONS = ("mean", "sum")
@@ -50,8 +50,7 @@ class Loss(ABC):
         """
         backend = backend_of(pred)
         if backend is None or not backend.is_device_array(pred):
-            from gpubp.backends.numpy_ref import BACKEND as backend
-
+            backend = host_backend()
             pred = self._check_pred(pred)
         elif pred.ndim != 2 or pred.shape[0] == 0:
             raise ValueError(f"pred: expected a non-empty 2-D array (N, outputs), got shape {pred.shape}")

@@ -17,7 +17,7 @@ import numpy as np
 from gpubp.backends.base import Backend
 from gpubp.device import Device
 
-__all__ = ["Backend", "get_backend", "backend_of"]
+__all__ = ["Backend", "get_backend", "backend_of", "host_backend"]
 
 DENSE_IMPLS = ("auto", "fused", "unfused")
 
@@ -36,9 +36,7 @@ def get_backend(device: Device, dense_impl: str = "auto", dtype: Any = np.float3
             raise ValueError(
                 f"dense_impl: {dense_impl!r} runs on a CUDA device only; on the CPU use 'auto' (the reference)"
             )
-        from gpubp.backends.numpy_ref import BACKEND
-
-        return BACKEND
+        return host_backend()
     fused = dense_impl == "fused"
     if fused and np.dtype(dtype) != np.float32:
         raise ValueError(f"dense_impl: 'fused' kernels are float32 only, got dtype {np.dtype(dtype).name}")
@@ -53,6 +51,13 @@ def get_backend(device: Device, dense_impl: str = "auto", dtype: Any = np.float3
     return CudaBackend.for_device(device.index, fused=fused)
 
 
+def host_backend() -> Backend:
+    """The backend of host (NumPy) arrays: the reference."""
+    from gpubp.backends.numpy_ref import BACKEND
+
+    return BACKEND
+
+
 def backend_of(array: object) -> Backend | None:
     """The backend whose arrays ``array`` is one of: the reference for NumPy arrays, None if unknown.
 
@@ -60,9 +65,7 @@ def backend_of(array: object) -> Backend | None:
     not a NumPy array gives None (callers then convert it to NumPy).
     """
     if isinstance(array, np.ndarray):
-        from gpubp.backends.numpy_ref import BACKEND
-
-        return BACKEND
+        return host_backend()
     if type(array).__module__.split(".")[0] == "cupy":
         from gpubp.backends.cuda import CudaBackend
 

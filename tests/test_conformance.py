@@ -1,0 +1,368 @@
+"""Conformance: every operation of the backend interface, on every available backend, against the float64 spec.
+
+Backends: the NumPy reference ("numpy") always; the simulated CUDA backend ("cudasim")
+where the Numba CUDA simulator runs the kernels (machines without a GPU); the CUDA
+backend ("cuda", and "cuda-fused" for the dense layers) where a GPU exists. The spec is
+gpubp.backends.numpy_ref / numpy_optim evaluated in float64 on the same inputs.
+
+Every case: fresh random inputs (the seed is in each failure message), shapes that are
+no multiple of any tile (1, 3, 7, 17, 33, 130), outputs poisoned with NaN before the
+call so an element left unwritten fails, tolerances from gpubp.accuracy.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+import gpubp as gp
+from gpubp import accuracy
+from gpubp.activations import NAMES, Activation
+from gpubp.backends import Backend, get_backend, numpy_optim, numpy_ref
+from gpubp.backends.numpy_ref import NumpyBackend
+from gpubp.device import parse_device
+from tests.conftest import CUDA_MODE, GPUS
+
+SIM = CUDA_MODE == "simulator"
+
+
+def _backends() -> list:
+    out = [pytest.param("numpy", id="numpy")]
+    if SIM:
+        out.append(pytest.param("cudasim", id="cudasim"))
+    if GPUS > 0:
+        out.append(pytest.param("cuda", id="cuda"))
+    return out
+
+
+def _dense_backends() -> list:
+    return _backends() + ([pytest.param("cuda-fused", id="cuda-fused")] if GPUS > 0 else [])
+
+
+def backend_for(name: str, dtype: str) -> Backend:
+    if name == "cuda-fused":
+        if dtype != "float32":
+            pytest.skip("the fused CUDA C kernels are float32 only")
+        return get_backend(parse_device("cuda"), "fused", dtype)
+    return get_backend(parse_device("cpu" if name == "numpy" else name))
+
+
+# The simulator runs each GPU thread as a Python thread: a subset of activations there.
+ACTS = ["identity", "relu", "leaky_relu", "sigmoid", "gelu", "softplus"] if SIM and GPUS == 0 else list(NAMES)
+DTYPES = ["float32", "float64"]
+FLAT_SIZES = [1, 3, 130]
+
+
+@pytest.fixture
+def seed() -> int:
+    return int(np.random.SeedSequence().entropy % 2**32)
+
+
+def host(b: Backend, a) -> np.ndarray:
+    return np.asarray(b.to_numpy(a), dtype=np.float64)
+
+
+def poisoned(b: Backend, shape, dtype: str):
+    return b.asarray(np.full(shape, np.nan), dtype)
+
+
+def close(got, want, tol: accuracy.Tolerance, msg: str, allowance=0.0) -> None:
+    ok, why = accuracy.within(got, want, tol, allowance)
+    assert ok, f"{msg}: {why}"
+
+
+# --- the interface itself -------------------------------------------------------------------
+
+INTERFACE = sorted(name for name, v in vars(Backend).items() if getattr(v, "__isabstractmethod__", False))
+
+
+def test_interface_lists_every_operation():
+    assert {"dense_forward", "dense_backward", "mse", "cross_entropy", "bce_with_logits", "adam_update",
+            "sgd_update", "rmsprop_update", "adagrad_update", "sum_of_squares_into", "clip_scale_",
+            "asarray", "to_numpy", "zeros", "full", "assign_", "take_rows", "all_finite"} <= set(INTERFACE)
+
+
+@pytest.mark.parametrize("name", _dense_backends())
+def test_backend_implements_the_whole_interface(name):
+    b = backend_for(name, "float32")
+    assert isinstance(b, Backend)
+    for op in INTERFACE:
+        assert not getattr(getattr(type(b), op), "__isabstractmethod__", False), f"{name} lacks {op}"
+
+
+def test_an_incomplete_backend_cannot_be_made():
+    class Partial(NumpyBackend):
+        pass
+
+    del_one = type("Missing", (Backend,), {k: getattr(NumpyBackend, k) for k in INTERFACE if k != "clip_scale_"})
+    Partial()  # complete: fine
+    with pytest.raises(TypeError, match="clip_scale_"):
+        del_one()
+
+
+def test_no_device_branches_outside_the_backends():
+    """Layers, losses, optimizers and the model ask the interface; they never test where arrays live,
+    which backend runs, or which loss they hold (names in the code, docstrings aside)."""
+    import ast
+
+    import gpubp.layers
+    import gpubp.losses
+    import gpubp.model
+    import gpubp.optim
+
+    forbidden = {"cupy", "numba", "numpy_ref", "numpy_optim", "cuda", "cudasim", "simulated", "CudaBackend",
+                 "SimulatedCudaBackend", "hasattr", "CrossEntropy", "BCEWithLogits", "MSE"}
+    for mod in (gpubp.layers, gpubp.model, gpubp.optim):
+        names = set()
+        for node in ast.walk(ast.parse(inspect.getsource(mod))):
+            if isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                names.add(node.attr)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update(part for alias in node.names for part in alias.name.split("."))
+                names.update((getattr(node, "module", "") or "").split("."))
+        assert not names & forbidden, f"{mod.__name__} uses {sorted(names & forbidden)}"
+    # The losses module defines the loss classes; its code dispatches by method, not by name or class.
+    tree = ast.parse(inspect.getsource(gpubp.losses))
+    assert not any(isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("getattr", "hasattr") for n in ast.walk(tree))
+    assert not {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} & {"cupy", "numba", "numpy_ref"}
+
+
+# --- array helpers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", _backends())
+def test_array_helpers(name, dtype, seed):
+    b = backend_for(name, dtype)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((7, 3))
+    a = b.asarray(x, dtype)
+    assert host(b, a).tolist() == x.astype(dtype).astype(np.float64).tolist()
+    copy = b.to_numpy(a)
+    copy[...] = 0  # a copy, never a view of the backend's array
+    assert host(b, a)[0, 0] == np.float64(x.astype(dtype)[0, 0])
+    assert host(b, b.zeros((2, 3), dtype)).tolist() == [[0.0] * 3] * 2
+    f = b.full(5, 2.5, dtype)
+    assert host(b, f).tolist() == [2.5] * 5 and str(b.to_numpy(f).dtype) == dtype
+    dst = poisoned(b, (2, 3), dtype)
+    b.assign_(dst, np.arange(6, dtype=dtype))
+    assert host(b, dst).tolist() == [[0, 1, 2], [3, 4, 5]]
+    idx = rng.permutation(7)[:4]
+    for data in (x.astype(dtype), a):  # host data is copied in; backend data is indexed in place
+        assert host(b, b.take_rows(data, idx)).tolist() == x.astype(dtype)[idx].astype(np.float64).tolist()
+        assert host(b, b.take_rows(data, slice(2, 5))).tolist() == x.astype(dtype)[2:5].astype(np.float64).tolist()
+    assert b.all_finite(a)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y.flat[rng.integers(y.size)] = bad
+        assert not b.all_finite(b.asarray(y, dtype)), f"seed {seed}: {bad} missed"
+    assert b.is_device_array(a) == (name.startswith("cuda") and name != "cudasim")
+    assert not b.is_device_array(x)
+
+
+# --- dense layer pair -----------------------------------------------------------------------------
+
+SHAPES = [(1, 1, 1), (7, 3, 5), (17, 33, 13)]
+
+
+def _act(name: str) -> Activation:
+    return Activation(name, slope=0.1) if name == "leaky_relu" else Activation(name)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", _dense_backends())
+def test_dense_forward_and_backward(name, dtype, act, shape, seed):
+    b = backend_for(name, dtype)
+    activation = _act(act)
+    n, k, m = shape
+    rng = np.random.default_rng(seed)
+    x, w, bias = rng.standard_normal((n, k)), rng.standard_normal((k, m)) / np.sqrt(k), rng.standard_normal(m)
+    da = rng.standard_normal((n, m))
+    # Inputs as the backend sees them (rounded to dtype), then the float64 spec on those values.
+    x, w, bias, da = (v.astype(dtype).astype(np.float64) for v in (x, w, bias, da))
+    msg = f"{name} {dtype} {act} {shape} seed {seed}"
+
+    a_want, saved_want = numpy_ref.dense_forward(x, w, bias, activation, True)
+    dw_want, db_want = np.empty_like(w), np.empty_like(bias)
+    dx_want = numpy_ref.dense_backward(da, saved_want, w, activation, dw_want, db_want, True)
+
+    xd, wd, bd = b.asarray(x, dtype), b.asarray(w, dtype), b.asarray(bias, dtype)
+    a, saved = b.dense_forward(xd, wd, bd, activation, True)
+    a_inf, none = b.dense_forward(xd, wd, bd, activation, False)
+    assert none == ()
+    dw, db = poisoned(b, w.shape, dtype), poisoned(b, bias.shape, dtype)
+    dx = b.dense_backward(b.asarray(da, dtype), saved, wd, activation, dw, db, True)
+    dw2, db2 = poisoned(b, w.shape, dtype), poisoned(b, bias.shape, dtype)
+    assert b.dense_backward(b.asarray(da, dtype), saved, wd, activation, dw2, db2, False) is None
+
+    tol = accuracy.MODEL[dtype]
+    # The allowances of the float32 contract: the dot-product bound of the GEMMs, the
+    # activation's libm bound, and where z lies within rounding distance of a kink of f',
+    # the worst case of f' taken on either side.
+    z_terms = np.abs(x) @ np.abs(w) + np.abs(bias)
+    z = x @ w + bias
+    if dtype == "float32":
+        z_err = accuracy.dot_error_bound(z_terms, k + 1)
+        slope = np.abs(activation.backward(np.ones_like(a_want), saved_want[1] if activation.saves == "z" else None,
+                                           saved_want[1] if activation.saves == "a" else None)) + 1.0
+        a_allow = accuracy.activation_bound(a_want, z) + slope * z_err
+        near = accuracy.near_kink(activation, z, x, w, bias, accuracy.unit_roundoff(dtype))
+        dz_want = np.abs(da) * slope
+        flip = np.zeros_like(da) if near is None else near * np.abs(da) * accuracy.kinks(activation)[1]
+        dz_allow = accuracy.activation_bound(dz_want, z, da) + np.abs(da) * z_err * 4 + flip
+        dw_allow = accuracy.dot_error_bound(np.abs(x).T @ (dz_want + dz_allow), n) + np.abs(x).T @ dz_allow
+        db_allow = accuracy.dot_error_bound((dz_want + dz_allow).sum(axis=0), n) + dz_allow.sum(axis=0)
+        dx_allow = accuracy.dot_error_bound((dz_want + dz_allow) @ np.abs(w).T, m) + dz_allow @ np.abs(w).T
+    else:
+        a_allow = dw_allow = db_allow = dx_allow = 0.0
+    close(host(b, a), a_want, tol, f"forward a, {msg}", a_allow)
+    close(host(b, a_inf), a_want, tol, f"inference a, {msg}", a_allow)
+    close(host(b, dw), dw_want, tol, f"dW, {msg}", dw_allow)
+    close(host(b, db), db_want, tol, f"db, {msg}", db_allow)
+    close(host(b, dx), dx_want, tol, f"dx, {msg}", dx_allow)
+    assert host(b, dw2).tolist() == host(b, dw).tolist(), f"dW differs without dx, {msg}"
+
+
+# --- losses -----------------------------------------------------------------------------------------
+
+LOSS_SHAPES = [(1, 1), (7, 3), (33, 17)]
+
+
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["mse", "ce_labels", "ce_probs", "bce"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", _backends())
+def test_losses(name, dtype, kind, shape, seed):
+    b = backend_for(name, dtype)
+    rng = np.random.default_rng(seed)
+    n, c = shape
+    pred = (3 * rng.standard_normal(shape)).astype(dtype).astype(np.float64)
+    if kind == "ce_labels":
+        target = rng.integers(0, c, size=n)
+    elif kind == "ce_probs":
+        t = rng.uniform(size=shape)
+        target = (t / t.sum(axis=1, keepdims=True)).astype(dtype).astype(np.float64)
+    elif kind == "bce":
+        target = rng.uniform(size=shape).astype(dtype).astype(np.float64)
+    else:
+        target = rng.standard_normal(shape).astype(dtype).astype(np.float64)
+    method = {"mse": "mse", "ce_labels": "cross_entropy", "ce_probs": "cross_entropy", "bce": "bce_with_logits"}[kind]
+    scale = 1.0 / (n if method == "cross_entropy" else pred.size)
+    v_want, g_want = getattr(numpy_ref, method)(pred, target, scale)
+    tdt = np.int64 if kind == "ce_labels" else dtype
+    v, g = getattr(b, method)(b.asarray(pred, dtype), b.asarray(target, tdt), scale)
+    msg = f"{name} {dtype} {kind} {shape} seed {seed}"
+    # float64: two correct formulas; float32: a few ulp of exp/log1p, and the row sums of softmax.
+    tol = accuracy.ELEMENTWISE[dtype] if dtype == "float64" else accuracy.MODEL[dtype]
+    close(np.array([float(v)]), np.array([v_want]), tol, f"value, {msg}")
+    close(host(b, g), g_want, tol, f"gradient, {msg}")
+
+
+# --- optimizer updates --------------------------------------------------------------------------------
+
+UPDATES = {
+    "sgd": ("sgd_update", ["momentum_buf"], dict(lr=0.05, momentum=0.9, dampening=0.1, nesterov=False,
+                                                  weight_decay=1e-3)),
+    "sgd_nesterov": ("sgd_update", ["momentum_buf"], dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=True,
+                                                           weight_decay=0.0)),
+    "adam": ("adam_update", ["exp_avg", "exp_avg_sq", None], dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                                                                   weight_decay=1e-2, decoupled=False, amsgrad=False)),
+    "adamw_amsgrad": ("adam_update", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+                      dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-8, weight_decay=1e-2, decoupled=True, amsgrad=True)),
+    "rmsprop_centered": ("rmsprop_update", ["square_avg", "grad_avg", "momentum_buf"],
+                         dict(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=1e-3, momentum=0.5, centered=True)),
+    "rmsprop": ("rmsprop_update", ["square_avg", None, None],
+                dict(lr=1e-3, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False)),
+    "adagrad": ("adagrad_update", ["state_sum"], dict(lr=1e-2, lr_decay=1e-2, weight_decay=1e-3, eps=1e-10)),
+}
+
+
+@pytest.mark.parametrize("n", FLAT_SIZES)
+@pytest.mark.parametrize("update", list(UPDATES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", _backends())
+def test_optimizer_updates(name, dtype, update, n, seed):
+    """Three steps from the same state as the spec run in the same dtype: equal to a few ulp."""
+    b = backend_for(name, dtype)
+    method, buffers, hp = UPDATES[update]
+    rng = np.random.default_rng(seed)
+    p_host = rng.standard_normal(n).astype(dtype)
+    bufs_host = [None if k is None else np.zeros(n, dtype) for k in buffers]
+    p = b.asarray(p_host, dtype)
+    bufs = [None if k is None else b.asarray(v, dtype) for k, v in zip(buffers, bufs_host, strict=True)]
+    for step in range(1, 4):
+        g_host = rng.standard_normal(n).astype(dtype)
+        g_host[0] *= 1e-30  # a gradient of almost nothing: Adam's sign(g) regime
+        kw = dict(hp)
+        if method == "sgd_update":
+            kw["first_step"] = step == 1
+        elif method in ("adam_update", "adagrad_update"):
+            kw["step"] = step
+        getattr(numpy_optim, method)(p_host, g_host, *bufs_host, **kw)
+        getattr(b, method)(p, b.asarray(g_host, dtype), *bufs, **kw)
+        ulp = 8 * np.finfo(dtype).eps
+        msg = f"{name} {dtype} {update} n={n} step {step} seed {seed}"
+        close(host(b, p), p_host, accuracy.Tolerance(atol=ulp * hp["lr"], rtol=ulp), f"parameters, {msg}")
+        for k, got, want in zip(buffers, bufs, bufs_host, strict=True):
+            if k is not None:
+                close(host(b, got), want, accuracy.Tolerance(atol=0.0, rtol=ulp), f"{k}, {msg}")
+
+
+# --- reductions -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", FLAT_SIZES + [2500])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", _backends())
+def test_reductions(name, dtype, n, seed):
+    b = backend_for(name, dtype)
+    rng = np.random.default_rng(seed)
+    g_host = rng.standard_normal(n).astype(dtype)
+    g64 = g_host.astype(np.float64)
+    msg = f"{name} {dtype} n={n} seed {seed}"
+    want_sq = float(np.sum(g64 * g64))
+    tol = accuracy.Tolerance(atol=0.0, rtol=1e-13)  # float64 accumulation of exact float32/64 squares
+    g = b.asarray(g_host, dtype)
+    close(np.array([b.sum_of_squares(g)]), np.array([want_sq]), tol, f"sum_of_squares, {msg}")
+    assert b.max_abs(g) == float(np.max(np.abs(g64))), msg
+    out = b.asarray(np.array([np.nan]), np.float64)
+    b.sum_of_squares_into(g, out)
+    close(host(b, out), np.array([want_sq]), tol, f"sum_of_squares_into, {msg}")
+    b.sum_of_squares_into(g, out, accumulate=True)
+    close(host(b, out), np.array([2 * want_sq]), tol, f"sum_of_squares_into accumulate, {msg}")
+    norm = float(np.sqrt(2 * want_sq))
+    for max_norm in (norm / 3, norm * 3):  # clipped, then left alone
+        h = b.asarray(g_host.copy(), dtype)  # the reference backend takes host arrays without a copy
+        b.clip_scale_(h, out, max_norm)
+        coef = max_norm / (norm + 1e-6)
+        want = g64 * np.asarray(coef, dtype=dtype).astype(np.float64) if coef < 1 else g64
+        close(host(b, h), want, accuracy.Tolerance(atol=0.0, rtol=np.finfo(dtype).eps), f"clip_scale_ {max_norm}, {msg}")
+    h = b.asarray(g_host.copy(), dtype)
+    b.scale_(h, 0.5)
+    assert host(b, h).tolist() == (g64 * 0.5).tolist(), msg
+
+
+# --- a model on every backend: the interface is all it needs --------------------------------------------
+
+
+@pytest.mark.parametrize("name", _backends())
+def test_a_model_trains_the_same_on_every_backend(name, seed):
+    """Two epochs of fit (shuffle, last partial batch, clipping) vs the reference, in float64."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.standard_normal((23, 3)), rng.integers(0, 4, size=23)
+
+    def run(device: str) -> gp.Sequential:
+        model = gp.Sequential(gp.Dense(3, 5, "tanh"), gp.Dense(5, 4), device=device, dtype="float64", seed=seed % 97)
+        model.fit(x, y, "cross_entropy", gp.optim.Adam(model.parameters(), lr=1e-2), epochs=2, batch_size=8,
+                  clip_grad_norm=0.5, verbose=0)
+        return model
+
+    want = run("cpu").arena.data
+    model = run("cpu" if name == "numpy" else name)
+    close(host(model.arena.backend, model.arena.data), want, accuracy.MODEL["float64"], f"{name} seed {seed}")

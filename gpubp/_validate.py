@@ -25,6 +25,13 @@ def as_float_array(x: Any, name: str, dtype: Any) -> np.ndarray:
         arr = np.asarray(x)
     except (ValueError, TypeError) as e:  # ragged lists and the like
         raise TypeError(f"{name}: expected a numeric array, could not convert: {e}") from None
+    except RuntimeError:  # torch: "Can't call numpy() on Tensor that requires grad"
+        if getattr(x, "requires_grad", False):
+            raise TypeError(
+                f"{name}: a {type(x).__name__} that requires grad cannot be read without a copy; "
+                f"pass {name}.detach() (gpubp computes its own gradients)"
+            ) from None
+        raise
     if arr.dtype.kind not in "fiub":
         raise TypeError(f"{name}: expected a float, integer or boolean array, got dtype {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=dtype)

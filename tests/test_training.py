@@ -204,3 +204,64 @@ def test_check_finite_in_backward_and_loss():
     x = np.ones((4, 2)) * 1e200  # finite outputs whose squares overflow: only the loss is non-finite
     with pytest.raises(gp.NonFiniteError, match="loss: inf at epoch 1, step 1"):
         model.fit(x, np.zeros((4, 2)), "mse", "sgd", epochs=1, verbose=0)
+
+
+def test_fit_validates_the_data_once(monkeypatch):
+    """The whole data set is checked once per fit; batches are not converted or checked again."""
+    import gpubp._validate as validate
+    import gpubp.model as model_mod
+
+    calls = []
+    real = validate.as_float_array
+
+    def counting(x, name, dtype):
+        calls.append(name)
+        return real(x, name, dtype)
+
+    monkeypatch.setattr(model_mod, "as_float_array", counting)
+    x = np.random.default_rng(0).standard_normal((40, 2))
+    y = (x[:, 0] > 0).astype(np.int64)
+    model = gp.Sequential(gp.Dense(2, 4, "relu"), gp.Dense(4, 2), dtype="float64")
+    model.fit(x, y, "cross_entropy", "adam", epochs=3, batch_size=8, verbose=0)
+    assert calls == ["x"]
+
+
+def test_clone_copies_without_initialising(monkeypatch):
+    model = gp.Sequential(gp.Dense(3, 4, "tanh"), gp.Dense(4, 2), dtype="float64", seed=3)
+    model.arena.data[...] = np.arange(model.arena.size)  # values no initialisation gives
+    drawn = []
+    real = gp.Dense.initial_weight
+    monkeypatch.setattr(gp.Dense, "initial_weight", lambda self, rng: drawn.append(1) or real(self, rng))
+    twin = model.clone()
+    assert drawn == []
+    assert twin.arena.data.tolist() == model.arena.data.tolist()
+    assert twin.arena.data is not model.arena.data
+    f32 = model.clone(dtype="float32")
+    assert f32.dtype == np.float32 and f32.arena.data.tolist() == model.arena.data.astype(np.float32).tolist()
+
+
+class _GradTensor:
+    """Stands in for a torch tensor that requires grad: its array interfaces refuse to be read."""
+
+    requires_grad = True
+    shape = (2, 3)
+
+    def __array__(self, *a, **k):
+        raise RuntimeError("Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead.")
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad.")
+
+
+def test_a_tensor_that_requires_grad_is_refused_naming_detach():
+    model = gp.Sequential(gp.Dense(3, 2), dtype="float64")
+    with pytest.raises(TypeError, match=r"x\.detach\(\)"):
+        model(_GradTensor())
+
+
+def test_a_device_tensor_that_requires_grad_is_refused_naming_detach():
+    from gpubp.backends.cuda import _cuda_interface
+
+    with pytest.raises(TypeError, match=r"\.detach\(\)"):
+        _cuda_interface(_GradTensor())

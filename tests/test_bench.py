@@ -1,24 +1,34 @@
-"""The benchmark harness, tested on the CPU: statistics, timing, the correctness gate, outputs, CLI.
+"""The benchmark, tested on the CPU: statistics, timing, the correctness gate, outputs, CLI, module layering.
 
-The GPU contenders cannot run here; what is tested of them is that they say why.
+The GPU contenders cannot run here; what is tested of them is that they say why, and the GPU flow runs
+with a fake CUDA contender (gpubp's NumPy path timed through a stand-in for cupyx.profiler.benchmark).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import itertools
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from gpubp import accuracy
 from gpubp.bench import cases as bc
-from gpubp.bench import cli, harness, report
+from gpubp.bench import cli, report, timing
+from gpubp.bench import contenders as bk
+from gpubp.bench import run as br
 from gpubp.device import cuda_status
 
 FAST = dict(warmup=1, warmup_time=0.0, min_repeats=3, min_time=0.0, progress=False)
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "gpubp" / "bench"
 
 
 def bench_args(*argv: str) -> argparse.Namespace:
@@ -31,14 +41,14 @@ def bench_args(*argv: str) -> argparse.Namespace:
 
 
 def test_summarize_gives_median_min_max_mean_count():
-    s = harness.summarize([3.0, 1.0, 2.0, 5.0, 4.0], warmup=2)
+    s = timing.summarize([3.0, 1.0, 2.0, 5.0, 4.0], warmup=2)
     assert (s.median, s.min, s.max, s.mean, s.count, s.warmup) == (3.0, 1.0, 5.0, 3.0, 5, 2)
-    assert harness.summarize([4.0, 1.0, 2.0, 3.0]).median == 2.5
+    assert timing.summarize([4.0, 1.0, 2.0, 3.0]).median == 2.5
     d = s.to_dict()
     assert d["median_s"] == 3.0 and d["samples_s"] == [3.0, 1.0, 2.0, 5.0, 4.0] and d["count"] == 5
-    assert s.noisy and not harness.summarize([1.0, 1.1, 1.2]).noisy  # noisy: median > 1.5x the fastest repeat
+    assert s.noisy and not timing.summarize([1.0, 1.1, 1.2]).noisy  # noisy: median > 1.5x the fastest repeat
     with pytest.raises(ValueError):
-        harness.summarize([])
+        timing.summarize([])
 
 
 class FakeClock:
@@ -57,8 +67,8 @@ class FakeClock:
 
 def test_time_host_leaves_warmup_out_and_counts_repeats():
     clock = FakeClock([9.0, 8.0, 0.3, 0.1, 0.2, 0.4, 7.0])
-    s = harness.Settings(warmup=2, min_repeats=4, max_repeats=4, min_time=0.0)
-    st = harness.time_host(clock.step, s, clock=clock)
+    s = timing.Settings(warmup=2, min_repeats=4, max_repeats=4, min_time=0.0)
+    st = timing.time_host(clock.step, s, clock=clock)
     assert clock.calls == [0, 1, 2, 3, 4, 5]  # i counts every call: steps can rotate inputs
     assert st.samples == pytest.approx([0.3, 0.1, 0.2, 0.4])
     assert (st.count, st.warmup) == (4, 2)
@@ -67,51 +77,52 @@ def test_time_host_leaves_warmup_out_and_counts_repeats():
 
 def test_time_host_repeats_until_min_time_but_not_past_max_repeats():
     clock = FakeClock([0.1] * 100)
-    st = harness.time_host(clock.step, harness.Settings(1, 2, 50, min_time=0.35), clock=clock)
+    st = timing.time_host(clock.step, timing.Settings(1, 2, 50, min_time=0.35), clock=clock)
     assert st.count == 4  # 0.1 s each: the 4th repeat reaches 0.35 s
     clock = FakeClock([0.1] * 100)
-    st = harness.time_host(clock.step, harness.Settings(1, 2, 3, min_time=10.0), clock=clock)
+    st = timing.time_host(clock.step, timing.Settings(1, 2, 3, min_time=10.0), clock=clock)
     assert st.count == 3
     clock = FakeClock([0.01] * 100)
-    st = harness.time_host(clock.step, harness.Settings(1, 1, 1, min_time=0.0, warmup_time=0.05), clock=clock)
+    st = timing.time_host(clock.step, timing.Settings(1, 1, 1, min_time=0.0, warmup_time=0.05), clock=clock)
     assert st.warmup == 5 and st.count == 1  # warm-up runs for its time as well as its count
 
 
-class FakeEvents:
-    """CUDA-event stand-in on the host clock: records what the device timer does, in order."""
+class FakeBenchmark:
+    """Stands in for cupyx.profiler.benchmark: same call, same result fields (seconds per repeat);
+    stops after ``stop_after`` repeats when max_duration is finite, as a time limit would."""
 
-    def __init__(self):
-        self.log = []
+    def __init__(self, stop_after=None):
+        self.calls, self.stop_after = [], stop_after
 
-    def record(self):
-        self.log.append("record")
-        import time
-
-        return time.perf_counter()
-
-    def elapsed(self, start, end):
-        return end - start
-
-    def wait(self, event):
-        self.log.append("wait")
-
-    def synchronize(self):
-        self.log.append("sync")
-
-    def flush(self):
-        self.log.append("flush")
+    def __call__(self, func, n_repeat, n_warmup=10, max_duration=math.inf):
+        self.calls.append((n_repeat, n_warmup, max_duration))
+        for _ in range(n_warmup):
+            func()
+        n = min(n_repeat, self.stop_after) if self.stop_after and math.isfinite(max_duration) else n_repeat
+        for _ in range(n):
+            func()
+        gpu = np.linspace(1e-3, 2e-3, n)
+        return SimpleNamespace(gpu_times=gpu[None, :], cpu_times=gpu / 10)
 
 
-def test_time_device_flushes_before_each_repeat_outside_the_events():
-    ev = FakeEvents()
-    calls = []
-    st = harness.time_device(calls.append, harness.Settings(warmup=2, min_repeats=3, max_repeats=3, min_time=0), ev)
-    assert calls == [0, 1, 2, 3, 4] and st.count == 3 and st.warmup == 2
-    assert ev.log == ["sync"] + ["flush", "sync", "record", "record", "wait"] * 3
-    assert st.wall_median is not None and st.wall_median >= st.median
+def test_time_gpu_uses_events_after_warmup_and_keeps_the_minimum_count():
+    calls, fake = [], FakeBenchmark()
+    st = timing.time_gpu(calls.append, timing.Settings(warmup=2, min_repeats=3, max_repeats=3, min_time=0), fake)
+    assert calls == [0, 1, 2, 3, 4] and st.count == 3 and st.warmup == 2  # i counts every call: inputs rotate
+    assert fake.calls == [(3, 2, 0)] and st.median == pytest.approx(1.5e-3) and st.wall_median == pytest.approx(1.5e-4)
+    fake = FakeBenchmark(stop_after=2)  # max_duration ends the first call after 2 repeats
+    st = timing.time_gpu(lambda i: None, timing.Settings(warmup=1, min_repeats=5, max_repeats=100, min_time=0.1), fake)
+    assert st.count == 5 and fake.calls == [(100, 1, 0.1), (3, 0, math.inf)]
 
 
-class FakeCudaContender(bc.GpubpContender):
+def test_inputs_rotate_past_the_caches():
+    assert timing.rotation("cuda", 1 << 20, 50 << 20) == 100  # copies spanning twice the L2 size
+    assert timing.rotation("cuda", 1 << 10, 50 << 20) == 256 and timing.rotation("cuda", 1 << 30, 50 << 20) == 1
+    assert timing.rotation("cuda", 1 << 20, None) == 1  # L2 unknown
+    assert timing.rotation("cpu", 1 << 20, None) == 4 and timing.rotation("cpu", 64 << 20, None) == 1
+
+
+class FakeCudaContender(bk.GpubpContender):
     """gpubp's NumPy path dressed as a GPU contender, to run the GPU-target flow on the CPU."""
 
     def __init__(self):
@@ -122,29 +133,51 @@ class FakeCudaContender(bc.GpubpContender):
         return True, ""
 
     def backend(self):
-        from gpubp.backends import numpy_ref
+        from gpubp.backends.numpy_ref import BACKEND
 
-        return numpy_ref
+        return BACKEND
 
     def model(self, layers, dtype):
         import gpubp as gp
 
         return gp.Sequential(*layers, device="cpu", dtype=dtype, seed=0)
 
-    def events(self):
-        return FakeEvents()
+    def _copies(self, be, a, dtype, copies):
+        return [np.array(a, dtype=dtype, copy=True) for _ in range(copies)]
+
+    def timer(self, step, settings):
+        return timing.time_gpu(step, settings, FakeBenchmark())
 
     def release(self):
         pass
+
+
+def run_suite(cases, contenders, **opts):
+    return br.Runner(cases, contenders, br.Options(tier="smoke", **{**FAST, **opts})).run()
 
 
 def test_the_gpu_grid_runs_when_a_gpu_contender_can_run():
     res = run_suite(bc.select_cases("smoke", patterns=["loss:cross_entropy"]), [FakeCudaContender()])
     assert res["target"] == "gpu"
     assert [r["size_label"] for r in res["records"]] == ["N=4096 C=10", "N=4096 C=1000"]
-    assert all(r["status"] == "ok" and r["stats"]["wall_median_s"] > 0 for r in res["records"])
+    assert all(r["status"] == "ok" and r["stats"]["wall_median_s"] > 0 for r in res["records"]), res["records"]
     if cuda_status()[0] == 0:  # the GPU ceilings cannot be measured: said, not fatal
         assert "error" in res["ceilings"]["cuda"]
+
+
+def test_a_backend_that_counts_launches_gives_launches_per_step(monkeypatch):
+    from gpubp.backends.numpy_ref import BACKEND
+
+    counter = itertools.count(0, 7)  # 7 launches between any two readings
+    monkeypatch.setattr(BACKEND, "launch_count", lambda: next(counter), raising=False)
+    res = run_suite(bc.select_cases("smoke", patterns=["step:deep_narrow", "loss:*"]), [FakeCudaContender()])
+    step = [r for r in res["records"] if r["case"] == "step:deep_narrow"]
+    assert step and all(r["status"] == "ok" and r["launches_per_step"] == 7 for r in step)
+    assert all("launches_per_step" not in r for r in res["records"] if r["case"] == "loss:cross_entropy")
+    assert "7 kernel launches per step" in report.table(res)
+    monkeypatch.delattr(BACKEND, "launch_count")
+    res = run_suite(bc.select_cases("smoke", patterns=["step:deep_narrow"]), [FakeCudaContender()])
+    assert all("launches_per_step" not in r for r in res["records"])  # absent: skipped silently
 
 
 # --- the gate -----------------------------------------------------------------------------
@@ -152,25 +185,25 @@ def test_the_gpu_grid_runs_when_a_gpu_contender_can_run():
 
 def test_rel_err_is_relative_to_the_largest_reference_value():
     want = np.array([1.0, -4.0, 2.0])
-    assert harness.rel_err(want, want) == 0.0
-    assert harness.rel_err(want + [0.0, 0.0, 0.04], want) == pytest.approx(0.01)
-    assert harness.rel_err(want + 0.04, want, slack=0.05) == 0.0
-    assert harness.rel_err([1.0, np.nan, 2.0], want) == math.inf
+    assert accuracy.rel_err(want, want) == 0.0
+    assert accuracy.rel_err(want + [0.0, 0.0, 0.04], want) == pytest.approx(0.01)
+    assert accuracy.rel_err(want + 0.04, want, slack=0.05) == 0.0
+    assert accuracy.rel_err([1.0, np.nan, 2.0], want) == math.inf
     with pytest.raises(ValueError, match="shape"):
-        harness.rel_err(want[:2], want)
+        accuracy.rel_err(want[:2], want)
 
 
 def test_compare_refuses_missing_wrong_and_misshapen_results():
     want = {"a": np.ones(3), "b": np.full(2, 2.0)}
-    assert harness.compare({"a": np.ones(3), "b": np.full(2, 2.0)}, want, 1e-3).ok
-    g = harness.compare({"a": np.ones(3), "b": np.full(2, 2.02)}, want, 1e-3)
+    assert bc.compare({"a": np.ones(3), "b": np.full(2, 2.0)}, want, 1e-3).ok
+    g = bc.compare({"a": np.ones(3), "b": np.full(2, 2.02)}, want, 1e-3)
     assert not g.ok and g.worst == "b" and g.max_err == pytest.approx(0.01)
     assert "wrong result (max err 0.01 in 'b'" in g.message
-    assert not harness.compare({"a": np.ones(3)}, want, 1e-3).ok
-    assert not harness.compare({"a": np.ones(4), "b": np.full(2, 2.0)}, want, 1e-3).ok
+    assert not bc.compare({"a": np.ones(3)}, want, 1e-3).ok
+    assert not bc.compare({"a": np.ones(4), "b": np.full(2, 2.0)}, want, 1e-3).ok
 
 
-class WrongContender(bc.GpubpContender):
+class WrongContender(bk.GpubpContender):
     """gpubp's NumPy path with a 1% error (or NaN) put into what the gate sees; counts its steps."""
 
     def __init__(self, how: str = "scale") -> None:
@@ -190,32 +223,28 @@ class WrongContender(bc.GpubpContender):
             out[key] = out[key] * 1.01 if self.how == "scale" else np.full_like(out[key], np.nan)
             return out
 
-        return bc.Prepared(step, result, prep.close)
-
-
-def run_suite(cases, contenders, **opts):
-    options = harness.Options(tier="smoke", **{**FAST, **opts})
-    return harness.Runner(cases, contenders, options, log=lambda s: None).run()
+        return bk.Prepared(step, result)
 
 
 @pytest.mark.parametrize("how", ["scale", "nan"])
 def test_a_wrong_result_is_refused_and_never_timed(how):
     wrong = WrongContender(how)
     res = run_suite(bc.select_cases("smoke", patterns=["dense_fwd_bwd:relu"]),
-                    [bc.make_contenders(["numpy"])[0], wrong])
+                    [bk.make_contenders(["numpy"])[0], wrong])
     mine = [r for r in res["records"] if r["contender"] == wrong.name]
     assert len(mine) == 4 and all(r["status"] == "refused" for r in mine)
     assert all(r["reason"].startswith("wrong result (max err") and "stats" not in r for r in mine)
     assert wrong.steps == 4  # one gate step per size, no warm-up, no timing
     ok = [r for r in res["records"] if r["contender"] == "numpy"]
     assert all(r["status"] == "ok" and r["gate"]["max_err"] < 1e-5 for r in ok)
+    assert all(r["gate"]["tol"] == accuracy.gate_tolerance("float32") for r in ok)  # the contract's tolerance
     assert res["headline"] == []  # nothing timed beside the primary
 
 
 def test_the_gate_checks_a_reduced_batch_when_the_reference_costs_too_much():
-    res = run_suite(bc.select_cases("smoke", patterns=["dense_fwd:relu"]), bc.make_contenders(["numpy"]),
+    res = run_suite(bc.select_cases("smoke", patterns=["dense_fwd:relu"]), bk.make_contenders(["numpy"]),
                     gate_flops=1e3)
-    big = [r for r in res["records"] if r["size"]["batch"] == 256]
+    big = [r for r in res["records"] if r["size"]["N"] == 256]
     assert big and all(r["status"] == "ok" and r["gate"]["reduced"] for r in big)
     assert big[0]["gate"]["size"].startswith("N=64 ")
 
@@ -228,7 +257,7 @@ def test_a_relu_kink_flipped_by_rounding_is_accepted_but_other_errors_are_not():
     b = rng.standard_normal(3).astype(np.float32)
     b[0] = -(x[0].astype(np.float64) @ w[:, 0].astype(np.float64))  # z[0, 0] = 0 up to rounding
     da = rng.standard_normal((8, 3)).astype(np.float32)
-    ref = case.reference({"x": x, "w": w, "b": b, "da": da})
+    ref = case.reference({"x": x, "w": w, "b": b, "da": da}, accuracy.unit_roundoff("float32"))
     assert ref["slack"]["db"][0] > 0 and ref["slack"]["db"][1:].max() == 0
     # the result of a contender whose z[0, 0] rounded to the other side of the kink
     flipped = {k: ref[k].copy() for k in ("a", "dx", "dW", "db")}
@@ -237,14 +266,14 @@ def test_a_relu_kink_flipped_by_rounding_is_accepted_but_other_errors_are_not():
     flipped["dW"][:, 0] += sign * x[0] * da[0, 0]
     flipped["dx"][0] += sign * da[0, 0] * w[:, 0]
     assert case.compare(flipped, ref, 1e-3).ok
-    assert not harness.compare(flipped, {k: ref[k] for k in flipped}, 1e-3).ok  # without the slack: refused
+    assert not bc.compare(flipped, {k: ref[k] for k in flipped}, 1e-3).ok  # without the allowance: refused
     flipped["db"][1] *= 1.01
     assert not case.compare(flipped, ref, 1e-3).ok
 
 
 def test_step_and_optimizer_gates_see_a_wrong_update():
     case = bc.StepCase("deep_narrow")
-    inputs = case.restrict(case.inputs({"batch": 64}, 0), {"batch": 64})
+    inputs = case.restrict(case.inputs({"N": 64}, 0), {"N": 64})
     ref = case.reference(inputs)
     good = {"loss": ref["loss"], "grads": ref["grads"], "params": ref["params"].astype(np.float32)}
     assert case.compare(good, ref, 1e-3).ok
@@ -254,7 +283,7 @@ def test_step_and_optimizer_gates_see_a_wrong_update():
     assert not g.ok and g.worst.startswith("update ")
 
     opt = bc.OptimCase("adam")
-    inp = opt.inputs({"params": 5000}, 0)
+    inp = opt.inputs({"P": 5000}, 0)
     ref = opt.reference(inp)
     p = inp["p"].astype(np.float64)
     p[ref["index"]] = ref["p"]
@@ -269,29 +298,36 @@ def test_step_and_optimizer_gates_see_a_wrong_update():
 def test_case_selection_by_group_name_and_glob():
     quick = [c.name for c in bc.select_cases("quick")]
     assert "dense_fwd:relu" in quick and "dense_fwd:gelu" in quick and "dense_fwd:silu" not in quick
-    assert {"step:mnist_mlp", "step:deep_narrow", "step:wide", "optim:adam", "loss:cross_entropy"} <= set(quick)
+    assert {"step:mnist_mlp", "step:deep_narrow", "step:wide", "optim:adam", "optim:sgd_momentum",
+            "loss:cross_entropy"} <= set(quick)
     assert [c.name for c in bc.select_cases("quick", patterns=["dense_fwd"])] == ["dense_fwd:relu", "dense_fwd:gelu"]
     assert len(bc.select_cases("full", patterns=["dense_fwd_bwd"])) == 10
     assert [c.name for c in bc.select_cases("quick", patterns=["dense_*:silu"])] == ["dense_fwd:silu", "dense_fwd_bwd:silu"]
     with pytest.raises(ValueError, match="no case matches 'nope'"):
         bc.select_cases("quick", patterns=["nope"])
     with pytest.raises(ValueError, match="unknown 'cuda-magic'"):
-        bc.make_contenders(["cuda-magic"])
+        bk.make_contenders(["cuda-magic"])
 
 
 def test_work_counts_follow_the_stated_formulas():
     fwd, both = bc.LayerCase("fwd", "relu"), bc.LayerCase("fwd_bwd", "relu")
-    size = {"batch": 256, "width": 64}
+    size = {"N": 256, "W": 64}
     assert fwd.work(size).flops == 2 * 256 * 64 * 64 and both.work(size).flops == 6 * 256 * 64 * 64
     assert fwd.throughput(size, 1e-3) == pytest.approx(2 * 256 * 64 * 64 / 1e-3 / 1e9)
-    assert bc.OptimCase("adam").work({"params": 10}).bytes == 7 * 4 * 10
-    assert bc.OptimCase("sgd_momentum").work({"params": 10}).bytes == 5 * 4 * 10
+    assert bc.OptimCase("adam").work({"P": 10}).bytes == 7 * 4 * 10
+    assert bc.OptimCase("sgd_momentum").work({"P": 10}).bytes == 5 * 4 * 10
+    assert bc.OptimCase("adam").throughput({"P": 10}, 1e-3) == pytest.approx(7 * 4 * 10 / 1e-3 / 1e9)
     mnist = bc.StepCase("mnist_mlp")
-    assert mnist.work({"batch": 1}).flops == 4 * 784 * 1024 + 6 * 1024 * 1024 + 6 * 1024 * 10
+    assert mnist.work({"N": 1}).flops == 4 * 784 * 1024 + 6 * 1024 * 1024 + 6 * 1024 * 10
+    assert mnist.throughput({"N": 4096}, 0.5) == 8192  # samples/s
     sizes, note = mnist.grid("quick", "cpu")
-    assert sizes == [{"batch": 256}] and note.startswith("reduced")
-    assert mnist.grid("quick", "gpu") == ([{"batch": 4096}], "")
+    assert sizes == [{"N": 256}] and note.startswith("reduced")
+    assert mnist.grid("quick", "gpu") == ([{"N": 4096}], "")
     assert bc.StepCase("wide").grid("quick", "cpu")[0] == []
+    assert bc.StepCase("wide").grid("quick", "gpu")[0] == [{"N": 8192}]
+    assert bc.StepCase("deep_narrow").grid("quick", "gpu")[0] == [{"N": 2**18}]
+    assert bc.OptimCase("adam").grid("quick", "gpu")[0] == [{"P": 100_000_000}]
+    assert bc.OptimCase("adam").label({"P": 100_000_000}) == "P=100M"
 
 
 def test_big_inputs_repeat_a_prime_length_block(monkeypatch):
@@ -304,7 +340,7 @@ def test_big_inputs_repeat_a_prime_length_block(monkeypatch):
 @pytest.mark.skipif(cuda_status()[0] > 0, reason="a GPU is present")
 def test_gpu_contenders_say_why_they_cannot_run():
     why = cuda_status()[1]
-    by_name = {c.name: c for c in bc.make_contenders()}
+    by_name = {c.name: c for c in bk.make_contenders(compile_=True)}
     for name in ("gpubp", "gpubp-unfused"):
         ok, reason = by_name[name].available()
         assert not ok and why in reason
@@ -319,9 +355,10 @@ def test_ratios_and_headline_come_from_medians_at_the_same_size():
 
     records = [rec("gpubp", "a", 1.0), rec("torch", "a", 2.0), rec("gpubp", "b", 1.0), rec("torch", "b", 8.0),
                rec("torch", "c", 3.0)]
-    harness.add_ratios(records, "gpubp")
+    br.add_ratios(records, "gpubp")
     assert [r["speedup_of_primary"] for r in records] == [1.0, 2.0, 1.0, 8.0, None]
-    (h,) = harness.headline(records, "gpubp")
+    assert records[0]["vs"] == {"torch": 2.0} and records[1]["vs"] == {"gpubp": 0.5} and records[4]["vs"] == {}
+    (h,) = br.headline(records, "gpubp")
     assert h["contender"] == "torch" and h["geomean"] == pytest.approx(4.0) and (h["min"], h["max"], h["sizes"]) == (2, 8, 2)
 
 
@@ -361,14 +398,16 @@ def test_results_json_has_every_field(smoke_run):
         assert key in res, key
     env = res["environment"]
     assert env["cpu"]["model"] and env["cpu"]["logical_cpus"] >= 1
-    assert env["blas"]["name"] and "threads" in env["blas"] and "threads_source" in env["blas"]
+    assert env["blas"]["name"] and "threads" in env["blas"] and env["blas"]["threads_source"] == "threadpoolctl"
+    assert isinstance(env["blas"]["threads"], int) and env["blas"]["threads"] >= 1  # read by threadpoolctl
     assert env["git"]["commit"] and env["date"] and env["tf32"]["requested"] is False
     for dist in ("python", "gpubp", "numpy", "numba", "cupy-cuda13x", "cupy-cuda12x", "torch", "matplotlib"):
         assert dist in env["versions"]
     assert "available" in env["gpu"] and (env["gpu"]["available"] or env["gpu"]["reason"])
+    assert res["timing"]["tolerances"] == accuracy.GATE
     cpu = res["ceilings"]["cpu"]
     assert cpu["bandwidth_Bps"] > 0 and cpu["flops"] > 0 and cpu["copy"]["count"] >= 3
-    assert {c["name"] for c in res["contenders"]} == set(bc.CONTENDER_NAMES)
+    assert {c["name"] for c in res["contenders"]} == set(bk.CONTENDER_NAMES)
     ok = [r for r in res["records"] if r["status"] == "ok"]
     assert ok and all(r["status"] in ("ok", "skipped") for r in res["records"]), [
         (r["case"], r["contender"], r["reason"]) for r in res["records"] if r["status"] != "ok"]
@@ -378,7 +417,7 @@ def test_results_json_has_every_field(smoke_run):
         assert r["gate"]["ok"] and r["gate"]["max_err"] <= r["gate"]["tol"]
         assert r["throughput"] > 0 and r["floor_s"] > 0 and r["speedup_of_primary"] > 0
         assert "of_peak_flops" in r["fraction"] and "of_bandwidth" in r["fraction"]
-        assert r["work"]["items"] > 0 and r["size_label"] and r["unit"]
+        assert r["work"]["items"] > 0 and r["size_label"] and r["unit"] and isinstance(r["vs"], dict)
     if any(r["contender"] == "torch-cpu" for r in ok):
         assert any(h["contender"] == "torch-cpu" for h in res["headline"])
 
@@ -407,20 +446,34 @@ def test_without_matplotlib_the_plots_are_skipped_and_said_so(smoke_run, tmp_pat
     assert "matplotlib is not installed" in data["plots_skipped"]
 
 
+def test_no_plots_writes_none(tmp_path, capsys):
+    code = cli.run(bench_args("--smoke", "--cases", "loss", "--contenders", "numpy", "--out", str(tmp_path),
+                              "--quiet", "--no-plots", "--warmup-time", "0"))
+    assert code == 0 and not list(tmp_path.glob("*.png")) and (tmp_path / "summary.md").exists()
+    assert "0 plot(s)" in capsys.readouterr().out
+
+
 def test_list_prints_cases_and_contenders(capsys):
     assert cli.run(bench_args("--list", "--cases", "step")) == 0
     out = capsys.readouterr().out
     assert "step:mnist_mlp" in out and "dense_fwd" not in out and "torch-compile" in out
 
 
-def test_results_folder_is_named_by_date_and_device(tmp_path, monkeypatch):
+def test_results_go_outside_the_checkout_by_default(tmp_path, monkeypatch):
     env = {"date": "2026-01-02T03:04:05+00:00", "gpu": {"available": True, "name": "NVIDIA H100 80GB HBM3"},
            "cpu": {"model": "AMD EPYC"}}
+    monkeypatch.delenv("GPUBP_BENCH_DIR", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     folder = cli.default_folder({"environment": env})
-    assert folder.parent.name == "results" and folder.parent.parent.name == "bench"
-    assert folder.name == "2026-01-02-nvidia-h100-80gb-hbm3"
+    assert not folder.resolve().is_relative_to(ROOT) and folder.name == "2026-01-02-nvidia-h100-80gb-hbm3"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert cli.default_folder({"environment": env}).parent == tmp_path / "data" / "gpubp" / "bench"
+    monkeypatch.setenv("GPUBP_BENCH_DIR", str(tmp_path / "runs"))
     env["gpu"] = {"available": False, "reason": "no driver"}
-    assert cli.default_folder({"environment": env}).name.startswith("2026-01-02-amd-epyc")
+    folder = cli.default_folder({"environment": env})
+    assert folder.parent == tmp_path / "runs" and folder.name.startswith("2026-01-02-amd-epyc")
+    folder.mkdir(parents=True)
+    assert cli.default_folder({"environment": env}).name == folder.name + "-2"  # an earlier run is kept
 
 
 def test_unknown_names_are_refused_before_anything_runs():
@@ -430,10 +483,54 @@ def test_unknown_names_are_refused_before_anything_runs():
         cli.run(bench_args("--contenders", "jax"))
 
 
+def test_the_gpubp_command_reaches_bench(capsys):
+    from gpubp.cli import main
+
+    assert main(["bench", "--list", "--cases", "optim"]) == 0
+    assert "optim:adam" in capsys.readouterr().out
+
+
 def test_importing_gpubp_loads_neither_bench_nor_torch():
-    code = "import sys, gpubp; print(sorted(m for m in sys.modules if m.startswith('gpubp.bench') or m.split('.')[0] in ('torch', 'cupy', 'matplotlib')))"
+    code = ("import sys, gpubp; print(sorted(m for m in sys.modules if m.startswith('gpubp.bench') or "
+            "m.split('.')[0] in ('torch', 'cupy', 'cupyx', 'matplotlib', 'threadpoolctl') or m == 'numba.cuda'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def _bench_imports(path: Path) -> set[str]:
+    """The gpubp.bench modules a module imports, at the top or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gpubp.bench"):
+            names = [node.module] if node.module != "gpubp.bench" else [f"gpubp.bench.{a.name}" for a in node.names]
+            out |= {n.split(".")[2] for n in names if n.count(".") >= 2}
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[2] for a in node.names if a.name.startswith("gpubp.bench.")}
+    return out
+
+
+def test_bench_modules_form_a_one_way_layering():
+    modules = {p.stem: _bench_imports(p) for p in BENCH.glob("*.py") if p.stem != "__init__"}
+    assert set(modules) >= {"timing", "env", "cases", "contenders", "run", "report", "cli"}
+
+    def reach(m):  # every module m imports, directly or through others
+        seen, todo = set(), list(modules.get(m, ()))
+        while todo:
+            d = todo.pop()
+            if d not in seen:
+                seen.add(d)
+                todo += modules.get(d, ())
+        return seen
+
+    for name in modules:
+        assert name not in reach(name), f"gpubp.bench.{name} imports a module that imports it back"
+    assert not _bench_imports(BENCH / "__init__.py")
+    for name in sorted(modules):  # each imports alone, and loads only modules below it
+        code = (f"import sys; import gpubp.bench.{name}; "
+                "print(sorted(m.split('.')[2] for m in sys.modules if m.startswith('gpubp.bench.')))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        loaded = set(json.loads(r.stdout.strip().replace("'", '"'))) - {name}
+        assert all(name not in modules[m] and name not in reach(m) for m in loaded), (name, loaded)
 
 
 def test_fraction_formatting_and_times():

@@ -1,12 +1,13 @@
-"""gpubp.bench: the benchmark suite behind ``gpubp bench``.
+"""gpubp.bench: the benchmark suite behind ``gpubp bench``. Modules, each importing only those above it:
 
-    harness   timing (CUDA events / perf_counter), statistics, the correctness gate,
-              ceilings (copy bandwidth, matmul FLOP/s), environment capture, the runner
-    cases     the cases (dense layers, training steps, optimizers, loss) and the
-              contenders (gpubp fused and unfused, NumPy, PyTorch eager / compiled)
-    report    the text table, results.json, summary.md and PNG plots
-    cli       ``add_parser(subparsers)`` and ``run(args)`` for ``gpubp bench``
+    timing       statistics, host timing, GPU timing (cupyx.profiler.benchmark), ceilings
+    env          the environment of a run (GPU, CPU, BLAS threads via threadpoolctl, versions, commit)
+    report       the text table, results.json, summary.md and PNG plots
+    cases        cases, their work, float64 references and correctness gates
+    contenders   gpubp fused and unfused, NumPy, PyTorch eager / compiled, on the GPU and the CPU
+    run          the runner: gate, timing, ratios, headline
+    cli          ``add_parser(subparsers)`` and ``run(args)`` for ``gpubp bench``
 
-Nothing here is imported by ``import gpubp``; CuPy, PyTorch and matplotlib are
-imported only when a run needs them. See bench/README.md for how to read a run.
+``import gpubp`` imports none of it; CuPy, PyTorch and matplotlib load only when a run needs them.
+See bench/README.md for how to read a run.
 """

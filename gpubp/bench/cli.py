@@ -1,36 +1,29 @@
-"""``gpubp bench``: run the benchmark suite, print the table, write results.json, summary.md and plots.
-
-``add_parser(subparsers)`` adds the subcommand to the ``gpubp`` parser; ``run(args)``
-runs it and returns the exit status: 0, or 1 when a gpubp contender gave a wrong
-result (refused by the correctness gate) or failed.
-"""
+"""``gpubp bench``: ``add_parser(subparsers)`` adds the subcommand; ``run(args)`` runs it and returns the exit
+status: 0, or 1 when a gpubp contender gave a wrong result (refused by the gate) or failed."""
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 DESCRIPTION = """\
 Benchmark gpubp against its unfused path, NumPy and PyTorch on this machine.
 
-Every result is first checked against the float64 NumPy reference; a wrong one is
-refused and not timed. GPU work is timed with CUDA events (warm-up, L2 flushed,
-median of many repeats), CPU work with perf_counter. Copy bandwidth and matmul
-FLOP/s are measured in the same run and each figure is also given as a fraction
-of them. Without a GPU the CPU cases run and the reason the GPU ones cannot is
-printed.
+Every result is first checked against the float64 NumPy reference; a wrong one is refused and not
+timed. GPU work is timed with CUDA events (cupyx.profiler.benchmark), CPU work with perf_counter:
+warm-up first, the median of many repeats. Copy bandwidth and matmul FLOP/s are measured in the same
+run and each figure is also given as a fraction of them. Without a GPU the CPU cases run and the
+reason the GPU ones cannot is printed. Results go to a new folder under $GPUBP_BENCH_DIR, else
+$XDG_DATA_HOME/gpubp/bench (~/.local/share/gpubp/bench), unless --out says otherwise.
 """
-
 EPILOG = """\
-cases (--cases takes names, groups, prefixes or globs, comma-separated):
-  dense_fwd:<act>, dense_fwd_bwd:<act>   one dense layer, per activation
-  step:mnist_mlp, step:deep_narrow, step:wide   a whole training step
-  optim:adam, optim:sgd_momentum          the optimizer step alone
-  loss:cross_entropy                      softmax cross-entropy value + gradient
-contenders (--contenders): gpubp, gpubp-unfused, torch-cuda, torch-compile, numpy, torch-cpu
+cases: dense_fwd:<act>, dense_fwd_bwd:<act>, step:mnist_mlp, step:deep_narrow, step:wide,
+       optim:adam, optim:sgd_momentum, loss:cross_entropy (names, groups or globs)
+contenders: gpubp, gpubp-unfused, torch-cuda, torch-compile, numpy, torch-cpu
 
 examples:
   gpubp bench                              quick suite (CPU grid when there is no GPU)
@@ -41,29 +34,18 @@ examples:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench`` to the ``gpubp`` subcommands (``subparsers`` from ``add_subparsers``)."""
-    p = subparsers.add_parser(
-        "bench",
-        help="benchmark gpubp against NumPy and PyTorch on this machine",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("bench", help="benchmark gpubp against NumPy and PyTorch on this machine",
+                              description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     tier = p.add_mutually_exclusive_group()
     tier.add_argument("--full", dest="tier", action="store_const", const="full",
                       help="the full grid: every width, batch and activation; torch.compile on (long)")
     tier.add_argument("--smoke", dest="tier", action="store_const", const="smoke",
                       help="tiny sizes and few repeats: checks that the suite runs (seconds)")
-    p.set_defaults(tier="quick")
+    p.set_defaults(tier="quick", func=run)
     p.add_argument("--cases", default=None, help="comma-separated case names, groups, prefixes or globs")
     p.add_argument("--contenders", default=None, help="comma-separated contender names (default: all that can run)")
-    p.add_argument("--out", default=None,
-                   help="folder for results.json, summary.md and the plots (default: bench/results/<date>-<device>)")
+    p.add_argument("--out", default=None, help="folder for results.json, summary.md and the plots "
+                   "(default: a new folder under $GPUBP_BENCH_DIR or the user data folder, outside the checkout)")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--tf32", action="store_true",
@@ -78,31 +60,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="above this float64 reference cost the gate checks a reduced batch (default 2e10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     p.add_argument("--warmup-time", type=float, default=None, metavar="SECONDS",
-                   help="untimed seconds before timing (default 0.15 on the CPU: lets other threads settle)")
+                   help="untimed seconds before CPU timing (default 0.15: lets other threads settle)")
     p.add_argument("--repeats", type=int, default=None, help="minimum timed repeats per figure")
     p.add_argument("--min-time", type=float, default=None, metavar="SECONDS", help="minimum timed seconds per figure")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="list the cases and contenders this run would use, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
 
 
 def _split(text: str | None) -> list[str] | None:
-    if not text:
-        return None
-    return [t.strip() for t in text.split(",") if t.strip()]
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def results_root() -> Path:
+    """$GPUBP_BENCH_DIR, else $XDG_DATA_HOME/gpubp/bench (~/.local/share/gpubp/bench), else the temp folder."""
+    if os.environ.get("GPUBP_BENCH_DIR"):
+        return Path(os.environ["GPUBP_BENCH_DIR"])
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    root = data / "gpubp" / "bench"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    except OSError:
+        return Path(tempfile.gettempdir()) / "gpubp-bench"
 
 
 def default_folder(results: dict[str, Any]) -> Path:
-    """bench/results/<date>-<gpu or cpu name>/ in a gpubp checkout (else under the current folder);
-    a -2, -3, ... suffix keeps an earlier run of the same day."""
-    import gpubp
-    from gpubp.bench.report import slug
+    """<results root>/<date>-<gpu or cpu name>; a -2, -3, ... suffix keeps an earlier run of the same day."""
+    from gpubp.bench.report import slug, where
 
-    root = Path(gpubp.__file__).resolve().parents[1]
-    base = root / "bench" / "results" if (root / "bench").is_dir() else Path.cwd() / "bench" / "results"
-    env = results["environment"]
-    who = env["gpu"]["name"] if env["gpu"].get("available") else env["cpu"]["model"]
-    name = f"{env['date'][:10]}-{slug(who)}"
+    base = results_root()
+    name = f"{results['environment']['date'][:10]}-{slug(where(results))}"
     folder, k = base / name, 2
     while folder.exists():
         folder, k = base / f"{name}-{k}", k + 1
@@ -111,61 +100,46 @@ def default_folder(results: dict[str, Any]) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``gpubp bench`` with parsed ``args``; returns the exit status."""
-    if getattr(args, "tf32", False):
-        os.environ["CUPY_TF32"] = "1"  # read by CuPy when it is imported: set before anything imports it
-    from gpubp.bench import cases as bench_cases
-    from gpubp.bench import harness, report
+    if args.tf32:
+        os.environ["CUPY_TF32"] = "1"  # read when CuPy is imported: set before anything imports it
+    from gpubp.bench import report
+    from gpubp.bench.cases import select_cases
+    from gpubp.bench.contenders import make_contenders
+    from gpubp.bench.run import Options, Runner
 
     tier = args.tier
-    selected = bench_cases.select_cases(tier, args.dtype, _split(args.cases))
-    compile_on = args.compile if args.compile is not None else tier == "full"
-    contenders = bench_cases.make_contenders(
-        _split(args.contenders), compile_=compile_on, tf32=args.tf32,
-        compile_reason=f"off in the {tier} suite: compiling takes longer than the suite (--compile turns it on)",
-    )
+    cases = select_cases(tier, args.dtype, _split(args.cases))
+    contenders = make_contenders(_split(args.contenders), args.compile if args.compile is not None else tier == "full",
+                                 args.tf32, f"off in the {tier} suite: compiling takes longer than the suite "
+                                 "(--compile turns it on)")
     if args.list:
-        print("cases:")
-        for c in selected:
-            print(f"  {c.name:<24} {c.title}")
-        print("contenders:")
-        for c in contenders:
-            print(f"  {c.name:<24} {c.description}")
+        print("cases:\n" + "\n".join(f"  {c.name:<24} {c.title}" for c in cases))
+        print("contenders:\n" + "\n".join(f"  {c.name:<24} {c.description}" for c in contenders))
         return 0
-    options = harness.Options(
-        tier=tier, dtype=args.dtype, tf32=args.tf32, seed=args.seed, cpu_budget=args.cpu_budget,
-        gate_flops=args.gate_flops, warmup=args.warmup, warmup_time=args.warmup_time,
-        min_repeats=args.repeats, min_time=args.min_time,
-        progress=not args.quiet,
-    )
-    runner = harness.Runner(selected, contenders, options)
+    options = Options(tier=tier, dtype=args.dtype, tf32=args.tf32, seed=args.seed, cpu_budget=args.cpu_budget,
+                      gate_flops=args.gate_flops, warmup=args.warmup, warmup_time=args.warmup_time,
+                      min_repeats=args.repeats, min_time=args.min_time, progress=not args.quiet)
+    runner = Runner(cases, contenders, options)
     plan = runner.prepare()
-    print(f"gpubp bench ({tier}): {len(selected)} cases, {plan['runs']} runs on the {plan['target'].upper()} grid",
+    print(f"gpubp bench ({tier}): {len(cases)} cases, {plan['runs']} runs on the {plan['target'].upper()} grid",
           flush=True)
-    off = [c for c in plan["contenders"] if not c["available"]]
-    for c in off:
-        print(f"  not run: {c['name']} ({c['device']}): {c['reason']}", flush=True)
+    for c in plan["contenders"]:
+        if not c["available"]:
+            print(f"  not run: {c['name']} ({c['device']}): {c['reason']}", flush=True)
     if not any(c["available"] for c in plan["contenders"]):
         print("gpubp bench: no contender can run here")
         return 1
-    started = _dt.datetime.now()
+    started = time.perf_counter()
     results = runner.run()
-    print()
-    print(report.header(results))
-    print()
-    print(report.table(results))
-    print()
-    print(report.headline_text(results))
+    print(f"\n{report.header(results)}\n\n{report.table(results)}\n\n{report.headline_text(results)}")
     folder = Path(args.out) if args.out else default_folder(results)
     written = report.write_all(results, folder, plots=not args.no_plots)
-    n_plots = sum(1 for k in written if k.startswith("plot:"))
-    took = (_dt.datetime.now() - started).total_seconds()
-    print(f"\nwrote {folder}/: results.json, summary.md, {n_plots} plot(s)  ({took:.1f} s)")
+    n_plots = sum(k.startswith("plot:") for k in written)
+    print(f"\nwrote {folder}/: results.json, summary.md, {n_plots} plot(s)  ({time.perf_counter() - started:.1f} s)")
     if "plots_skipped" in results:
         print(f"plots skipped: {results['plots_skipped']}")
-    ours = {"gpubp", "gpubp-unfused", "numpy"}
-    bad = [r for r in results["records"]
-           if r["status"] == "refused" or (r["status"] == "error" and r["contender"] in ours)]
+    bad = [r for r in results["records"] if r["status"] == "refused" or
+           (r["status"] == "error" and r["contender"] in ("gpubp", "gpubp-unfused", "numpy"))]
     if bad:
         print(f"gpubp bench: {len(bad)} run(s) refused or failed (see above)")
-        return 1
-    return 0
+    return 1 if bad else 0

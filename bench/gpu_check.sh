@@ -102,19 +102,21 @@ stage0() {
                           -o -name '*.h' -o -name '*.sh' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)"
   echo "host          $(uname -srm), $(nproc) CPUs"
   echo "== nvidia-smi"
-  timeout 30 nvidia-smi || echo "nvidia-smi: not available (exit $?)"
-  timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm,power.limit \
+  timeout --foreground 30 nvidia-smi || echo "nvidia-smi: not available (exit $?)"
+  timeout --foreground 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm,power.limit \
     --format=csv 2>/dev/null
   echo "== gpubp info"
-  "$PY" -m gpubp info
+  timeout --foreground -k 5 60 "$PY" -m gpubp info
   echo "== bench/gpu_smoke.py"
-  local smoke=0 header=0 out
-  out=$("$PY" "$REPO/bench/gpu_smoke.py" $(rehearsing && echo --rehearse) 2>&1) || smoke=1
-  echo "$out"
-  local note
-  note=$(grep -E '^smoke:' <<<"$out" || echo "smoke: did not finish")
+  local smoke=0 header=0 out note
+  # Its own limit, and its lines in the log as they come: a hang here keeps the header check.
+  timeout --foreground -k 5 45 "$PY" "$REPO/bench/gpu_smoke.py" $(rehearsing && echo --rehearse) 2>&1 \
+    | tee "$GPUBP_CHECK_WORK/smoke.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || smoke=1
+  note=$(grep -E '^smoke:' "$GPUBP_CHECK_WORK/smoke.txt" || echo "smoke: did not finish")
   echo "== the test suite's own header"
-  out=$(cd "$REPO" && "$PY" -m pytest -p no:cacheprovider --co tests/test_numba_cuda.py -k mode_agrees 2>&1)
+  out=$(cd "$REPO" && timeout --foreground -k 5 45 "$PY" -m pytest -p no:cacheprovider --co tests/test_numba_cuda.py \
+    -k mode_agrees 2>&1)
   echo "$out"
   local hdr
   hdr=$(grep -m1 -E '^numba cuda kernels: ' <<<"$out" | sed 's/^numba cuda kernels: //')
@@ -126,8 +128,8 @@ stage0() {
     echo "suite header: not the GPU; expected in a rehearsal (xfail)"
     header=$XFAIL
     echo "== GPUBP_REQUIRE_GPU=1 must stop the suite here"
-    out=$(cd "$REPO" && GPUBP_REQUIRE_GPU=1 "$PY" -m pytest -p no:cacheprovider --co tests/test_numba_cuda.py \
-      -k mode_agrees 2>&1)
+    out=$(cd "$REPO" && GPUBP_REQUIRE_GPU=1 timeout --foreground -k 5 45 "$PY" -m pytest -p no:cacheprovider \
+      --co tests/test_numba_cuda.py -k mode_agrees 2>&1)
     local rc=$?
     echo "$out"
     if [ $rc -ne 0 ] && grep -q "GPUBP_REQUIRE_GPU=1 but no GPU can be used" <<<"$out"; then
@@ -245,7 +247,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-GPU_NAME=$(timeout 30 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+GPU_NAME=$(timeout --foreground 30 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 if [ -z "$OUT" ]; then
   [ $REHEARSE = 1 ] && { echo "gpu_check.sh: --rehearse needs an OUT_DIR" >&2; exit 2; }
   OUT="$REPO/bench/results/$(date -u +%Y-%m-%d)-$(tr '[:upper:] ' '[:lower:]-' <<<"${GPU_NAME:-no-gpu}")"
@@ -280,7 +282,7 @@ SUMMARY="$OUT/summary.txt"
   echo "gpubp GPU check$([ $REHEARSE = 1 ] && echo " (REHEARSAL: no GPU; selections reduced unless GPUBP_REHEARSE_FULL=1)")"
   echo "date    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit  $GPUBP_CHECK_COMMIT"
-  echo "gpu     $(timeout 30 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
+  echo "gpu     $(timeout --foreground 30 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
   echo "python  $("$PY" -c 'import platform; print(platform.python_version())' 2>&1)"
   echo "budget  ${BUDGET} s; stages run: $STAGES"
   echo

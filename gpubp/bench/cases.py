@@ -11,7 +11,7 @@ import fnmatch
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -84,9 +84,6 @@ class Gate:
     message: str = ""
     size: str = ""  # the size checked: a reduced batch when the reference would cost too much
     reduced: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "max_err": self.max_err if math.isfinite(self.max_err) else str(self.max_err)}
 
 
 def compare(result: dict[str, Any], expected: dict[str, Any], tol: float, slack: dict | None = None) -> Gate:
@@ -191,6 +188,9 @@ class Case:
         peak, bw, w = ceil.get("flops"), ceil.get("bandwidth_Bps"), self.work(size)
         return max((w.flops or 0) / peak, self.cpu_passes * w.bytes / bw) if peak and bw else None
 
+    def compare(self, result: dict[str, Any], expected: dict[str, Any], tol: float) -> Gate:
+        return compare(result, {k: v for k, v in expected.items() if k != "slack"}, tol, expected.get("slack"))
+
     def _note(self, what: str, stated: int, sizes: list[int], target: str) -> str:
         return "" if stated in sizes else (f"reduced: {what} {', '.join(map(fmt_count, sizes))} instead of "
                                            f"the stated {fmt_count(stated)} ({target} grid)")
@@ -237,9 +237,6 @@ class LayerCase(Case):
         c = chain([self.activation], [w], [b], x, _f64(inputs["da"]), u, True)
         [(dw, db)], [(s_dw, s_db)] = c["grads"], c["slack"]
         return {"a": c["hs"][-1], "dx": c["dx"], "dW": dw, "db": db, "slack": {"dx": c["s_dx"], "dW": s_dw, "db": s_db}}
-
-    def compare(self, result: dict[str, Any], expected: dict[str, Any], tol: float) -> Gate:
-        return compare(result, {k: v for k, v in expected.items() if k != "slack"}, tol, expected.get("slack"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -381,8 +378,9 @@ class OptimCase(Case):
     def compare(self, result: dict[str, Any], expected: dict[str, Any], tol: float) -> Gate:
         if "p" not in result:
             return Gate(False, math.inf, "p", tol, "no 'p' in the result")
-        got = {"update": _f64(np.asarray(result["p"])[expected["index"]]) - expected["p0"]}
-        return compare(got, {"update": expected["p"] - expected["p0"]}, tol, {"update": _ulp(expected["p"], self.dtype)})
+        got, p0 = _f64(np.asarray(result["p"])[expected["index"]]), expected["p0"]
+        ulp = _ulp(expected["p"], self.dtype)
+        return compare({"update": got - p0}, {"update": expected["p"] - p0}, tol, {"update": ulp})
 
 
 class LossCase(Case):
@@ -415,9 +413,6 @@ class LossCase(Case):
         logits = _f64(inputs["logits"])
         value, grad = numpy_ref.cross_entropy(logits, inputs["y"], 1.0 / logits.shape[0])
         return {"value": np.float64(value), "grad": grad}
-
-    def compare(self, result: dict[str, Any], expected: dict[str, Any], tol: float) -> Gate:
-        return compare(result, expected, tol)
 
 
 def all_cases(dtype: str = "float32") -> list[Case]:

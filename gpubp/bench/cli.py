@@ -11,31 +11,23 @@ from pathlib import Path
 from typing import Any
 
 DESCRIPTION = """\
-Benchmark gpubp against its unfused path, NumPy and PyTorch on this machine.
-
-Every result is first checked against the float64 NumPy reference; a wrong one is refused and not
-timed. GPU work is timed with CUDA events (cupyx.profiler.benchmark), CPU work with perf_counter:
-warm-up first, the median of many repeats. Copy bandwidth and matmul FLOP/s are measured in the same
-run and each figure is also given as a fraction of them. Without a GPU the CPU cases run and the
-reason the GPU ones cannot is printed. Results go to a new folder under $GPUBP_BENCH_DIR, else
+Benchmark gpubp against its unfused path, NumPy and PyTorch on this machine. Every result is first
+checked against the float64 NumPy reference (a wrong one is refused, never timed); GPU work is timed
+with CUDA events, CPU work with perf_counter; copy bandwidth and matmul FLOP/s are measured in the
+same run. Without a GPU the CPU cases run. Results go to a new folder under $GPUBP_BENCH_DIR, else
 $XDG_DATA_HOME/gpubp/bench (~/.local/share/gpubp/bench), unless --out says otherwise.
 """
 EPILOG = """\
 cases: dense_fwd:<act>, dense_fwd_bwd:<act>, step:mnist_mlp, step:deep_narrow, step:wide,
        optim:adam, optim:sgd_momentum, loss:cross_entropy (names, groups or globs)
 contenders: gpubp, gpubp-unfused, torch-cuda, torch-compile, numpy, torch-cpu
-
-examples:
-  gpubp bench                              quick suite (CPU grid when there is no GPU)
-  gpubp bench --full --tf32                every size and activation, TF32 GEMMs
-  gpubp bench --cases dense_fwd_bwd:relu,step --out /tmp/run1
 """
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench`` to the ``gpubp`` subcommands (``subparsers`` from ``add_subparsers``)."""
-    p = subparsers.add_parser("bench", help="benchmark gpubp against NumPy and PyTorch on this machine",
-                              description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("bench", help="benchmark gpubp against NumPy and PyTorch on this machine", epilog=EPILOG,
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     tier = p.add_mutually_exclusive_group()
     tier.add_argument("--full", dest="tier", action="store_const", const="full",
                       help="the full grid: every width, batch and activation; torch.compile on (long)")
@@ -74,16 +66,10 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def results_root() -> Path:
-    """$GPUBP_BENCH_DIR, else $XDG_DATA_HOME/gpubp/bench (~/.local/share/gpubp/bench), else the temp folder."""
+    """$GPUBP_BENCH_DIR, else $XDG_DATA_HOME/gpubp/bench (~/.local/share/gpubp/bench): outside the checkout."""
     if os.environ.get("GPUBP_BENCH_DIR"):
         return Path(os.environ["GPUBP_BENCH_DIR"])
-    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    root = data / "gpubp" / "bench"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        return root
-    except OSError:
-        return Path(tempfile.gettempdir()) / "gpubp-bench"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "gpubp" / "bench"
 
 
 def default_folder(results: dict[str, Any]) -> Path:
@@ -133,7 +119,14 @@ def run(args: argparse.Namespace) -> int:
     results = runner.run()
     print(f"\n{report.header(results)}\n\n{report.table(results)}\n\n{report.headline_text(results)}")
     folder = Path(args.out) if args.out else default_folder(results)
-    written = report.write_all(results, folder, plots=not args.no_plots)
+    try:
+        written = report.write_all(results, folder, plots=not args.no_plots)
+    except OSError as e:  # the user data folder is not writable: the temp folder then
+        if args.out:
+            raise
+        print(f"cannot write {folder} ({e}); writing to the temp folder instead")
+        folder = Path(tempfile.mkdtemp(prefix=f"gpubp-bench-{folder.name}-"))
+        written = report.write_all(results, folder, plots=not args.no_plots)
     n_plots = sum(k.startswith("plot:") for k in written)
     print(f"\nwrote {folder}/: results.json, summary.md, {n_plots} plot(s)  ({time.perf_counter() - started:.1f} s)")
     if "plots_skipped" in results:

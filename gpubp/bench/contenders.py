@@ -47,7 +47,6 @@ def short(e: BaseException) -> str:
 class Contender:
     name = description = ""
     device = "cpu"
-    memory_factor = 1.0  # frameworks keep extra buffers
     fatal = False  # after one error every later run would fail too: say it once, then skip
 
     def __init__(self) -> None:
@@ -138,7 +137,8 @@ class GpubpContender(Contender):
 
     def setup_step(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
         model, be = self._model(model_layers(case.key), case.dtype, inputs["params"])
-        opt, loss, last = gp.optim.SGD(model.parameters(), lr=STEP_LR, momentum=STEP_MOMENTUM), gp.losses.CrossEntropy(), {}
+        opt = gp.optim.SGD(model.parameters(), lr=STEP_LR, momentum=STEP_MOMENTUM)
+        loss, last = gp.losses.CrossEntropy(), {}
         xs, ys = self._copies(be, inputs["x"], case.dtype, copies), self._copies(be, inputs["y"], np.int64, copies)
 
         def step(i: int) -> None:
@@ -177,8 +177,6 @@ class GpubpContender(Contender):
 
 class TorchContender(Contender):
     """PyTorch eager or torch.compile(dynamic=True), nn.Linear's layout (weight (out, in))."""
-
-    memory_factor = 1.5
 
     def __init__(self, name: str, device: str, compiled: bool = False, enabled: bool = True,
                  disabled_reason: str = "", tf32: bool = False, description: str = "") -> None:
@@ -225,7 +223,9 @@ class TorchContender(Contender):
 
         if not self.compiled:
             return fn
-        return torch.compile(fn, dynamic=True) if key is None else self._fns.setdefault(key, torch.compile(fn, dynamic=True))
+        if key is None or key not in self._fns:
+            self._fns[key or ""] = torch.compile(fn, dynamic=True)
+        return self._fns[key or ""]
 
     def setup_layer(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
         import torch

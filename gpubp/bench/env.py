@@ -75,10 +75,11 @@ def capture(tf32: bool = False, gpu: dict[str, Any] | None = None) -> dict[str, 
 
     torch, commit = sys.modules.get("torch"), _run("git", "rev-parse", "HEAD")
     dirty = _run("git", "status", "--porcelain", "--untracked-files=no") if commit else None
+    versions = {"python": platform.python_version(), "gpubp": gpubp.__version__, **{d: version(d) for d in DISTS}}
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "platform": f"{platform.system()} {platform.release()} ({platform.machine()})",
             "cpu": cpu_info(), "blas": blas_info(), "torch_cpu_threads": torch.get_num_threads() if torch else None,
-            "gpu": gpu if gpu is not None else gpu_info(),
-            "versions": {"python": platform.python_version(), "gpubp": gpubp.__version__, **{d: version(d) for d in DISTS}},
-            "tf32": {"requested": tf32, "CUPY_TF32": os.environ.get("CUPY_TF32", "unset")},
-            "git": {"commit": commit or "unknown", "dirty": None if dirty is None else bool(dirty)}, "argv": list(sys.argv)}
+            "gpu": gpu_info() if gpu is None else gpu,
+            "versions": versions,
+            "tf32": {"requested": tf32, "CUPY_TF32": os.environ.get("CUPY_TF32", "unset")}, "argv": list(sys.argv),
+            "git": {"commit": commit or "unknown", "dirty": None if dirty is None else bool(dirty)}}

@@ -103,8 +103,9 @@ def case_block(results: dict[str, Any], case: str, recs: list[dict[str, Any]]) -
         f"{r['contender']} at {r['size_label']}: {r['launches_per_step']} kernel launches per step"
         for r in recs if r.get("launches_per_step") is not None]
     sizes = {r["size_label"]: tuple(r["size"].values()) for r in recs}
-    rows = [_row(r, label if k == 0 else "", results["primary"]) for label in sorted(sizes, key=sizes.get)
-            for k, r in enumerate(sorted((r for r in recs if r["size_label"] == label), key=lambda r: _order(r["contender"])))]
+    recs = sorted(recs, key=lambda r: (sizes[r["size_label"]], _order(r["contender"])))
+    rows = [_row(r, "" if k and r["size_label"] == recs[k - 1]["size_label"] else r["size_label"], results["primary"])
+            for k, r in enumerate(recs)]
     return [f"{case}: {title}  [thrpt in {recs[0]['unit']}]"] + [f"  ({n})" for n in notes] + _align([COLUMNS, *rows])
 
 
@@ -163,9 +164,9 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         lines += [f"![{case}]({plots[case]})", ""] if case in plots else [""]
     lines += ["## Not measured", ""] + [f"- `{n['case']}` {'' if n['contender'] == '*' else n['contender']}: "
                                         f"{n['reason']}" for n in results["not_measured"]]
-    return "\n".join(lines + ["", "## Contenders", ""] + [
-        f"- **{c['name']}** ({c['device']}): {c['description']}; {'ran' if c['available'] else 'not run: ' + c['reason']}"
-        for c in results["contenders"]]) + "\n"
+    return "\n".join(lines + ["", "## Contenders", ""] + [f"- **{c['name']}** ({c['device']}): {c['description']}; "
+                                                         f"{'ran' if c['available'] else 'not run: ' + c['reason']}"
+                                                         for c in results["contenders"]]) + "\n"
 
 
 def plot_case(results: dict[str, Any], case: str, path: Path) -> Path | None:
@@ -201,7 +202,8 @@ def plot_case(results: dict[str, Any], case: str, path: Path) -> Path | None:
     ax.legend(fontsize=7, loc="best", ncols=2 if len(lines) > 6 else 1)
     title = next((c["title"] for c in results["cases"] if c["name"] == case), "")
     env = results["environment"]
-    fig.suptitle(f"{case}: {title}\n{where(results)}, {env['date'][:10]}, commit {env['git']['commit'][:8]}", fontsize=9)
+    fig.suptitle(f"{case}: {title}\n{where(results)}, {env['date'][:10]}, commit {env['git']['commit'][:8]}",
+                 fontsize=9)
     fig.savefig(path, dpi=110)
     return path
 

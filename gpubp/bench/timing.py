@@ -121,28 +121,27 @@ CEILING_SETTINGS = {"cpu": Settings(1, 5, 20, 0.2, 0.1), "cuda": Settings(2, 5, 
 
 
 def ceilings(device: str, tier: str, dtype: str, tf32: bool = False) -> dict[str, Any]:
-    """Copy bandwidth (bytes read + written per second) and matmul FLOP/s: numpy.copyto and numpy.matmul
-    on the CPU; cudaMemcpyAsync device to device and cupy.matmul (cuBLAS, the run's TF32 setting) on a GPU."""
+    """Copy bandwidth (bytes read + written per second) and matmul FLOP/s: numpy.copyto and numpy.matmul on
+    the CPU; cudaMemcpyAsync device to device and cupy.matmul (cuBLAS, the run's TF32 setting) on a GPU."""
     nbytes, n = CEILING_SIZES[(device, tier)]
-    if device == "cpu":
-        xp, timer, extra = np, time_host, {}
-        copy_what, mm_what = "numpy.copyto", f"numpy.matmul {dtype}"
-    else:
+    xp, timer, out = np, time_host, {"device": device, "statistic": "fastest repeat (a ceiling is a peak)"}
+    what = ("numpy.copyto", f"numpy.matmul {dtype}")
+    if device == "cuda":
         import cupy as xp
 
-        dev, timer = xp.cuda.Device(), time_gpu
-        nbytes, extra = min(nbytes, int(dev.mem_info[0] * 0.3) // 512 * 256), {"l2_bytes": dev.attributes["L2CacheSize"]}
-        copy_what, mm_what = "cudaMemcpyAsync device to device", f"cupy.matmul (cuBLAS) {dtype}, TF32 {'on' if tf32 else 'off'}"
+        timer, dev = time_gpu, xp.cuda.Device()
+        nbytes = min(nbytes, int(dev.mem_info[0] * 0.15) // 256 * 256)
+        out["l2_bytes"] = dev.attributes.get("L2CacheSize", 0)
+        what = ("cudaMemcpyAsync device to device", f"cupy.matmul (cuBLAS) {dtype}, TF32 {'on' if tf32 else 'off'}")
     src = xp.ones(nbytes // 4, dtype=np.float32)
     dst = xp.empty_like(src)
-    copy_fn = (lambda i: np.copyto(dst, src)) if xp is np else (lambda i: dst.data.copy_from_device_async(src.data, nbytes))
-    copy = timer(copy_fn, CEILING_SETTINGS[device])
+    copy = timer((lambda i: np.copyto(dst, src)) if xp is np else (lambda i: dst.data.copy_from_device_async(
+        src.data, nbytes)), CEILING_SETTINGS[device])
     rng = np.random.default_rng(0)
     a, b = (xp.asarray(rng.standard_normal((n, n), dtype=np.float32).astype(dtype)) for _ in range(2))
     c = xp.empty_like(a)
     mm = timer(lambda i: xp.matmul(a, b, out=c), CEILING_SETTINGS[device])
-    return {"device": device, "statistic": "fastest repeat (a ceiling is a peak)", **extra,
-            "bandwidth_Bps": 2 * nbytes / copy.min, "flops": 2 * n**3 / mm.min,
-            "copy": {"what": f"{copy_what} of {nbytes >> 20} MiB (counted as {2 * nbytes >> 20} MiB moved)",
-                     **copy.to_dict()},
-            "matmul": {"what": f"{mm_what} {n}x{n}x{n} ({2 * n**3 / 1e9:.3g} GFLOP)", **mm.to_dict()}}
+    return out | {"bandwidth_Bps": 2 * nbytes / copy.min, "flops": 2 * n**3 / mm.min,
+                  "copy": {"what": f"{what[0]} of {nbytes >> 20} MiB (counted as {2 * nbytes >> 20} MiB moved)",
+                           **copy.to_dict()},
+                  "matmul": {"what": f"{what[1]} {n}x{n}x{n} ({2 * n**3 / 1e9:.3g} GFLOP)", **mm.to_dict()}}

@@ -10,7 +10,7 @@ from gpubp import accuracy, activations, datasets, gradcheck, losses, optim, sch
 from gpubp._resources import kernel_dir
 from gpubp.activations import Activation
 from gpubp.io import load, save
-from gpubp.layers import Dense
+from gpubp.layers import Dense, Dropout
 from gpubp.model import NonFiniteError, Sequential
 from gpubp.optim import clip_grad_norm
 from gpubp.parameter import Parameter
@@ -21,6 +21,7 @@ __all__ = [
     "Activation",
     "accuracy",
     "Dense",
+    "Dropout",
     "NonFiniteError",
     "Parameter",
     "Sequential",

@@ -1,8 +1,10 @@
-"""Dense layer: z = x @ W + b, a = f(z), with its backward pass beside it.
+"""Layers of a Sequential model, each a forward/backward pair: Dense and Dropout.
 
-Shapes: x (N, in), W (in, out), b (out,), z and a (N, out). The maths runs in the
-model's backend (gpubp.backends.base.Backend; the NumPy reference on the CPU); this class holds the
-parameters, what forward saves for backward, and the initialisation.
+Dense: z = x @ W + b, a = f(z); shapes x (N, in), W (in, out), b (out,), z and a
+(N, out). Dropout: y = x * keep / (1 - p) with a mask drawn from a counter-based
+generator. The maths runs in the model's backend (gpubp.backends.base.Backend; the
+NumPy reference on the CPU); a layer holds its parameters, what forward saves for
+backward, and its initialisation.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from gpubp import activations
+from gpubp._random import dropout_key
 from gpubp._validate import positive_int
 from gpubp.activations import Activation
 from gpubp.parameter import Arena, Parameter
@@ -20,7 +23,43 @@ from gpubp.parameter import Arena, Parameter
 INITS = ("he_uniform", "he_normal", "glorot_uniform", "glorot_normal")
 
 
-class Dense:
+class Layer:
+    """What Sequential asks of a layer: widths, parameters, the forward/backward pair, a config.
+
+    ``in_features`` / ``out_features`` are None for a layer that keeps the width it is
+    given (Dropout). :meth:`prepare` is called by the model before each forward pass with
+    what randomness the layer may need (the model's seed, epoch, step, and whether the
+    training-time behaviour is on).
+    """
+
+    in_features: int | None = None
+    out_features: int | None = None
+    num_parameters = 0
+
+    def bind(self, arena: Arena, index: int, backend: Any) -> None:
+        self._backend = backend
+        self._saved: tuple = ()
+
+    def initial_weight(self, rng: np.random.Generator) -> np.ndarray | None:
+        return None  # no weight to draw
+
+    def parameters(self) -> list[Parameter]:
+        return []
+
+    def prepare(self, seed: int, epoch: int, step: int, index: int, active: bool) -> None:
+        """Called before each forward pass; layers without randomness ignore it."""
+
+    def forward(self, x: Any, training: bool = True) -> Any:
+        raise NotImplementedError
+
+    def backward(self, da: Any, need_dx: bool = True) -> Any:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Dense(Layer):
     """A fully connected layer ``a = activation(x @ weight + bias)``.
 
     Args:
@@ -74,7 +113,7 @@ class Dense:
         self._backend = backend
         self._saved = ()
 
-    def initial_weight(self, rng: np.random.Generator) -> np.ndarray:
+    def initial_weight(self, rng: np.random.Generator) -> np.ndarray | None:
         """Draw W (in, out) in float64 from ``rng``.
 
         He: std = gain / sqrt(fan_in), gain = sqrt(2 / (1 + slope^2)).
@@ -133,3 +172,76 @@ class Dense:
 
     def __repr__(self) -> str:
         return f"Dense({self.in_features}, {self.out_features}, activation={self.activation!r})"
+
+
+class Dropout(Layer):
+    """Inverted dropout: ``y = x * keep / (1 - p)``, each element kept with probability 1 - p.
+
+    Active while training (in ``fit``, and in a forward pass with ``training=True`` while
+    the model is in ``model.train()`` mode, the default); the identity in ``predict``,
+    ``evaluate`` and ``model.eval()`` mode.
+
+    The mask comes from a counter-based generator keyed by (model seed, epoch, step,
+    layer index) and the element's index (gpubp._random): the same
+    mask on every backend, whatever the launch shape or thread count, so a run is
+    reproducible and resumable bit for bit. Outside ``fit`` the step is the last one
+    ``fit`` ran (0 before any), so repeated forward passes see one fixed mask (what a
+    gradient check needs). Forward saves the mask for backward: dx = dy * keep / (1 - p).
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+            raise TypeError(f"p: expected a number in [0, 1), got {type(p).__name__}")
+        if not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"p: expected a drop probability in [0, 1), got {p!r}")
+        self.p = float(p)
+        self._key = 0
+        self._active = False
+        self._backend: Any = None
+        self._saved = ()
+
+    def prepare(self, seed: int, epoch: int, step: int, index: int, active: bool) -> None:
+        self._key = dropout_key(seed, epoch, step, index)
+        self._active = active and self.p > 0
+
+    def forward(self, x: Any, training: bool = True) -> Any:
+        """y (N, F) for x (N, F); keeps the mask for backward when training and active."""
+        if not (training and self._active):
+            self._saved = ("identity",) if training else ()
+            return x
+        y, keep = self._backend.dropout_forward(x, self._key, self.p)
+        self._saved = (keep,)
+        return y
+
+    def backward(self, da: Any, need_dx: bool = True) -> Any:
+        """dx = da * keep / (1 - p) (N, F), or da itself when the forward pass was the identity."""
+        if not self._saved:
+            raise RuntimeError("backward called without a training forward pass before it")
+        (keep,) = self._saved
+        self._saved = ()
+        if isinstance(keep, str):
+            return da
+        return self._backend.dropout_backward(da, keep, self.p)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Dropout", "p": self.p}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Dropout:
+        if cfg.get("type") != "Dropout":
+            raise ValueError(f"layer config: expected type 'Dropout', got {cfg.get('type')!r}")
+        return cls(cfg["p"])
+
+    def __repr__(self) -> str:
+        return f"Dropout(p={self.p})"
+
+
+LAYER_TYPES: dict[str, type[Layer]] = {"Dense": Dense, "Dropout": Dropout}
+
+
+def from_config(cfg: dict[str, Any]) -> Layer:
+    """The layer a :meth:`Layer.config` dict describes."""
+    kind = cfg.get("type") if isinstance(cfg, dict) else None
+    if kind not in LAYER_TYPES:
+        raise ValueError(f"layer config: unknown layer type {kind!r}; expected one of {', '.join(LAYER_TYPES)}")
+    return LAYER_TYPES[kind].from_config(cfg)

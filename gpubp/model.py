@@ -1,4 +1,4 @@
-"""Sequential: a chain of Dense layers with one flat parameter arena.
+"""Sequential: a chain of layers (Dense, Dropout) with one flat parameter arena.
 
 Forward runs the layers in order, keeping what each backward needs; backward
 runs them in reverse and writes every parameter's gradient (=, not +=) into the
@@ -15,7 +15,8 @@ from gpubp import losses as losses_mod
 from gpubp._validate import as_float_array, check_2d, check_finite, positive_int
 from gpubp.backends import DENSE_IMPLS, Backend, get_backend
 from gpubp.device import Device, parse_device
-from gpubp.layers import Dense
+from gpubp.layers import Dense, Layer
+from gpubp.layers import from_config as layer_from_config
 from gpubp.parameter import Arena, Parameter
 
 DTYPES = ("float32", "float64")
@@ -39,7 +40,8 @@ class Sequential:
     """A dense network: ``Sequential(Dense(40, 256, "relu"), Dense(256, 10), dtype="float32", seed=0)``.
 
     Args:
-        *layers: Dense layers; each one's in_features must equal the previous out_features.
+        *layers: Dense and Dropout layers; each Dense layer's in_features must equal the
+            previous Dense layer's out_features (Dropout keeps the width).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the GPU when there is one).
         dtype: ``"float32"`` or ``"float64"``, for parameters, gradients and activations.
         seed: seeds initialisation (numpy.random.Generator) and the shuffling in ``fit``.
@@ -54,7 +56,7 @@ class Sequential:
 
     def __init__(
         self,
-        *layers: Dense,
+        *layers: Layer,
         device: str = "cpu",
         dtype: Any = "float32",
         seed: int = 0,
@@ -71,19 +73,26 @@ class Sequential:
         if not layers:
             raise ValueError("layers: expected at least one Dense layer")
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Dense):
-                raise TypeError(f"layers[{i}]: expected a Dense layer, got {type(layer).__name__}")
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layers[{i}]: expected a Dense or Dropout layer, got {type(layer).__name__}")
             if any(layer is other for other in layers[:i]):
-                raise ValueError(f"layers[{i}]: the same Dense object appears twice; create a new layer")
-        for i in range(1, len(layers)):
-            if layers[i].in_features != layers[i - 1].out_features:
-                raise ValueError(
-                    f"layers[{i}]: in_features={layers[i].in_features} does not match the previous "
-                    f"layer's out_features={layers[i - 1].out_features}"
-                )
+                raise ValueError(f"layers[{i}]: the same {type(layer).__name__} object appears twice; create a new layer")
+        if not any(isinstance(layer, Dense) for layer in layers):
+            raise ValueError("layers: expected at least one Dense layer")
+        width, width_from = None, None
+        for i, layer in enumerate(layers):
+            if layer.in_features is not None:
+                if width is not None and layer.in_features != width:
+                    raise ValueError(
+                        f"layers[{i}]: in_features={layer.in_features} does not match the previous "
+                        f"layer's out_features={width} (layers[{width_from}])"
+                    )
+                width, width_from = layer.out_features, i
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
-        self.layers: list[Dense] = list(layers)
+        self.layers: list[Layer] = list(layers)
+        self.training = True  # train() / eval(): whether forward(training=True) applies dropout
+        self._step = 0  # the step fit last ran: keys the dropout masks with the epoch
         self.dtype = _dtype(dtype)
         self.seed = int(seed)
         self.check_finite = bool(check_finite)
@@ -113,7 +122,8 @@ class Sequential:
         offset = 0
         for layer in self.layers:
             w = layer.initial_weight(rng)
-            host[offset : offset + w.size] = w.ravel()
+            if w is not None:
+                host[offset : offset + w.size] = w.ravel()
             offset += layer.num_parameters  # the bias that follows stays 0
         self._backend.assign_(self.arena.data, host)
 
@@ -121,11 +131,39 @@ class Sequential:
 
     @property
     def in_features(self) -> int:
-        return self.layers[0].in_features
+        return next(layer.in_features for layer in self.layers if layer.in_features is not None)
 
     @property
     def out_features(self) -> int:
-        return self.layers[-1].out_features
+        return next(layer.out_features for layer in reversed(self.layers) if layer.out_features is not None)
+
+    def train(self) -> Sequential:
+        """Training mode (the default): forward passes with training=True apply dropout. Returns self."""
+        self.training = True
+        return self
+
+    def eval(self) -> Sequential:
+        """Evaluation mode: dropout is the identity in every forward pass. Returns self."""
+        self.training = False
+        return self
+
+    def summary(self, file: Any = None) -> str:
+        """A table of the layers (output shape, activation, parameters) and the total, printed
+        (to ``file``, default stdout) and returned, as Keras's summary."""
+        rows = [("layer", "output shape", "activation", "parameters")]
+        width = self.in_features
+        for i, layer in enumerate(self.layers):
+            width = layer.out_features if layer.out_features is not None else width
+            act = layer.activation.name if isinstance(layer, Dense) else "-"
+            rows.append((f"{i} {layer!r}", f"(N, {width})", act, f"{layer.num_parameters:,}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        line = "-" * (sum(widths) + 6)
+        fmt = lambda r: "  ".join(v.ljust(w) if c < 3 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+        text = "\n".join([fmt(rows[0]), line, *map(fmt, rows[1:]), line,
+                          f"total parameters: {self.num_parameters:,} ({self.dtype.name}, "
+                          f"{self.num_parameters * self.dtype.itemsize / 2**20:.2f} MiB), device {self.device}"])
+        print(text, file=file)
+        return text
 
     def parameters(self) -> list[Parameter]:
         """Every parameter in layer order: "0.weight", "0.bias", "1.weight", ..."""
@@ -153,7 +191,7 @@ class Sequential:
         """A model of the architecture ``cfg`` (from :meth:`config`); its parameters are
         initialised from its seed, or left at 0 with ``initialise=False`` (to be loaded)."""
         model = cls.__new__(cls)
-        model._construct([Dense.from_config(c) for c in cfg["layers"]], device, cfg["dtype"], cfg["seed"],
+        model._construct([layer_from_config(c) for c in cfg["layers"]], device, cfg["dtype"], cfg["seed"],
                          cfg["check_finite"], cfg.get("dense_impl", "auto"))
         if initialise:
             model._initialise()
@@ -222,6 +260,29 @@ class Sequential:
             check_finite(x, name)
         return x
 
+    def _first_nonfinite(self, xb: Any, yb: Any, loss: losses_mod.Loss) -> str:
+        """Replay one training step with every layer checked; say where NaN/Inf first appears.
+
+        ``xb`` and ``yb`` are a batch already on the device; the dropout masks are those
+        of (self.epoch, self._step). Overwrites the gradients, never the parameters.
+        """
+        backend = self._backend
+        outputs: list = []
+        self._forward(xb, training=True, dropout=True, outputs=outputs)
+        for i, h in enumerate(outputs):
+            if not backend.all_finite(h):
+                return f"the output of layer {i} ({self.layers[i]!r}) contains NaN or Inf"
+        value, dout = loss.compute(outputs[-1], yb, backend)
+        if not np.isfinite(float(value)):
+            return f"the loss is {float(value)}"
+        for i in reversed(range(len(self.layers))):
+            dout = self.layers[i].backward(dout, need_dx=i > 0)
+            for p in self.layers[i].parameters():
+                if not backend.all_finite(p.grad):
+                    return f"the gradient of {p.name} (layer {i}, {self.layers[i]!r}) contains NaN or Inf"
+        self._out_shape = None
+        return "no NaN or Inf on replay (the step is not reproducible)"
+
     def _check_layer(self, i: int, arr: Any, what: str) -> None:
         if self.check_finite and not self._backend.all_finite(arr):
             raise NonFiniteError(f"layer {i} ({self.layers[i]!r}): {what} contains NaN or Inf")
@@ -232,10 +293,19 @@ class Sequential:
 
     __call__ = forward
 
-    def _forward(self, h: Any, training: bool) -> Any:
-        """The forward pass over an input already validated and on the device."""
+    def _forward(self, h: Any, training: bool, dropout: bool | None = None, outputs: list | None = None) -> Any:
+        """The forward pass over an input already validated and on the device.
+
+        ``dropout``: whether Dropout layers drop (default: ``training`` in train() mode);
+        ``outputs``: a list that receives every layer's output (for gradient statistics).
+        """
+        active = training and (self.training if dropout is None else dropout)
+        for i, layer in enumerate(self.layers):
+            layer.prepare(self.seed, self.epoch, self._step, i, active)
         for i, layer in enumerate(self.layers):
             h = layer.forward(h, training)
+            if outputs is not None:
+                outputs.append(h)
             self._check_layer(i, h, "forward output")
         self._out_shape = tuple(h.shape) if training else None
         return h
@@ -261,8 +331,8 @@ class Sequential:
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
             g = layer.backward(g, need_dx=(i > 0 or input_grad))
-            self._check_layer(i, layer.weight.grad, "weight gradient")
-            self._check_layer(i, layer.bias.grad, "bias gradient")
+            for p in layer.parameters():
+                self._check_layer(i, p.grad, f"{p.name.split('.')[1]} gradient")
         return g
 
     # -- training loop ---------------------------------------------------------------------
@@ -311,24 +381,46 @@ class Sequential:
         verbose: int = 1,
         scheduler: Any = None,
         clip_grad_norm: float | None = None,
-    ) -> dict[str, list[float]]:
+        callbacks: list[Any] | None = None,
+        validation_split: float | None = None,
+        on_nonfinite: str = "raise",
+        gradient_stats: bool = False,
+    ) -> dict[str, Any]:
         """Train for ``epochs`` more epochs of mini-batch steps; returns the history.
 
         Each epoch visits every sample once in batches of ``batch_size`` (the last,
         partial batch included), in an order drawn from Generator([seed, epoch])
         when ``shuffle``: so a run resumed from a checkpoint sees the same order.
-        Per step: forward, loss value and gradient, backward, optional global-norm
-        clipping, optimizer step. ``scheduler.step()`` runs after each epoch.
+        Per step: forward (dropout active), loss value and gradient, backward, the
+        non-finite guard, optional global-norm clipping, optimizer step, callbacks.
+        ``scheduler.step()`` runs after each epoch.
+
+        Args:
+            validation_data: ``(x_val, y_val)`` evaluated after each epoch; or
+            validation_split: the last fraction of (x, y), before shuffling, held out for it.
+            callbacks: gpubp.callbacks.Callback objects (EarlyStopping, ModelCheckpoint,
+                ReduceLROnPlateau, CSVLogger, your own).
+            on_nonfinite: ``"raise"`` (default: stop at the first non-finite loss or
+                gradient with a NonFiniteError naming epoch, step and layer, the model
+                left as before that step), ``"skip"`` (drop that step's update, count it
+                in ``history["skipped"]``) or ``"ignore"``.
+            gradient_stats: record per-parameter gradient and weight norms, update
+                ratios and dead/saturated units once per epoch (gpubp.diagnostics) in
+                ``history["gradient_stats"]``, and warn (GradientWarning) when gradients
+                vanish or explode.
 
         History keys: ``loss`` (per-sample mean over the epoch), ``accuracy`` (for
         CrossEntropy and BCEWithLogits), ``val_loss`` / ``val_accuracy`` with
-        validation data, ``lr``, ``time`` (seconds per epoch).
+        validation, ``lr``, ``time`` (seconds per epoch), ``stopped`` (why training
+        ended: "completed", "early_stopping", "interrupted" (Ctrl-C; fit returns
+        normally), "nonfinite"), and ``skipped`` / ``gradient_stats`` when asked for.
         """
         from gpubp.training import fit
 
         return fit(self, x, y, loss, optimizer, epochs=epochs, batch_size=batch_size,
                    validation_data=validation_data, shuffle=shuffle, verbose=verbose, scheduler=scheduler,
-                   clip_grad_norm=clip_grad_norm)
+                   clip_grad_norm=clip_grad_norm, callbacks=callbacks, validation_split=validation_split,
+                   on_nonfinite=on_nonfinite, gradient_stats=gradient_stats)
 
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
         """Outputs (N, out) for x (N, in) as a NumPy array, without keeping anything for backward."""

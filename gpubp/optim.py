@@ -114,8 +114,9 @@ class Optimizer(ABC):
         return {}
 
     @abstractmethod
-    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any]) -> None:
-        """Update one run in place: parameters ``p``, gradients ``g``, state buffers ``state``."""
+    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any], guard: Any = None) -> None:
+        """Update one run in place: parameters ``p``, gradients ``g``, state buffers ``state``;
+        nothing changes where the backend's ``guard`` flag is set (see :meth:`step`)."""
 
     def _hparams(self) -> dict[str, Any]:
         """The hyper-parameters as JSON-friendly values (tuples become lists)."""
@@ -142,11 +143,16 @@ class Optimizer(ABC):
 
     # --- public API -------------------------------------------------------------------
 
-    def step(self) -> None:
-        """Update every parameter once from its current gradient."""
+    def step(self, guard: Any = None) -> None:
+        """Update every parameter once from its current gradient.
+
+        ``guard``: a 1-element int64 array of the parameters' backend (fit's non-finite
+        flag); where it holds a non-zero value the update leaves parameters and state as
+        they are, without the host reading it (on a GPU the kernels read it).
+        """
         self.step_count += 1
         for (arena, lo, hi), state in zip(self._runs, self._state, strict=True):
-            self._update(_ops(arena), arena.data[lo:hi], arena.grad[lo:hi], state)
+            self._update(_ops(arena), arena.data[lo:hi], arena.grad[lo:hi], state, guard)
 
     def zero_grad(self) -> None:
         """Set the gradients of this optimizer's parameters to 0."""
@@ -273,7 +279,7 @@ class SGD(Optimizer):
     def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
         return {"momentum_buffer": 0.0} if hp["momentum"] != 0 else {}
 
-    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any]) -> None:
+    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any], guard: Any = None) -> None:
         ops.sgd_update(
             p,
             g,
@@ -284,6 +290,7 @@ class SGD(Optimizer):
             nesterov=self.nesterov,
             weight_decay=self.weight_decay,
             first_step=self.step_count == 1,
+            guard=guard,
         )
 
 
@@ -331,7 +338,7 @@ class Adam(Optimizer):
         names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
         return dict.fromkeys(names, 0.0)
 
-    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any]) -> None:
+    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any], guard: Any = None) -> None:
         ops.adam_update(
             p,
             g,
@@ -346,6 +353,7 @@ class Adam(Optimizer):
             decoupled=self._decoupled,
             step=self.step_count,
             amsgrad=self.amsgrad,
+            guard=guard,
         )
 
 
@@ -421,7 +429,7 @@ class RMSprop(Optimizer):
         names += ["momentum_buffer"] if hp["momentum"] > 0 else []
         return dict.fromkeys(names, 0.0)
 
-    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any]) -> None:
+    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any], guard: Any = None) -> None:
         ops.rmsprop_update(
             p,
             g,
@@ -434,6 +442,7 @@ class RMSprop(Optimizer):
             weight_decay=self.weight_decay,
             momentum=self.momentum,
             centered=self.centered,
+            guard=guard,
         )
 
 
@@ -479,7 +488,7 @@ class Adagrad(Optimizer):
     def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
         return {"sum": hp["initial_accumulator_value"]}
 
-    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any]) -> None:
+    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any], guard: Any = None) -> None:
         ops.adagrad_update(
             p,
             g,
@@ -489,6 +498,7 @@ class Adagrad(Optimizer):
             eps=self.eps,
             weight_decay=self.weight_decay,
             step=self.step_count,
+            guard=guard,
         )
 
 

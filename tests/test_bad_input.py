@@ -156,7 +156,11 @@ def test_unknown_activation_lists_the_valid_ones():
 @pytest.mark.parametrize("build,exc,match", [
     (lambda: gp.Sequential(), ValueError, "layers: expected at least one Dense layer"),
     (lambda: gp.Sequential(gp.Dense(3, 4), gp.Dense(5, 2)), ValueError, r"layers\[1\]: in_features=5 does not match"),
-    (lambda: gp.Sequential(gp.Dense(3, 4), "relu"), TypeError, r"layers\[1\]: expected a Dense layer"),
+    (lambda: gp.Sequential(gp.Dense(3, 4), "relu"), TypeError, r"layers\[1\]: expected a Dense or Dropout layer"),
+    (lambda: gp.Sequential(gp.Dropout(0.5)), ValueError, "layers: expected at least one Dense layer"),
+    (lambda: gp.Dropout(1.0), ValueError, r"p: expected a drop probability in \[0, 1\)"),
+    (lambda: gp.Dropout("0.5"), TypeError, "p: expected a number"),
+    (lambda: gp.Sequential(gp.Dense(3, 4), gp.Dropout(0.1), gp.Dense(5, 2)), ValueError, r"layers\[2\]: in_features=5 does not match the previous layer.s out_features=4 \(layers\[0\]\)"),
     (lambda: gp.Sequential(gp.Dense(3, 4), dtype="float16"), ValueError, "dtype: expected one of float32, float64"),
     (lambda: gp.Sequential(gp.Dense(3, 4), dtype="int32"), ValueError, "dtype"),
     (lambda: gp.Sequential(gp.Dense(3, 4), seed=-1), ValueError, "seed"),

@@ -58,9 +58,3 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     ci = (ROOT / ".ci" / "run").read_text()
     test_command = tests.splitlines()[-1]
     assert test_command in ci, f"{test_command!r} is not what .ci/run runs"
-
-
-def test_gpu_run_script_is_valid_bash():
-    script = ROOT / "bench" / "gpu_run.sh"
-    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr

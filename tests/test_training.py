@@ -22,8 +22,9 @@ def test_loss_falls_and_accuracy_rises(spirals_small):
     assert hist["loss"][-1] < 0.5 * hist["loss"][0]
     assert hist["accuracy"][-1] > 0.9
     assert hist["val_accuracy"][-1] > 0.85 > before["accuracy"] + 0.3
-    assert set(hist) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "time"}
-    assert all(len(v) == 25 for v in hist.values())
+    assert set(hist) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "time", "stopped"}
+    assert hist["stopped"] == "completed"
+    assert all(len(v) == 25 for k, v in hist.items() if k != "stopped")
     after = model.evaluate(xv, yv, "cross_entropy")
     assert after["accuracy"] == pytest.approx(hist["val_accuracy"][-1])
 
@@ -70,9 +71,9 @@ def test_every_batch_is_visited_including_the_last_partial_one():
     seen = []
     orig = model._forward  # fit runs the forward pass past input validation (done once per fit)
 
-    def spy(xb, training=True):
+    def spy(xb, training=True, **kw):
         seen.append(np.asarray(xb).ravel().copy())
-        return orig(xb, training)
+        return orig(xb, training, **kw)
 
     model._forward = spy
     model.fit(x, y, "mse", opt, epochs=1, batch_size=4, shuffle=True, verbose=0)
@@ -88,7 +89,7 @@ def test_shuffle_order_depends_on_seed_and_epoch_only():
         model = gp.Sequential(gp.Dense(1, 1), dtype="float64", seed=seed)
         seen = []
         orig = model._forward
-        model._forward = lambda xb, training=True, orig=orig, seen=seen: (seen.append(xb.ravel().copy()), orig(xb, training))[1]
+        model._forward = lambda xb, training=True, orig=orig, seen=seen, **kw: (seen.append(xb.ravel().copy()), orig(xb, training, **kw))[1]
         model.fit(x, np.zeros((12, 1)), "mse", "sgd", epochs=2, batch_size=12, verbose=0)
         orders.append([s.tolist() for s in seen])
     assert orders[0] == orders[1]
@@ -101,7 +102,7 @@ def test_no_shuffle_keeps_order():
     model = gp.Sequential(gp.Dense(1, 1), dtype="float64")
     seen = []
     orig = model._forward
-    model._forward = lambda xb, training=True: (seen.append(xb.ravel().tolist()), orig(xb, training))[1]
+    model._forward = lambda xb, training=True, **kw: (seen.append(xb.ravel().tolist()), orig(xb, training, **kw))[1]
     model.fit(x, np.zeros((6, 1)), "mse", "sgd", epochs=1, batch_size=4, shuffle=False, verbose=0)
     assert seen == [[0, 1, 2, 3], [4, 5]]
 

@@ -87,6 +87,16 @@ class Backend(ABC):
         """Given da = dL/da (N, out): dz = da * f'; dW = x^T dz written into ``dw`` (=, not +=);
         db = sum_rows dz written into ``db``; returns dx = dz W^T (N, in) when ``need_dx``, else None."""
 
+    # --- dropout (gpubp.layers.Dropout): the mask is gpubp._random.dropout_keep's, bit for bit ---
+
+    @abstractmethod
+    def dropout_forward(self, x: Array, key: int, p: float) -> tuple[Array, Array]:
+        """y = x * keep / (1 - p) with keep = gpubp._random.dropout_keep(xp, key, x.shape, p); returns (y, keep)."""
+
+    @abstractmethod
+    def dropout_backward(self, dy: Array, keep: Array, p: float) -> Array:
+        """dx = dy * keep / (1 - p)."""
+
     # --- losses: value and gradient in one call --------------------------------------------
     # ``scale`` is 1/count for reduction="mean" and 1 for "sum"; the value is reduced in float64.
 
@@ -103,28 +113,35 @@ class Backend(ABC):
         """Elementwise max(x, 0) - x t + log(1 + e^-|x|);  dL/dx = scale (sigmoid(x) - t)."""
 
     # --- optimizer updates over flat 1-D runs of the arena (see numpy_optim for the maths) ----
+    # ``guard``: None, or a 1-element int64 array of this backend; while guard[0] != 0 an update
+    # changes nothing (parameters and state), and the host does not wait to find out.
 
     @abstractmethod
     def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, *, lr: float, momentum: float,
-                   dampening: float, nesterov: bool, weight_decay: float, first_step: bool) -> None:
+                   dampening: float, nesterov: bool, weight_decay: float, first_step: bool, guard: Array | None = None) -> None:
         """SGD with momentum, dampening, Nesterov and L2 weight decay, in place on ``p``."""
 
     @abstractmethod
     def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None, *,
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                    amsgrad: bool, step: int) -> None:
+                    amsgrad: bool, step: int, guard: Array | None = None) -> None:
         """Adam (decoupled=False) or AdamW (decoupled=True), optionally AMSGrad, in place."""
 
     @abstractmethod
     def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
                        momentum_buf: Array | None, *, lr: float, alpha: float, eps: float, weight_decay: float,
-                       momentum: float, centered: bool) -> None:
+                       momentum: float, centered: bool, guard: Array | None = None) -> None:
         """RMSprop, optionally centred and with momentum, in place."""
 
     @abstractmethod
     def adagrad_update(self, p: Array, g: Array, state_sum: Array, *, lr: float, lr_decay: float,
-                       weight_decay: float, eps: float, step: int) -> None:
+                       weight_decay: float, eps: float, step: int, guard: Array | None = None) -> None:
         """Adagrad with lr decay and L2 weight decay, in place."""
+
+    @abstractmethod
+    def flag_nonfinite_(self, value: Value, g: Array, flag: Array, tag: int) -> None:
+        """flag[0] = tag where flag[0] == 0 and the loss ``value`` or any element of ``g`` is not
+        finite (``flag`` a 1-element int64 array of this backend); no wait."""
 
     # --- reductions over flat runs (fixed order: same bits every run) -------------------------
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from gpubp._random import dropout_keep
 from gpubp.activations import Activation
 from gpubp.backends.base import Array, Backend, Value
 
@@ -289,6 +290,17 @@ class CudaBackend(Backend):
             self.nk.bias_grad(dz, db, stream=s, work=work, **self._bias_launch)
             return xp.matmul(dz, w.T) if need_dx else None
 
+    # -- dropout: the reference's counter-based mask, computed with this backend's array module ----
+
+    def dropout_forward(self, x: Array, key: int, p: float) -> tuple[Array, Array]:
+        with self.context(), self._oom(f"dropout over {tuple(x.shape)}"):
+            keep = dropout_keep(self.xp, key, tuple(x.shape), p)
+            return x * keep * x.dtype.type(1.0 / (1.0 - p)), keep
+
+    def dropout_backward(self, dy: Array, keep: Array, p: float) -> Array:
+        with self.context(), self._oom(f"dropout backward over {tuple(dy.shape)}"):
+            return dy * keep * dy.dtype.type(1.0 / (1.0 - p))
+
     # -- losses: value and gradient in one call -----------------------------------------------
 
     def _loss(self, kernel: Any, pred: Array, target: Array, scale: float, rowwise: bool) -> tuple[Value, Array]:
@@ -311,22 +323,51 @@ class CudaBackend(Backend):
     # -- optimizer updates: one launch over each contiguous run of the arena ---------------------
 
     def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, **hp: Any) -> None:
+        if self._guarded(hp.pop("guard", None)):
+            return
         with self._launching("an SGD step") as s:
             self.nbo.sgd_update(p, g, momentum_buf, stream=s, **hp)
 
     def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None,
                     **hp: Any) -> None:
+        if self._guarded(hp.pop("guard", None)):
+            return
         with self._launching("an Adam step") as s:
             self.nbo.adam_update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, stream=s, **hp)
 
     def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
                        momentum_buf: Array | None, **hp: Any) -> None:
+        if self._guarded(hp.pop("guard", None)):
+            return
         with self._launching("an RMSprop step") as s:
             self.nbo.rmsprop_update(p, g, square_avg, grad_avg, momentum_buf, stream=s, **hp)
 
     def adagrad_update(self, p: Array, g: Array, state_sum: Array, **hp: Any) -> None:
+        if self._guarded(hp.pop("guard", None)):
+            return
         with self._launching("an Adagrad step") as s:
             self.nbo.adagrad_update(p, g, state_sum, stream=s, **hp)
+
+    def _guarded(self, guard: Array | None) -> bool:
+        """Whether the non-finite guard is set (reads it: one small wait for the device)."""
+        return guard is not None and bool(self.to_numpy(guard)[0])
+
+    def flag_nonfinite_(self, value: Value, g: Array, flag: Array, tag: int) -> None:
+        """Two launches and an elementwise select on the stream; nothing comes back to the host."""
+        xp = self.xp
+        with self._launching("checking for NaN/Inf") as s:
+            finite = self._scratch_int("finite")
+            self.nbo.all_finite_into(g.reshape(-1), finite, stream=s)
+            bad = (finite == 0) | ~xp.isfinite(value).reshape(1)
+            flag[...] = xp.where((flag == 0) & bad, xp.int64(tag), flag)
+
+    def _scratch_int(self, key: str) -> Array:
+        """A 1-element int32 work array, reused across calls on one stream."""
+        stream = self.stream()
+        slot = (key, id(stream) if stream != 0 else 0)
+        if slot not in self._work:
+            self._work[slot] = self.zeros(1, np.int32)
+        return self._work[slot]
 
     # -- reductions (two-pass, fixed order) ------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from gpubp._random import dropout_keep
 from gpubp.activations import Activation, sigmoid
 from gpubp.backends import numpy_optim
 from gpubp.backends.base import Backend
@@ -59,6 +60,20 @@ def dense_backward(
     np.matmul(x.T, dz, out=dw)
     np.sum(dz, axis=0, out=db)
     return dz @ w.T if need_dx else None
+
+
+# --- dropout: the mask from gpubp._random's counter-based generator ------------------------------
+
+
+def dropout_forward(x: Array, key: int, p: float) -> tuple[Array, Array]:
+    """y = x * keep / (1 - p); returns (y, keep)."""
+    keep = dropout_keep(np, key, x.shape, p)
+    return x * keep * x.dtype.type(1.0 / (1.0 - p)), keep
+
+
+def dropout_backward(dy: Array, keep: Array, p: float) -> Array:
+    """dx = dy * keep / (1 - p)."""
+    return dy * keep * dy.dtype.type(1.0 / (1.0 - p))
 
 
 # --- losses: value and gradient in one call ------------------------------------------------
@@ -158,6 +173,13 @@ class NumpyBackend(Backend):
     ) -> Array | None:
         return dense_backward(da, saved, w, act, dw, db, need_dx)
 
+    # dropout
+    def dropout_forward(self, x: Array, key: int, p: float) -> tuple[Array, Array]:
+        return dropout_forward(x, key, p)
+
+    def dropout_backward(self, dy: Array, keep: Array, p: float) -> Array:
+        return dropout_backward(dy, keep, p)
+
     # losses
     def mse(self, pred: Array, target: Array, scale: float) -> tuple[float, Array]:
         return mse(pred, target, scale)
@@ -168,20 +190,30 @@ class NumpyBackend(Backend):
     def bce_with_logits(self, logits: Array, target: Array, scale: float) -> tuple[float, Array]:
         return bce_with_logits(logits, target, scale)
 
-    # optimizer updates
-    def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, **hp: Any) -> None:
-        numpy_optim.sgd_update(p, g, momentum_buf, **hp)
+    # optimizer updates (the guard is read on the host: it is here already)
+    def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, *, guard: Array | None = None,
+                   **hp: Any) -> None:
+        if guard is None or not guard[0]:
+            numpy_optim.sgd_update(p, g, momentum_buf, **hp)
 
-    def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None,
-                    **hp: Any) -> None:
-        numpy_optim.adam_update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, **hp)
+    def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None, *,
+                    guard: Array | None = None, **hp: Any) -> None:
+        if guard is None or not guard[0]:
+            numpy_optim.adam_update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, **hp)
 
     def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
-                       momentum_buf: Array | None, **hp: Any) -> None:
-        numpy_optim.rmsprop_update(p, g, square_avg, grad_avg, momentum_buf, **hp)
+                       momentum_buf: Array | None, *, guard: Array | None = None, **hp: Any) -> None:
+        if guard is None or not guard[0]:
+            numpy_optim.rmsprop_update(p, g, square_avg, grad_avg, momentum_buf, **hp)
 
-    def adagrad_update(self, p: Array, g: Array, state_sum: Array, **hp: Any) -> None:
-        numpy_optim.adagrad_update(p, g, state_sum, **hp)
+    def adagrad_update(self, p: Array, g: Array, state_sum: Array, *, guard: Array | None = None,
+                       **hp: Any) -> None:
+        if guard is None or not guard[0]:
+            numpy_optim.adagrad_update(p, g, state_sum, **hp)
+
+    def flag_nonfinite_(self, value: float, g: Array, flag: Array, tag: int) -> None:
+        if not flag[0] and not (np.isfinite(value) and np.isfinite(g).all()):
+            flag[0] = tag
 
     # reductions
     def sum_of_squares(self, g: Array) -> float:

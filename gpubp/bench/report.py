@@ -151,7 +151,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     env, t = results["environment"], results["timing"]
     head = header(results).splitlines()
     lines = [f"# gpubp bench: {where(results)}, {env['date'][:10]}", ""]
-    lines += [f"- {ln}" for ln in head if not ln.startswith("ceiling")] + [
+    lines += [f"- {ln.strip()}" for ln in head if not ln.startswith("ceiling")] + [
         "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
         f"- timing: {t['method']['statistic']}; CPU: {t['method']['cpu']}; GPU: {t['method']['cuda']}",
         f"- every result was checked against the float64 NumPy reference before it was timed (max error relative "
@@ -162,8 +162,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         counting = next((c["counting"] for c in results["cases"] if c["name"] == case), "")
         lines += [f"### `{case}`", "", f"Counting: {counting}.", "", "```", *case_block(results, case, recs), "```"]
         lines += [f"![{case}]({plots[case]})", ""] if case in plots else [""]
-    lines += ["## Not measured", ""] + [f"- `{n['case']}` {'' if n['contender'] == '*' else n['contender']}: "
-                                        f"{n['reason']}" for n in results["not_measured"]]
+    lines += ["## Not measured", ""] * bool(results["not_measured"]) + [
+        f"- `{n['case']}` {'' if n['contender'] == '*' else n['contender']}: {n['reason']}" for n in results["not_measured"]]
     return "\n".join(lines + ["", "## Contenders", ""] + [f"- **{c['name']}** ({c['device']}): {c['description']}; "
                                                          f"{'ran' if c['available'] else 'not run: ' + c['reason']}"
                                                          for c in results["contenders"]]) + "\n"
@@ -196,6 +196,7 @@ def plot_case(results: dict[str, Any], case: str, path: Path) -> Path | None:
                        label=f"{dev} {'matmul' if unit == 'GFLOP/s' else 'copy'} ceiling")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}" if v < 1e5 else fmt_si(v)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_si(v)))
     ax.set(xlabel=recs[0]["plot"][2], ylabel=unit)
     ax.grid(True, which="major", alpha=0.3)

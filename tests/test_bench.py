@@ -525,12 +525,19 @@ def test_bench_modules_form_a_one_way_layering():
     for name in modules:
         assert name not in reach(name), f"gpubp.bench.{name} imports a module that imports it back"
     assert not _bench_imports(BENCH / "__init__.py")
-    for name in sorted(modules):  # each imports alone, and loads only modules below it
-        code = (f"import sys; import gpubp.bench.{name}; "
-                "print(sorted(m.split('.')[2] for m in sys.modules if m.startswith('gpubp.bench.')))")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-        loaded = set(json.loads(r.stdout.strip().replace("'", '"'))) - {name}
-        assert all(name not in modules[m] and name not in reach(m) for m in loaded), (name, loaded)
+    code = """if 1:  # each bench module imported alone, in a fresh interpreter: which bench modules it loads
+        import importlib, json, sys
+        out = {}
+        for name in sys.argv[1:]:
+            for m in [m for m in sys.modules if m.startswith("gpubp.bench")]:
+                del sys.modules[m]
+            importlib.import_module(f"gpubp.bench.{name}")
+            out[name] = sorted(m.split(".")[2] for m in sys.modules if m.startswith("gpubp.bench."))
+        print(json.dumps(out))"""
+    r = subprocess.run([sys.executable, "-c", code, *sorted(modules)], capture_output=True, text=True, timeout=120,
+                       check=True)
+    for name, loaded in json.loads(r.stdout).items():  # only modules below it, none that imports it back
+        assert all(name not in reach(m) for m in set(loaded) - {name}), (name, loaded)
 
 
 def test_fraction_formatting_and_times():

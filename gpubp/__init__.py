@@ -6,10 +6,11 @@
     model.backward(dlogits)
 """
 
-from gpubp import accuracy, activations, datasets, gradcheck, losses, optim, schedules
+from gpubp import accuracy, activations, callbacks, datasets, diagnostics, gradcheck, losses, optim, schedules
 from gpubp._resources import kernel_dir
 from gpubp.activations import Activation
 from gpubp.io import load, save
+from gpubp.diagnostics import GradientWarning
 from gpubp.layers import Dense, Dropout
 from gpubp.model import NonFiniteError, Sequential
 from gpubp.optim import clip_grad_norm
@@ -20,8 +21,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Activation",
     "accuracy",
+    "callbacks",
+    "diagnostics",
     "Dense",
     "Dropout",
+    "GradientWarning",
     "NonFiniteError",
     "Parameter",
     "Sequential",

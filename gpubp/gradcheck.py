@@ -285,7 +285,8 @@ def check_model(model: Sequential, loss: str | losses_mod.Loss, x: Any, y: Any, 
         inputs64["x"] = x64
 
     def forward64() -> np.ndarray:
-        return np.array(loss(twin.forward(x64, training=False), y)[0])
+        # training=True: the twin applies the model's dropout masks (fixed outside fit) too.
+        return np.array(loss(twin.forward(x64, training=True), y)[0])
 
     def backward(v: np.ndarray) -> dict[str, np.ndarray]:
         _, dout = loss(model.forward(x64.astype(model.dtype)), y)
@@ -295,7 +296,7 @@ def check_model(model: Sequential, loss: str | losses_mod.Loss, x: Any, y: Any, 
             grads["x"] = _host(dx)
         return grads
 
-    acts = "-".join(layer.activation.name for layer in model.layers)
+    acts = "-".join(layer.activation.name if hasattr(layer, "activation") else repr(layer) for layer in model.layers)
     return check_function(forward64, inputs64, backward, (),
                           case=f"model[{acts}] + {loss.name} x {x64.shape}", dtype=model.dtype.name,
                           mode=mode, eps=eps, seed=seed)

@@ -204,7 +204,7 @@ class Sequential:
             cfg["dtype"] = _dtype(dtype).name
         twin = Sequential.from_config(cfg, device=self.device if device is None else device, initialise=False)
         twin._backend.assign_(twin.arena.data, self._backend.to_numpy(self.arena.data).astype(twin.dtype))
-        twin.epoch = self.epoch
+        twin.epoch, twin._step, twin.training = self.epoch, self._step, self.training
         return twin
 
     def to(self, device: str | Device) -> Sequential:

@@ -157,7 +157,8 @@ def fit(
         err.epoch, err.step, err.where, err.history = model.epoch + 1, s + 1, where, history
         return err
 
-    with _deferred_interrupt() as interrupt:
+    # NaN/Inf are the guard's to report (on_nonfinite), not NumPy's floating-point warnings.
+    with _deferred_interrupt() as interrupt, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for cb in callbacks:
             cb.on_train_begin()
         try:

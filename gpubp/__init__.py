@@ -6,12 +6,13 @@
     model.backward(dlogits)
 """
 
-from gpubp import accuracy, activations, callbacks, datasets, diagnostics, gradcheck, losses, optim, schedules
+from gpubp import accuracy, activations, callbacks, datasets, diagnostics, gradcheck, losses, optim, plot, schedules
 from gpubp._resources import kernel_dir
 from gpubp.activations import Activation
 from gpubp.io import load, save
 from gpubp.diagnostics import GradientWarning
 from gpubp.layers import Dense, Dropout
+from gpubp.lr_find import LRFindResult, lr_find
 from gpubp.model import NonFiniteError, Sequential
 from gpubp.optim import clip_grad_norm
 from gpubp.parameter import Parameter
@@ -37,7 +38,10 @@ __all__ = [
     "kernel_dir",
     "load",
     "losses",
+    "lr_find",
+    "LRFindResult",
     "optim",
+    "plot",
     "save",
     "schedules",
 ]

@@ -11,7 +11,9 @@ Layout of a checkpoint (no pickle anywhere):
 
 Writes are atomic: the bytes go to a temporary file in the same folder, are
 fsync'ed, and replace the target with os.replace, so a crash mid-save leaves
-the previous checkpoint intact.
+the previous checkpoint intact. The file gets the mode a plain ``open(path, "wb")``
+would give it: 0666 less the umask for a new file, the old file's mode when it
+replaces one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import stat
+import sys
 import tempfile
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,8 +46,42 @@ class Checkpoint(NamedTuple):
     metadata: dict[str, str]
 
 
+def check_save_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a string when a checkpoint can be written there, else raise naming ``path``.
+
+    FileNotFoundError when its folder does not exist, NotADirectoryError when the folder is a
+    file, IsADirectoryError when ``path`` is itself a folder, PermissionError when the folder
+    cannot be written, TypeError/ValueError for something that is not a path. Nothing is
+    written; :func:`save` calls it first, and a program can call it before a long run.
+    """
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}") from None
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if not p:
+        raise ValueError("path: expected a file name, got an empty string")
+    if os.path.isdir(p):
+        raise IsADirectoryError(f"path: {p!r} is a folder; give a file name, e.g. {os.path.join(p, 'model.safetensors')!r}")
+    folder = os.path.dirname(os.path.abspath(p))
+    if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise NotADirectoryError(f"path: {folder!r} (the folder of {p!r}) is not a folder")
+        raise FileNotFoundError(f"path: the folder {folder!r} does not exist (create it first)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"path: the folder {folder!r} is not writable")
+    return p
+
+
 def save(path: str | os.PathLike[str], model: Sequential, optimizer: Any = None, scheduler: Any = None) -> None:
-    """Write ``model`` (and ``optimizer``, ``scheduler`` when given) to ``path`` atomically."""
+    """Write ``model`` (and ``optimizer``, ``scheduler`` when given) to ``path`` atomically.
+
+    ``path``'s folder must exist (see :func:`check_save_path`: checked before anything is
+    written). The file's mode is that of a plain new file (0666 less the umask), or the
+    mode of the file it replaces.
+    """
+    path = check_save_path(path)
     if not isinstance(model, Sequential):
         raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
     tensors: dict[str, np.ndarray] = {f"param.{p.name}": np.ascontiguousarray(p.data) for p in model.parameters()}
@@ -57,15 +96,44 @@ def save(path: str | os.PathLike[str], model: Sequential, optimizer: Any = None,
         tensors.update({f"optim.{k}": np.ascontiguousarray(v) for k, v in state.items()})
     if scheduler is not None:
         metadata["scheduler"] = json.dumps(scheduler.state_dict())
-    _write_atomic(os.fspath(path), st_save(tensors, metadata=metadata))
+    _write_atomic(path, st_save(tensors, metadata=metadata))
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the platform allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:  # elsewhere the only way to read it is to set it, and set it back
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _file_mode(path: str) -> int:
+    """The mode ``open(path, "wb")`` would leave: the existing file's, or 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 def _write_atomic(path: str, payload: bytes) -> None:
     """Temp file in the target's folder, write, flush, fsync, os.replace, fsync the folder."""
     folder = os.path.dirname(os.path.abspath(path))
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            if sys.platform != "win32":  # mkstemp creates it 0600
+                os.fchmod(f.fileno(), mode)
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
@@ -136,7 +204,7 @@ def load(
         key = f"param.{p.name}"
         if key not in tensors or tensors[key].shape != p.shape or tensors[key].dtype != p.data.dtype:
             raise ValueError(f"path: checkpoint tensor {key!r} is missing or has the wrong shape/dtype")
-        p.data[...] = tensors[key]
+        model._backend.assign_(p.data, tensors[key])
     model.epoch = int(cfg.get("epoch", 0))
 
     if "optimizer" in metadata:
@@ -174,6 +242,11 @@ def _rebuild(module: Any, base: type, meta: dict[str, Any], first: Any) -> Any:
 
 
 def _describe(cfg: dict[str, Any]) -> str:
-    return " -> ".join(
-        f"Dense({c['in_features']}, {c['out_features']}, {c['activation']['name']})" for c in cfg["layers"]
-    )
+    """One line per architecture: Dense(in, out, activation) -> Dropout(p) -> ..."""
+
+    def one(c: dict[str, Any]) -> str:
+        if c.get("type") == "Dropout":
+            return f"Dropout({c['p']})"
+        return f"Dense({c['in_features']}, {c['out_features']}, {c['activation']['name']})"
+
+    return " -> ".join(one(c) for c in cfg["layers"])

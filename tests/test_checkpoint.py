@@ -202,3 +202,57 @@ def test_checkpoint_after_lr_annealed_to_zero(tmp_path, spirals_small):
     gp.save(tmp_path / "z.safetensors", model, opt, sched)
     ck = gp.load(tmp_path / "z.safetensors")
     assert ck.optimizer.lr == 0.0 and ck.scheduler.last_epoch == 2
+
+
+def test_save_into_a_missing_folder_fails_before_writing(tmp_path):
+    target = tmp_path / "no" / "such" / "run.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"^path: the folder .*no[/\\]such.* does not exist"):
+        gp.save(target, spiral_model())
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="^path: "):
+        gio.check_save_path(str(target))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="^path: .*is not a folder"):
+        gp.save(tmp_path / "file" / "run.safetensors", spiral_model())
+    with pytest.raises(IsADirectoryError, match="^path: .*is a folder"):
+        gp.save(tmp_path, spiral_model())
+    with pytest.raises(ValueError, match="^path: "):
+        gp.save("", spiral_model())
+    with pytest.raises(TypeError, match="^path: "):
+        gp.save(3, spiral_model())
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+    assert gio.check_save_path(tmp_path / "ok.safetensors") == str(tmp_path / "ok.safetensors")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoint_gets_a_plain_files_mode(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        gp.save(tmp_path / "m.safetensors", spiral_model())
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+def test_overwritten_checkpoint_keeps_its_mode(tmp_path):
+    path = tmp_path / "m.safetensors"
+    gp.save(path, spiral_model())
+    os.chmod(path, 0o640)
+    gp.save(path, spiral_model(seed=3))
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert gp.load(path).model.seed == 3
+
+
+def test_architecture_mismatch_names_dropout_layers(tmp_path):
+    """The refusal describes both architectures, Dropout layers included."""
+    a = gp.Sequential([gp.Dense(3, 4, "relu"), gp.Dropout(0.5), gp.Dense(4, 2)], seed=0)
+    b = gp.Sequential([gp.Dense(3, 4, "relu"), gp.Dense(4, 2)], seed=0)
+    path = tmp_path / "m.safetensors"
+    gp.save(path, a)
+    with pytest.raises(ValueError, match=r"Dropout\(0\.5\)"):
+        gp.load(path, b)

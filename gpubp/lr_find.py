@@ -1,0 +1,242 @@
+"""The learning-rate range test: train briefly while the learning rate grows, and watch the loss.
+
+    result = gp.lr_find(model, x, y, "cross_entropy", opt)
+    result.suggestion          # a learning rate to train with
+    result.lrs, result.losses  # the curve (smoothed loss against lr), e.g. for a log-x plot
+
+Step ``i`` of ``steps`` trains one mini-batch with ``lr_i = min_lr * (max_lr / min_lr) ** (i / (steps - 1))``
+(an exponential ramp), and records the loss of that batch, computed before the update
+(so ``losses[i]`` is what the parameters reached with the learning rates before ``lr_i``).
+The curve is smoothed with an exponential moving average, bias-corrected as in Adam:
+``avg = smoothing * avg + (1 - smoothing) * loss``, ``smoothed_i = avg / (1 - smoothing ** (i + 1))``.
+The test stops early when the smoothed loss exceeds ``diverge`` times the lowest seen so
+far, or when the loss is NaN or Inf.
+
+Afterwards the model's parameters and gradients, and the optimizer's state, step count and
+learning rate, are exactly what they were before (bit for bit), whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gpubp import losses as losses_mod
+from gpubp import optim as optim_mod
+from gpubp._validate import as_float_array, check_2d, check_finite, nonneg_int, positive_int, real
+from gpubp.model import NonFiniteError, Sequential
+
+
+@dataclass(frozen=True)
+class LRFindResult:
+    """What :func:`lr_find` measured.
+
+    Attributes:
+        lrs: the learning rate of each step taken (ascending).
+        losses: the smoothed, bias-corrected loss at each of those learning rates.
+        raw_losses: the loss of each step's mini-batch, before smoothing.
+        suggestion: a learning rate to train with: one tenth of the edge of the valley.
+            The edge is the largest learning rate up to which the smoothed loss, from its
+            minimum on, stays within 20% of its fall above that minimum (the fall: from the
+            highest smoothed loss before the minimum down to it), where the loss starts to
+            rise for good. The edge rather than the minimum: on a flat-bottomed curve (a
+            hard problem, where a few hundred steps learn little more than the class
+            balance) the minimum lands anywhere in the flat part, the edge does not.
+        best_lr: the learning rate at the minimum of the smoothed loss (the first 10% of the
+            steps, while the average holds few batches, are not considered).
+        steepest_lr: the learning rate where the smoothed loss falls fastest per unit of
+            log(lr), up to its minimum (the rule of Smith 2017 and fastai's ``steep``); None
+            when it never falls. Often too low on problems that learn slowly.
+        stopped_early: True when the loss diverged before ``steps`` were taken.
+    """
+
+    lrs: list[float]
+    losses: list[float]
+    raw_losses: list[float] = field(repr=False)
+    suggestion: float
+    best_lr: float
+    steepest_lr: float | None
+    stopped_early: bool
+
+    def __str__(self) -> str:
+        end = "stopped early: the loss diverged" if self.stopped_early else "ran every step"
+        return (f"lr_find: {len(self.lrs)} steps, lr {self.lrs[0]:.3g} to {self.lrs[-1]:.3g} ({end}); "
+                f"lowest smoothed loss at lr {self.best_lr:.3g}; suggestion {self.suggestion:.3g}")
+
+
+def lr_find(
+    model: Sequential,
+    x: Any,
+    y: Any,
+    loss: str | losses_mod.Loss,
+    optimizer: Any,
+    *,
+    min_lr: float = 1e-7,
+    max_lr: float = 10.0,
+    steps: int = 200,
+    batch_size: int = 64,
+    smoothing: float = 0.98,
+    diverge: float = 4.0,
+    seed: int = 0,
+) -> LRFindResult:
+    """Run the learning-rate range test on ``model`` with ``optimizer``; see the module docstring.
+
+    Args:
+        model: a :class:`gpubp.Sequential`.
+        x, y: training data, as for ``fit`` (x of shape (N, in_features)).
+        loss: a loss name (``"cross_entropy"``, ...) or a :class:`gpubp.losses.Loss`.
+        optimizer: a :class:`gpubp.optim.Optimizer` over ``model.parameters()`` (its
+            hyper-parameters other than lr shape the curve), or an optimizer name.
+        min_lr, max_lr: the ends of the exponential ramp, 0 < min_lr < max_lr.
+        steps: mini-batch steps (at least 2); batches are drawn without replacement
+            from a permutation of the data by ``Generator([seed, pass])``, a new one
+            for each pass over the data.
+        batch_size: rows per step (capped at the number of rows).
+        smoothing: the moving-average factor in [0, 1); 0 keeps the raw losses.
+        diverge: stop once the smoothed loss exceeds ``diverge`` times its minimum (> 1).
+        seed: seeds the batch order.
+
+    Returns:
+        an :class:`LRFindResult`. Its ``suggestion`` is a tenth of the edge of the valley,
+        the largest lr before the smoothed loss climbs out of its minimum by more than 20%
+        of its fall (see :class:`LRFindResult`; ``steepest_lr`` holds the steepest-descent
+        rule, ``best_lr`` the minimum).
+
+    The model and the optimizer are restored afterwards, even on an exception: parameters,
+    gradients, optimizer state, step count and learning rate, bit for bit. A schedule
+    attached to the optimizer is not stepped.
+    """
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
+    loss_fn = losses_mod.get(loss)
+    if isinstance(optimizer, str):
+        optimizer = optim_mod.get(optimizer, model.parameters())
+    if not isinstance(optimizer, optim_mod.Optimizer):
+        raise TypeError(f"optimizer: expected a gpubp.optim.Optimizer or a name, got {type(optimizer).__name__}")
+    mine = {id(p) for p in model.parameters()}
+    if not all(id(p) in mine for p in optimizer.params):
+        raise ValueError("optimizer: it was built for parameters of another model; pass model.parameters()")
+    min_lr = real(min_lr, "min_lr", min=0.0, min_open=True)
+    max_lr = real(max_lr, "max_lr", min=0.0, min_open=True)
+    if max_lr <= min_lr:
+        raise ValueError(f"max_lr: expected a number > min_lr ({min_lr!r}), got {max_lr!r}")
+    steps = positive_int(steps, "steps")
+    if steps < 2:
+        raise ValueError(f"steps: expected an integer >= 2, got {steps!r}")
+    batch_size = positive_int(batch_size, "batch_size")
+    smoothing = real(smoothing, "smoothing", min=0.0)
+    if smoothing >= 1:
+        raise ValueError(f"smoothing: expected a number in [0, 1), got {smoothing!r}")
+    diverge = real(diverge, "diverge", min=1.0, min_open=True)
+    seed = nonneg_int(seed, "seed")
+
+    backend = model.arena.backend
+    x = _rows(x, "x", model, backend)
+    y = backend.to_numpy(y) if backend.is_device_array(y) else y
+    n_y = np.shape(y)[0] if np.ndim(y) >= 1 else None
+    if n_y != x.shape[0]:
+        raise ValueError(f"y: expected {x.shape[0]} rows to match x, got shape {np.shape(y)}")
+    n = x.shape[0]
+    try:
+        y = loss_fn.check_target(y, (n, model.out_features), model.dtype)
+    except (ValueError, TypeError) as e:  # the loss names its argument "target"
+        raise type(e)(str(e).replace("target:", "y:", 1).replace("pred", "the model's output")) from None
+    batch_size = min(batch_size, n)
+
+    saved_data = np.array(backend.to_numpy(model.arena.data), copy=True)
+    saved_grad = np.array(backend.to_numpy(model.arena.grad), copy=True)
+    saved_meta, saved_state = optimizer.state_dict()
+    saved_meta = copy.deepcopy(saved_meta)
+    saved_state = {k: np.array(v, copy=True) for k, v in saved_state.items()}
+    saved_lr = optimizer.lr
+
+    lrs: list[float] = []
+    raw: list[float] = []
+    smooth: list[float] = []
+    stopped = False
+    ratio = max_lr / min_lr
+    try:
+        avg, lowest = 0.0, math.inf
+        order, pos, npass = None, n, 0
+        for i in range(steps):
+            if pos + batch_size > n:  # a new pass over the data
+                order, pos, npass = np.random.default_rng([seed, npass]).permutation(n), 0, npass + 1
+            idx = order[pos : pos + batch_size]
+            pos += batch_size
+            lr = min_lr * ratio ** (i / (steps - 1))
+            optimizer.lr = lr
+            try:
+                out = model.forward(backend.take_rows(x, idx))
+                value, grad = loss_fn(out, y[idx])
+            except NonFiniteError:  # check_finite=True: a NaN/Inf output is divergence here
+                value = math.nan
+            if not math.isfinite(value):
+                stopped = True
+                break
+            avg = smoothing * avg + (1.0 - smoothing) * value
+            smoothed = avg / (1.0 - smoothing ** (i + 1))
+            lrs.append(lr)
+            raw.append(float(value))
+            smooth.append(float(smoothed))
+            lowest = min(lowest, smoothed)
+            if smoothed > diverge * lowest:
+                stopped = True
+                break
+            try:
+                model.backward(grad)
+            except NonFiniteError:
+                stopped = True
+                break
+            optimizer.step()
+    finally:
+        backend.assign_(model.arena.data, saved_data)
+        backend.assign_(model.arena.grad, saved_grad)
+        optimizer.load_state_dict(saved_meta, saved_state)
+        optimizer.lr = saved_lr
+    if not lrs:
+        raise ValueError(f"min_lr: the loss was not finite at the first step (lr {min_lr:g}); check the data and model")
+    best = _best(smooth)
+    return LRFindResult(lrs=lrs, losses=smooth, raw_losses=raw, suggestion=lrs[_edge(smooth, best)] / 10,
+                        best_lr=lrs[best], steepest_lr=_steepest(lrs, smooth, best), stopped_early=stopped)
+
+
+def _rows(x: Any, name: str, model: Sequential, backend: Any) -> Any:
+    """x validated once: on the host a float array of the model's dtype, finite, (N, in_features);
+    an array already on the model's device is taken as it is (forward checks its shape)."""
+    if backend.is_device_array(x):
+        return x
+    x = as_float_array(x, name, model.dtype)
+    check_2d(x, name, model.in_features)
+    check_finite(x, name)
+    return x
+
+
+def _best(losses: list[float]) -> int:
+    """Index of the minimum of the smoothed loss, the first 10% of the points aside."""
+    skip = len(losses) // 10 if len(losses) >= 10 else 0
+    return skip + int(np.argmin(losses[skip:]))
+
+
+def _edge(losses: list[float], best: int, frac: float = 0.2) -> int:
+    """The last index of the run from ``best`` on which the loss stays below its minimum plus
+    ``frac`` of its fall (from the highest point before the minimum, the first 10% aside)."""
+    skip = min(len(losses) // 10 if len(losses) >= 10 else 0, best)
+    low = losses[best]
+    bound = low + max(frac * (max(losses[skip : best + 1]) - low), 1e-6 * abs(low))
+    end = best
+    while end + 1 < len(losses) and losses[end + 1] <= bound:
+        end += 1
+    return end
+
+
+def _steepest(lrs: list[float], losses: list[float], best: int) -> float | None:
+    """The lr of the most negative d(loss)/d(log lr) among the points up to the minimum."""
+    if best < 2:
+        return None
+    slope = np.gradient(np.asarray(losses[: best + 1]), np.log(np.asarray(lrs[: best + 1])))
+    k = int(np.argmin(slope))
+    return float(lrs[k]) if slope[k] < 0 else None

@@ -55,3 +55,26 @@ def test_two_call_sites_get_two_arrays():
     a = shared.array(4, np.float64)
     b = shared.array(4, np.float64)
     assert a is not b
+
+
+def test_active_is_the_mode_the_kernels_run_in():
+    from gpubp.backends import _cudasim, numba_cuda, numba_cuda_optim
+
+    assert _cudasim.active() is True
+    assert numba_cuda.SIMULATOR is True and numba_cuda_optim.SIMULATOR is True
+    assert _cudasim._installed
+
+
+def test_install_changes_nothing_outside_the_simulator():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = "from gpubp.backends import _cudasim; _cudasim.install(); print(_cudasim.active(), _cudasim._installed)"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=repo)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"]

@@ -424,3 +424,256 @@ def test_every_kernel_compiles_to_ptx():
     expected = len(nk.ptx_targets())
     assert total == [["TOTAL", str(expected), str(expected)]], proc.stdout[-2000:]
     assert expected == 19  # 9 kernels x (float32, float64) + the final reduction
+
+
+# --- 5. one source, several targets: the scalar maths under numba.njit ---------------------
+
+
+@pytest.fixture(scope="module")
+def njit_math():
+    """scalar_math compiled for the CPU, as a fast CPU backend would compile it."""
+    import numba
+
+    from gpubp.backends import scalar_math
+
+    return scalar_math.build(numba.njit(inline="always"))
+
+
+def _njit_activation_loops(sm):
+    """Elementwise loops over the njit-compiled scalar activations (the CPU shape of the kernels)."""
+    import numba
+
+    @numba.njit
+    def forward(act_id, z, p0, p1, out):
+        for i in range(z.size):
+            out[i] = sm.act_f(act_id, z[i], p0, p1)
+
+    @numba.njit
+    def backward(act_id, da, saved, p0, p1, out):
+        for i in range(da.size):
+            out[i] = sm.act_grad(act_id, da[i], saved[i], p0, p1)
+
+    return forward, backward
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_scalar_activations_compile_with_njit_and_match_the_spec(njit_math, dtype):
+    """Every activation (and its non-default parameters), f and f', on a grid of z with the hard cases."""
+    import numba
+
+    forward, backward = _njit_activation_loops(njit_math)
+    grid = np.concatenate(
+        [np.linspace(-12.0, 12.0, 481), [0.0, -0.0, 1e-3, -1e-3, 20.0, -30.0, 1e4, -1e4, 3e19, -3e19]]
+    )
+    z = grid.astype(dtype)
+    da = np.linspace(-2.0, 2.0, z.size).astype(dtype)
+    for name, params in ACTS:
+        act = Activation(name, **params)
+        act_id, p0, p1 = nk._act_args(act, np.dtype(dtype))
+        a = np.full_like(z, np.nan)
+        forward(act_id, z, p0, p1, a)
+        want_a = act.forward(z)
+        np.testing.assert_allclose(a, want_a, **TOL[dtype], err_msg=f"njit f for {act}")
+        saved = {"z": z, "a": want_a}.get(act.saves, da)
+        dz = np.full_like(z, np.nan)
+        backward(act_id, da, saved, p0, p1, dz)
+        want = act.backward(da, z, want_a)
+        slack = TOL[dtype]["rtol"] * np.abs(want) + TOL[dtype]["atol"] + backward_slack(name, z, da, dtype)
+        bad = ~(np.abs(dz.astype(np.float64) - want) <= slack)
+        assert not bad.any(), f"njit f' for {act}: z={z[bad]} got={dz[bad]} want={want[bad]}"
+    # The compiled functions keep the data dtype (float32 maths stays float32).
+    njit_math.act_f(np.int64(Activation("gelu").id), dtype(0.5), dtype(0.0), dtype(0.0))
+    sig = njit_math.act_f.nopython_signatures
+    assert any(s.return_type == numba.from_dtype(np.dtype(dtype)) for s in sig), sig
+    s = njit_math.sigmoid(dtype(-1e4))
+    assert type(s) in (float, dtype) and s == 0.0
+
+
+def test_scalar_loss_terms_compile_with_njit(njit_math):
+    x, t = np.float32(1.5), np.float32(0.25)
+    g, v = njit_math.mse_term(x, t, np.float32(2.0))
+    assert g == np.float32(2.5) and v == 1.5625
+    g, v = njit_math.bce_term(np.float64(0.0), np.float64(1.0), np.float64(1.0))
+    assert g == -0.5 and v == pytest.approx(math.log(2.0), rel=1e-15)
+
+
+# --- 6. launches: counted, shaped by the caller, streams wrapped once ---------------------
+
+
+def test_launch_counter_counts_each_kernel_launch(rng):
+    """Each launcher's launches, as designed: activations 1, bias gradient 2, losses 2 (1 when empty)."""
+    x = rng.standard_normal((17, 33)).astype(np.float32)
+    t = rng.standard_normal((17, 33)).astype(np.float32)
+    labels = rng.integers(0, 33, 17).astype(np.int64)
+
+    def launches(fn, *args, **kw):
+        before = nk.launch_count()
+        fn(*args, **kw)
+        return nk.launch_count() - before
+
+    assert launches(nk.activation_forward, dev(x), "relu", threads=32) == 1
+    assert launches(nk.bias_activation_forward, dev(x), dev(x[0]), "gelu", poisoned(x.shape, x.dtype), True,
+                    threads=32) == 1  # fmt: skip
+    assert launches(nk.activation_backward, dev(x), dev(x), None, "relu", threads=32) == 1
+    assert launches(nk.bias_grad, dev(x), poisoned(33, x.dtype), tile=8, row_threads=4) == 2
+    for fn, target in ((nk.mse, t), (nk.bce_with_logits, t), (nk.cross_entropy, labels)):
+        assert launches(run_loss, fn, x, target, 1.0, threads=16) == 2, fn.__name__
+    empty = np.zeros((0, 3), np.float32)
+    assert launches(run_loss, nk.mse, empty, empty, 1.0, threads=16) == 1  # stage 2 alone writes 0
+    assert launches(nk.activation_forward, dev(empty), "relu") == 0
+
+
+def test_one_specialisation_per_kernel_and_dtype():
+    """The launch path prepares a kernel once per key, then only launches it."""
+
+    class FakeKernel:
+        def __init__(self):
+            self.prepared = 0
+            self.runs = []
+
+        def specialize(self, *args):
+            self.prepared += 1
+            return self
+
+        def __getitem__(self, config):
+            return lambda *args: self.runs.append((config, args))
+
+    launch = nk.Launches()
+    k = FakeKernel()
+    for blocks in (1, 2, 3):
+        launch(k, np.dtype(np.float32), blocks, 32, 0, "a", blocks)
+    launch(k, np.dtype(np.float64), 1, 32, 0, "b")
+    assert k.prepared == 2 and launch.count == 4
+    assert k.runs[1] == ((2, 32, 0), ("a", 2))
+
+
+def test_launch_stream_wraps_each_handle_once(monkeypatch):
+    from types import SimpleNamespace
+
+    made = []
+
+    def external_stream(ptr):
+        made.append(ptr)
+        return SimpleNamespace(ptr=None, handle=ptr, auto_synchronize=None)
+
+    monkeypatch.setattr(nk.cuda, "external_stream", external_stream)
+    monkeypatch.setattr(nk, "_STREAMS", {})
+    assert nk.launch_stream(0) == 0 and nk.launch_stream(None) == 0
+    assert nk.launch_stream(SimpleNamespace(ptr=0)) == 0  # CuPy's null stream
+    s = nk.launch_stream(0x1234)
+    assert nk.launch_stream(SimpleNamespace(ptr=0x1234)) is s  # a CuPy stream with that handle
+    assert nk.launch_stream(np.int64(0x1234)) is s
+    assert made == [0x1234]
+    numba_stream = SimpleNamespace(auto_synchronize=lambda: None)
+    assert nk.launch_stream(numba_stream) is numba_stream
+    for bad in ("stream", 1.5, True):
+        with pytest.raises(TypeError, match="stream"):
+            nk.launch_stream(bad)
+
+
+# --- 7. finding libNVVM ------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_toolkits(tmp_path, monkeypatch):
+    """System toolkits under tmp_path; cuda-pathfinder finds no libNVVM until one is loaded by path."""
+    from gpubp.backends import numba_setup as ns
+
+    for version, has_nvvm in (("11.8", False), ("12.4", True), ("12.9", True)):
+        lib = tmp_path / f"cuda-{version}" / "nvvm" / ("lib64" if has_nvvm else "libdevice")
+        lib.mkdir(parents=True)
+        if has_nvvm:
+            (lib / "libnvvm.so.4").write_bytes(b"")
+            (lib / "libnvvm.so").symlink_to(lib / "libnvvm.so.4")
+    loaded: list[str] = []
+
+    def pathfinder_load(name):
+        if name == "nvvm" and loaded:
+            return ns.Found("nvvm", loaded[-1], "was-already-loaded-from-elsewhere")
+        raise LookupError(f"DynamicLibNotFoundError: no {name} in the wheels or on the loader path")
+
+    monkeypatch.setattr(ns, "_pathfinder_load", pathfinder_load)
+    monkeypatch.setattr(ns, "_preload", loaded.append)
+    monkeypatch.setattr(ns, "_nvvm", None)
+    monkeypatch.setattr(ns, "SYSTEM_TOOLKITS", str(tmp_path / "cuda*"))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    return ns, tmp_path, loaded
+
+
+def test_nvvm_found_in_the_newest_system_toolkit(fake_toolkits):
+    ns, root, loaded = fake_toolkits
+    found = ns.ensure_nvvm()
+    want = root / "cuda-12.9" / "nvvm" / "lib64" / "libnvvm.so.4"
+    assert loaded == [str(want)]  # loaded by path, so Numba's own look-up finds it loaded
+    assert found.path == str(want) and "cuda-12.9" in found.via
+    assert ns.ensure_nvvm() is found  # looked up once
+    assert ns.describe()["NVVM"].startswith(str(want))
+
+
+def test_nvvm_from_cuda_home_first(fake_toolkits, monkeypatch):
+    ns, root, loaded = fake_toolkits
+    monkeypatch.setenv("CUDA_HOME", str(root / "cuda-12.4"))
+    assert ns.ensure_nvvm().path == str(root / "cuda-12.4" / "nvvm" / "lib64" / "libnvvm.so.4")
+    assert ns.toolkit_roots()[0] == root / "cuda-12.4"
+
+
+def test_missing_nvvm_names_it_and_the_fix(fake_toolkits, monkeypatch):
+    ns, root, loaded = fake_toolkits
+    monkeypatch.setattr(ns, "SYSTEM_TOOLKITS", str(root / "none*"))
+    monkeypatch.setenv("CUDA_PATH", str(root / "cuda-11.8"))  # a toolkit without libNVVM
+    with pytest.raises(ns.NvvmNotFoundError) as err:
+        ns.ensure_nvvm()
+    msg = str(err.value)
+    for words in ("libNVVM", "NVVM", "pip install 'gpubp[cuda13]'", "nvidia-nvvm", "CUDA_HOME", "cuda-11.8"):
+        assert words in msg, msg
+    assert not loaded
+    info = ns.describe()  # gpubp info reports it, and does not raise
+    assert info["NVVM"].startswith("not found: ") and "gpubp[cuda13]" in info["NVVM"]
+    assert info["NVRTC"].startswith("not found: ")
+
+
+def test_a_libnvvm_loaded_by_path_is_the_one_numba_finds(tmp_path):
+    """The fallback's premise, with the real loader: a libNVVM loaded by path is found 'already loaded'."""
+    pytest.importorskip("cuda.pathfinder")
+    code = textwrap.dedent(
+        """
+        import ctypes, sys
+        from cuda import pathfinder
+        try:
+            real = pathfinder.load_nvidia_dynamic_lib("nvvm").abs_path
+        except Exception as e:
+            print("SKIP", e); sys.exit(0)
+        print("REAL", real)
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if "SKIP" in r.stdout or r.returncode:
+        pytest.skip(f"no libNVVM here: {r.stdout}{r.stderr}")
+    real = r.stdout.split("REAL", 1)[1].strip()
+    lib = tmp_path / "cuda-99.0" / "nvvm" / "lib64"
+    lib.mkdir(parents=True)
+    (lib / "libnvvm.so.4").symlink_to(real)
+    code = textwrap.dedent(
+        f"""
+        from gpubp.backends import numba_setup as ns
+        ns._preload({str(lib / "libnvvm.so.4")!r})
+        found = ns.locate("nvvm")
+        print(found.via)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "already-loaded" in r.stdout, r.stdout
+
+
+def test_info_says_where_nvrtc_and_nvvm_come_from(capsys):
+    from gpubp import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    for lib in ("NVRTC", "NVVM"):
+        assert lib in lines, out
+        assert "/" in lines[lib] or "not found" in lines[lib], lines[lib]

@@ -326,6 +326,142 @@ def test_all_finite(dtype, seed):
     assert host(flag)[0] == 0
 
 
+# --- launches: counted, shaped by the caller, arrays passed as they are ---------------------
+
+
+def launches(fn, *args, **kw) -> int:
+    before = nbo.launch_count()
+    fn(*args, **kw)
+    return nbo.launch_count() - before
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_launch_counter(dtype, seed):
+    """An update over a whole arena is one launch; the reductions two (pass 1 and pass 2)."""
+    rng = np.random.default_rng(seed)
+    arena = Arena(130, dtype)
+    arena.carve("0.weight", (8, 15))
+    arena.carve("0.bias", (10,))
+    arena.grad[:] = rng.standard_normal(130)
+    p, g = dev(arena.data), dev(arena.grad)
+    m, v = nbo.full(130, 0.0, dtype), nbo.full(130, 0.0, dtype)
+    adam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, step=1, amsgrad=False)
+    assert launches(nbo.adam_update, p, g, m, v, None, **adam) == 1
+    sgd = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, first_step=True)
+    assert launches(nbo.sgd_update, p, g, dev(np.zeros(130, dtype)), **sgd) == 1
+    rms = dict(lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.5, centered=True)
+    zeros = [dev(np.zeros(130, dtype)) for _ in range(3)]
+    assert launches(nbo.rmsprop_update, p, g, *zeros, **rms) == 1
+    assert launches(nbo.adagrad_update, p, g, v, lr=0.1, lr_decay=0.0, eps=1e-10, weight_decay=0.0, step=1) == 1
+    total = dev(np.full(1, np.nan))
+    assert launches(nbo.sum_of_squares_into, g, total) == 2
+    assert launches(nbo.clip_scale_, g, total, 1.0) == 1
+    assert launches(nbo.all_finite_into, g, dev(np.zeros(1, np.int32))) == 2
+    assert launches(nbo.scale_, g, 0.5) == 1
+    assert launches(nbo.full, 7, 1.0, dtype) == 1
+    assert launches(nbo.full, 0, 1.0, dtype) == 0
+    assert launches(nbo.sum_of_squares_into, dev(np.zeros(0, dtype)), total) == 1  # pass 2 alone writes 0
+
+
+def test_launch_shape_from_the_caller(seed):
+    """threads= / max_blocks= on the call itself; the bits are those of any other launch shape."""
+    x = np.random.default_rng(seed).standard_normal(2 * nbo.REDUCE_CHUNK + 452)
+    results = []
+    for threads, max_blocks in ((32, 1), (64, 3), (None, None)):
+        out = dev(np.full(1, np.nan))
+        nbo.sum_of_squares_into(dev(x), out, threads=threads, max_blocks=max_blocks)
+        results.append(float(host(out)[0]))
+    assert all(same_bits(r, results[0]) for r in results), f"seed={seed}"
+    g = dev(x[:130].copy())
+    nbo.scale_(g, 0.25, threads=7, max_blocks=1)
+    np.testing.assert_array_equal(host(g), x[:130] * 0.25)
+    with pytest.raises(ValueError, match="threads"):
+        nbo.scale_(g, 0.5, threads=0)
+    with pytest.raises(ValueError, match="max_blocks"):
+        nbo.scale_(g, 0.5, max_blocks=True)
+
+
+def test_device_arrays_are_passed_as_they_are():
+    """An object with __cuda_array_interface__ (CuPy, ...) reaches the kernel itself, not a per-launch wrapper."""
+
+    class CudaArrayLike:
+        __cuda_array_interface__ = {"shape": (3,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+    a = CudaArrayLike()
+    assert nbo._arr(a, "a") is a
+    with pytest.raises(TypeError, match="CUDA array"):
+        nbo._arr([1.0], "a")
+
+
+# --- one source, several targets: the optimizer maths under numba.njit -----------------------
+
+
+_NJIT: dict = {}  # scalar_math compiled by numba.njit, once per session
+
+
+def njit_update(sm, kind: str, args: tuple) -> None:
+    """The element loop of the optimizer kernels on the host, with scalar_math compiled by numba.njit."""
+    if kind == "sgd":
+        p, g, buf, *hp = args
+        use_momentum, first = hp[5], hp[6]
+        for i in range(p.size):
+            b = buf[i] if use_momentum and not first else g[i]
+            p[i], b = sm.sgd_step(p[i], g[i], b, *hp)
+            if use_momentum:
+                buf[i] = b
+    elif kind == "adam":
+        p, g, m, v, vmax, *hp = args
+        amsgrad = hp[-1]
+        for i in range(p.size):
+            pi, m[i], v[i], vm = sm.adam_step(p[i], g[i], m[i], v[i], vmax[i] if amsgrad else v[i], *hp)
+            if amsgrad:
+                vmax[i] = vm
+            p[i] = pi
+    elif kind == "rmsprop":
+        p, g, v, a, b, *hp = args
+        centered, use_momentum = hp[-3], hp[-1]
+        for i in range(p.size):
+            ai = a[i] if centered else v[i]
+            bi = b[i] if use_momentum else v[i]
+            p[i], v[i], ai, bi = sm.rmsprop_step(p[i], g[i], v[i], ai, bi, *hp)
+            if centered:
+                a[i] = ai
+            if use_momentum:
+                b[i] = bi
+    else:
+        p, g, s, *hp = args
+        for i in range(p.size):
+            p[i], s[i] = sm.adagrad_step(p[i], g[i], s[i], *hp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("kind", "cfg"), CASES, ids=[f"{k}{i}" for i, (k, _) in enumerate(CASES)])
+def test_scalar_updates_compile_with_njit_and_match_numpy_to_the_bit(kind, cfg, dtype, seed, monkeypatch):
+    """The kernels' scalar maths, compiled for the CPU, against numpy_optim: the same bits."""
+    import numba
+
+    from gpubp.backends import scalar_math
+
+    sm = _NJIT.get("math") or _NJIT.setdefault("math", scalar_math.build(numba.njit))
+    captured = []
+    monkeypatch.setattr(nbo, "_map", lambda name, dt, n, stream, threads, max_blocks, args: captured.append(args))
+    rng = np.random.default_rng(seed)
+    n = 33
+    p_ref = rng.standard_normal(n).astype(dtype)
+    p = p_ref.copy()
+    st_ref = {k: npo.full(n, v, dtype) for k, v in buffers(kind, cfg).items()}
+    st = {k: npo.full(n, v, dtype) for k, v in buffers(kind, cfg).items()}
+    for step, size in enumerate((3.0, 0.5, 1.0), start=1):
+        g = (rng.standard_normal(n) * size).astype(dtype)
+        update(npo, kind, cfg, p_ref, g, st_ref, step)
+        update(nbo, kind, cfg, p, g, st, step)  # only packs the kernel's arguments (captured)
+        njit_update(sm, kind, captured.pop())
+        where = f"njit {kind} {cfg} {np.dtype(dtype).name} step {step} (seed={seed})"
+        np.testing.assert_array_equal(p, p_ref, err_msg=where)
+        for name in st:
+            np.testing.assert_array_equal(st[name], st_ref[name], err_msg=f"{name}: {where}")
+
+
 # --- compiling to PTX -----------------------------------------------------------------------
 
 
@@ -376,12 +512,14 @@ def test_cupy_arrays_and_streams(seed):
     p_ref, g_ref = rng.standard_normal(130), rng.standard_normal(130)
     buf_ref = np.zeros(130)
     p, g, buf = cp.asarray(p_ref), cp.asarray(g_ref), cp.zeros(130)
+    total = cp.zeros(1)
     kw = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01)
     stream = cp.cuda.Stream(non_blocking=True)
+    # The arrays were written on the null stream, which a non-blocking stream does not wait for.
+    stream.wait_event(cp.cuda.Stream.null.record())
     for step in (1, 2):
         npo.sgd_update(p_ref, g_ref, buf_ref, first_step=step == 1, **kw)
         nbo.sgd_update(p, g, buf, first_step=step == 1, stream=stream, **kw)
-    total = cp.zeros(1)
     nbo.sum_of_squares_into(p, total, stream=stream)
     stream.synchronize()
     close(p, p_ref, np.float64, "cupy sgd", seed)

@@ -7,6 +7,9 @@ the store that follows are not atomic, so two threads arriving together can each
 allocate their own array, and from then on they do not share memory: a reduction
 reads garbage, now and then. This module does the same look-up under a lock. It
 changes nothing outside the simulator.
+
+:func:`active` is the one place the kernel modules ask whether they run in the
+simulator.
 """
 
 from __future__ import annotations
@@ -20,10 +23,19 @@ _lock = threading.Lock()
 _installed = False
 
 
+def active() -> bool:
+    """True when Numba's CUDA target is the simulator (NUMBA_ENABLE_CUDASIM=1 before numba was imported)."""
+    try:  # numba-cuda keeps its own configuration module
+        from numba.cuda.core import config
+    except ImportError:  # pragma: no cover - older numba-cuda
+        from numba.core import config
+    return bool(getattr(config, "ENABLE_CUDASIM", False))
+
+
 def install() -> None:
-    """Replace the simulator's shared-array allocator with a locked one (once; simulator only)."""
+    """Replace the simulator's shared-array allocator with a locked one (once; nothing outside the simulator)."""
     global _installed
-    if _installed:
+    if _installed or not active():
         return
     from numba.cuda.simulator import kernelapi
 

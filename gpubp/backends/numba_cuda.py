@@ -2,17 +2,22 @@
 
 The NumPy reference (``numpy_ref`` and ``gpubp.activations``) is the spec; every
 kernel here computes the same maths, in the dtype of its inputs (float32 or
-float64), and is checked against it by ``tests/test_numba_cuda.py``.
+float64), and is checked against it by ``tests/test_numba_cuda.py``. The
+per-element maths is not written here: it is :mod:`gpubp.backends.scalar_math`,
+compiled once more for the device, and the kernels are the loops around it.
+This module also holds what both Numba kernel modules share (section 2): the
+device build of the scalar maths, the one counted launch path and the
+grid-stride kernel factory; ``numba_cuda_optim`` builds its kernels with them.
 
-This module is imported only by the CUDA backend and the tests, never by
+This module is imported only by the CUDA backends and the tests, never by
 ``import gpubp``. Without a GPU the kernels run under the Numba CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``, set before numba is imported); :func:`ptx_targets`
 lists every kernel with its signatures so that a PTX compile check needs no GPU.
 
 Sections
-    1. Constants: activation ids (mirroring ``activations.TABLE``), reduction geometry
-    2. Device functions: dtype-preserving constants, sigmoid, ``act_f``, ``act_df``
-    3. Activation kernels: forward and backward, elementwise
+    1. Constants: reduction geometry, launch defaults
+    2. Shared machinery: device maths, launches (counted), the elementwise kernel factory
+    3. Activation kernels: forward, dense epilogue, backward (elementwise)
     4. Block reduction helpers (shared memory, fixed tree)
     5. Bias gradient: two-stage column sums
     6. Losses: MSE, BCEWithLogits, CrossEntropy (labels / probabilities), final reduction
@@ -25,11 +30,13 @@ the shapes and by the module constants below, never by the launch configuration
 same bits, however a launcher is called.
 
 Streams and arrays. Launchers accept any array the kernels accept: NumPy arrays
-under the simulator, and on a GPU Numba device arrays or CuPy arrays (through the
-CUDA array interface / DLPack). Kernels are queued on ``stream`` (a Numba stream,
-or 0 for the default stream); launchers only compute a launch configuration and
-queue kernels, they never wait for the device. Scratch buffers (``work=``) can be
-passed in; when omitted one is allocated like the input array.
+under the simulator, and on a GPU Numba device arrays or CuPy arrays, which are
+handed to Numba as they are (no per-launch wrapping). Kernels are queued on
+``stream`` (0 for the default stream, a Numba stream, a CuPy stream or a raw
+handle); launchers only compute a launch configuration and queue kernels, they
+never wait for the device. The launch shape (``threads``, ``max_blocks``) is a
+parameter of every launcher and never changes a result. Scratch buffers
+(``work=``) can be passed in; when omitted one is allocated like the input array.
 """
 
 from __future__ import annotations
@@ -39,47 +46,23 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numba import boolean, cuda, float32, float64, int64
+from numba import cuda, float32, float64, int64, types
 
-from gpubp.activations import TABLE, Activation
+from gpubp.activations import Activation
 from gpubp.activations import get as get_activation
+from gpubp.backends import _cudasim, numba_setup, scalar_math
 
-try:  # numba-cuda keeps its own configuration module
-    from numba.cuda.core import config as _config
-except ImportError:  # pragma: no cover - older numba-cuda
-    from numba.core import config as _config
-
-SIMULATOR: bool = bool(_config.ENABLE_CUDASIM)
-if SIMULATOR:
-    from gpubp.backends import _cudasim
-
-    _cudasim.install()  # shared arrays that the simulator's threads really share
+#: True when the kernels run under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
+SIMULATOR: bool = _cudasim.active()
+_cudasim.install()  # simulator only: shared arrays that the simulator's threads really share
+if not SIMULATOR:
+    numba_setup.ensure_nvvm()  # before the first compile; names the fix when libNVVM is missing
 
 Array = Any
 
 # =========================================================================================
 # 1. Constants
 # =========================================================================================
-
-# Activation ids, read from the table so the kernels mirror it (numba freezes globals).
-_IDENTITY = TABLE["identity"].id
-_RELU = TABLE["relu"].id
-_LEAKY_RELU = TABLE["leaky_relu"].id
-_ELU = TABLE["elu"].id
-_SIGMOID = TABLE["sigmoid"].id
-_TANH = TABLE["tanh"].id
-_GELU = TABLE["gelu"].id
-_GELU_TANH = TABLE["gelu_tanh"].id
-_SILU = TABLE["silu"].id
-_SOFTPLUS = TABLE["softplus"].id
-
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_GELU_C = 0.044715
-_GELU_3C = 3.0 * _GELU_C
-_GELU_CLIP = 1e6
-_GELU_PDF_CLIP = 40.0
 
 # Reduction geometry. These fix the summation order, so they are constants, not
 # launch parameters.
@@ -103,168 +86,153 @@ MAX_BLOCKS = 8192  # grid-stride loops cover anything beyond this many blocks
 FINISH_THREADS = 128  # bias-gradient stage 2: one thread per column
 
 # =========================================================================================
-# 2. Device functions
+# 2. Shared machinery
 # =========================================================================================
-# ``_cst(like, v)``: the Python constant v as a scalar of like's type, so float32 maths
-# stays float32 (a bare literal is float64 and would promote). On the device it is an
-# intrinsic (a plain cast); under the simulator, where device code is Python, a call.
-#
-# Device functions are inlined into their kernels (inline="always"): besides being
-# cheap, this lets compile_ptx build every kernel without a GPU present.
-
-if SIMULATOR:
-
-    def _cst(like, value):
-        return type(like)(value)
-
-else:
-    from numba.cuda.extending import intrinsic
-
-    @intrinsic
-    def _cst(typingctx, like, value):
-        def codegen(context, builder, sig, args):
-            return context.cast(builder, args[1], sig.args[1], sig.return_type)
-
-        return like(like, value), codegen
-
+# Device functions are inlined into their kernels (inline="always", at the Numba IR
+# level): besides being cheap, this lets compile_ptx build every kernel without a GPU
+# present (a called, not inlined, device function is compiled for the current device).
 
 _device = cuda.jit(device=True, inline="always")
 
 
-@_device
-def _sigmoid(x):
-    """Stable logistic: e = exp(-|x|) <= 1; 1/(1+e) for x >= 0, e/(1+e) below."""
-    one = _cst(x, 1.0)
-    e = math.exp(-abs(x))
-    if x >= _cst(x, 0.0):
-        return one / (one + e)
-    return e / (one + e)
+def _product_rn() -> Any:
+    """a * b on the device, rounded on its own: libdevice fmul_rn (float32) / dmul_rn (float64).
 
-
-@_device
-def act_f(act_id, z, p0, p1):
-    """a = f(z) for activation ``act_id`` (TABLE ids), in z's dtype.
-
-    p0: slope (leaky_relu), alpha (elu), beta (softplus); p1: threshold (softplus).
-    Exponentials only see non-positive arguments, so any finite z gives a finite a.
+    The compiler never fuses these with an add into an FMA, so an update rounds as NumPy's does.
     """
-    zero = _cst(z, 0.0)
-    one = _cst(z, 1.0)
-    half = _cst(z, 0.5)
-    if act_id == _RELU:
-        return zero if z < zero else z  # max(z, 0), NaN passes through
-    if act_id == _LEAKY_RELU:
-        return z if z > zero else z * p0
-    if act_id == _ELU:
-        return z if z > zero else p0 * math.expm1(min(z, zero))
-    if act_id == _SIGMOID:
-        return _sigmoid(z)
-    if act_id == _TANH:
-        return math.tanh(z)
-    if act_id == _GELU:
-        return half * z * (one + math.erf(z * _cst(z, _INV_SQRT_2)))
-    if act_id == _GELU_TANH:
-        # u = k (z + c z^3) on z clipped to +-1e6 (z^3 stays finite; tanh is +-1 there)
-        zc = min(max(z, _cst(z, -_GELU_CLIP)), _cst(z, _GELU_CLIP))
-        u = _cst(z, _SQRT_2_OVER_PI) * (zc + _cst(z, _GELU_C) * zc * zc * zc)
-        return half * z * (one + math.tanh(u))
-    if act_id == _SILU:
-        return z * _sigmoid(z)
-    if act_id == _SOFTPLUS:
-        # log(1 + e^bz)/beta = (max(bz, 0) + log1p(e^-|bz|))/beta; z itself above the threshold
-        bz = p0 * z
-        if bz > p1:
-            return z
-        return (max(bz, zero) + math.log1p(math.exp(-abs(bz)))) / p0
-    return z  # identity
+    from numba.cuda import libdevice
+    from numba.cuda.extending import intrinsic
+    from numba.cuda.typing import signature
+
+    @intrinsic
+    def mul_rn(typingctx, a, b):
+        if a != b or a not in (float32, float64):
+            return None
+        fn = libdevice.fmul_rn if a == float32 else libdevice.dmul_rn
+        sig = signature(a, a, b)
+
+        def codegen(context, builder, signature_, args):
+            return context.get_function(fn, sig)(builder, args)
+
+        return sig, codegen
+
+    return mul_rn
 
 
-@_device
-def act_df(act_id, z, a, p0, p1):
-    """f'(z) for activation ``act_id``; sigmoid and tanh read only a = f(z), the others only z."""
-    zero = _cst(z, 0.0)
-    one = _cst(z, 1.0)
-    half = _cst(z, 0.5)
-    if act_id == _RELU:
-        return one if z > zero else zero
-    if act_id == _LEAKY_RELU:
-        return one if z > zero else p0
-    if act_id == _ELU:
-        return one if z > zero else p0 * math.exp(min(z, zero))
-    if act_id == _SIGMOID:
-        return a * (one - a)
-    if act_id == _TANH:
-        return one - a * a
-    if act_id == _GELU:
-        # Phi(z) + z phi(z); phi on z clipped to +-40 (phi(40) is 0 already; z^2 cannot overflow)
-        cdf = half * (one + math.erf(z * _cst(z, _INV_SQRT_2)))
-        zc = min(max(z, _cst(z, -_GELU_PDF_CLIP)), _cst(z, _GELU_PDF_CLIP))
-        pdf = _cst(z, _INV_SQRT_2PI) * math.exp(-half * zc * zc)
-        return cdf + z * pdf
-    if act_id == _GELU_TANH:
-        # 1/2 (1 + t) + z/2 (1 - t^2) k (1 + 3c z^2), t = tanh(u)
-        zc = min(max(z, _cst(z, -_GELU_CLIP)), _cst(z, _GELU_CLIP))
-        u = _cst(z, _SQRT_2_OVER_PI) * (zc + _cst(z, _GELU_C) * zc * zc * zc)
-        t = math.tanh(u)
-        du = _cst(z, _SQRT_2_OVER_PI) * (one + _cst(z, _GELU_3C) * zc * zc)
-        return half * (one + t) + half * z * (one - t * t) * du
-    if act_id == _SILU:
-        s = _sigmoid(z)
-        return s * (one + z * (one - s))
-    if act_id == _SOFTPLUS:
-        bz = p0 * z
-        return one if bz > p1 else _sigmoid(bz)
-    return one  # identity
+#: scalar_math compiled for the kernels (``dm.act_f(...)`` and so on). This is the one place
+#: where the simulator and a GPU differ: the simulator's device code is Python, whose product
+#: is already unfused; a GPU needs the intrinsic.
+dm = scalar_math.build(_device, mul=None if SIMULATOR else _product_rn())
+
+
+class Launches:
+    """The one launch path of a module's kernels: it counts launches, and on a GPU launches
+    each kernel through a dispatcher specialised once per ``key`` (the argument types the
+    key stands for, e.g. the data dtype), so no launch pays for typing its arguments again.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._ready: dict[tuple, Any] = {}
+
+    def __call__(self, kernel: Any, key: Any, blocks: Any, threads: Any, stream: Any, *args: Any) -> None:
+        self.count += 1
+        ready = self._ready.get((kernel, key))
+        if ready is None:
+            ready = self._ready[kernel, key] = kernel.specialize(*args)
+        ready[blocks, threads, stream](*args)
+
+
+_launch = Launches()
+
+
+def launch_count() -> int:
+    """Kernels this module has launched so far (the backend reports launches per training step)."""
+    return _launch.count
+
+
+_STREAMS: dict[int, Any] = {}
+
+
+def launch_stream(stream: Any) -> Any:
+    """``stream`` as Numba's launch syntax takes it: 0, a Numba stream, or one wrapped (once per
+    handle) from a CuPy stream or a raw ``cudaStream_t`` handle."""
+    if stream is None:
+        return 0
+    if hasattr(stream, "auto_synchronize"):  # a Numba stream (or the simulator's)
+        return stream
+    ptr = getattr(stream, "ptr", stream)  # a CuPy stream, or a raw handle
+    if isinstance(ptr, bool) or not isinstance(ptr, (int, np.integer)):
+        raise TypeError(f"stream: expected 0, a Numba or CuPy stream, or a stream handle, got {type(stream).__name__}")
+    ptr = int(ptr)
+    if ptr == 0:
+        return 0
+    s = _STREAMS.get(ptr)
+    if s is None:
+        s = _STREAMS[ptr] = cuda.external_stream(ptr)
+    return s
+
+
+def _unchanged(args):
+    return args
+
+
+def elementwise(body: Callable | None = None, *, prepare: Callable | None = None) -> Any:
+    """The kernel ``kernel(n, args)`` that runs ``body(i, args)`` for every i in [0, n), grid-stride.
+
+    minitorch's map/zip for any mix of arrays and scalars: ``body`` is a plain function of
+    one index (compiled here as an inlined device function) that unpacks the tuple ``args``
+    (a tuple, because a kernel's arity is fixed and an inlined function takes no ``*args``).
+    Any grid covers any n. ``prepare(args) -> args`` (optional) runs once per thread before
+    the loop, for values that are the same for every element (a scale read from the device).
+    The kernel takes body's name. Use as ``@elementwise`` or ``@elementwise(prepare=f)``.
+    """
+    if body is None:
+        return lambda fn: elementwise(fn, prepare=prepare)
+    step = _device(body)
+    setup = _device(_unchanged if prepare is None else prepare)
+
+    def kernel(n, args):
+        ready = setup(args)
+        for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+            step(i, ready)
+
+    kernel.__name__ = kernel.__qualname__ = body.__name__
+    kernel.__doc__ = body.__doc__
+    return cuda.jit(kernel)
 
 
 # =========================================================================================
 # 3. Activation kernels
 # =========================================================================================
 # Shapes: flat 1-D arrays of n elements (a launcher flattens C-contiguous arrays).
-# Maths: forward a[i] = f(z[i]); backward dz[i] = da[i] * f'(z[i]), with f' read from
-#   a for sigmoid/tanh and from z otherwise; relu passes da or 0 exactly like the
-#   reference np.where. Only the array the activation saves is read.
-# Order: none (elementwise); grid-stride loop, any launch configuration.
+# Maths: forward a[i] = f(z[i]); backward dz[i] = da[i] * f'(z[i]) (scalar_math.act_grad),
+#   with f' read from the saved array: a for sigmoid/tanh, z otherwise (da for identity).
+#   Only the array the activation saves is read.
+# Order: none (elementwise).
 
 
-@cuda.jit
-def activation_forward_kernel(act_id, z, p0, p1, a):
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    for i in range(start, z.size, stride):
-        a[i] = act_f(act_id, z[i], p0, p1)
+@elementwise
+def activation_forward_kernel(i, args):
+    z, a, act_id, p0, p1 = args
+    a[i] = dm.act_f(act_id, z[i], p0, p1)
 
 
-@cuda.jit
-def bias_activation_forward_kernel(act_id, z, b, p0, p1, keep_z, a):
+@elementwise
+def bias_activation_forward_kernel(i, args):
     # z (N*out,) the GEMM output x @ W, flat; b (out,). v = z + b; a = f(v); z = v when keep_z.
     # ``a`` may be ``z`` itself (identity, sigmoid, tanh: backward needs a or nothing).
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    n_out = b.size
-    for i in range(start, z.size, stride):
-        v = z[i] + b[i % n_out]
-        if keep_z:
-            z[i] = v
-        a[i] = act_f(act_id, v, p0, p1)
+    z, b, a, act_id, p0, p1, keep_z = args
+    v = z[i] + b[i % b.size]
+    if keep_z:
+        z[i] = v
+    a[i] = dm.act_f(act_id, v, p0, p1)
 
 
-@cuda.jit
-def activation_backward_kernel(act_id, da, z, a, p0, p1, dz):
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    for i in range(start, da.size, stride):
-        g = da[i]
-        if act_id == _IDENTITY:
-            dz[i] = g
-        elif act_id == _SIGMOID or act_id == _TANH:
-            ai = a[i]
-            dz[i] = g * act_df(act_id, ai, ai, p0, p1)
-        elif act_id == _RELU:
-            dz[i] = g if z[i] > _cst(g, 0.0) else _cst(g, 0.0)
-        else:
-            zi = z[i]
-            dz[i] = g * act_df(act_id, zi, zi, p0, p1)
+@elementwise
+def activation_backward_kernel(i, args):
+    da, saved, dz, act_id, p0, p1 = args
+    dz[i] = dm.act_grad(act_id, da[i], saved[i], p0, p1)
 
 
 # =========================================================================================
@@ -395,59 +363,45 @@ def bias_grad_finish_kernel(partials, db):
 #   stage 2 (reduce_partials_kernel, a single block) sums the partials in the same
 #     lane order and writes value[0] = total * scale.
 #
-# Elementwise stage 1 (MSE, BCE). Shapes: pred/logits, target, grad flat (n,);
-#   partials (ceil(n / CHUNK),). Block b takes chunks b, b + gridDim, ...; in chunk k
-#   lane l visits elements kCHUNK + l, + LANES, ... in order.
+# Elementwise stage 1 (MSE, BCE): one reduction loop, two per-element terms
+#   (scalar_math.mse_term, bce_term), each giving (grad element, float64 value term).
+#   Shapes: pred/logits, target, grad flat (n,); partials (ceil(n / CHUNK),). Block b
+#   takes chunks b, b + gridDim, ...; in chunk k lane l visits elements kCHUNK + l,
+#   + LANES, ... in order.
 #   MSE:  d = p - t;  grad = d * dtype(2 scale);  value term float64(d)^2.
 #   BCE:  l = max(x, 0) - x t + log1p(e^-|x|)  (data dtype);  grad = (sigmoid(x) - t) * dtype(scale).
 
 
-@cuda.jit
-def mse_kernel(pred, target, g2, grad, partials):
-    sh = cuda.shared.array(LANES, float64)
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    n = pred.size
-    nchunks = (n + CHUNK - 1) // CHUNK
-    for chunk in range(cuda.blockIdx.x, nchunks, cuda.gridDim.x):
-        start = chunk * CHUNK
-        end = min(start + CHUNK, n)
-        for lane in range(t, LANES, nt):
-            acc = 0.0
-            for i in range(start + lane, end, LANES):
-                d = pred[i] - target[i]
-                grad[i] = d * g2
-                dd = float(d)
-                acc += dd * dd
-            sh[lane] = acc
-        total = _tree_sum(sh)
-        if t == 0:
-            partials[chunk] = total
+def _chunked_loss(term: Callable, name: str) -> Any:
+    """Stage 1 of an elementwise loss: ``grad[i], value_i = term(pred[i], target[i], g)``, and one
+    float64 partial sum of the value terms per CHUNK elements."""
+
+    def kernel(pred, target, g, grad, partials):
+        sh = cuda.shared.array(LANES, float64)
+        t = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        n = pred.size
+        nchunks = (n + CHUNK - 1) // CHUNK
+        for chunk in range(cuda.blockIdx.x, nchunks, cuda.gridDim.x):
+            start = chunk * CHUNK
+            end = min(start + CHUNK, n)
+            for lane in range(t, LANES, nt):
+                acc = 0.0
+                for i in range(start + lane, end, LANES):
+                    gi, vi = term(pred[i], target[i], g)
+                    grad[i] = gi
+                    acc += vi
+                sh[lane] = acc
+            total = _tree_sum(sh)
+            if t == 0:
+                partials[chunk] = total
+
+    kernel.__name__ = kernel.__qualname__ = name
+    return cuda.jit(kernel)
 
 
-@cuda.jit
-def bce_with_logits_kernel(logits, target, gscale, grad, partials):
-    sh = cuda.shared.array(LANES, float64)
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    n = logits.size
-    nchunks = (n + CHUNK - 1) // CHUNK
-    for chunk in range(cuda.blockIdx.x, nchunks, cuda.gridDim.x):
-        start = chunk * CHUNK
-        end = min(start + CHUNK, n)
-        for lane in range(t, LANES, nt):
-            acc = 0.0
-            for i in range(start + lane, end, LANES):
-                x = logits[i]
-                y = target[i]
-                zero = _cst(x, 0.0)
-                elem = max(x, zero) - x * y + math.log1p(math.exp(-abs(x)))
-                grad[i] = (_sigmoid(x) - y) * gscale
-                acc += float(elem)
-            sh[lane] = acc
-        total = _tree_sum(sh)
-        if t == 0:
-            partials[chunk] = total
+mse_kernel = _chunked_loss(dm.mse_term, "mse_kernel")
+bce_with_logits_kernel = _chunked_loss(dm.bce_term, "bce_with_logits_kernel")
 
 
 # Cross-entropy stage 1, one block per row (block b takes rows b, b + gridDim, ...).
@@ -483,7 +437,7 @@ def cross_entropy_labels_kernel(logits, labels, gscale, grad, row_loss):
                     m = v
             sh[lane] = m
         m = _tree_max(sh)
-        md = _cst(logits[row, 0], m)
+        md = dm.cst(logits[row, 0], m)
         # pass 2: sum of exponentials
         for lane in range(t, LANES, nt):
             acc = 0.0
@@ -498,8 +452,8 @@ def cross_entropy_labels_kernel(logits, labels, gscale, grad, row_loss):
             else:
                 row_loss[row] = math.nan
         # pass 3: gradient
-        inv = _cst(md, 1.0 / s)
-        one = _cst(md, 1.0)
+        inv = dm.cst(md, 1.0 / s)
+        one = dm.cst(md, 1.0)
         for j in range(t, c, nt):
             p = math.exp(logits[row, j] - md) * inv
             if j == y:
@@ -526,7 +480,7 @@ def cross_entropy_probs_kernel(logits, target, gscale, grad, row_loss):
                     m = v
             sa[lane] = m
         m = _tree_max(sa)
-        md = _cst(logits[row, 0], m)
+        md = dm.cst(logits[row, 0], m)
         # pass 2: s = sum e^(z - m), T = sum t, u = sum t (z - m)
         for lane in range(t, LANES, nt):
             acc_s = 0.0
@@ -545,8 +499,8 @@ def cross_entropy_probs_kernel(logits, target, gscale, grad, row_loss):
         if t == 0:
             row_loss[row] = tsum * math.log(s) - u
         # pass 3: gradient
-        inv = _cst(md, 1.0 / s)
-        tdt = _cst(md, tsum)
+        inv = dm.cst(md, 1.0 / s)
+        tdt = dm.cst(md, tsum)
         for j in range(t, c, nt):
             p = math.exp(logits[row, j] - md) * inv
             grad[row, j] = (p * tdt - target[row, j]) * gscale
@@ -638,19 +592,23 @@ def _check_threads(threads: int, limit: int, name: str) -> int:
     return threads
 
 
-def _act_args(act: Activation | str | None, dtype: np.dtype) -> tuple[np.int64, Any, Any]:
+def _act_args(act: Activation, dtype: np.dtype) -> tuple[np.int64, Any, Any]:
     """(id, p0, p1) for the kernels, the parameters as scalars of the data dtype."""
-    act = get_activation(act)
     p = act.params
-    if act.id == _LEAKY_RELU:
+    if act.id == scalar_math.LEAKY_RELU:
         p0, p1 = p["slope"], 0.0
-    elif act.id == _ELU:
+    elif act.id == scalar_math.ELU:
         p0, p1 = p["alpha"], 0.0
-    elif act.id == _SOFTPLUS:
+    elif act.id == scalar_math.SOFTPLUS:
         p0, p1 = p["beta"], p["threshold"]
     else:
         p0, p1 = 0.0, 0.0
     return np.int64(act.id), dtype.type(p0), dtype.type(p1)
+
+
+def _elementwise(kernel: Any, dt: np.dtype, n: int, threads: int, max_blocks: int, stream: Any, args: tuple) -> None:
+    """One launch of an :func:`elementwise` kernel over n elements."""
+    _launch(kernel, dt, _grid(n, threads, max_blocks), threads, stream, n, args)
 
 
 def activation_forward(
@@ -664,6 +622,7 @@ def activation_forward(
     """a = f(z), elementwise, written into ``out`` (allocated like z when None); returns out."""
     dt = _dtype(z, "activation_forward z")
     _c_contiguous(z, "activation_forward z")
+    stream = launch_stream(stream)
     if out is None:
         out = _empty(z.shape, dt, z, stream)
     elif tuple(out.shape) != tuple(z.shape) or np.dtype(out.dtype) != dt:
@@ -673,8 +632,8 @@ def activation_forward(
     if n == 0:
         return out
     threads = _check_threads(threads, 1024, "activation_forward")
-    act_id, p0, p1 = _act_args(act, dt)
-    activation_forward_kernel[_grid(n, threads, max_blocks), threads, stream](act_id, _flat(z), p0, p1, _flat(out))
+    act_id, p0, p1 = _act_args(get_activation(act), dt)
+    _elementwise(activation_forward_kernel, dt, n, threads, max_blocks, stream, (_flat(z), _flat(out), act_id, p0, p1))
     return out
 
 
@@ -704,10 +663,9 @@ def bias_activation_forward(
     if n == 0:
         return out
     threads = _check_threads(threads, 1024, "bias_activation_forward")
-    act_id, p0, p1 = _act_args(act, dt)
-    bias_activation_forward_kernel[_grid(n, threads, max_blocks), threads, stream](
-        act_id, _flat(z), b, p0, p1, bool(keep_z), _flat(out)
-    )
+    act_id, p0, p1 = _act_args(get_activation(act), dt)
+    args = (_flat(z), b, _flat(out), act_id, p0, p1, bool(keep_z))
+    _elementwise(bias_activation_forward_kernel, dt, n, threads, max_blocks, launch_stream(stream), args)
     return out
 
 
@@ -738,6 +696,7 @@ def activation_backward(
         _c_contiguous(x, f"activation_backward {name}")
         if tuple(x.shape) != tuple(da.shape) or np.dtype(x.dtype) != dt:
             raise ValueError(f"activation_backward: {name} must match da in shape and dtype")
+    stream = launch_stream(stream)
     if out is None:
         out = _empty(da.shape, dt, da, stream)
     elif tuple(out.shape) != tuple(da.shape) or np.dtype(out.dtype) != dt:
@@ -746,14 +705,12 @@ def activation_backward(
     n = _size(da.shape)
     if n == 0:
         return out
-    # The kernel reads only the saved array; the unused slot gets any same-typed array.
-    zz = z if need == "z" else da
-    aa = a if need == "a" else da
+    # The kernel reads the saved array only; identity saves nothing and reads da there.
+    saved = {"z": z, "a": a}.get(need, da)
     threads = _check_threads(threads, 1024, "activation_backward")
     act_id, p0, p1 = _act_args(act, dt)
-    activation_backward_kernel[_grid(n, threads, max_blocks), threads, stream](
-        act_id, _flat(da), _flat(zz), _flat(aa), p0, p1, _flat(out)
-    )
+    args = (_flat(da), _flat(saved), _flat(out), act_id, p0, p1)
+    _elementwise(activation_backward_kernel, dt, n, threads, max_blocks, stream, args)
     return out
 
 
@@ -775,7 +732,7 @@ def bias_grad_work_size(n_rows: int, n_cols: int) -> int:
 def bias_grad(
     dz: Array, out: Array, stream: Any = 0, work: Array | None = None, tile: int = BG_TILE, row_threads: int = BG_LANES
 ) -> Array:
-    """db = dz.sum(axis=0) for dz (N, out_features), written into ``out``; deterministic.
+    """db = dz.sum(axis=0) for dz (N, out_features), written into ``out``; deterministic (two launches).
 
     ``tile`` (columns per block, <= BG_TILE) and ``row_threads`` (<= BG_LANES) shape the
     launch only; the summation order, hence the result, does not depend on them.
@@ -791,14 +748,16 @@ def bias_grad(
     row_threads = _check_threads(row_threads, BG_LANES, "bias_grad row_threads")
     if ncol == 0:
         return out
+    stream = launch_stream(stream)
     rows = bias_grad_rows_per_chunk(n)
     chunks = bias_grad_chunks(n)
     size = chunks * ncol
     buf = _work(work, size, dz, stream, "bias_grad")
     partials = buf[:size].reshape(chunks, ncol)
     grid1 = ((ncol + tile - 1) // tile, chunks)
-    bias_grad_partials_kernel[grid1, (tile, row_threads), stream](dz, np.int64(rows), partials)
-    bias_grad_finish_kernel[(ncol + FINISH_THREADS - 1) // FINISH_THREADS, FINISH_THREADS, stream](partials, out)
+    _launch(bias_grad_partials_kernel, dt, grid1, (tile, row_threads), stream, dz, np.int64(rows), partials)
+    grid2 = (ncol + FINISH_THREADS - 1) // FINISH_THREADS
+    _launch(bias_grad_finish_kernel, dt, grid2, FINISH_THREADS, stream, partials, out)
     return out
 
 
@@ -822,27 +781,28 @@ def _check_loss(pred: Array, target: Array, value_out: Array, grad_out: Array, n
     return dt
 
 
-def _value_vector(value_out: Array) -> Array:
-    return value_out if value_out.ndim == 1 else value_out.reshape(value_out.size)
-
-
 def _finish(partials: Array, count: int, scale: float, value_out: Array, stream: Any, threads: int) -> None:
-    reduce_partials_kernel[1, threads, stream](partials, np.int64(count), np.float64(scale), _value_vector(value_out))
+    value = value_out if value_out.ndim == 1 else value_out.reshape(value_out.size)
+    _launch(reduce_partials_kernel, None, 1, threads, stream, partials, np.int64(count), np.float64(scale), value)
 
 
 def _elementwise_loss(
     kernel, pred, target, scale, gfactor, value_out, grad_out, work, stream, threads, max_blocks, name
 ):
+    """Stage 1 (when there are elements) and stage 2: two launches, or one for an empty input."""
     dt = _check_loss(pred, target, value_out, grad_out, name)
     if tuple(target.shape) != tuple(pred.shape) or np.dtype(target.dtype) != dt:
         raise ValueError(f"{name}: target must match the input in shape and dtype")
     threads = _check_threads(threads, LANES, name)
+    stream = launch_stream(stream)
     n = _size(pred.shape)
     chunks = -(-n // CHUNK)
     partials = _work(work, chunks, pred, stream, name)
     if n > 0:
         blocks = max(1, min(chunks, int(max_blocks)))
-        kernel[blocks, threads, stream](_flat(pred), _flat(target), dt.type(gfactor), _flat(grad_out), partials)
+        _launch(
+            kernel, dt, blocks, threads, stream, _flat(pred), _flat(target), dt.type(gfactor), _flat(grad_out), partials
+        )
     _finish(partials, chunks, scale, value_out, stream, threads)
 
 
@@ -902,7 +862,7 @@ def cross_entropy(
     threads: int = LANES,
     max_blocks: int = MAX_BLOCKS,
 ) -> None:
-    """Softmax cross-entropy over the rows of logits (N, C).
+    """Softmax cross-entropy over the rows of logits (N, C); two launches (one for an empty input).
 
     ``target`` is int64 labels (N,) or probabilities (N, C) of the logits' dtype.
     value_out[0] = scale * sum_n row loss (float64); grad_out = scale (softmax - onehot)
@@ -923,10 +883,11 @@ def cross_entropy(
             raise ValueError(f"{name}: probability targets must match the logits in shape and dtype")
         kernel = cross_entropy_probs_kernel
     threads = _check_threads(threads, LANES, name)
+    stream = launch_stream(stream)
     row_loss = _work(work, n, logits, stream, name)
     if n > 0 and c > 0:
         blocks = max(1, min(n, int(max_blocks)))
-        kernel[blocks, threads, stream](logits, target, dt.type(scale), grad_out, row_loss)
+        _launch(kernel, dt, blocks, threads, stream, logits, target, dt.type(scale), grad_out, row_loss)
         _finish(row_loss, n, scale, value_out, stream, threads)
     else:
         _finish(row_loss, 0, scale, value_out, stream, threads)
@@ -951,9 +912,17 @@ def ptx_targets() -> list[tuple[str, Callable, tuple]]:
         tag = str(ft)
         v = ft[::1]
         m = ft[:, ::1]
-        add(f"activation_forward_kernel[{tag}]", activation_forward_kernel, (int64, v, ft, ft, v))
-        add(f"bias_activation_forward_kernel[{tag}]", bias_activation_forward_kernel, (int64, v, v, ft, ft, boolean, v))
-        add(f"activation_backward_kernel[{tag}]", activation_backward_kernel, (int64, v, v, v, ft, ft, v))
+        add(f"activation_forward_kernel[{tag}]", activation_forward_kernel, (int64, types.Tuple((v, v, int64, ft, ft))))
+        add(
+            f"bias_activation_forward_kernel[{tag}]",
+            bias_activation_forward_kernel,
+            (int64, types.Tuple((v, v, v, int64, ft, ft, types.boolean))),
+        )
+        add(
+            f"activation_backward_kernel[{tag}]",
+            activation_backward_kernel,
+            (int64, types.Tuple((v, v, v, int64, ft, ft))),
+        )
         add(f"bias_grad_partials_kernel[{tag}]", bias_grad_partials_kernel, (m, int64, float64[:, ::1]))
         add(f"bias_grad_finish_kernel[{tag}]", bias_grad_finish_kernel, (float64[:, ::1], v))
         add(f"mse_kernel[{tag}]", mse_kernel, (v, v, ft, v, float64[::1]))

@@ -1,10 +1,11 @@
 """CUDA optimizer maths as Numba kernels: the functions of ``numpy_optim`` for device arrays.
 
 Every optimizer update is one fused kernel launch over a whole flat run of an
-arena (a grid-stride loop, so any length fits any grid). The kernels follow
-:mod:`gpubp.backends.numpy_optim` operation by operation, in the same order
-and in the arrays' dtype, so float64 and float32 results agree with the NumPy
-reference to the last bit or so:
+arena (a grid-stride loop, so any length fits any grid). The per-element maths
+is :mod:`gpubp.backends.scalar_math` (``sgd_step``, ``adam_step``, ...), which
+follows :mod:`gpubp.backends.numpy_optim` operation by operation, in the same
+order and in the arrays' dtype, so float64 and float32 results agree with the
+NumPy reference to the last bit or so:
 
 * every hyper-parameter is rounded to the arrays' dtype on the host, exactly as
   NumPy rounds a Python float operand, and scalar factors (bias corrections,
@@ -14,9 +15,13 @@ reference to the last bit or so:
   fused multiply-add (which rounds once instead of twice). Division and square
   root are the IEEE-rounded ones (Numba's default, no fast-math).
 
-Optional state buffers (``momentum_buf``, ``max_exp_avg_sq``, ``grad_avg``) are
-selected by integer flags; when one is absent a one-element dummy array takes
-its place, so each optimizer is one kernel.
+The element-wise kernels are built by :func:`numba_cuda.elementwise` from a
+body per kernel that reads the element's arrays, calls the scalar maths and
+writes the results back; they are launched through one counted path
+(:func:`launch_count`). Optional state buffers (``momentum_buf``,
+``max_exp_avg_sq``, ``grad_avg``) are selected by integer flags; when one is
+absent the parameter array takes its place (never read or written), so each
+optimizer is one kernel.
 
 Gradient-norm clipping without a host round-trip: :func:`sum_of_squares_into`
 leaves the float64 sum of squares in a one-element device array, computed by a
@@ -28,11 +33,14 @@ enqueue work on ``stream``.
 
 Arrays may be NumPy arrays (under the Numba CUDA simulator; on a GPU Numba then
 copies them to the device and back around each launch), Numba device arrays or
-any object with ``__cuda_array_interface__`` such as CuPy arrays. They must be
-1-D and C-contiguous, all of one dtype, float32 or float64. ``stream`` is 0
-(the default stream), a Numba stream, a CuPy stream or a raw stream handle.
+any object with ``__cuda_array_interface__`` such as CuPy arrays, which are
+handed to the kernels as they are. They must be 1-D and C-contiguous, all of
+one dtype, float32 or float64. ``stream`` is 0 (the default stream), a Numba
+stream, a CuPy stream or a raw stream handle. The launch shape is given by the
+``threads`` / ``max_blocks`` keywords of each function, or for a whole block
+of calls by :func:`launch_config`; it never changes a result.
 
-This module imports ``numba.cuda``; only the CUDA backend and the tests import it.
+This module imports ``numba.cuda``; only the CUDA backends and the tests import it.
 """
 
 from __future__ import annotations
@@ -45,10 +53,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-try:  # where numba-cuda keeps its configuration differs between releases
-    from numba.cuda import config as _nb_config
-except ImportError:  # pragma: no cover
-    from numba.core import config as _nb_config
+from gpubp.backends.numba_cuda import SIMULATOR, Launches, dm, elementwise, launch_stream
 
 __all__ = [
     "sgd_update",
@@ -66,23 +71,25 @@ __all__ = [
     "assign_",
     "to_numpy",
     "launch_config",
+    "launch_count",
     "ptx_targets",
     "REDUCE_CHUNK",
+    "SIMULATOR",
 ]
 
 Array = Any
-
-#: True when the kernels run under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
-SIMULATOR: bool = bool(getattr(_nb_config, "ENABLE_CUDASIM", False))
-if SIMULATOR:
-    from gpubp.backends import _cudasim
-
-    _cudasim.install()  # shared arrays that the simulator's threads really share
 
 #: Elements summed by one block of the reduction's first pass; fixes the order of the sum.
 REDUCE_CHUNK = 1024
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_launch = Launches()
+
+
+def launch_count() -> int:
+    """Kernels this module has launched so far (the backend reports launches per training step)."""
+    return _launch.count
 
 
 # --- launch configuration ------------------------------------------------------------------
@@ -99,40 +106,167 @@ class _LaunchConfig:
 _LAUNCH = _LaunchConfig()
 
 
+def _valid_threads(threads: Any) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= REDUCE_CHUNK:
+        raise ValueError(f"threads: expected an int in [1, {REDUCE_CHUNK}], got {threads!r}")
+    return threads
+
+
+def _valid_blocks(max_blocks: Any) -> int:
+    if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1:
+        raise ValueError(f"max_blocks: expected an int >= 1, got {max_blocks!r}")
+    return max_blocks
+
+
 @contextlib.contextmanager
 def launch_config(threads: int | None = None, max_blocks: int | None = None) -> Iterator[None]:
     """Inside the ``with`` block, launch kernels with ``threads`` threads per block and at most ``max_blocks`` blocks.
 
+    The default for calls that do not pass ``threads`` / ``max_blocks`` themselves.
     The results do not depend on either: element-wise kernels loop over the
     whole array whatever the grid, and the reductions' order is fixed by
     :data:`REDUCE_CHUNK` alone. Tests use it to exercise several grids.
     """
-    if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= REDUCE_CHUNK
-    ):
-        raise ValueError(f"threads: expected an int in [1, {REDUCE_CHUNK}], got {threads!r}")
-    if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1):
-        raise ValueError(f"max_blocks: expected an int >= 1, got {max_blocks!r}")
+    new = (
+        _LAUNCH.threads if threads is None else _valid_threads(threads),
+        _LAUNCH.max_blocks if max_blocks is None else _valid_blocks(max_blocks),
+    )
     old = (_LAUNCH.threads, _LAUNCH.max_blocks)
-    _LAUNCH.threads = old[0] if threads is None else threads
-    _LAUNCH.max_blocks = old[1] if max_blocks is None else max_blocks
+    _LAUNCH.threads, _LAUNCH.max_blocks = new
     try:
         yield
     finally:
         _LAUNCH.threads, _LAUNCH.max_blocks = old
 
 
-def _blocks(n: int) -> int:
-    return max(1, min(-(-n // _LAUNCH.threads), _LAUNCH.max_blocks))
+def _shape(threads: int | None, max_blocks: int | None) -> tuple[int, int]:
+    """(threads, max_blocks) of a call: its own keywords, else the launch_config defaults."""
+    return (
+        _LAUNCH.threads if threads is None else _valid_threads(threads),
+        _LAUNCH.max_blocks if max_blocks is None else _valid_blocks(max_blocks),
+    )
 
 
 # --- kernels -------------------------------------------------------------------------------
 #
 # Kernels call only device functions inlined into them (inline="always"): numba-cuda
 # compiles other device functions for the current device, and the kernels must also
-# compile to PTX on machines without a GPU (see ptx_targets). The dtype-specific
-# pieces (the multiply intrinsic, the cast to the arrays' dtype) are bound per dtype
-# by closing over them in _build_kernels.
+# compile to PTX on machines without a GPU (see ptx_targets). Every kernel is generic
+# in the dtype: Numba compiles one version per dtype on first use (the multiply
+# intrinsic and the casts follow the argument types).
+#
+# Argument kinds, for the signatures listed by ptx_targets():
+#   A: 1-D contiguous array of the dtype    S: scalar of the dtype
+#   D: 1-D contiguous float64 array         F: float64 scalar
+#   N: 1-D contiguous int32 array           I: int64 scalar
+# An element-wise kernel takes (I, tuple of its argument kinds): kernel(n, args).
+
+
+@elementwise
+def sgd(i, args):
+    p, g, buf, lr, momentum, one_minus_dampening, wd, has_wd, use_momentum, first, damped, nesterov = args
+    b = g[i]  # the buffer is read only when there is one and it is not the first step
+    if use_momentum and not first:
+        b = buf[i]
+    pi, b = dm.sgd_step(
+        p[i], g[i], b, lr, momentum, one_minus_dampening, wd, has_wd, use_momentum, first, damped, nesterov
+    )
+    if use_momentum:
+        buf[i] = b
+    p[i] = pi
+
+
+@elementwise
+def adam(i, args):
+    (
+        p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,
+        decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+        wd_mode, lerp_high, amsgrad,
+    ) = args  # fmt: skip
+    v = exp_avg_sq[i]
+    vmax = v
+    if amsgrad:
+        vmax = max_exp_avg_sq[i]
+    pi, m, v, vmax = dm.adam_step(
+        p[i], g[i], exp_avg[i], v, vmax,
+        decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+        wd_mode, lerp_high, amsgrad,
+    )  # fmt: skip
+    exp_avg[i] = m
+    exp_avg_sq[i] = v
+    if amsgrad:
+        max_exp_avg_sq[i] = vmax
+    p[i] = pi
+
+
+@elementwise
+def rmsprop(i, args):
+    (
+        p, g, square_avg, grad_avg, momentum_buf,
+        lr, alpha, w, one_minus_w, eps, wd, momentum,
+        has_wd, centered, lerp_high, use_momentum,
+    ) = args  # fmt: skip
+    v = square_avg[i]
+    a = v
+    if centered:
+        a = grad_avg[i]
+    b = v
+    if use_momentum:
+        b = momentum_buf[i]
+    pi, v, a, b = dm.rmsprop_step(
+        p[i], g[i], v, a, b,
+        lr, alpha, w, one_minus_w, eps, wd, momentum,
+        has_wd, centered, lerp_high, use_momentum,
+    )  # fmt: skip
+    square_avg[i] = v
+    if centered:
+        grad_avg[i] = a
+    if use_momentum:
+        momentum_buf[i] = b
+    p[i] = pi
+
+
+@elementwise
+def adagrad(i, args):
+    p, g, state_sum, clr, eps, wd, has_wd = args
+    pi, s = dm.adagrad_step(p[i], g[i], state_sum[i], clr, eps, wd, has_wd)
+    state_sum[i] = s
+    p[i] = pi
+
+
+@elementwise
+def scale(i, args):
+    g, c = args
+    g[i] = dm.mul(g[i], c)
+
+
+@elementwise
+def fill(i, args):
+    a, value = args
+    a[i] = value
+
+
+def _clip_coef(args):
+    # Same float64 arithmetic as optim.clip_grad_norm: coef = max_norm / (sqrt(total) + 1e-6),
+    # computed once per thread.
+    g, total_sq, max_norm = args
+    return g, dm.clip_coef(total_sq[0], max_norm)
+
+
+@elementwise(prepare=_clip_coef)
+def clip_scale(i, args):
+    # g *= dtype(coef) when coef < 1
+    g, coef = args
+    if coef < 1.0:
+        gi = g[i]
+        g[i] = dm.mul(gi, dm.cst(gi, coef))
+
+
+@elementwise
+def finite_scan(i, args):
+    g, flag = args
+    if not math.isfinite(g[i]):
+        flag[0] = 0  # every writer stores the same value
 
 
 @cuda.jit(device=True, inline="always")
@@ -162,280 +296,102 @@ def _tree_reduce(sm, valid, mode):
             valid = s
             cuda.syncthreads()
         s //= 2
-#
-# Argument kinds, for the signatures listed by ptx_targets():
-#   A: 1-D contiguous array of the dtype    S: scalar of the dtype
-#   D: 1-D contiguous float64 array         F: float64 scalar
-#   N: 1-D contiguous int32 array           I: int64 scalar
 
 
-def _py_mul(a: Any, b: Any) -> Any:
-    """Product of two scalars of one dtype (the simulator's stand-in for the libdevice intrinsics)."""
-    return a * b
-
-
-def _build_kernels(dtype: np.dtype) -> dict[str, tuple[Any, str]]:
-    """The kernels for arrays of ``dtype``: name -> (dispatcher, argument kinds)."""
-    if SIMULATOR:
-        mul = _py_mul
-        mul64 = _py_mul
-    else:
-        from numba.cuda import libdevice
-
-        mul = libdevice.fmul_rn if dtype == np.float32 else libdevice.dmul_rn
-        mul64 = libdevice.dmul_rn
-    cast = dtype.type
-    chunk = REDUCE_CHUNK
-
-    def sgd(p, g, buf, lr, momentum, one_minus_dampening, wd, has_wd, use_momentum, first, damped, nesterov):
-        n = p.shape[0]
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < n:
-            d = g[i]
-            if has_wd:
-                d = mul(p[i], wd) + d
-            if use_momentum:
-                if first:
-                    b = d
-                else:
-                    b = mul(buf[i], momentum)
-                    if damped:
-                        b = b + mul(d, one_minus_dampening)
-                    else:
-                        b = b + d
-                buf[i] = b
-                if nesterov:
-                    d = mul(b, momentum) + d
-                else:
-                    d = b
-            p[i] = p[i] - mul(d, lr)
-            i += stride
-
-    def adam(
-        p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,
-        decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-        wd_mode, lerp_high, amsgrad,
-    ):  # fmt: skip
-        n = p.shape[0]
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < n:
-            pi = p[i]
-            d = g[i]
-            if wd_mode == 2:  # AdamW: p *= 1 - lr * wd
-                pi = mul(pi, decay)
-            elif wd_mode == 1:  # Adam: d = g + wd * p
-                d = mul(pi, wd) + d
-            m = exp_avg[i]
-            diff = d - m
-            if lerp_high:
-                m = d - mul(diff, one_minus_w1)
+@cuda.jit
+def reduce_chunks(g, partials, nchunks, mode):
+    # Pass 1: block b reduces chunks b, b + gridDim, ...; chunk c covers
+    # g[c * REDUCE_CHUNK : (c + 1) * REDUCE_CHUNK] and is reduced by _tree_reduce in shared memory.
+    # mode 0: sum of squares (squared in float64); mode 1: NaN-propagating maximum of |g|.
+    sm = cuda.shared.array(REDUCE_CHUNK, np.float64)
+    n = g.shape[0]
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    c = cuda.blockIdx.x
+    while c < nchunks:
+        base = c * REDUCE_CHUNK
+        valid = min(REDUCE_CHUNK, n - base)
+        j = tid
+        while j < valid:
+            sm[j] = g[base + j]
+            if mode == 0:
+                sm[j] = dm.mul(sm[j], sm[j])
             else:
-                m = m + mul(diff, w1)
-            exp_avg[i] = m
-            v = mul(exp_avg_sq[i], beta2) + mul(mul(d, one_minus_beta2), d)
-            exp_avg_sq[i] = v
-            if amsgrad:
-                vmax = max_exp_avg_sq[i]
-                if v > vmax or v != v:  # NaN-propagating maximum, as np.maximum
-                    vmax = v
-                max_exp_avg_sq[i] = vmax
-                denom = math.sqrt(vmax)
-            else:
-                denom = math.sqrt(v)
-            denom = denom / bias_correction2_sqrt + eps
-            p[i] = pi - mul(m, step_size) / denom
-            i += stride
-
-    def rmsprop(
-        p, g, square_avg, grad_avg, momentum_buf,
-        lr, alpha, w, one_minus_w, eps, wd, momentum,
-        has_wd, centered, lerp_high, use_momentum,
-    ):  # fmt: skip
-        n = p.shape[0]
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < n:
-            d = g[i]
-            if has_wd:
-                d = mul(p[i], wd) + d
-            v = mul(square_avg[i], alpha) + mul(mul(d, w), d)
-            square_avg[i] = v
-            if centered:
-                a = grad_avg[i]
-                diff = d - a
-                if lerp_high:
-                    a = d - mul(diff, one_minus_w)
-                else:
-                    a = a + mul(diff, w)
-                grad_avg[i] = a
-                avg = math.sqrt(v - mul(a, a))
-            else:
-                avg = math.sqrt(v)
-            avg = avg + eps
-            if use_momentum:
-                b = mul(momentum_buf[i], momentum) + d / avg
-                momentum_buf[i] = b
-                t = mul(b, lr)
-            else:
-                t = mul(d, lr) / avg
-            p[i] = p[i] - t
-            i += stride
-
-    def adagrad(p, g, state_sum, clr, eps, wd, has_wd):
-        n = p.shape[0]
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < n:
-            d = g[i]
-            if has_wd:
-                d = mul(p[i], wd) + d
-            s = state_sum[i] + mul(d, d)
-            state_sum[i] = s
-            std = math.sqrt(s) + eps
-            p[i] = p[i] - mul(d, clr) / std
-            i += stride
-
-    def scale(g, c):
-        n = g.shape[0]
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < n:
-            g[i] = mul(g[i], c)
-            i += stride
-
-    def fill(a, value):
-        n = a.shape[0]
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < n:
-            a[i] = value
-            i += stride
-
-    def clip_scale(g, total_sq, max_norm):
-        # Same float64 arithmetic as optim.clip_grad_norm: coef = max_norm / (sqrt(total) + 1e-6).
-        coef = max_norm / (math.sqrt(total_sq[0]) + 1e-6)
-        if coef < 1.0:
-            n = g.shape[0]
-            i = cuda.grid(1)
-            stride = cuda.gridsize(1)
-            while i < n:
-                g[i] = mul(g[i], cast(coef))
-                i += stride
-
-    def reduce_chunks(g, partials, nchunks, mode):
-        # Pass 1: block b reduces chunks b, b + gridDim, ...; chunk c covers
-        # g[c * chunk : (c + 1) * chunk] and is reduced by _tree_reduce in shared memory.
-        # mode 0: sum of squares; mode 1: NaN-propagating maximum of |g|.
-        sm = cuda.shared.array(chunk, np.float64)
-        n = g.shape[0]
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        c = cuda.blockIdx.x
-        while c < nchunks:
-            base = c * chunk
-            valid = min(chunk, n - base)
-            j = tid
-            while j < valid:
-                sm[j] = g[base + j]
-                if mode == 0:
-                    sm[j] = mul64(sm[j], sm[j])
-                else:
-                    sm[j] = abs(sm[j])
-                j += nt
-            cuda.syncthreads()
-            _tree_reduce(sm, valid, mode)
-            if tid == 0:
-                partials[c] = sm[0]
-            cuda.syncthreads()
-            c += cuda.gridDim.x
-
-    def finite_scan(g, flag):
-        n = g.shape[0]
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < n:
-            if not math.isfinite(g[i]):
-                flag[0] = 0  # every writer stores the same value
-            i += stride
-
-    table = {
-        "sgd": (sgd, "AAA" + "SSSS" + "IIIII"),
-        "adam": (adam, "AAAAA" + "SSSSSSSSS" + "III"),
-        "rmsprop": (rmsprop, "AAAAA" + "SSSSSSS" + "IIII"),
-        "adagrad": (adagrad, "AAA" + "SSS" + "I"),
-        "scale": (scale, "AS"),
-        "fill": (fill, "AS"),
-        "clip_scale": (clip_scale, "ADF"),
-        "reduce_chunks": (reduce_chunks, "ADII"),
-        "finite_scan": (finite_scan, "AN"),
-    }
-    return {name: (cuda.jit(fn), kinds) for name, (fn, kinds) in table.items()}
-
-
-def _build_common_kernels() -> dict[str, tuple[Any, str]]:
-    """The kernels that do not depend on the arrays' dtype."""
-    chunk = REDUCE_CHUNK
-
-    def reduce_partials(partials, nparts, out, mode, accumulate):
-        # Pass 2, one block: the partials in tiles of `chunk`, each tile as the
-        # same fixed tree as pass 1, the tiles' results added (or maxed) in order.
-        sm = cuda.shared.array(chunk, np.float64)
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        acc = 0.0
-        base = 0
-        while base < nparts:
-            valid = min(chunk, nparts - base)
-            j = tid
-            while j < valid:
-                sm[j] = partials[base + j]
-                j += nt
-            cuda.syncthreads()
-            _tree_reduce(sm, valid, mode)
-            if tid == 0:
-                y = sm[0]
-                if mode == 0:
-                    acc = acc + y
-                elif y > acc or y != y:
-                    acc = y
-            cuda.syncthreads()
-            base += chunk
+                sm[j] = abs(sm[j])
+            j += nt
+        cuda.syncthreads()
+        _tree_reduce(sm, valid, mode)
         if tid == 0:
-            if accumulate:
-                x = out[0]
-                if mode == 0:
-                    out[0] = x + acc
-                elif acc > x or acc != acc:
-                    out[0] = acc
-            else:
+            partials[c] = sm[0]
+        cuda.syncthreads()
+        c += cuda.gridDim.x
+
+
+@cuda.jit
+def reduce_partials(partials, nparts, out, mode, accumulate):
+    # Pass 2, one block: the partials in tiles of REDUCE_CHUNK, each tile as the
+    # same fixed tree as pass 1, the tiles' results added (or maxed) in order.
+    sm = cuda.shared.array(REDUCE_CHUNK, np.float64)
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    acc = 0.0
+    base = 0
+    while base < nparts:
+        valid = min(REDUCE_CHUNK, nparts - base)
+        j = tid
+        while j < valid:
+            sm[j] = partials[base + j]
+            j += nt
+        cuda.syncthreads()
+        _tree_reduce(sm, valid, mode)
+        if tid == 0:
+            y = sm[0]
+            if mode == 0:
+                acc = acc + y
+            elif y > acc or y != y:
+                acc = y
+        cuda.syncthreads()
+        base += REDUCE_CHUNK
+    if tid == 0:
+        if accumulate:
+            x = out[0]
+            if mode == 0:
+                out[0] = x + acc
+            elif acc > x or acc != acc:
                 out[0] = acc
-
-    def set_flag(flag):
-        if cuda.grid(1) == 0:
-            flag[0] = 1
-
-    table = {
-        "reduce_partials": (reduce_partials, "DIDII"),
-        "set_flag": (set_flag, "N"),
-    }
-    return {name: (cuda.jit(fn), kinds) for name, (fn, kinds) in table.items()}
+        else:
+            out[0] = acc
 
 
-_KERNELS: dict[np.dtype, dict[str, tuple[Any, str]]] = {dt: _build_kernels(dt) for dt in _FLOAT_DTYPES}
-_COMMON = _build_common_kernels()
+@cuda.jit
+def set_flag(flag):
+    if cuda.grid(1) == 0:
+        flag[0] = 1
 
 
-def _kernel(dtype: np.dtype, name: str) -> Any:
-    return _KERNELS[dtype][name][0]
+# name -> (kernel, argument kinds, element-wise); the dtype-generic kernels are listed per dtype.
+_KERNELS: dict[str, tuple[Any, str, bool]] = {
+    "sgd": (sgd, "AAA" + "SSSS" + "IIIII", True),
+    "adam": (adam, "AAAAA" + "SSSSSSSSS" + "III", True),
+    "rmsprop": (rmsprop, "AAAAA" + "SSSSSSS" + "IIII", True),
+    "adagrad": (adagrad, "AAA" + "SSS" + "I", True),
+    "scale": (scale, "AS", True),
+    "fill": (fill, "AS", True),
+    "clip_scale": (clip_scale, "ADF", True),
+    "reduce_chunks": (reduce_chunks, "ADII", False),
+    "finite_scan": (finite_scan, "AN", True),
+}
+_COMMON: dict[str, tuple[Any, str]] = {
+    "reduce_partials": (reduce_partials, "DIDII"),
+    "set_flag": (set_flag, "N"),
+}
 
 
 def ptx_targets() -> list[tuple[str, Callable, tuple]]:
     """Every kernel's Python function with each signature it is launched with.
 
     Returns ``(name, function, argument types)`` triples, e.g.
-    ``("sgd[float32]", <function>, (array(float32, 1d, C), ...))``, ready for
+    ``("sgd[float32]", <function>, (int64, Tuple(array(float32, 1d, C), ...)))``, ready for
     ``numba.cuda.compile_ptx(function, argument types, cc=...)``.
     """
     from numba import types
@@ -452,62 +408,55 @@ def ptx_targets() -> list[tuple[str, Callable, tuple]]:
         return tuple(kind_type[k] for k in kinds)
 
     out: list[tuple[str, Callable, tuple]] = []
-    for dt, kernels in _KERNELS.items():
+    for dt in _FLOAT_DTYPES:
         t = getattr(types, dt.name)
-        for name, (disp, kinds) in kernels.items():
-            out.append((f"{name}[{dt.name}]", disp.py_func, signature(kinds, t)))
-    for name, (disp, kinds) in _COMMON.items():
-        out.append((name, disp.py_func, signature(kinds, types.float64)))
+        for name, (kernel, kinds, is_elementwise) in _KERNELS.items():
+            sig = signature(kinds, t)
+            if is_elementwise:
+                sig = (types.int64, types.Tuple(sig))
+            out.append((f"{name}[{dt.name}]", kernel.py_func, sig))
+    for name, (kernel, kinds) in _COMMON.items():
+        out.append((name, kernel.py_func, signature(kinds, types.float64)))
     return out
 
 
 # --- arrays and streams --------------------------------------------------------------------
 
-
-def _stream(stream: Any) -> Any:
-    """A stream Numba's launch syntax takes: 0, a Numba stream, or one wrapped from a handle."""
-    if stream is None or (isinstance(stream, (int, np.integer)) and not isinstance(stream, bool) and stream == 0):
-        return 0
-    if SIMULATOR:
-        return 0  # the simulator runs each launch to completion
-    from numba.cuda.cudadrv.driver import Stream
-
-    if isinstance(stream, Stream):
-        return stream
-    ptr = getattr(stream, "ptr", stream)  # a CuPy stream, or a raw handle
-    if isinstance(ptr, bool) or not isinstance(ptr, (int, np.integer)):
-        raise TypeError(f"stream: expected 0, a Numba or CuPy stream, or a stream handle, got {type(stream).__name__}")
-    return cuda.external_stream(int(ptr)) if ptr else 0
-
-
-def _stream_key(s: Any) -> int:
-    return 0 if isinstance(s, int) else int(s)
+_ARRAY_TYPES: dict[type, bool] = {}
 
 
 def _arr(a: Any, name: str) -> Any:
-    """``a`` as something a kernel takes: NumPy arrays as they are, device arrays as Numba device arrays."""
+    """``a`` itself when a kernel takes it (a NumPy array, or any CUDA array: no wrapping), else TypeError."""
     if a is None:
         raise ValueError(f"{name}: expected an array, got None")
-    if isinstance(a, np.ndarray):
-        return a
-    if not SIMULATOR:
-        from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
+    kind = type(a)
+    ok = _ARRAY_TYPES.get(kind)
+    if ok is None:
+        ok = _ARRAY_TYPES[kind] = (
+            issubclass(kind, np.ndarray)
+            or hasattr(kind, "__cuda_array_interface__")  # CuPy, Numba device arrays
+            or hasattr(a, "copy_to_host")  # a simulator device array
+        )
+    if not ok:
+        raise TypeError(f"{name}: expected a NumPy or CUDA array, got {kind.__name__}")
+    return a
 
-        if is_cuda_ndarray(a):
-            return a
-        if cuda.is_cuda_array(a):
-            # sync=False: do not wait on the producer's stream (that would stall the host).
-            return cuda.as_cuda_array(a, sync=False)
-    elif hasattr(a, "copy_to_host"):  # a simulator device array
+
+def _as_numba(a: Any) -> Any:
+    """A NumPy array, or a Numba device array viewing ``a`` (for copies to and from the host)."""
+    if isinstance(a, np.ndarray) or hasattr(a, "copy_to_host"):
         return a
-    raise TypeError(f"{name}: expected a NumPy or CUDA array, got {type(a).__name__}")
+    return cuda.as_cuda_array(a, sync=False)  # sync=False: the copy is queued on the caller's stream
 
 
 def _contiguous(a: Any) -> bool:
-    if isinstance(a, np.ndarray):
-        return bool(a.flags.c_contiguous)
-    check = getattr(a, "is_c_contiguous", None)
-    return bool(check()) if check is not None else True
+    flags = getattr(a, "flags", None)
+    if flags is None:
+        return True
+    try:
+        return bool(flags["C_CONTIGUOUS"])
+    except (KeyError, TypeError):
+        return bool(getattr(flags, "c_contiguous", True))
 
 
 def _check(arrays: dict[str, Any], n: int | None = None, dtype: np.dtype | None = None) -> tuple[int, np.dtype]:
@@ -534,7 +483,7 @@ def _check(arrays: dict[str, Any], n: int | None = None, dtype: np.dtype | None 
 
 
 def _one(a: Any, name: str, dtype: np.dtype) -> Any:
-    """A converted one-element array of ``dtype`` (a device-side scalar)."""
+    """A one-element array of ``dtype`` (a device-side scalar)."""
     a = _arr(a, name)
     if np.dtype(a.dtype) != dtype or tuple(a.shape) != (1,):
         raise ValueError(f"{name}: expected a 1-element {dtype} array, got shape {tuple(a.shape)} dtype {a.dtype}")
@@ -544,26 +493,15 @@ def _one(a: Any, name: str, dtype: np.dtype) -> Any:
 _DEVICE_CACHE: dict[tuple, Any] = {}
 
 
-def _device_key() -> int:
-    return int(cuda.get_current_device().id)
+def _stream_key(s: Any) -> int:
+    return 0 if isinstance(s, int) else int(s)
 
 
-def _dummy(dtype: np.dtype) -> Any:
-    """A 1-element array standing in for an absent state buffer (never read or written)."""
-    if SIMULATOR:
-        return np.zeros(1, dtype)
-    key = ("dummy", _device_key(), dtype.str)
-    a = _DEVICE_CACHE.get(key)
-    if a is None:
-        a = _DEVICE_CACHE[key] = cuda.device_array(1, dtype)
-    return a
-
-
-def _workspace(what: str, n: int, dtype: Any, s: Any) -> Any:
-    """A scratch device array of at least ``n`` elements, reused per (device, stream)."""
-    if SIMULATOR:
+def _workspace(what: str, n: int, dtype: Any, s: Any, like: Any) -> Any:
+    """A scratch array of at least ``n`` elements on ``like``'s side, reused per (device, stream) on a GPU."""
+    if isinstance(like, np.ndarray):
         return np.empty(max(n, 1), dtype)
-    key = (what, _device_key(), _stream_key(s), np.dtype(dtype).str)
+    key = (what, int(cuda.get_current_device().id), _stream_key(s), np.dtype(dtype).str)
     a = _DEVICE_CACHE.get(key)
     if a is None or a.shape[0] < n:
         a = _DEVICE_CACHE[key] = cuda.device_array(max(n, 1), dtype, stream=s)
@@ -574,7 +512,7 @@ def _read_scalar(a: Any, s: Any) -> Any:
     """Element 0 of a 1-element array, on the host (waits for ``s``)."""
     if isinstance(a, np.ndarray):
         return a[0]
-    host = a.copy_to_host(stream=s)
+    host = _as_numba(a).copy_to_host(stream=s)
     if s != 0:
         s.synchronize()
     return host[0]
@@ -587,9 +525,8 @@ def to_numpy(a: Array, *, stream: Any = 0) -> np.ndarray:
     """A host copy of ``a`` (waits for the copy to finish)."""
     if isinstance(a, np.ndarray):
         return np.array(a, copy=True)
-    s = _stream(stream)
-    d = _arr(a, "a")
-    host = d.copy_to_host(stream=s)
+    s = launch_stream(stream)
+    host = _as_numba(_arr(a, "a")).copy_to_host(stream=s)
     if s != 0:
         s.synchronize()
     return np.asarray(host)
@@ -600,15 +537,26 @@ def assign_(dst: Array, src: np.ndarray, *, stream: Any = 0) -> None:
     if isinstance(dst, np.ndarray):
         np.copyto(dst, np.asarray(src).reshape(dst.shape), casting="no")
         return
-    d = _arr(dst, "dst")
+    d = _as_numba(_arr(dst, "dst"))
     host = np.asarray(src)
     if host.dtype != np.dtype(d.dtype):
         raise TypeError(f"src: expected dtype {d.dtype} (no casting), got {host.dtype}")
     host = np.ascontiguousarray(host.reshape(tuple(d.shape)))
-    d.copy_to_device(host, stream=_stream(stream))
+    d.copy_to_device(host, stream=launch_stream(stream))
 
 
-def full(n: int, value: float, dtype: Any, *, stream: Any = 0) -> Array:
+def _map(
+    name: str, dt: np.dtype, n: int, stream: Any, threads: int | None, max_blocks: int | None, args: tuple
+) -> None:
+    """One launch of the element-wise kernel ``name`` over n elements (none when n is 0)."""
+    if n:
+        t, b = _shape(threads, max_blocks)
+        _launch(_KERNELS[name][0], dt, max(1, min(-(-n // t), b)), t, launch_stream(stream), n, args)
+
+
+def full(
+    n: int, value: float, dtype: Any, *, stream: Any = 0, threads: int | None = None, max_blocks: int | None = None
+) -> Array:
     """A new 1-D array of ``n`` elements, all ``value``.
 
     A NumPy array under the simulator; on a GPU a CuPy array when CuPy is
@@ -633,74 +581,89 @@ def full(n: int, value: float, dtype: Any, *, stream: Any = 0) -> Array:
     if dt not in _FLOAT_DTYPES:
         out[...] = value
         return out
-    if n:
-        s = _stream(stream)
-        _kernel(dt, "fill")[_blocks(n), _LAUNCH.threads, s](_arr(out, "out"), dt.type(value))
+    _map("fill", dt, n, stream, threads, max_blocks, (out, dt.type(value)))
     return out
 
 
-def scale_(g: Array, c: float, *, stream: Any = 0) -> None:
-    """``g *= c`` in place (``c`` rounded to ``g``'s dtype first, as NumPy does)."""
+def scale_(g: Array, c: float, *, stream: Any = 0, threads: int | None = None, max_blocks: int | None = None) -> None:
+    """``g *= c`` in place (``c`` rounded to ``g``'s dtype first, as NumPy does); one launch."""
     ga = _arr(g, "g")
     n, dt = _check({"g": ga})
-    if n:
-        _kernel(dt, "scale")[_blocks(n), _LAUNCH.threads, _stream(stream)](ga, dt.type(c))
+    _map("scale", dt, n, stream, threads, max_blocks, (ga, dt.type(c)))
 
 
-def _reduce(g: Array, out: Array, mode: int, accumulate: bool, stream: Any) -> None:
+def _reduce(
+    g: Array, out: Array, mode: int, accumulate: bool, stream: Any, threads: int | None, max_blocks: int | None
+) -> None:
     ga = _arr(g, "g")
     n, dt = _check({"g": ga})
     oa = _one(out, "out", np.dtype(np.float64))
-    s = _stream(stream)
-    threads = _LAUNCH.threads
+    s = launch_stream(stream)
+    t, b = _shape(threads, max_blocks)
     nchunks = -(-n // REDUCE_CHUNK)
-    partials = _workspace("partials", nchunks, np.float64, s)
+    partials = _workspace("partials", nchunks, np.float64, s, ga)
     if nchunks:
-        blocks = min(nchunks, _LAUNCH.max_blocks)
-        _kernel(dt, "reduce_chunks")[blocks, threads, s](ga, partials, nchunks, mode)
-    _COMMON["reduce_partials"][0][1, threads, s](partials, nchunks, oa, mode, int(bool(accumulate)))
+        _launch(reduce_chunks, dt, min(nchunks, b), t, s, ga, partials, nchunks, mode)
+    _launch(reduce_partials, None, 1, t, s, partials, nchunks, oa, mode, int(bool(accumulate)))
 
 
-def sum_of_squares_into(g: Array, out: Array, *, stream: Any = 0, accumulate: bool = False) -> None:
+def sum_of_squares_into(
+    g: Array,
+    out: Array,
+    *,
+    stream: Any = 0,
+    accumulate: bool = False,
+    threads: int | None = None,
+    max_blocks: int | None = None,
+) -> None:
     """Leave the float64 sum of ``g**2`` in the 1-element float64 array ``out``, without waiting for it.
 
     With ``accumulate=True`` the sum is added to ``out[0]`` instead, so a sum
     over several runs can be formed on the device (``out[0] + sum``, in the
     order of the calls, like ``sum()`` over the runs' sums).
 
-    Two passes, no atomics, so the same bits every run whatever the launch
-    configuration: pass 1 gives each chunk of :data:`REDUCE_CHUNK` elements
-    (zero-padded at the end) to one block, which squares them in float64 and
-    adds them as a fixed binary tree in shared memory (element j of the chunk
-    is paired with element j + chunk/2, and so on), writing one partial per
-    chunk; pass 2, a single block, reduces the partials in tiles of the same
-    size with the same tree and adds the tiles' sums in order.
+    Two passes (two launches; one for an empty ``g``), no atomics, so the same
+    bits every run whatever the launch configuration: pass 1 gives each chunk of
+    :data:`REDUCE_CHUNK` elements (zero-padded at the end) to one block, which
+    squares them in float64 and adds them as a fixed binary tree in shared
+    memory (element j of the chunk is paired with element j + chunk/2, and so
+    on), writing one partial per chunk; pass 2, a single block, reduces the
+    partials in tiles of the same size with the same tree and adds the tiles'
+    sums in order.
     """
-    _reduce(g, out, 0, accumulate, stream)
+    _reduce(g, out, 0, accumulate, stream, threads, max_blocks)
 
 
-def sum_of_squares(g: Array, *, stream: Any = 0) -> float:
+def sum_of_squares(g: Array, *, stream: Any = 0, threads: int | None = None, max_blocks: int | None = None) -> float:
     """Sum of ``g**2`` accumulated in float64, as a Python float (waits for the GPU).
 
     The order of the sum is that of :func:`sum_of_squares_into`, not NumPy's
     pairwise sum, so the last bits may differ from ``numpy_optim``.
     """
-    s = _stream(stream)
-    out = _workspace("sum", 1, np.float64, s)
-    _reduce(g, out, 0, False, s)
+    s = launch_stream(stream)
+    out = _workspace("sum", 1, np.float64, s, _arr(g, "g"))
+    _reduce(g, out, 0, False, s, threads, max_blocks)
     return float(_read_scalar(out, s))
 
 
-def max_abs(g: Array, *, stream: Any = 0) -> float:
+def max_abs(g: Array, *, stream: Any = 0, threads: int | None = None, max_blocks: int | None = None) -> float:
     """Largest ``|g|`` (0.0 for an empty array; NaN when ``g`` holds one), as a Python float (waits for the GPU)."""
-    s = _stream(stream)
-    out = _workspace("max", 1, np.float64, s)
-    _reduce(g, out, 1, False, s)
+    s = launch_stream(stream)
+    out = _workspace("max", 1, np.float64, s, _arr(g, "g"))
+    _reduce(g, out, 1, False, s, threads, max_blocks)
     return float(_read_scalar(out, s))
 
 
-def clip_scale_(g: Array, total_sq: Array, max_norm: float, *, stream: Any = 0) -> None:
-    """Scale ``g`` for a global-norm clip, reading the squared norm on the device.
+def clip_scale_(
+    g: Array,
+    total_sq: Array,
+    max_norm: float,
+    *,
+    stream: Any = 0,
+    threads: int | None = None,
+    max_blocks: int | None = None,
+) -> None:
+    """Scale ``g`` for a global-norm clip, reading the squared norm on the device (one launch).
 
     ``total_sq`` is a 1-element float64 array holding the sum of squares of all
     the gradients (e.g. from :func:`sum_of_squares_into`). The kernel computes
@@ -716,35 +679,33 @@ def clip_scale_(g: Array, total_sq: Array, max_norm: float, *, stream: Any = 0) 
     max_norm = float(max_norm)
     if not max_norm > 0:
         raise ValueError(f"max_norm: expected a number > 0, got {max_norm!r}")
-    if n:
-        _kernel(dt, "clip_scale")[_blocks(n), _LAUNCH.threads, _stream(stream)](ga, ta, max_norm)
+    _map("clip_scale", dt, n, stream, threads, max_blocks, (ga, ta, max_norm))
 
 
-def all_finite_into(g: Array, out_flag: Array, *, stream: Any = 0) -> None:
-    """Leave 1 in the 1-element int32 array ``out_flag`` if every element of ``g`` is finite, else 0 (no wait)."""
+def all_finite_into(
+    g: Array, out_flag: Array, *, stream: Any = 0, threads: int | None = None, max_blocks: int | None = None
+) -> None:
+    """Leave 1 in the 1-element int32 array ``out_flag`` if every element of ``g`` is finite, else 0 (no wait).
+
+    Two launches (one for an empty ``g``): the flag is set, then cleared by any non-finite element.
+    """
     ga = _arr(g, "g")
     n, dt = _check({"g": ga})
     fa = _one(out_flag, "out_flag", np.dtype(np.int32))
-    s = _stream(stream)
-    _COMMON["set_flag"][0][1, 1, s](fa)
-    if n:
-        _kernel(dt, "finite_scan")[_blocks(n), _LAUNCH.threads, s](ga, fa)
+    s = launch_stream(stream)
+    _launch(set_flag, None, 1, 1, s, fa)
+    _map("finite_scan", dt, n, s, threads, max_blocks, (ga, fa))
 
 
-def all_finite(g: Array, *, stream: Any = 0) -> bool:
+def all_finite(g: Array, *, stream: Any = 0, threads: int | None = None, max_blocks: int | None = None) -> bool:
     """True when every element of ``g`` is finite (no NaN, no infinity); waits for the GPU."""
-    s = _stream(stream)
-    flag = _workspace("flag", 1, np.int32, s)
-    all_finite_into(g, flag, stream=s)
+    s = launch_stream(stream)
+    flag = _workspace("flag", 1, np.int32, s, _arr(g, "g"))
+    all_finite_into(g, flag, stream=s, threads=threads, max_blocks=max_blocks)
     return bool(_read_scalar(flag, s))
 
 
-# --- updates -------------------------------------------------------------------------------
-
-
-def _launch(dt: np.dtype, name: str, n: int, stream: Any, *args: Any) -> None:
-    if n:
-        _kernel(dt, name)[_blocks(n), _LAUNCH.threads, _stream(stream)](*args)
+# --- updates: one launch each ----------------------------------------------------------------
 
 
 def _lerp_factors(dt: np.dtype, weight: float) -> tuple[Any, Any, int]:
@@ -765,6 +726,8 @@ def sgd_update(
     weight_decay: float,
     first_step: bool,
     stream: Any = 0,
+    threads: int | None = None,
+    max_blocks: int | None = None,
 ) -> None:
     """SGD with optional momentum, dampening, Nesterov momentum and L2 weight decay (one launch).
 
@@ -779,14 +742,13 @@ def sgd_update(
     if use_momentum:
         arrays["momentum_buf"] = _arr(momentum_buf, "momentum_buf")
     n, dt = _check(arrays)
-    buf = arrays["momentum_buf"] if use_momentum else _dummy(dt)
     T = dt.type
-    _launch(
-        dt, "sgd", n, stream,
-        pa, ga, buf,
+    args = (
+        pa, ga, arrays.get("momentum_buf", pa),
         T(lr), T(momentum), T(1.0 - dampening), T(weight_decay),
         int(weight_decay != 0), int(use_momentum), int(bool(first_step)), int(dampening != 0), int(bool(nesterov)),
     )  # fmt: skip
+    _map("sgd", dt, n, stream, threads, max_blocks, args)
 
 
 def adam_update(
@@ -805,6 +767,8 @@ def adam_update(
     step: int,
     amsgrad: bool,
     stream: Any = 0,
+    threads: int | None = None,
+    max_blocks: int | None = None,
 ) -> None:
     """Adam (``decoupled=False``) or AdamW (``decoupled=True``), optionally AMSGrad (one launch).
 
@@ -823,19 +787,18 @@ def adam_update(
     if amsgrad:
         arrays["max_exp_avg_sq"] = _arr(max_exp_avg_sq, "max_exp_avg_sq")
     n, dt = _check(arrays)
-    vmax = arrays["max_exp_avg_sq"] if amsgrad else _dummy(dt)
     T = dt.type
     wd_mode = 0 if weight_decay == 0 else (2 if decoupled else 1)
     w1, one_minus_w1, high = _lerp_factors(dt, 1.0 - beta1)
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-    _launch(
-        dt, "adam", n, stream,
-        arrays["p"], arrays["g"], arrays["exp_avg"], arrays["exp_avg_sq"], vmax,
+    args = (
+        arrays["p"], arrays["g"], arrays["exp_avg"], arrays["exp_avg_sq"], arrays.get("max_exp_avg_sq", arrays["p"]),
         T(1.0 - lr * weight_decay), T(weight_decay), w1, one_minus_w1, T(beta2), T(1.0 - beta2),
         T(step_size), T(bias_correction2_sqrt), T(eps),
         wd_mode, high, int(bool(amsgrad)),
     )  # fmt: skip
+    _map("adam", dt, n, stream, threads, max_blocks, args)
 
 
 def rmsprop_update(
@@ -852,6 +815,8 @@ def rmsprop_update(
     momentum: float,
     centered: bool,
     stream: Any = 0,
+    threads: int | None = None,
+    max_blocks: int | None = None,
 ) -> None:
     """RMSprop, optionally centred and with momentum (one launch); the equations of ``numpy_optim.rmsprop_update``."""
     use_momentum = momentum > 0
@@ -867,14 +832,13 @@ def rmsprop_update(
     n, dt = _check(arrays)
     T = dt.type
     w, one_minus_w, high = _lerp_factors(dt, 1.0 - alpha)
-    _launch(
-        dt, "rmsprop", n, stream,
-        arrays["p"], arrays["g"], arrays["square_avg"],
-        arrays["grad_avg"] if centered else _dummy(dt),
-        arrays["momentum_buf"] if use_momentum else _dummy(dt),
+    pa = arrays["p"]
+    args = (
+        pa, arrays["g"], arrays["square_avg"], arrays.get("grad_avg", pa), arrays.get("momentum_buf", pa),
         T(lr), T(alpha), w, one_minus_w, T(eps), T(weight_decay), T(momentum),
         int(weight_decay != 0), int(bool(centered)), high, int(use_momentum),
     )  # fmt: skip
+    _map("rmsprop", dt, n, stream, threads, max_blocks, args)
 
 
 def adagrad_update(
@@ -888,14 +852,13 @@ def adagrad_update(
     weight_decay: float,
     step: int,
     stream: Any = 0,
+    threads: int | None = None,
+    max_blocks: int | None = None,
 ) -> None:
     """Adagrad with learning-rate decay (one launch); ``clr = lr / (1 + (step - 1) * lr_decay)`` is computed on the host."""
     arrays = {"p": _arr(p, "p"), "g": _arr(g, "g"), "state_sum": _arr(state_sum, "state_sum")}
     n, dt = _check(arrays)
     T = dt.type
     clr = lr / (1.0 + (step - 1) * lr_decay)
-    _launch(
-        dt, "adagrad", n, stream,
-        arrays["p"], arrays["g"], arrays["state_sum"],
-        T(clr), T(eps), T(weight_decay), int(weight_decay != 0),
-    )  # fmt: skip
+    args = (arrays["p"], arrays["g"], arrays["state_sum"], T(clr), T(eps), T(weight_decay), int(weight_decay != 0))
+    _map("adagrad", dt, n, stream, threads, max_blocks, args)

@@ -1,0 +1,316 @@
+"""The scalar maths of the Numba kernels, written once as plain Python functions.
+
+One element's worth of each computation: the activations f and f' (by table id,
+with their parameters p0/p1), the stable sigmoid, the per-element terms of the
+MSE and BCE losses, and the optimizer updates (SGD, Adam/AdamW, RMSprop,
+Adagrad). They take and return scalars, in the dtype of their inputs, and use
+only what plain Python, ``numba.njit`` and ``numba.cuda.jit(device=True)`` all
+compile: ``math`` functions, ``min``/``max``/``abs``, ``float()`` and
+``type(x)(value)`` (a constant in x's dtype, so float32 maths stays float32).
+
+:func:`build` compiles them for a target, as minitorch compiles its scalar
+operators::
+
+    build()                                            # plain Python (the CUDA simulator, tests)
+    build(numba.njit(inline="always"))                 # a CPU backend
+    build(cuda.jit(device=True, inline="always"), mul) # the CUDA kernels (numba_cuda, numba_cuda_optim)
+
+and returns a module-like namespace (kernels call ``dm.act_f(...)``; Numba
+resolves a module attribute at compile time).
+
+``mul`` is the one target-specific piece: a product rounded on its own, never
+fused with a following add into one FMA, so a device update rounds exactly as
+NumPy does. On the CPU (no fast-math) and in Python ``a * b`` is that product;
+on a GPU the compiler contracts ``a * b + c`` unless the product is the
+round-to-nearest intrinsic (libdevice ``fmul_rn``/``dmul_rn``), which
+``numba_cuda`` supplies. The activation maths uses plain ``*`` (contraction
+allowed; they are checked against the spec with a tolerance), the optimizer
+maths only ``mul``.
+
+Every expression here is in the order of the NumPy reference it mirrors
+(``gpubp.activations``, ``numpy_ref``, ``numpy_optim``), operation by
+operation; the tests check the compiled functions against them.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable
+from typing import Any
+
+from gpubp.activations import TABLE
+
+__all__ = ["build", "product", "ACT_IDS", "PLAIN"]
+
+# Activation ids, read from the table (compiled code freezes globals, so these are constants).
+IDENTITY = TABLE["identity"].id
+RELU = TABLE["relu"].id
+LEAKY_RELU = TABLE["leaky_relu"].id
+ELU = TABLE["elu"].id
+SIGMOID = TABLE["sigmoid"].id
+TANH = TABLE["tanh"].id
+GELU = TABLE["gelu"].id
+GELU_TANH = TABLE["gelu_tanh"].id
+SILU = TABLE["silu"].id
+SOFTPLUS = TABLE["softplus"].id
+ACT_IDS = {name: spec.id for name, spec in TABLE.items()}
+
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
+_GELU_3C = 3.0 * _GELU_C
+_GELU_CLIP = 1e6  # z^3 stays finite; tanh(u) is +-1 long before
+_GELU_PDF_CLIP = 40.0  # phi(40) is 0 already; z^2 cannot overflow
+
+# The functions :func:`build` returns, by name.
+FUNCTIONS = (
+    "mul", "cst", "sigmoid", "act_f", "act_df", "act_grad", "mse_term", "bce_term",
+    "l2", "lerp", "sgd_step", "adam_step", "rmsprop_step", "adagrad_step", "clip_coef",
+)  # fmt: skip
+
+
+def product(a: Any, b: Any) -> Any:
+    """a * b, rounded once: the plain product (Python, NumPy, the CPU without fast-math)."""
+    return a * b
+
+
+def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None) -> types.ModuleType:
+    """The scalar functions compiled with ``jit`` (None: plain Python), as a module-like namespace.
+
+    ``mul(a, b)``: the unfused product for the optimizer maths; None compiles :func:`product`.
+    """
+    if jit is None:
+
+        def jit(fn: Callable) -> Callable:
+            return fn
+
+    if mul is None:
+        mul = jit(product)
+
+    @jit
+    def cst(like, value):
+        """The Python number ``value`` as a scalar of like's type."""
+        return type(like)(value)
+
+    @jit
+    def sigmoid(x):
+        """Stable logistic: e = exp(-|x|) <= 1; 1/(1+e) for x >= 0, e/(1+e) below."""
+        one = cst(x, 1.0)
+        e = math.exp(-abs(x))
+        if x >= cst(x, 0.0):
+            return one / (one + e)
+        return e / (one + e)
+
+    # --- activations ---------------------------------------------------------------------
+    # p0: slope (leaky_relu), alpha (elu), beta (softplus); p1: threshold (softplus); both
+    # in z's dtype. Exponentials only see non-positive arguments: any finite z gives a
+    # finite result.
+
+    @jit
+    def act_f(act_id, z, p0, p1):
+        """a = f(z) for activation ``act_id``."""
+        zero = cst(z, 0.0)
+        one = cst(z, 1.0)
+        half = cst(z, 0.5)
+        if act_id == RELU:
+            return zero if z < zero else z  # max(z, 0), NaN passes through
+        if act_id == LEAKY_RELU:
+            return z if z > zero else z * p0
+        if act_id == ELU:
+            return z if z > zero else p0 * math.expm1(min(z, zero))
+        if act_id == SIGMOID:
+            return sigmoid(z)
+        if act_id == TANH:
+            return math.tanh(z)
+        if act_id == GELU:
+            return half * z * (one + math.erf(z * cst(z, _INV_SQRT_2)))
+        if act_id == GELU_TANH:
+            # u = k (z + c z^3) on z clipped to +-1e6
+            zc = min(max(z, cst(z, -_GELU_CLIP)), cst(z, _GELU_CLIP))
+            u = cst(z, _SQRT_2_OVER_PI) * (zc + cst(z, _GELU_C) * zc * zc * zc)
+            return half * z * (one + math.tanh(u))
+        if act_id == SILU:
+            return z * sigmoid(z)
+        if act_id == SOFTPLUS:
+            # log(1 + e^bz)/beta = (max(bz, 0) + log1p(e^-|bz|))/beta; z itself above the threshold
+            bz = p0 * z
+            if bz > p1:
+                return z
+            return (max(bz, zero) + math.log1p(math.exp(-abs(bz)))) / p0
+        return z  # identity
+
+    @jit
+    def act_df(act_id, z, a, p0, p1):
+        """f'(z) for activation ``act_id``; sigmoid and tanh read only a = f(z), the others only z."""
+        zero = cst(z, 0.0)
+        one = cst(z, 1.0)
+        half = cst(z, 0.5)
+        if act_id == RELU:
+            return one if z > zero else zero
+        if act_id == LEAKY_RELU:
+            return one if z > zero else p0
+        if act_id == ELU:
+            return one if z > zero else p0 * math.exp(min(z, zero))
+        if act_id == SIGMOID:
+            return a * (one - a)
+        if act_id == TANH:
+            return one - a * a
+        if act_id == GELU:
+            # Phi(z) + z phi(z); phi on z clipped to +-40
+            cdf = half * (one + math.erf(z * cst(z, _INV_SQRT_2)))
+            zc = min(max(z, cst(z, -_GELU_PDF_CLIP)), cst(z, _GELU_PDF_CLIP))
+            pdf = cst(z, _INV_SQRT_2PI) * math.exp(-half * zc * zc)
+            return cdf + z * pdf
+        if act_id == GELU_TANH:
+            # 1/2 (1 + t) + z/2 (1 - t^2) k (1 + 3c z^2), t = tanh(u)
+            zc = min(max(z, cst(z, -_GELU_CLIP)), cst(z, _GELU_CLIP))
+            u = cst(z, _SQRT_2_OVER_PI) * (zc + cst(z, _GELU_C) * zc * zc * zc)
+            t = math.tanh(u)
+            du = cst(z, _SQRT_2_OVER_PI) * (one + cst(z, _GELU_3C) * zc * zc)
+            return half * (one + t) + half * z * (one - t * t) * du
+        if act_id == SILU:
+            s = sigmoid(z)
+            return s * (one + z * (one - s))
+        if act_id == SOFTPLUS:
+            bz = p0 * z
+            return one if bz > p1 else sigmoid(bz)
+        return one  # identity
+
+    @jit
+    def act_grad(act_id, g, saved, p0, p1):
+        """dz = g * f'(z), with ``saved`` what the activation saves: a for sigmoid/tanh, else z.
+
+        Identity passes g; relu passes g or 0 exactly (np.where(z > 0, da, 0): an inf or
+        NaN g below zero gives 0).
+        """
+        if act_id == IDENTITY:
+            return g
+        if act_id == RELU:
+            return g if saved > cst(g, 0.0) else cst(g, 0.0)
+        return g * act_df(act_id, saved, saved, p0, p1)
+
+    # --- loss terms: (gradient element in the data dtype, value term in float64) ------------
+
+    @jit
+    def mse_term(p, t, g2):
+        """d = p - t: (d * dtype(2 scale), float64(d)^2)."""
+        d = p - t
+        dd = float(d)
+        return d * g2, dd * dd
+
+    @jit
+    def bce_term(x, y, gscale):
+        """((sigmoid(x) - y) * dtype(scale), float64(max(x, 0) - x y + log1p(e^-|x|)))."""
+        elem = max(x, cst(x, 0.0)) - x * y + math.log1p(math.exp(-abs(x)))
+        return (sigmoid(x) - y) * gscale, float(elem)
+
+    # --- optimizer maths (numpy_optim, operation by operation; every product is mul) -----
+    # Hyper-parameters arrive rounded to the data dtype; flags are integers.
+
+    @jit
+    def l2(d, p, wd):
+        """L2 weight decay folded into the gradient: d + wd * p."""
+        return mul(p, wd) + d
+
+    @jit
+    def lerp(start, end, w, one_minus_w, high):
+        """numpy_optim's lerp: start + w (end - start), or end - (1 - w)(end - start) when |w| >= 0.5."""
+        diff = end - start
+        if high:
+            return end - mul(diff, one_minus_w)
+        return start + mul(diff, w)
+
+    @jit
+    def sgd_step(p, g, b, lr, momentum, one_minus_dampening, wd, has_wd, use_momentum, first, damped, nesterov):
+        """(p, momentum buffer) after one SGD step; b is read only when use_momentum and not first."""
+        d = g
+        if has_wd:
+            d = l2(d, p, wd)
+        if use_momentum:
+            if first:
+                b = d
+            else:
+                b = mul(b, momentum)
+                if damped:
+                    b = b + mul(d, one_minus_dampening)
+                else:
+                    b = b + d
+            if nesterov:
+                d = mul(b, momentum) + d
+            else:
+                d = b
+        return p - mul(d, lr), b
+
+    @jit
+    def adam_step(
+        p, g, m, v, vmax,
+        decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+        wd_mode, lerp_high, amsgrad,
+    ):  # fmt: skip
+        """(p, exp_avg, exp_avg_sq, max_exp_avg_sq) after one Adam (wd_mode 1) or AdamW (2) step."""
+        d = g
+        if wd_mode == 2:  # AdamW: p *= 1 - lr * wd
+            p = mul(p, decay)
+        elif wd_mode == 1:  # Adam: d = g + wd * p
+            d = l2(d, p, wd)
+        m = lerp(m, d, w1, one_minus_w1, lerp_high)
+        v = mul(v, beta2) + mul(mul(d, one_minus_beta2), d)
+        if amsgrad:
+            if v > vmax or v != v:  # NaN-propagating maximum, as np.maximum
+                vmax = v
+            denom = math.sqrt(vmax)
+        else:
+            denom = math.sqrt(v)
+        denom = denom / bias_correction2_sqrt + eps
+        return p - mul(m, step_size) / denom, m, v, vmax
+
+    @jit
+    def rmsprop_step(
+        p, g, v, a, b,
+        lr, alpha, w, one_minus_w, eps, wd, momentum,
+        has_wd, centered, lerp_high, use_momentum,
+    ):  # fmt: skip
+        """(p, square_avg, grad_avg, momentum_buf) after one RMSprop step."""
+        d = g
+        if has_wd:
+            d = l2(d, p, wd)
+        v = mul(v, alpha) + mul(mul(d, w), d)
+        if centered:
+            a = lerp(a, d, w, one_minus_w, lerp_high)
+            avg = math.sqrt(v - mul(a, a))
+        else:
+            avg = math.sqrt(v)
+        avg = avg + eps
+        if use_momentum:
+            b = mul(b, momentum) + d / avg
+            t = mul(b, lr)
+        else:
+            t = mul(d, lr) / avg
+        return p - t, v, a, b
+
+    @jit
+    def adagrad_step(p, g, s, clr, eps, wd, has_wd):
+        """(p, state_sum) after one Adagrad step with the decayed rate clr."""
+        d = g
+        if has_wd:
+            d = l2(d, p, wd)
+        s = s + mul(d, d)
+        std = math.sqrt(s) + eps
+        return p - mul(d, clr) / std, s
+
+    @jit
+    def clip_coef(total_sq, max_norm):
+        """optim.clip_grad_norm's factor, in float64: max_norm / (sqrt(total) + 1e-6)."""
+        return max_norm / (math.sqrt(total_sq) + 1e-6)
+
+    namespace = locals()
+    built = types.ModuleType("scalar_math_built", "scalar_math functions compiled for one target")
+    for name in FUNCTIONS:
+        setattr(built, name, namespace[name])
+    return built
+
+
+#: The plain-Python build (what the simulator's device functions amount to).
+PLAIN = build()

@@ -314,6 +314,42 @@ def test_optimizer_updates(name, dtype, update, n, seed):
                 close(host(b, got), want, accuracy.Tolerance(atol=0.0, rtol=ulp), f"{k}, {msg}")
 
 
+@pytest.mark.parametrize("update", sorted(UPDATES))
+@pytest.mark.parametrize("name", _backends())
+def test_a_set_guard_leaves_parameters_and_state_untouched(name, update, seed):
+    """guard[0] != 0: the update writes nothing; guard[0] == 0: the update of the spec."""
+    dtype, n = "float32", 130
+    b = backend_for(name, dtype)
+    method, buffers, hp = UPDATES[update]
+    rng = np.random.default_rng(seed)
+    kw, first = dict(hp), dict(hp)
+    if method == "sgd_update":
+        kw["first_step"], first["first_step"] = False, True
+    elif method in ("adam_update", "adagrad_update"):
+        kw["step"], first["step"] = 2, 1
+    # a valid state (centred RMSprop needs square_avg >= grad_avg**2): one step of the spec from zeros
+    p_host = rng.standard_normal(n).astype(dtype)
+    bufs_host = [None if k is None else np.zeros(n, dtype) for k in buffers]
+    getattr(numpy_optim, method)(p_host, rng.standard_normal(n).astype(dtype), *bufs_host, **first)
+    g_host = rng.standard_normal(n).astype(dtype)
+    for tag in (3, 0):
+        p = b.asarray(p_host.copy(), dtype)  # copies: the reference backend keeps host arrays as they are
+        bufs = [None if v is None else b.asarray(v.copy(), dtype) for v in bufs_host]
+        guard = b.asarray(np.array([tag], np.int64), np.int64)
+        getattr(b, method)(p, b.asarray(g_host, dtype), *bufs, guard=guard, **kw)
+        got = [host(b, p)] + [host(b, v) for v in bufs if v is not None]
+        if tag:
+            want = [p_host] + [v for v in bufs_host if v is not None]
+        else:
+            ref_p, ref_bufs = p_host.copy(), [None if v is None else v.copy() for v in bufs_host]
+            getattr(numpy_optim, method)(ref_p, g_host.copy(), *ref_bufs, **kw)
+            want = [ref_p] + [v for v in ref_bufs if v is not None]
+        ulp = 8 * np.finfo(dtype).eps
+        for i, (x, w) in enumerate(zip(got, want, strict=True)):
+            tol = accuracy.Tolerance(atol=0.0, rtol=0.0) if tag else accuracy.Tolerance(atol=ulp * hp["lr"], rtol=ulp)
+            close(x, np.asarray(w, np.float64), tol, f"{name} {update} guard={tag} array {i} seed {seed}")
+
+
 # --- reductions -------------------------------------------------------------------------------------------
 
 

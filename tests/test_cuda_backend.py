@@ -259,3 +259,25 @@ def test_fused_model_matches_reference(act, seed):
             np.testing.assert_allclose(host(dev, p_d.grad), p_r.grad, **TOL, err_msg=f"{p_d.name}, seed {seed}")
         opt_d.step()
         opt_r.step()
+
+
+def test_a_guarded_optimizer_step_does_not_wait_for_the_device(monkeypatch):
+    """fit's non-finite guard reaches the optimizer kernels as a device flag: an update with the
+    flag set changes nothing, and nothing is read back to the host to decide it."""
+    model = gp.Sequential(gp.Dense(5, 4, "relu"), gp.Dense(4, 3), device=DEVICE, dtype="float32", seed=1)
+    b = model.arena.backend
+    b.assign_(model.arena.grad, np.linspace(-1, 1, model.arena.size, dtype=np.float32))
+    before = host(model, model.arena.data)
+    flag = b.asarray(np.array([2], np.int64), np.int64)
+    for opt in (gp.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), gp.optim.Adam(model.parameters(), lr=0.1),
+                gp.optim.RMSprop(model.parameters(), lr=0.1), gp.optim.Adagrad(model.parameters(), lr=0.1)):
+        with monkeypatch.context() as m:
+            def no_reads(*a, **k):
+                raise AssertionError("the guarded step read the device")
+
+            m.setattr(type(b), "to_numpy", no_reads)
+            m.setattr(b.nbo, "_read_scalar", no_reads)
+            opt.step(guard=flag)
+        np.testing.assert_array_equal(host(model, model.arena.data), before, err_msg=type(opt).__name__)
+    gp.optim.SGD(model.parameters(), lr=0.1).step(guard=b.asarray(np.array([0], np.int64), np.int64))
+    assert not np.array_equal(host(model, model.arena.data), before)

@@ -401,6 +401,8 @@ _NJIT: dict = {}  # scalar_math compiled by numba.njit, once per session
 
 def njit_update(sm, kind: str, args: tuple) -> None:
     """The element loop of the optimizer kernels on the host, with scalar_math compiled by numba.njit."""
+    *args, guard = args  # the guard array comes last; unset here
+    assert guard[0] == 0
     if kind == "sgd":
         p, g, buf, *hp = args
         use_momentum, first = hp[5], hp[6]

@@ -323,34 +323,22 @@ class CudaBackend(Backend):
     # -- optimizer updates: one launch over each contiguous run of the arena ---------------------
 
     def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, **hp: Any) -> None:
-        if self._guarded(hp.pop("guard", None)):
-            return
         with self._launching("an SGD step") as s:
             self.nbo.sgd_update(p, g, momentum_buf, stream=s, **hp)
 
     def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None,
                     **hp: Any) -> None:
-        if self._guarded(hp.pop("guard", None)):
-            return
         with self._launching("an Adam step") as s:
             self.nbo.adam_update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, stream=s, **hp)
 
     def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
                        momentum_buf: Array | None, **hp: Any) -> None:
-        if self._guarded(hp.pop("guard", None)):
-            return
         with self._launching("an RMSprop step") as s:
             self.nbo.rmsprop_update(p, g, square_avg, grad_avg, momentum_buf, stream=s, **hp)
 
     def adagrad_update(self, p: Array, g: Array, state_sum: Array, **hp: Any) -> None:
-        if self._guarded(hp.pop("guard", None)):
-            return
         with self._launching("an Adagrad step") as s:
             self.nbo.adagrad_update(p, g, state_sum, stream=s, **hp)
-
-    def _guarded(self, guard: Array | None) -> bool:
-        """Whether the non-finite guard is set (reads it: one small wait for the device)."""
-        return guard is not None and bool(self.to_numpy(guard)[0])
 
     def flag_nonfinite_(self, value: Value, g: Array, flag: Array, tag: int) -> None:
         """Two launches and an elementwise select on the stream; nothing comes back to the host."""

@@ -159,12 +159,20 @@ def _shape(threads: int | None, max_blocks: int | None) -> tuple[int, int]:
 #   A: 1-D contiguous array of the dtype    S: scalar of the dtype
 #   D: 1-D contiguous float64 array         F: float64 scalar
 #   N: 1-D contiguous int32 array           I: int64 scalar
+#   G: 1-element int64 array (the guard)
 # An element-wise kernel takes (I, tuple of its argument kinds): kernel(n, args).
+
+
+# The four updates take ``guard`` last: a 1-element int64 array; while guard[0] != 0 (the
+# training loop's non-finite flag, set on the device) the update writes nothing, so a bad
+# step is skipped without the host waiting to find out (as AMP's loss scalers do).
 
 
 @elementwise
 def sgd(i, args):
-    p, g, buf, lr, momentum, one_minus_dampening, wd, has_wd, use_momentum, first, damped, nesterov = args
+    p, g, buf, lr, momentum, one_minus_dampening, wd, has_wd, use_momentum, first, damped, nesterov, guard = args
+    if guard[0] != 0:
+        return
     b = g[i]  # the buffer is read only when there is one and it is not the first step
     if use_momentum and not first:
         b = buf[i]
@@ -181,8 +189,10 @@ def adam(i, args):
     (
         p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,
         decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-        wd_mode, lerp_high, amsgrad,
+        wd_mode, lerp_high, amsgrad, guard,
     ) = args  # fmt: skip
+    if guard[0] != 0:
+        return
     v = exp_avg_sq[i]
     vmax = v
     if amsgrad:
@@ -204,8 +214,10 @@ def rmsprop(i, args):
     (
         p, g, square_avg, grad_avg, momentum_buf,
         lr, alpha, w, one_minus_w, eps, wd, momentum,
-        has_wd, centered, lerp_high, use_momentum,
+        has_wd, centered, lerp_high, use_momentum, guard,
     ) = args  # fmt: skip
+    if guard[0] != 0:
+        return
     v = square_avg[i]
     a = v
     if centered:
@@ -228,7 +240,9 @@ def rmsprop(i, args):
 
 @elementwise
 def adagrad(i, args):
-    p, g, state_sum, clr, eps, wd, has_wd = args
+    p, g, state_sum, clr, eps, wd, has_wd, guard = args
+    if guard[0] != 0:
+        return
     pi, s = dm.adagrad_step(p[i], g[i], state_sum[i], clr, eps, wd, has_wd)
     state_sum[i] = s
     p[i] = pi
@@ -371,10 +385,10 @@ def set_flag(flag):
 
 # name -> (kernel, argument kinds, element-wise); the dtype-generic kernels are listed per dtype.
 _KERNELS: dict[str, tuple[Any, str, bool]] = {
-    "sgd": (sgd, "AAA" + "SSSS" + "IIIII", True),
-    "adam": (adam, "AAAAA" + "SSSSSSSSS" + "III", True),
-    "rmsprop": (rmsprop, "AAAAA" + "SSSSSSS" + "IIII", True),
-    "adagrad": (adagrad, "AAA" + "SSS" + "I", True),
+    "sgd": (sgd, "AAA" + "SSSS" + "IIIII" + "G", True),
+    "adam": (adam, "AAAAA" + "SSSSSSSSS" + "III" + "G", True),
+    "rmsprop": (rmsprop, "AAAAA" + "SSSSSSS" + "IIII" + "G", True),
+    "adagrad": (adagrad, "AAA" + "SSS" + "I" + "G", True),
     "scale": (scale, "AS", True),
     "fill": (fill, "AS", True),
     "clip_scale": (clip_scale, "ADF", True),
@@ -404,6 +418,7 @@ def ptx_targets() -> list[tuple[str, Callable, tuple]]:
             "F": types.float64,
             "N": types.Array(types.int32, 1, "C"),
             "I": types.int64,
+            "G": types.Array(types.int64, 1, "C"),
         }
         return tuple(kind_type[k] for k in kinds)
 
@@ -707,6 +722,22 @@ def all_finite(g: Array, *, stream: Any = 0, threads: int | None = None, max_blo
 
 # --- updates: one launch each ----------------------------------------------------------------
 
+_NO_GUARD: dict[int, Any] = {}
+
+
+def _guard(guard: Array | None, like: Any) -> Any:
+    """The guard array a kernel reads: ``guard`` itself, or a 1-element zero (never written) on
+    ``like``'s side when there is none (one per device, made once)."""
+    if guard is not None:
+        return _one(guard, "guard", np.dtype(np.int64))
+    if isinstance(like, np.ndarray):
+        return np.zeros(1, np.int64)
+    dev = int(cuda.get_current_device().id)
+    z = _NO_GUARD.get(dev)
+    if z is None:
+        z = _NO_GUARD[dev] = cuda.to_device(np.zeros(1, np.int64))
+    return z
+
 
 def _lerp_factors(dt: np.dtype, weight: float) -> tuple[Any, Any, int]:
     """(w, 1 - w, high) for numpy_optim's lerp: w rounded to ``dt``, 1 - w computed in ``dt``."""
@@ -725,6 +756,7 @@ def sgd_update(
     nesterov: bool,
     weight_decay: float,
     first_step: bool,
+    guard: Array | None = None,
     stream: Any = 0,
     threads: int | None = None,
     max_blocks: int | None = None,
@@ -748,7 +780,7 @@ def sgd_update(
         T(lr), T(momentum), T(1.0 - dampening), T(weight_decay),
         int(weight_decay != 0), int(use_momentum), int(bool(first_step)), int(dampening != 0), int(bool(nesterov)),
     )  # fmt: skip
-    _map("sgd", dt, n, stream, threads, max_blocks, args)
+    _map("sgd", dt, n, stream, threads, max_blocks, args + (_guard(guard, arrays["p"]),))
 
 
 def adam_update(
@@ -766,6 +798,7 @@ def adam_update(
     decoupled: bool,
     step: int,
     amsgrad: bool,
+    guard: Array | None = None,
     stream: Any = 0,
     threads: int | None = None,
     max_blocks: int | None = None,
@@ -798,7 +831,7 @@ def adam_update(
         T(step_size), T(bias_correction2_sqrt), T(eps),
         wd_mode, high, int(bool(amsgrad)),
     )  # fmt: skip
-    _map("adam", dt, n, stream, threads, max_blocks, args)
+    _map("adam", dt, n, stream, threads, max_blocks, args + (_guard(guard, arrays["p"]),))
 
 
 def rmsprop_update(
@@ -814,6 +847,7 @@ def rmsprop_update(
     weight_decay: float,
     momentum: float,
     centered: bool,
+    guard: Array | None = None,
     stream: Any = 0,
     threads: int | None = None,
     max_blocks: int | None = None,
@@ -838,7 +872,7 @@ def rmsprop_update(
         T(lr), T(alpha), w, one_minus_w, T(eps), T(weight_decay), T(momentum),
         int(weight_decay != 0), int(bool(centered)), high, int(use_momentum),
     )  # fmt: skip
-    _map("rmsprop", dt, n, stream, threads, max_blocks, args)
+    _map("rmsprop", dt, n, stream, threads, max_blocks, args + (_guard(guard, arrays["p"]),))
 
 
 def adagrad_update(
@@ -851,6 +885,7 @@ def adagrad_update(
     eps: float,
     weight_decay: float,
     step: int,
+    guard: Array | None = None,
     stream: Any = 0,
     threads: int | None = None,
     max_blocks: int | None = None,
@@ -861,4 +896,4 @@ def adagrad_update(
     T = dt.type
     clr = lr / (1.0 + (step - 1) * lr_decay)
     args = (arrays["p"], arrays["g"], arrays["state_sum"], T(clr), T(eps), T(weight_decay), int(weight_decay != 0))
-    _map("adagrad", dt, n, stream, threads, max_blocks, args)
+    _map("adagrad", dt, n, stream, threads, max_blocks, args + (_guard(guard, arrays["p"]),))

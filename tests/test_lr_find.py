@@ -233,3 +233,14 @@ def test_bad_data_and_objects_name_the_argument():
     for call, exc, word in cases:
         with pytest.raises(exc, match=f"^{word}"):
             call()
+
+
+def test_overflow_is_the_stopping_signal_not_a_numpy_warning():
+    """A model whose outputs overflow gives lr_find's own error, not NumPy's warnings (which
+    pytest turns into errors here)."""
+    x, y = gp.datasets.spirals(n_samples=200, n_classes=3, seed=0)
+    model = gp.Sequential(gp.Dense(2, 16, "relu"), gp.Dense(16, 3), seed=0)
+    model.arena.data[...] = 1e28  # float32: the second layer's products overflow
+    opt = gp.optim.SGD(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="not finite at the first step"):
+        gp.lr_find(model, x, y, "cross_entropy", opt, steps=10)

@@ -7,6 +7,7 @@
 """
 
 from gpubp import accuracy, activations, callbacks, datasets, diagnostics, gradcheck, losses, optim, plot, schedules
+from gpubp import distributed
 from gpubp._resources import kernel_dir
 from gpubp.activations import Activation
 from gpubp.io import load, save
@@ -24,6 +25,7 @@ __all__ = [
     "accuracy",
     "callbacks",
     "diagnostics",
+    "distributed",
     "Dense",
     "Dropout",
     "GradientWarning",

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 
 from gpubp import losses as losses_mod
+from gpubp._random import _GOLDEN, _MASK64
 from gpubp._validate import as_float_array, check_2d, check_finite, positive_int
 from gpubp.backends import DENSE_IMPLS, Backend, get_backend
 from gpubp.device import Device, parse_device
-from gpubp.layers import Dense, Layer
+from gpubp.layers import Dense, Dropout, Layer
 from gpubp.layers import from_config as layer_from_config
 from gpubp.parameter import Arena, Parameter
 
@@ -93,6 +94,7 @@ class Sequential:
         self.layers: list[Layer] = list(layers)
         self.training = True  # train() / eval(): whether forward(training=True) applies dropout
         self._step = 0  # the step fit last ran: keys the dropout masks with the epoch
+        self._row0 = 0  # data-parallel fit: this rank's first row in the global batch (dropout masks)
         self.dtype = _dtype(dtype)
         self.seed = int(seed)
         self.check_finite = bool(check_finite)
@@ -303,6 +305,10 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             layer.prepare(self.seed, self.epoch, self._step, i, active)
         for i, layer in enumerate(self.layers):
+            if self._row0 and isinstance(layer, Dropout):
+                # Rows row0.. of a larger batch: element j here is element j + row0 F of the whole
+                # batch, whose mask counter is (j + row0 F) golden + key: shift the key by row0 F golden.
+                layer._key = (layer._key + self._row0 * int(h.shape[1]) * _GOLDEN) & _MASK64
             h = layer.forward(h, training)
             if outputs is not None:
                 outputs.append(h)
@@ -385,6 +391,7 @@ class Sequential:
         validation_split: float | None = None,
         on_nonfinite: str = "raise",
         gradient_stats: bool = False,
+        comm: Any = None,
     ) -> dict[str, Any]:
         """Train for ``epochs`` more epochs of mini-batch steps; returns the history.
 
@@ -408,6 +415,11 @@ class Sequential:
                 ratios and dead/saturated units once per epoch (gpubp.diagnostics) in
                 ``history["gradient_stats"]``, and warn (GradientWarning) when gradients
                 vanish or explode.
+            comm: a communicator from ``gpubp.distributed.init()`` for data-parallel training
+                (every rank calls fit with the same arguments and data of the same length;
+                ``batch_size`` is the global batch, split across the ranks; rank 0's parameters
+                and optimizer state are broadcast first; the result equals one process's
+                training to rounding, and is the same bits on every rank). None: one process.
 
         History keys: ``loss`` (per-sample mean over the epoch), ``accuracy`` (for
         CrossEntropy and BCEWithLogits), ``val_loss`` / ``val_accuracy`` with
@@ -420,7 +432,7 @@ class Sequential:
         return fit(self, x, y, loss, optimizer, epochs=epochs, batch_size=batch_size,
                    validation_data=validation_data, shuffle=shuffle, verbose=verbose, scheduler=scheduler,
                    clip_grad_norm=clip_grad_norm, callbacks=callbacks, validation_split=validation_split,
-                   on_nonfinite=on_nonfinite, gradient_stats=gradient_stats)
+                   on_nonfinite=on_nonfinite, gradient_stats=gradient_stats, comm=comm)
 
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
         """Outputs (N, out) for x (N, in) as a NumPy array, without keeping anything for backward."""

@@ -20,6 +20,11 @@ Divergence (``on_nonfinite``):
 Ctrl-C during fit ends the current step, then training: callbacks see
 ``history["stopped"] == "interrupted"`` (ModelCheckpoint saves), and fit returns the
 history. A second Ctrl-C interrupts at once.
+
+With ``comm`` (a communicator of :mod:`gpubp.distributed` with more than one process) the
+loop is data-parallel: each global batch is split across the ranks, the gradient arena is
+summed across them after backward, and the steps are identical on every rank; see
+:mod:`gpubp.distributed.data_parallel`. Ctrl-C is then agreed every READ_EVERY steps.
 """
 
 from __future__ import annotations
@@ -104,8 +109,21 @@ def fit(
     validation_split: float | None = None,
     on_nonfinite: str = "raise",
     gradient_stats: bool = False,
+    comm: Any = None,
+    _guarded: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` (a Sequential); see :meth:`gpubp.Sequential.fit`."""
+    from gpubp.distributed.data_parallel import resolve
+
+    comm = resolve(comm)
+    if comm is not None and not _guarded:
+        try:
+            with comm.stop_together():  # an error on one rank stops every rank, naming it
+                return fit(model, x, y, loss, optimizer, epochs, batch_size, validation_data, shuffle, verbose,
+                           scheduler, clip_grad_norm, callbacks, validation_split, on_nonfinite, gradient_stats,
+                           comm, _guarded=True)
+        finally:
+            model._row0 = 0
     from gpubp import optim
     from gpubp.model import NonFiniteError
 
@@ -130,6 +148,16 @@ def fit(
     backend = model.arena.backend
     n = x.shape[0]
     steps = -(-n // batch_size)
+    dp = None
+    if comm is not None:
+        from gpubp.distributed.data_parallel import DataParallel
+
+        dp = DataParallel(comm, model, optimizer, loss, {
+            "number of training samples": n, "number of validation samples": xv.shape[0] if validating else 0,
+            "batch_size": batch_size, "epochs": epochs, "shuffle": shuffle, "clip_grad_norm": clip_grad_norm,
+            "on_nonfinite": on_nonfinite, "scheduler": type(scheduler).__name__})
+        verbose = verbose if comm.rank == 0 else 0  # one progress bar, one log
+        callbacks = [cb for cb in callbacks if dp.runs_here(cb)]
     history: dict[str, Any] = {}
     run = Run(model, optimizer, scheduler, history)
     for cb in callbacks:
@@ -150,11 +178,18 @@ def fit(
         s = tag - 1 - epoch_tag0
         rows = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
         model._step = s
-        where = model._first_nonfinite(model._batch(x, rows), model._batch(y, rows), loss)
+        if dp is None:
+            where = model._first_nonfinite(model._batch(x, rows), model._batch(y, rows), loss)
+        else:  # each rank replays its rows; the message says which rank found what
+            rows, model._row0, _ = dp.split(rows, n)
+            xb = model._batch(x, rows)
+            where = dp.where(model._first_nonfinite(xb, model._batch(y, rows), loss) if xb.shape[0]
+                             else "no rows on this rank")
         err = NonFiniteError(f"training diverged at epoch {model.epoch + 1}, step {s + 1}: {where}; "
                              "the parameters and optimizer state are those from before that step "
                              "(try a lower learning rate, gradient clipping, or gp.lr_find)")
         err.epoch, err.step, err.where, err.history = model.epoch + 1, s + 1, where, history
+        err.all_ranks = dp is not None  # the flag is the same on every rank: all raise it together
         return err
 
     # NaN/Inf are the guard's to report (on_nonfinite), not NumPy's floating-point warnings.
@@ -176,17 +211,27 @@ def fit(
                            unit="batch")
                 for s in range(steps):
                     rows = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
+                    if dp is not None:  # this rank's share of the global batch
+                        rows, model._row0, nb = dp.split(rows, n)
                     xb, yb = model._batch(x, rows), model._batch(y, rows)
+                    if dp is None:
+                        nb = int(xb.shape[0])
                     model._step = s
                     last = s == steps - 1
                     outputs: list | None = [] if stats is not None and last else None
-                    out = model._forward(xb, training=True, dropout=True, outputs=outputs)
-                    value, dout = loss.compute(out, yb, backend)
-                    if model.check_finite and not np.isfinite(float(value)):  # checks every layer, waits
-                        raise NonFiniteError(f"loss: {float(value)} at epoch {model.epoch + 1}, step {s + 1}")
-                    model._backward(dout, input_grad=False)
+                    if xb.shape[0]:
+                        out = model._forward(xb, training=True, dropout=True, outputs=outputs)
+                        value, dout = loss.compute(out, yb, backend) if dp is None else dp.loss(loss, out, yb, nb, backend)
+                        if model.check_finite and not np.isfinite(float(value)):  # checks every layer, waits
+                            raise NonFiniteError(f"loss: {float(value)} at epoch {model.epoch + 1}, step {s + 1}")
+                        model._backward(dout, input_grad=False)
+                    else:  # a batch smaller than the world leaves this rank without rows
+                        out, value, outputs = None, 0.0, None
+                        model.zero_grad()
+                    if dp is not None:
+                        dp.reduce_gradients(model)
                     tag0 += 1
-                    finite_guard(value, tag0)
+                    finite_guard(value if dp is None else dp.finite_value, tag0)
                     if on_nonfinite == "skip" and int(backend.to_numpy(flag)[0]):
                         backend.assign_(flag, np.zeros(1, dtype=np.int64))
                         skipped += 1
@@ -202,9 +247,9 @@ def fit(
                         optimizer_stepped = True
                     # Sums stay on the device: read once per epoch, and every READ_EVERY steps.
                     if optimizer_stepped:
-                        applied += int(xb.shape[0])
-                        total = total + value * (xb.shape[0] if loss.reduction == "mean" else 1)
-                        if loss.classifies:
+                        applied += nb
+                        total = total + value * (nb if loss.reduction == "mean" else 1)
+                        if loss.classifies and out is not None:
                             c, k = loss.correct(out, yb)
                             correct, counted = correct + c, counted + k
                     bar.update(1)
@@ -212,17 +257,20 @@ def fit(
                         if on_nonfinite == "raise" and int(backend.to_numpy(flag)[0]):
                             bar.close()
                             raise diverged(order, epoch_tag0)
+                        shown = value if dp is None else dp.sync(value, interrupt["hit"])
                         if verbose:
-                            bar.set_postfix(loss=f"{float(value):.4f}")
+                            bar.set_postfix(loss=f"{float(shown):.4f}")
                     for cb in callbacks:
                         cb.on_batch_end(s + 1, {"loss": value, "size": int(xb.shape[0])})
-                    if interrupt["hit"]:
+                    if interrupt["hit"] if dp is None else dp.interrupted:
                         break
                 bar.close()
-                if interrupt["hit"]:
+                if interrupt["hit"] if dp is None else dp.interrupted:
                     stopped = "interrupted"
                     break
                 model.epoch += 1
+                if dp is not None:
+                    total, correct, counted = dp.sums(total, correct, counted)
                 record: dict[str, float] = {"loss": float(total) / applied if applied else float("nan")}
                 if loss.classifies:
                     record["accuracy"] = float(correct) / max(counted, 1)
@@ -245,6 +293,8 @@ def fit(
                     print(f"epoch {model.epoch:3d}  {shown}  ({record['time']:.2f}s, {model.device})", flush=True)
                 for cb in callbacks:
                     cb.on_epoch_end(model.epoch, record)
+                if dp is not None:
+                    dp.agree(run, optimizer)
         except NonFiniteError:
             history["stopped"] = "nonfinite"
             for cb in callbacks:

@@ -1,0 +1,327 @@
+"""Communicators: one process, MPI (mpi4py) between processes, and the errors they raise.
+
+Every collective of :class:`MPICommunicator` is a non-blocking MPI operation that the host
+polls, so that a rank that stops never leaves the others waiting: a rank leaving a
+:meth:`Communicator.stop_together` block with an exception sends every other rank a short
+message (its rank, the exception's type and text), and a rank waiting in a collective
+reads it and raises :class:`DistributedError` naming that rank and cause. A collective
+that does not complete within ``timeout`` seconds raises too.
+
+Reductions have a fixed order: element block k of the array is summed on rank k, in rank
+order 0, 1, ..., size - 1 (an all-to-all, the ordered sum, an all-gather), so every rank
+receives the same bits, and the same bits on every run, whatever MPI's own algorithms do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+OPS = ("mean", "sum", "max", "min")
+_ABORT_TAG = 0x6770  # point-to-point tag of "this rank stopped" messages (on gpubp's own context)
+_DTYPES = ("float32", "float64", "int32", "int64")
+
+
+class DistributedError(RuntimeError):
+    """Another rank stopped with an error, or a collective did not complete in time.
+
+    Attributes: ``rank`` (the rank that stopped, None after a timeout) and ``cause``
+    (``"TypeName: message"`` of that rank's exception, or what timed out).
+    """
+
+    def __init__(self, message: str, rank: int | None = None, cause: str = "", from_peer: bool = False) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.cause = cause
+        self.from_peer = from_peer  # told by another rank (then not passed on)
+
+
+def _check_op(op: Any) -> str:
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {', '.join(map(repr, OPS))}, got {op!r}")
+    return op
+
+
+def _check_array(array: Any, op: str | None = None) -> None:
+    dtype = getattr(array, "dtype", None)
+    if dtype is None or not hasattr(array, "shape"):
+        raise TypeError(f"array: expected a NumPy or device array, got {type(array).__name__}")
+    if np.dtype(dtype).name not in _DTYPES:
+        raise TypeError(f"array: expected one of {', '.join(_DTYPES)}, got dtype {np.dtype(dtype).name}")
+    if op == "mean" and np.dtype(dtype).kind != "f":
+        raise TypeError(f"array: op='mean' needs a float array, got dtype {np.dtype(dtype).name}")
+    flags = getattr(array, "flags", None)
+    if flags is not None and not flags.c_contiguous:
+        raise ValueError("array: expected a C-contiguous array (reduced in place)")
+
+
+class Communicator:
+    """A group of ``size`` processes training one model; this process is ``rank``.
+
+    Attributes: ``backend`` ("single", "mpi" or "nccl"), ``rank``, ``size``, ``local_rank``
+    (rank among the processes of this machine: picks the GPU), ``timeout`` (seconds a
+    collective may wait, or None).
+    """
+
+    backend = "single"
+
+    def __init__(self) -> None:
+        self.rank = 0
+        self.size = 1
+        self.local_rank = 0
+        self.timeout: float | None = None
+        self.broken: str | None = None  # why this communicator can no longer be used
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self.backend!r}, rank={self.rank}, size={self.size})"
+
+    # -- the public collectives --------------------------------------------------------------
+
+    def allreduce_(self, array: Any, op: str = "mean") -> Any:
+        """Reduce ``array`` (NumPy or device, C-contiguous) across ranks in place; returns it.
+
+        ``op``: "mean", "sum", "max" or "min". Every rank ends with the same bits.
+        """
+        _check_op(op)
+        _check_array(array, op)
+        return array
+
+    def broadcast_(self, array: Any, root: int = 0) -> Any:
+        """Overwrite ``array`` on every rank with rank ``root``'s values; returns it."""
+        self._check_root(root)
+        _check_array(array)
+        return array
+
+    def barrier(self) -> None:
+        """Return once every rank has called it."""
+
+    # -- Python objects (small: settings, metrics, error texts) -----------------------------
+
+    def allgather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (picklable objects)."""
+        return [obj]
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        """Rank ``root``'s ``obj`` on every rank."""
+        self._check_root(root)
+        return obj
+
+    # -- failing together ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def stop_together(self) -> Iterator[None]:
+        """Run a block that every rank runs; an exception on one rank stops them all.
+
+        The rank that raises tells every other rank (rank and cause) and re-raises; the
+        others raise :class:`DistributedError` at their next collective (a rank whose
+        collective timed out tells them too). Exceptions every rank raises together (marked
+        ``all_ranks``) and errors told by another rank send nothing. Afterwards the
+        communicator is broken: MPI's state is undefined once a collective was left
+        half done, so end the processes (a new ``init`` needs a new launch).
+        """
+        try:
+            yield
+        except BaseException as e:
+            if self.size > 1 and not getattr(e, "from_peer", False) and not getattr(e, "all_ranks", False):
+                self._tell_peers(e)
+            if self.size > 1:
+                self.broken = self.broken or f"rank {self.rank} left a collective block with {type(e).__name__}"
+                with contextlib.suppress(Exception):
+                    e.add_note(f"(on rank {self.rank} of {self.size})")  # Python >= 3.11
+            raise
+
+    def _tell_peers(self, exc: BaseException) -> None:
+        """Tell every other rank that this one stopped (no-op in one process)."""
+
+    def close(self) -> None:
+        """Release the communicator (the MPI duplicate, the NCCL communicator)."""
+
+    def _check_root(self, root: Any) -> int:
+        if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
+            raise ValueError(f"root: expected a rank in [0, {self.size}), got {root!r}")
+        return int(root)
+
+
+class SingleProcess(Communicator):
+    """The world of one process: every collective returns its input."""
+
+
+def _host(array: Any) -> tuple[np.ndarray, Any]:
+    """``(host array, backend to write it back through or None)``: NumPy arrays are used in place."""
+    if isinstance(array, np.ndarray):
+        return array.reshape(-1), None
+    from gpubp.backends import backend_of
+
+    backend = backend_of(array)
+    if backend is None:
+        raise TypeError(f"array: expected a NumPy or device array, got {type(array).__name__}")
+    return backend.to_numpy(array).reshape(-1), backend
+
+
+class MPICommunicator(Communicator):
+    """Processes of an MPI communicator (``MPI.COMM_WORLD`` by default), host memory.
+
+    Device arrays are staged through the host (the backend's ``to_numpy`` / ``assign_``);
+    the NCCL communicator keeps them on the GPU.
+    """
+
+    backend = "mpi"
+
+    def __init__(self, mpi_comm: Any = None, timeout: float | None = 600.0) -> None:
+        super().__init__()
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        base = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self._comm = base.Dup()  # gpubp's own context: no clash with the program's MPI traffic
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
+        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = node.Get_rank()
+        node.Free()
+        self.timeout = timeout
+
+    # -- waiting without hanging ------------------------------------------------------------
+
+    def _usable(self) -> None:
+        if self.broken:
+            raise DistributedError(f"the communicator can no longer be used: {self.broken}")
+
+    def _wait(self, request: Any, what: str) -> None:
+        """Poll ``request`` until done; raise on a peer's stop message or after ``timeout``."""
+        t0 = time.monotonic()
+        polls = 0
+        while not request.Test():
+            self._check_peers(what)
+            if self.timeout is not None and time.monotonic() - t0 > self.timeout:
+                self.broken = f"{what} timed out"
+                raise DistributedError(
+                    f"rank {self.rank}: {what} did not complete within {self.timeout:g} s: another rank is "
+                    "stuck or gone (gp.distributed.init(timeout=...) sets the limit)", cause=f"{what} timed out")
+            polls += 1
+            if polls > 50:  # after a short spin, sleep (50 us doubling to 1 ms): ranks may share cores
+                time.sleep(min(1e-3, 5e-5 * 2 ** min(polls - 50, 5)))
+
+    def _check_peers(self, what: str) -> None:
+        MPI = self._MPI
+        status = MPI.Status()
+        if not self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=_ABORT_TAG, status=status):
+            return
+        buf = bytearray(status.Get_count(MPI.BYTE))
+        self._comm.Recv([buf, MPI.BYTE], source=status.Get_source(), tag=_ABORT_TAG)
+        info = json.loads(buf.decode())
+        cause = f"{info['type']}: {info['message']}"
+        self.broken = f"rank {info['rank']} stopped ({cause})"
+        raise DistributedError(f"rank {info['rank']} stopped with {cause} (rank {self.rank} was in {what})",
+                               rank=info["rank"], cause=cause, from_peer=True)
+
+    def _tell_peers(self, exc: BaseException) -> None:
+        MPI = self._MPI
+        text = str(exc).split("\n")[0][:2000]
+        payload = bytearray(json.dumps({"rank": self.rank, "type": type(exc).__name__, "message": text}).encode())
+        requests = [self._comm.Isend([payload, MPI.BYTE], dest=r, tag=_ABORT_TAG)
+                    for r in range(self.size) if r != self.rank]
+        t0 = time.monotonic()  # small messages go eagerly; wait briefly so they leave before we exit
+        while not MPI.Request.Testall(requests) and time.monotonic() - t0 < 2.0:
+            time.sleep(1e-3)
+
+    # -- collectives ------------------------------------------------------------------------
+
+    def allreduce_(self, array: Any, op: str = "mean") -> Any:
+        _check_op(op)
+        _check_array(array, op)
+        self._usable()
+        if self.size == 1:
+            return array
+        flat, backend = _host(array)
+        self._reduce_host(flat, op)
+        if backend is not None:
+            backend.assign_(array, flat)
+        return array
+
+    def _reduce_host(self, flat: np.ndarray, op: str) -> None:
+        """Fixed-order all-reduce of a 1-D host array in place: block k summed on rank k in rank order."""
+        n, p = flat.size, self.size
+        c = -(-n // p) if n else 1
+        send = np.zeros(p * c, dtype=flat.dtype)
+        send[:n] = flat
+        recv = np.empty((p, c), dtype=flat.dtype)
+        self._wait(self._comm.Ialltoall(send, recv), f"all-reduce ({op}) of {n} elements")
+        acc = recv[0].copy()
+        for j in range(1, p):  # rank order: the same sum on every run
+            if op in ("sum", "mean"):
+                acc += recv[j]
+            elif op == "max":
+                np.maximum(acc, recv[j], out=acc)
+            else:
+                np.minimum(acc, recv[j], out=acc)
+        if op == "mean":
+            acc /= p
+        self._wait(self._comm.Iallgather(acc, send), f"all-reduce ({op}) of {n} elements")
+        flat[:] = send[:n]
+
+    def broadcast_(self, array: Any, root: int = 0) -> Any:
+        root = self._check_root(root)
+        _check_array(array)
+        self._usable()
+        if self.size == 1:
+            return array
+        flat, backend = _host(array)
+        self._wait(self._comm.Ibcast(flat, root=root), f"broadcast of {flat.size} elements from rank {root}")
+        if backend is not None:
+            backend.assign_(array, flat)
+        return array
+
+    def barrier(self) -> None:
+        self._usable()
+        if self.size > 1:
+            self._wait(self._comm.Ibarrier(), "barrier")
+
+    def allgather(self, obj: Any) -> list[Any]:
+        self._usable()
+        if self.size == 1:
+            return [obj]
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        sizes = np.empty(self.size, dtype=np.int64)
+        self._wait(self._comm.Iallgather(np.array([data.size], dtype=np.int64), sizes), "all-gather")
+        out = np.empty(int(sizes.sum()), dtype=np.uint8)
+        self._wait(self._comm.Iallgatherv(data, [out, sizes]), "all-gather")
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        return [pickle.loads(out[bounds[r]:bounds[r + 1]].tobytes()) for r in range(self.size)]
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        root = self._check_root(root)
+        self._usable()
+        if self.size == 1:
+            return obj
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if self.rank == root else None
+        size = np.array([0 if data is None else data.size], dtype=np.int64)
+        self._wait(self._comm.Ibcast(size, root=root), f"broadcast from rank {root}")
+        buf = data.copy() if data is not None else np.empty(int(size[0]), dtype=np.uint8)
+        self._wait(self._comm.Ibcast(buf, root=root), f"broadcast from rank {root}")
+        return obj if self.rank == root else pickle.loads(buf.tobytes())
+
+    def close(self) -> None:
+        if self._comm is not None and not self.broken:
+            with contextlib.suppress(Exception):
+                self._comm.Free()
+        self._comm = None
+        self.broken = self.broken or "closed"
+
+
+def world_size_from_environment() -> int:
+    """The number of processes a launcher (mpiexec, srun, torchrun-style) says it started, or 1."""
+    for key in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS", "WORLD_SIZE"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 1:
+            if key == "SLURM_NTASKS" and "SLURM_PROCID" not in os.environ:
+                continue  # inside an allocation, but not started by srun
+            return int(value)
+    return 1

@@ -1,0 +1,114 @@
+"""NCCL between GPUs, through CuPy's ``cupy.cuda.nccl``; MPI for the rest.
+
+Rank 0 draws NCCL's unique id and broadcasts it over MPI; each process uses GPU
+``local_rank % (GPUs on the node)``. Device arrays are reduced by ``ncclAllReduce`` on
+CuPy's current stream (the stream the CUDA backend launches on), so the host does not wait.
+Host arrays and Python objects go through MPI (:class:`~gpubp.distributed.comm.MPICommunicator`).
+
+Before each NCCL collective the ranks meet in a polled MPI barrier: a rank that has
+stopped is then reported (:class:`DistributedError`) instead of leaving the others'
+kernels waiting on the GPU.
+
+Order of the sum: NCCL's own (ring or tree), fixed for a given world, topology, NCCL
+version and settings, and every rank receives the same bits; it is not the rank order of
+the MPI path, so results on GPUs and on CPUs differ by rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any
+
+import numpy as np
+
+from gpubp.distributed.comm import MPICommunicator, _check_array, _check_op
+
+
+def nccl_unavailable_reason() -> str | None:
+    """None when NCCL can run here, else why not (CuPy, NCCL library, GPU)."""
+    try:
+        with warnings.catch_warnings():  # CuPy warns when libnccl is missing: the reason below says it
+            warnings.simplefilter("ignore")
+            import cupy
+            from cupy.cuda import nccl
+
+            available = bool(getattr(nccl, "available", False))
+    except Exception as e:  # ImportError, or CuPy failing to load its libraries
+        return f"CuPy is not importable ({type(e).__name__}: {e}); pip install 'gpubp[cuda13]' (or cuda12)"
+    if not available:
+        return "CuPy cannot load the NCCL library (pip install nvidia-nccl-cu13, or -cu12)"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError without a driver
+        return f"no CUDA device ({type(e).__name__}: {e})"
+    if count < 1:
+        return "no CUDA device"
+    return None
+
+
+class NCCLCommunicator(MPICommunicator):
+    """MPI processes, one GPU each, with NCCL for device arrays."""
+
+    backend = "nccl"
+
+    def __init__(self, mpi_comm: Any = None, timeout: float | None = 600.0) -> None:
+        why = nccl_unavailable_reason()
+        if why is not None:
+            raise RuntimeError(f"backend 'nccl': {why}")
+        super().__init__(mpi_comm, timeout)
+        import cupy
+        from cupy.cuda import nccl
+
+        self._cupy, self._nccl_mod = cupy, nccl
+        self.device_index = self.local_rank % cupy.cuda.runtime.getDeviceCount()
+        cupy.cuda.Device(self.device_index).use()
+        uid = nccl.get_unique_id() if self.rank == 0 else None
+        uid = self.bcast(uid, 0)
+        with cupy.cuda.Device(self.device_index):
+            self._nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
+        self._types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
+                       "int32": nccl.NCCL_INT32, "int64": nccl.NCCL_INT64}
+        self._ops = {"sum": nccl.NCCL_SUM, "mean": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
+
+    def _on_device(self, array: Any) -> bool:
+        return not isinstance(array, np.ndarray) and isinstance(array, self._cupy.ndarray)
+
+    def allreduce_(self, array: Any, op: str = "mean") -> Any:
+        _check_op(op)
+        _check_array(array, op)
+        if not self._on_device(array):
+            return super().allreduce_(array, op)
+        self._usable()
+        self.barrier()  # every rank is here: the NCCL kernels will find their peers
+        with array.device:
+            stream = self._cupy.cuda.get_current_stream().ptr
+            self._nccl.allReduce(array.data.ptr, array.data.ptr, array.size, self._types[array.dtype.name],
+                                 self._ops[op], stream)
+            if op == "mean":
+                array /= self.size
+        return array
+
+    def broadcast_(self, array: Any, root: int = 0) -> Any:
+        root = self._check_root(root)
+        _check_array(array)
+        if not self._on_device(array):
+            return super().broadcast_(array, root)
+        self._usable()
+        self.barrier()
+        with array.device:
+            stream = self._cupy.cuda.get_current_stream().ptr
+            self._nccl.bcast(array.data.ptr, array.size, self._types[array.dtype.name], root, stream)
+        return array
+
+    def _tell_peers(self, exc: BaseException) -> None:
+        super()._tell_peers(exc)
+        with contextlib.suppress(Exception):
+            self._nccl.abort()  # kernels already queued must not wait for this rank
+
+    def close(self) -> None:
+        if getattr(self, "_nccl", None) is not None:
+            with contextlib.suppress(Exception):
+                self._nccl.destroy()
+            self._nccl = None
+        super().close()

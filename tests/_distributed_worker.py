@@ -1,0 +1,253 @@
+"""One rank of a data-parallel test run: ``mpiexec -n P python tests/_distributed_worker.py SCENARIO OUT [ARG]``.
+
+Each rank writes ``OUT/SCENARIO-rank<r>.json`` (status, error type and text, what it
+measured) and, for training scenarios, ``OUT/<case>-rank<r>.npz`` (the parameters after
+every step, the history's losses). A rank always exits 0 once its file is written, so that
+the launcher never kills a rank that is still reporting; the test reads the files.
+
+``run_case(name, comm)`` is also imported by tests/test_distributed.py to train the same
+case in one process (comm=None), the reference the ranks must match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+import gpubp as gp
+
+# name -> (loss, optimizer factory, fit keyword arguments, model options)
+CASES = {
+    "sgd_nesterov": ("cross_entropy", lambda p: gp.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                     {}, {}),
+    "adam_amsgrad_mse": ("mse", lambda p: gp.optim.Adam(p, lr=0.01, amsgrad=True), {}, {}),
+    "adamw_bce": ("bce_with_logits", lambda p: gp.optim.AdamW(p, lr=0.01, weight_decay=0.01), {}, {}),
+    "rmsprop_centered": ("cross_entropy", lambda p: gp.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True),
+                         {}, {}),
+    "adagrad": ("cross_entropy", lambda p: gp.optim.Adagrad(p, lr=0.1, lr_decay=0.01), {}, {}),
+    "clip": ("cross_entropy", lambda p: gp.optim.SGD(p, lr=0.5), {"clip_grad_norm": 0.05}, {}),
+    "dropout": ("cross_entropy", lambda p: gp.optim.Adam(p, lr=0.01), {}, {"dropout": 0.3}),
+    "last_batch_of_one": ("cross_entropy", lambda p: gp.optim.SGD(p, lr=0.1, momentum=0.5), {}, {"n": 25}),
+    "sum_reduction": (gp.losses.MSE(reduction="sum"), lambda p: gp.optim.SGD(p, lr=0.002), {"shuffle": False}, {}),
+    "validation_schedule": ("cross_entropy", lambda p: gp.optim.Adam(p, lr=0.02),
+                            {"validation_split": 0.2, "schedule": True}, {}),
+    "float32": ("cross_entropy", lambda p: gp.optim.Adam(p, lr=0.01), {}, {"dtype": "float32"}),
+}
+BATCH, EPOCHS = 8, 2
+
+
+def data(n: int, loss: object, out: int = 3, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 5))
+    name = loss if isinstance(loss, str) else loss.name
+    if name == "cross_entropy":
+        y = rng.integers(0, out, n)
+    elif name == "bce_with_logits":
+        y = (rng.random((n, out)) > 0.5).astype(np.float64)
+    else:
+        y = rng.standard_normal((n, out))
+    return x, y
+
+
+def model_for(opts: dict, width: int = 7, seed: int = 0) -> gp.Sequential:
+    layers = [gp.Dense(5, width, "tanh")]
+    if opts.get("dropout"):
+        layers.append(gp.Dropout(opts["dropout"]))
+    layers.append(gp.Dense(width, 3))
+    return gp.Sequential(*layers, dtype=opts.get("dtype", "float64"), seed=seed)
+
+
+class Record(gp.callbacks.Callback):
+    """The parameters after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.steps: list[np.ndarray] = []
+
+    def on_batch_end(self, step, logs):
+        arena = self.run.model.arena
+        self.steps.append(arena.backend.to_numpy(arena.data))
+
+
+def run_case(name: str, comm=None) -> tuple[np.ndarray, dict]:
+    """Train case ``name``; returns (parameters after each step (steps, P), history)."""
+    loss, make_opt, fit_kw, opts = CASES[name]
+    fit_kw = dict(fit_kw)
+    model = model_for(opts)
+    opt = make_opt(model.parameters())
+    x, y = data(opts.get("n", 23), loss)
+    if fit_kw.pop("schedule", False):
+        fit_kw["scheduler"] = gp.schedules.StepLR(opt, step_size=1, gamma=0.5)
+    rec = Record()
+    hist = model.fit(x, y, loss, opt, epochs=EPOCHS, batch_size=BATCH, verbose=0, callbacks=[rec], comm=comm,
+                     **fit_kw)
+    return np.stack(rec.steps), hist
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+
+
+def equivalence(comm, out, arg):
+    for name in CASES:
+        steps, hist = run_case(name, comm)
+        np.savez(os.path.join(out, f"{name}-rank{comm.rank}.npz"), steps=steps,
+                 loss=np.array(hist["loss"]), val_loss=np.array(hist.get("val_loss", [])),
+                 accuracy=np.array(hist.get("accuracy", [])))
+    return {}
+
+
+def api(comm, out, arg):
+    r, p = comm.rank, comm.size
+    a = np.arange(5, dtype=np.float64) + r
+    res = {"rank": r, "size": p, "local_rank": comm.local_rank, "backend": comm.backend}
+    res["mean"] = comm.allreduce_(a.copy(), op="mean").tolist()
+    res["sum"] = comm.allreduce_(a.copy(), op="sum").tolist()
+    res["max"] = comm.allreduce_(a.copy(), op="max").tolist()
+    res["min"] = comm.allreduce_(a.copy(), op="min").tolist()
+    res["sum_int"] = comm.allreduce_(np.array([r, 1], dtype=np.int64), op="sum").tolist()
+    res["sum_2d"] = comm.allreduce_(np.ones((2, 3), dtype=np.float32) * (r + 1), op="sum").tolist()
+    b = np.full(3, float(r))
+    res["bcast_from_last"] = comm.broadcast_(b, root=p - 1).tolist()
+    comm.barrier()
+    res["allgather"] = comm.allgather(f"hello from {r}")
+    res["bcast"] = comm.bcast({"from": r} if r == 0 else None, 0)
+    # a value that rounds differently in different orders: every rank must get the same bits
+    v = np.array([0.1 * (r + 1), 1e16 if r == 0 else 1.0, -1e16 if r == p - 1 else 3.0])
+    res["rounding"] = comm.allreduce_(v, op="sum").tobytes().hex()
+    for bad in (lambda: comm.allreduce_(a, op="median"), lambda: comm.allreduce_([1.0]),
+                lambda: comm.broadcast_(a, root=p), lambda: comm.allreduce_(np.arange(3), op="mean")):
+        try:
+            bad()
+            res.setdefault("bad", []).append(None)
+        except (TypeError, ValueError) as e:
+            res.setdefault("bad", []).append(f"{type(e).__name__}: {e}")
+    return res
+
+
+def _fit_small(comm, x=None, model=None, callbacks=None, check_finite=False, **kw):
+    model = model or gp.Sequential(gp.Dense(5, 7, "relu"), gp.Dense(7, 3), dtype="float64", seed=0,
+                                   check_finite=check_finite)
+    xd, y = data(24, "cross_entropy")
+    x = xd if x is None else x
+    opt = gp.optim.SGD(model.parameters(), lr=0.1)
+    return model.fit(x, y, "cross_entropy", opt, epochs=kw.pop("epochs", 2), batch_size=8, verbose=0,
+                     callbacks=callbacks, comm=comm, **kw)
+
+
+def bad_data(comm, out, arg):
+    x, _ = data(24, "cross_entropy")
+    if comm.rank == 1:
+        x[3, 2] = np.nan
+    _fit_small(comm, x=x)
+    return {}
+
+
+class Fault(gp.callbacks.Callback):
+    """Raises (or sleeps) after step ``at_step`` of the first epoch; given to one rank only."""
+
+    def __init__(self, at_step, sleep=None):
+        self.at_step, self.sleep = at_step, sleep
+
+    def on_batch_end(self, step, logs):
+        if self.run.model.epoch == 0 and step == self.at_step:
+            if self.sleep is not None:
+                time.sleep(self.sleep)
+            else:
+                raise RuntimeError("injected fault in a callback")
+
+
+def raise_midway(comm, out, arg):
+    _fit_small(comm, callbacks=[Fault(2)] if comm.rank == 1 else [])
+    return {}
+
+
+def hang(comm, out, arg):
+    comm.timeout = float(arg)
+    _fit_small(comm, callbacks=[Fault(2, sleep=3 * float(arg))] if comm.rank == 1 else [])
+    return {}
+
+
+def nan_one_rank(comm, out, arg):
+    x, _ = data(24, "cross_entropy")
+    if comm.rank == 1:
+        x[8 + 6, :] = 1e300  # batch 2 (no shuffle), row 6 of 8: rank 1's share on 2 and 3 ranks
+    _fit_small(comm, x=x, shuffle=False, check_finite=arg == "check_finite")
+    return {}
+
+
+def mismatch(comm, out, arg):
+    if arg == "architecture":
+        width = 9 if comm.rank == comm.size - 1 else 7
+        model = gp.Sequential(gp.Dense(5, width, "relu"), gp.Dense(width, 3), dtype="float64", seed=0)
+        _fit_small(comm, model=model)
+    elif arg == "length":
+        x, y = data(24 if comm.rank != comm.size - 1 else 23, "cross_entropy")
+        model = gp.Sequential(gp.Dense(5, 7, "relu"), gp.Dense(7, 3), dtype="float64", seed=0)
+        model.fit(x, y, "cross_entropy", "sgd", batch_size=8, verbose=0, comm=comm)
+    return {}
+
+
+def seeds_differ(comm, out, arg):
+    """Ranks built with different seeds: rank 0's parameters are broadcast, so all end equal."""
+    model = gp.Sequential(gp.Dense(5, 7, "relu"), gp.Dense(7, 3), dtype="float64", seed=0)
+    if comm.rank:
+        model.arena.data[:] = comm.rank  # as if initialised differently
+    _fit_small(comm, model=model)
+    return {"params": model.arena.data.tobytes().hex()}
+
+
+def callbacks(comm, out, arg):
+    es = gp.callbacks.EarlyStopping(monitor="loss", patience=0, min_delta=10.0)
+    ck = gp.callbacks.ModelCheckpoint(os.path.join(out, f"ckpt-from-rank{comm.rank}-{{epoch}}.safetensors"),
+                                      monitor="loss")
+    log = gp.callbacks.CSVLogger(os.path.join(out, f"log-from-rank{comm.rank}.csv"))
+    hist = _fit_small(comm, callbacks=[es, ck, log], epochs=5)
+    return {"stopped": hist["stopped"], "epochs": len(hist["loss"]), "loss": hist["loss"]}
+
+
+def checkpoint(comm, out, arg):
+    """arg "start": 2 epochs, rank 0 saves; arg "resume": load, 2 more epochs, save final params."""
+    path = os.path.join(out, "resume.safetensors")
+    loss, make_opt, _, opts = CASES["dropout"]
+    x, y = data(23, loss)
+    if arg == "start":
+        model = model_for(opts)
+        opt = make_opt(model.parameters())
+    else:
+        ck = gp.load(path)
+        model, opt = ck.model, ck.optimizer
+    model.fit(x, y, loss, opt, epochs=2, batch_size=BATCH, verbose=0, comm=comm)
+    if comm.rank == 0:
+        gp.save(path, model, opt)
+    comm.barrier()
+    return {"params": model.arena.data.tobytes().hex(), "epoch": model.epoch}
+
+
+SCENARIOS = {f.__name__: f for f in (equivalence, api, bad_data, raise_midway, hang, nan_one_rank, mismatch,
+                                     seeds_differ, callbacks, checkpoint)}
+
+
+def main() -> int:
+    scenario, out = sys.argv[1], sys.argv[2]
+    arg = sys.argv[3] if len(sys.argv) > 3 else ""
+    t0 = time.monotonic()
+    comm = gp.distributed.init(os.environ.get("GPUBP_TEST_BACKEND", "auto"), timeout=60.0)
+    report = {"rank": comm.rank, "size": comm.size, "backend": comm.backend}
+    try:
+        report.update(SCENARIOS[scenario](comm, out, arg) or {})
+        report["status"] = "ok"
+    except Exception as e:
+        report.update(status="error", type=type(e).__name__, message=str(e),
+                      error_rank=getattr(e, "rank", None), traceback=traceback.format_exc())
+    report["seconds"] = time.monotonic() - t0
+    with open(os.path.join(out, f"{scenario}-rank{comm.rank}.json"), "w") as f:
+        json.dump(report, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -90,10 +90,10 @@ def compare(result: dict[str, Any], expected: dict[str, Any], tol: float, slack:
     """Every array of ``expected`` against the same key of ``result``; ``slack``: absolute allowances."""
     worst, where = 0.0, ""
     for key, want in expected.items():
-        if key not in result:
-            return Gate(False, math.inf, key, tol, f"no {key!r} in the result")
         try:
             err = rel_err(result[key], want, (slack or {}).get(key))
+        except KeyError:
+            return Gate(False, math.inf, key, tol, f"no {key!r} in the result")
         except ValueError as e:
             return Gate(False, math.inf, key, tol, f"{key}: {e}")
         if not err <= worst:  # also takes the first inf
@@ -136,8 +136,7 @@ def chain(acts: list[Activation], ws: list, bs: list, x: np.ndarray, dout: Any, 
     return {"hs": hs, "value": value, "grads": grads, "dx": da, "slack": slack, "s_dx": s_da}
 
 
-@dataclass(frozen=True)
-class Work:
+class Work(NamedTuple):
     """One step: FLOPs (None: not counted), compulsory bytes, items (samples, parameters, rows)."""
 
     flops: float | None
@@ -155,10 +154,6 @@ class Case:
     def __init__(self, dtype: str = "float32") -> None:
         self.dtype, self.itemsize = np.dtype(dtype).name, np.dtype(dtype).itemsize
 
-    def describe(self) -> dict[str, Any]:
-        keys = ("name", "group", "kind", "title", "unit", "dtype")
-        return {k: getattr(self, k) for k in keys} | {"counting": self.formula}
-
     def label(self, size: dict[str, int]) -> str:
         return " ".join(f"{k}={fmt_count(v)}" for k, v in size.items())
 
@@ -174,14 +169,14 @@ class Case:
         return {k: (v[: gsize["N"]] if k in self.batched else v) for k, v in inputs.items()}
 
     def gate_size(self, size: dict[str, int], budget_flops: float) -> dict[str, int]:
-        """The largest power-of-two batch (at least ``gate_floor``) whose reference costs at most the budget."""
+        """The largest power-of-two batch (at least ``gate_floor``) whose reference costs at most the budget
+        (FLOPs; elements for the loss, see ``gate_cost``)."""
         n, (budget, per_row) = size.get("N", 0), self.gate_cost(size, budget_flops)
         if not self.batched or n * per_row <= budget:
             return size
         return {**size, "N": min(n, max(1 << max(int(math.log2(max(budget / per_row, 1.0))), 0), self.gate_floor))}
 
     def gate_cost(self, size: dict[str, int], budget_flops: float) -> tuple[float, float]:
-        """(budget, cost per row) of the float64 reference: FLOPs by default."""
         return budget_flops, (self.work(size).flops or 0) / max(size.get("N", 1), 1)
 
     def cpu_seconds(self, size: dict[str, int], ceil: dict[str, Any]) -> float | None:
@@ -415,17 +410,12 @@ class LossCase(Case):
         return {"value": np.float64(value), "grad": grad}
 
 
-def all_cases(dtype: str = "float32") -> list[Case]:
-    layers: list[Case] = [LayerCase(m, a, dtype) for m in ("fwd", "fwd_bwd") for a in ACTIVATIONS]
-    return layers + [StepCase(k, dtype) for k in MODELS] + [OptimCase(w, dtype) for w in OptimCase.HYPER] + [
-        LossCase(dtype)]
-
-
 def select_cases(tier: str, dtype: str = "float32", patterns: Sequence[str] | None = None) -> list[Case]:
     """The tier's cases, or those matching ``patterns``: names (``dense_fwd:silu``), groups (``step``) or
     globs (``dense_*:relu``). Groups and the default take the tier's activations; names and globs any."""
-    cases, acts = all_cases(dtype), TIER_ACTIVATIONS[tier]
-    in_tier = [c for c in cases if not isinstance(c, LayerCase) or c.activation.name in acts]
+    cases = [LayerCase(m, a, dtype) for m in ("fwd", "fwd_bwd") for a in ACTIVATIONS] + [
+        StepCase(k, dtype) for k in MODELS] + [OptimCase(w, dtype) for w in OptimCase.HYPER] + [LossCase(dtype)]
+    in_tier = [c for c in cases if not isinstance(c, LayerCase) or c.activation.name in TIER_ACTIVATIONS[tier]]
     if not patterns:
         return in_tier
     hits = {p: [c for c in cases if c.name == p or fnmatch.fnmatch(c.name, p) or (c.group == p and c in in_tier)]

@@ -28,12 +28,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench`` to the ``gpubp`` subcommands (``subparsers`` from ``add_subparsers``)."""
     p = subparsers.add_parser("bench", help="benchmark gpubp against NumPy and PyTorch on this machine", epilog=EPILOG,
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tier = p.add_mutually_exclusive_group()
+    p.set_defaults(tier="quick", func=run)
+    tier, comp = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
     tier.add_argument("--full", dest="tier", action="store_const", const="full",
                       help="the full grid: every width, batch and activation; torch.compile on (long)")
     tier.add_argument("--smoke", dest="tier", action="store_const", const="smoke",
                       help="tiny sizes and few repeats: checks that the suite runs (seconds)")
-    p.set_defaults(tier="quick", func=run)
     p.add_argument("--cases", default=None, help="comma-separated case names, groups, prefixes or globs")
     p.add_argument("--contenders", default=None, help="comma-separated contender names (default: all that can run)")
     p.add_argument("--out", default=None, help="folder for results.json, summary.md and the plots "
@@ -42,7 +42,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--tf32", action="store_true",
                    help="let float32 GEMMs use TF32 tensor cores (CUPY_TF32=1, torch allow_tf32); default off")
-    comp = p.add_mutually_exclusive_group()
     comp.add_argument("--compile", dest="compile", action="store_true", default=None,
                       help="include torch.compile (on by default only with --full)")
     comp.add_argument("--no-compile", dest="compile", action="store_false")
@@ -61,22 +60,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _split(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
-def results_root() -> Path:
-    """$GPUBP_BENCH_DIR, else $XDG_DATA_HOME/gpubp/bench (~/.local/share/gpubp/bench): outside the checkout."""
-    if os.environ.get("GPUBP_BENCH_DIR"):
-        return Path(os.environ["GPUBP_BENCH_DIR"])
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "gpubp" / "bench"
-
-
 def default_folder(results: dict[str, Any]) -> Path:
-    """<results root>/<date>-<gpu or cpu name>; a -2, -3, ... suffix keeps an earlier run of the same day."""
+    """<root>/<date>-<gpu or cpu name>, root $GPUBP_BENCH_DIR, else $XDG_DATA_HOME/gpubp/bench
+    (~/.local/share/gpubp/bench): outside the checkout. A -2, -3, ... suffix keeps an earlier run of the day."""
     from gpubp.bench.report import slug, where
 
-    base = results_root()
+    base = Path(os.environ.get("GPUBP_BENCH_DIR") or Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local"
+                                                              / "share") / "gpubp" / "bench")
     name = f"{results['environment']['date'][:10]}-{slug(where(results))}"
     folder, k = base / name, 2
     while folder.exists():
@@ -93,19 +83,19 @@ def run(args: argparse.Namespace) -> int:
     from gpubp.bench.contenders import make_contenders
     from gpubp.bench.run import Options, Runner
 
-    tier = args.tier
-    cases = select_cases(tier, args.dtype, _split(args.cases))
-    contenders = make_contenders(_split(args.contenders), args.compile if args.compile is not None else tier == "full",
+    split, tier = (lambda s: [t.strip() for t in s.split(",") if t.strip()] if s else None), args.tier
+    cases = select_cases(tier, args.dtype, split(args.cases))
+    contenders = make_contenders(split(args.contenders), args.compile if args.compile is not None else tier == "full",
                                  args.tf32, f"off in the {tier} suite: compiling takes longer than the suite "
                                  "(--compile turns it on)")
     if args.list:
         print("cases:\n" + "\n".join(f"  {c.name:<24} {c.title}" for c in cases))
         print("contenders:\n" + "\n".join(f"  {c.name:<24} {c.description}" for c in contenders))
         return 0
-    options = Options(tier=tier, dtype=args.dtype, tf32=args.tf32, seed=args.seed, cpu_budget=args.cpu_budget,
-                      gate_flops=args.gate_flops, warmup=args.warmup, warmup_time=args.warmup_time,
-                      min_repeats=args.repeats, min_time=args.min_time, progress=not args.quiet)
-    runner = Runner(cases, contenders, options)
+    runner = Runner(cases, contenders, Options(
+        tier=tier, dtype=args.dtype, tf32=args.tf32, seed=args.seed, cpu_budget=args.cpu_budget,
+        gate_flops=args.gate_flops, warmup=args.warmup, warmup_time=args.warmup_time, min_repeats=args.repeats,
+        min_time=args.min_time, progress=not args.quiet))
     plan = runner.prepare()
     print(f"gpubp bench ({tier}): {len(cases)} cases, {plan['runs']} runs on the {plan['target'].upper()} grid",
           flush=True)

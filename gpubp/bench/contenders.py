@@ -10,6 +10,7 @@ CPU, torch.compile(dynamic=True) on the GPU.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 
 import gpubp as gp
 from gpubp.bench.cases import STEP_LR, STEP_MOMENTUM, Case, model_layers
-from gpubp.bench.timing import Settings, Stats, time_gpu, time_host
+from gpubp.bench.timing import Settings, time_gpu, time_host
 
 CONTENDER_NAMES = ("gpubp", "gpubp-unfused", "torch-cuda", "torch-compile", "numpy", "torch-cpu")
 
@@ -45,27 +46,31 @@ def short(e: BaseException) -> str:
 
 
 class Contender:
-    name = description = ""
-    device = "cpu"
     fatal = False  # after one error every later run would fail too: say it once, then skip
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, device: str, description: str = "", skip: dict[str, str] | None = None) -> None:
+        self.name, self.device, self.description, self.skip = name, device, description, skip or {}
         self.usable, self.broken = False, ""
 
     def available(self) -> tuple[bool, str]:
         return True, ""
 
     def supports(self, case: Case) -> tuple[bool, str]:
-        return True, ""
+        """False and why for the case kinds in ``skip``."""
+        return case.kind not in self.skip, self.skip.get(case.kind, "")
 
     def setup(self, case: Case, size: dict[str, int], inputs: dict[str, np.ndarray], copies: int) -> Prepared:
         return getattr(self, f"setup_{case.kind}")(case, size, inputs, copies)
 
-    def timer(self, step: Callable[[int], Any], settings: Settings) -> Stats:
+    def timer(self, step: Callable[[int], Any], settings: Settings) -> dict[str, Any]:
         return time_host(step, settings) if self.device == "cpu" else time_gpu(step, settings)
 
     def release(self) -> None:
         """Give cached device memory back between runs."""
+        if self.device == "cuda" and "cupy" in sys.modules:
+            sys.modules["cupy"].get_default_memory_pool().free_all_blocks()
+        if self.device == "cuda" and "torch" in sys.modules:
+            sys.modules["torch"].cuda.empty_cache()
 
 
 class GpubpContender(Contender):
@@ -73,8 +78,9 @@ class GpubpContender(Contender):
     device), model.backward, optimizer.step()."""
 
     def __init__(self, name: str, device: str, impl: str = "fused", description: str = "") -> None:
-        super().__init__()
-        self.name, self.device, self.impl, self.description = name, device, impl, description
+        why = "the unfused variant differs from gpubp only in its dense layers"
+        super().__init__(name, device, description, {"optimizer": why, "loss": why} if impl == "unfused" else {})
+        self.impl = impl
 
     def backend(self) -> Any:
         from gpubp.backends import get_backend
@@ -98,17 +104,6 @@ class GpubpContender(Contender):
             return False, f"gpubp cannot run this here: {short(e)}"
         return True, ""
 
-    def supports(self, case: Case) -> tuple[bool, str]:
-        if self.impl == "unfused" and case.kind not in ("layer", "step"):
-            return False, "the unfused variant differs from gpubp only in its dense layers"
-        return True, ""
-
-    def release(self) -> None:
-        if self.device == "cuda":
-            import cupy
-
-            cupy.get_default_memory_pool().free_all_blocks()
-
     def _copies(self, be: Any, a: np.ndarray, dtype: Any, copies: int) -> list[Any]:
         return [be.asarray(np.array(a, copy=True) if self.device == "cpu" else a, dtype) for _ in range(copies)]
 
@@ -118,22 +113,21 @@ class GpubpContender(Contender):
         return model, model.arena.backend
 
     def setup_layer(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
-        layer = gp.Dense(size["W"], size["W"], case.activation)
+        layer, fwd, last = gp.Dense(size["W"], size["W"], case.activation), case.mode == "fwd", {}
         model, be = self._model([layer], case.dtype, np.concatenate([inputs["w"].ravel(), inputs["b"]]))
-        xs, last = self._copies(be, inputs["x"], case.dtype, copies), {}
-        if case.mode == "fwd":
-            def fwd(i: int) -> None:
-                last["a"] = model.forward(xs[i % copies], training=False)
+        xs = self._copies(be, inputs["x"], case.dtype, copies)
+        das = [] if fwd else self._copies(be, inputs["da"], case.dtype, copies)
 
-            return Prepared(fwd, lambda: {"a": to_host(last["a"])})
-        das = self._copies(be, inputs["da"], case.dtype, copies)
+        def step(i: int) -> None:
+            last["a"] = model.forward(xs[i % copies], training=not fwd)
+            if not fwd:
+                last["dx"] = model.backward(das[i % copies], input_grad=True)
 
-        def fwd_bwd(i: int) -> None:
-            last["a"] = model.forward(xs[i % copies], training=True)
-            last["dx"] = model.backward(das[i % copies], input_grad=True)
+        def result() -> dict[str, Any]:
+            grads = {} if fwd else {"dW": to_host(layer.weight.grad), "db": to_host(layer.bias.grad)}
+            return {k: to_host(v) for k, v in last.items()} | grads
 
-        return Prepared(fwd_bwd, lambda: {"a": to_host(last["a"]), "dx": to_host(last["dx"]),
-                                          "dW": to_host(layer.weight.grad), "db": to_host(layer.bias.grad)})
+        return Prepared(step, result)
 
     def setup_step(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
         model, be = self._model(model_layers(case.key), case.dtype, inputs["params"])
@@ -180,10 +174,10 @@ class TorchContender(Contender):
 
     def __init__(self, name: str, device: str, compiled: bool = False, enabled: bool = True,
                  disabled_reason: str = "", tf32: bool = False, description: str = "") -> None:
-        super().__init__()
-        self.name, self.device, self.compiled, self.description = name, device, compiled, description
-        self.enabled, self.disabled_reason, self.tf32, self.fatal = enabled, disabled_reason, tf32, compiled
-        self._fns: dict[str, Any] = {}
+        super().__init__(name, device, description, {"optimizer": "an optimizer step alone is not compiled; "
+                                                     "torch-cuda shows PyTorch's optimizer"} if compiled else {})
+        self.compiled, self.enabled, self.disabled_reason, self.tf32 = compiled, enabled, disabled_reason, tf32
+        self.fatal, self._fns = compiled, {}
 
     def available(self) -> tuple[bool, str]:
         if not self.enabled:
@@ -201,24 +195,14 @@ class TorchContender(Contender):
                 return False, "torch.compile on the GPU needs Triton, which is not installed"
         return True, ""
 
-    def supports(self, case: Case) -> tuple[bool, str]:
-        if self.compiled and case.kind == "optimizer":
-            return False, "an optimizer step alone is not compiled; torch-cuda shows PyTorch's optimizer"
-        return True, ""
-
-    def release(self) -> None:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
-
     def _t(self, a: np.ndarray, grad: bool = False) -> Any:
         import torch
 
         return torch.from_numpy(np.array(a, copy=True)).to(self.device).requires_grad_(grad)
 
     def _fn(self, key: str | None, fn: Callable) -> Callable:
-        """fn, or its compiled form: one dynamic-shape compile per case (``key``) reused across sizes."""
+        """fn, or its compiled form: one dynamic-shape compile per case (``key``) reused across sizes; None
+        compiles afresh (the function holds a network)."""
         import torch
 
         if not self.compiled:
@@ -231,34 +215,34 @@ class TorchContender(Contender):
         import torch
         import torch.nn.functional as F
 
-        p, fwd = case.activation.params, case.mode == "fwd"
+        p, fwd, last = case.activation.params, case.mode == "fwd", {}
         act = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, p.get("slope")),
                "elu": lambda z: F.elu(z, p.get("alpha")), "sigmoid": torch.sigmoid, "tanh": torch.tanh,
                "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu,
                "softplus": lambda z: F.softplus(z, p.get("beta"), p.get("threshold"))}[case.activation.name]
         wt, b = self._t(inputs["w"].T, not fwd), self._t(inputs["b"], not fwd)  # (out, in), as nn.Linear
         fn = self._fn(case.name, lambda x, w, bias: act(F.linear(x, w, bias)))
-        xs, last = [self._t(inputs["x"], not fwd) for _ in range(copies)], {}
-        if fwd:
-            def step(i: int) -> None:
-                with torch.no_grad():
-                    last["a"] = fn(xs[i % copies], wt, b)
+        xs = [self._t(inputs["x"], not fwd) for _ in range(copies)]
+        das = [] if fwd else [self._t(inputs["da"]) for _ in range(copies)]
 
-            return Prepared(step, lambda: {"a": to_host(last["a"])})
-        das = [self._t(inputs["da"]) for _ in range(copies)]
+        def step(i: int) -> None:
+            with torch.set_grad_enabled(not fwd):
+                last["a"] = a = fn(xs[i % copies], wt, b)
+            if not fwd:
+                last["g"] = torch.autograd.grad(a, (xs[i % copies], wt, b), grad_outputs=das[i % copies])
 
-        def step_bwd(i: int) -> None:
-            last["a"] = a = fn(xs[i % copies], wt, b)
-            last["g"] = torch.autograd.grad(a, (xs[i % copies], wt, b), grad_outputs=das[i % copies])
+        def result() -> dict[str, Any]:
+            g = last.get("g")
+            return {"a": to_host(last["a"])} | ({} if fwd else {"dx": to_host(g[0]), "dW": to_host(g[1]).T,
+                                                               "db": to_host(g[2])})
 
-        return Prepared(step_bwd, lambda: {"a": to_host(last["a"]), "dx": to_host(last["g"][0]),
-                                           "dW": to_host(last["g"][1]).T, "db": to_host(last["g"][2])})
+        return Prepared(step, result)
 
     def setup_step(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
         import torch
         import torch.nn.functional as F
 
-        flat, sl, mods = inputs["params"], case.param_slices(), []
+        flat, sl, mods, last = inputs["params"], case.param_slices(), [], {}
         for i, ((a, b), (_, sw), (_, sb)) in enumerate(zip(case.pairs, sl[::2], sl[1::2], strict=True)):
             lin = torch.nn.Linear(a, b, dtype=getattr(torch, case.dtype), device=self.device)
             with torch.no_grad():
@@ -267,8 +251,8 @@ class TorchContender(Contender):
             mods += [lin, torch.nn.ReLU()] if i < len(case.pairs) - 1 else [lin]
         net = torch.nn.Sequential(*mods)
         opt = torch.optim.SGD(net.parameters(), lr=STEP_LR, momentum=STEP_MOMENTUM)
-        fn = self._fn(None, lambda x, y: F.cross_entropy(net(x), y))  # compiled afresh: it holds the network
-        xs, ys, last = [self._t(inputs["x"]) for _ in range(copies)], [self._t(inputs["y"]) for _ in range(copies)], {}
+        fn = self._fn(None, lambda x, y: F.cross_entropy(net(x), y))
+        xs, ys = [self._t(inputs["x"]) for _ in range(copies)], [self._t(inputs["y"]) for _ in range(copies)]
 
         def step(i: int) -> None:
             opt.zero_grad(set_to_none=True)

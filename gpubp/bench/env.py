@@ -70,16 +70,14 @@ def gpu_info() -> dict[str, Any]:
             **dict(zip(("driver", "max_sm_clock", "power_limit"), (smi or "").split(", "), strict=False))}
 
 
-def capture(tf32: bool = False, gpu: dict[str, Any] | None = None) -> dict[str, Any]:
+def capture(tf32: bool = False) -> dict[str, Any]:
     import gpubp
 
     torch, commit = sys.modules.get("torch"), _run("git", "rev-parse", "HEAD")
     dirty = _run("git", "status", "--porcelain", "--untracked-files=no") if commit else None
-    versions = {"python": platform.python_version(), "gpubp": gpubp.__version__, **{d: version(d) for d in DISTS}}
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "platform": f"{platform.system()} {platform.release()} ({platform.machine()})",
             "cpu": cpu_info(), "blas": blas_info(), "torch_cpu_threads": torch.get_num_threads() if torch else None,
-            "gpu": gpu_info() if gpu is None else gpu,
-            "versions": versions,
-            "tf32": {"requested": tf32, "CUPY_TF32": os.environ.get("CUPY_TF32", "unset")}, "argv": list(sys.argv),
-            "git": {"commit": commit or "unknown", "dirty": None if dirty is None else bool(dirty)}}
+            "gpu": gpu_info(), "tf32": {"requested": tf32, "CUPY_TF32": os.environ.get("CUPY_TF32", "unset")},
+            "versions": {"python": platform.python_version(), "gpubp": gpubp.__version__, **{d: version(d) for d in DISTS}},
+            "argv": list(sys.argv), "git": {"commit": commit or "unknown", "dirty": None if dirty is None else bool(dirty)}}

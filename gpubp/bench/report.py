@@ -16,19 +16,20 @@ LEGEND = ("ratio = contender median / {p} median at the same size (above 1: {p} 
           "peak, bytes / bandwidth) at the measured ceilings; ! = median over 1.5x the min (the machine was busy)")
 
 
-def fmt_time(s: float | None) -> str:
-    if s is None:
+def _scaled(v: float | None, steps: tuple[tuple[str, float], ...], last: tuple[str, float]) -> str:
+    if v is None:
         return "-"
-    unit, k = next(((u, k) for u, k in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)) if s >= k), ("ns", 1e-9))
-    return f"{s / k:.3g}{unit}"
+    name, k = next(((n, k) for n, k in steps if abs(v) >= k), last)
+    return f"{v / k:.3g}{name}"
+
+
+def fmt_time(s: float | None) -> str:
+    return _scaled(s, (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)), ("ns", 1e-9))
 
 
 def fmt_si(v: float | None) -> str:
     """3 significant digits with an SI prefix: 1.23M, 456k, 7.89G."""
-    if v is None:
-        return "-"
-    p, k = next(((p, k) for p, k in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)) if abs(v) >= k), ("", 1.0))
-    return f"{v / k:.3g}{p}"
+    return _scaled(v, (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)), ("", 1.0))
 
 
 def fmt_pct(f: float | None) -> str:
@@ -98,7 +99,6 @@ def _align(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def case_block(results: dict[str, Any], case: str, recs: list[dict[str, Any]]) -> list[str]:
-    title = next((c["title"] for c in results["cases"] if c["name"] == case), "")
     notes = ([recs[0]["note"]] if recs[0].get("note") else []) + [
         f"{r['contender']} at {r['size_label']}: {r['launches_per_step']} kernel launches per step"
         for r in recs if r.get("launches_per_step") is not None]
@@ -106,17 +106,21 @@ def case_block(results: dict[str, Any], case: str, recs: list[dict[str, Any]]) -
     recs = sorted(recs, key=lambda r: (sizes[r["size_label"]], _order(r["contender"])))
     rows = [_row(r, "" if k and r["size_label"] == recs[k - 1]["size_label"] else r["size_label"], results["primary"])
             for k, r in enumerate(recs)]
-    return [f"{case}: {title}  [thrpt in {recs[0]['unit']}]"] + [f"  ({n})" for n in notes] + _align([COLUMNS, *rows])
+    return [f"{case}: {recs[0]['title']}  [thrpt in {recs[0]['unit']}]"] + [f"  ({n})" for n in notes] + _align(
+        [COLUMNS, *rows])
+
+
+def _not_measured(results: dict[str, Any]) -> list[str]:
+    return [f"{n['case']}{'' if n['contender'] == '*' else ' ' + n['contender']}: {n['reason']}"
+            for n in results["not_measured"]]
 
 
 def table(results: dict[str, Any]) -> str:
     out = [LEGEND.format(p=results["primary"])]
     for case, recs in _by_case(results).items():
         out += ["", *case_block(results, case, recs)]
-    if results["not_measured"]:
-        out += ["", "not measured:"] + [f"  {n['case']}{'' if n['contender'] == '*' else ' ' + n['contender']}: "
-                                        f"{n['reason']}" for n in results["not_measured"]]
-    return "\n".join(out)
+    return "\n".join(out + (["", "not measured:", *[f"  {n}" for n in _not_measured(results)]]
+                            if results["not_measured"] else []))
 
 
 def headline_text(results: dict[str, Any]) -> str:
@@ -134,39 +138,27 @@ def headline_text(results: dict[str, Any]) -> str:
                       f"sizes); above 1: {p} is faster", *_align(rows)])
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-ready: NumPy scalars to Python, non-finite floats to strings, tuples to lists."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    obj = obj.item() if hasattr(obj, "item") and not isinstance(obj, (str, bytes)) else obj
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj if isinstance(obj, (str, int, float, bool)) or obj is None else str(obj)
-
-
 def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     """summary.md: where and how it ran, the ceilings, the headline, each case's table and plot."""
     env, t = results["environment"], results["timing"]
     head = header(results).splitlines()
-    lines = [f"# gpubp bench: {where(results)}, {env['date'][:10]}", ""]
-    lines += [f"- {ln.strip()}" for ln in head if not ln.startswith("ceiling")] + [
+    lines = [f"# gpubp bench: {where(results)}, {env['date'][:10]}", ""] + [
+        f"- {ln.strip()}" for ln in head if not ln.startswith("ceiling")] + [
         "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
         f"- timing: {t['method']['statistic']}; CPU: {t['method']['cpu']}; GPU: {t['method']['cuda']}",
         f"- every result was checked against the float64 NumPy reference before it was timed (max error relative "
         f"to the largest reference value; tolerances {t['tolerances']})", f"- run time {results['elapsed_s']:.0f} s",
-        "", "## Ceilings (measured in this run)", ""] + [f"- {ln}" for ln in head if ln.startswith("ceiling")]
-    lines += ["", "## Headline", "", "```", headline_text(results), "```", "", "## Cases", ""]
+        "", "## Ceilings (measured in this run)", "", *[f"- {ln}" for ln in head if ln.startswith("ceiling")],
+        "", "## Headline", "", "```", headline_text(results), "```", "", "## Cases", ""]
+    counting = {c["name"]: c["counting"] for c in results["cases"]}
     for case, recs in _by_case(results).items():
-        counting = next((c["counting"] for c in results["cases"] if c["name"] == case), "")
-        lines += [f"### `{case}`", "", f"Counting: {counting}.", "", "```", *case_block(results, case, recs), "```"]
-        lines += [f"![{case}]({plots[case]})", ""] if case in plots else [""]
-    lines += ["## Not measured", ""] * bool(results["not_measured"]) + [
-        f"- `{n['case']}` {'' if n['contender'] == '*' else n['contender']}: {n['reason']}" for n in results["not_measured"]]
-    return "\n".join(lines + ["", "## Contenders", ""] + [f"- **{c['name']}** ({c['device']}): {c['description']}; "
-                                                         f"{'ran' if c['available'] else 'not run: ' + c['reason']}"
-                                                         for c in results["contenders"]]) + "\n"
+        lines += [f"### `{case}`", "", f"Counting: {counting.get(case, '')}.", "", "```",
+                  *case_block(results, case, recs), "```", *([f"![{case}]({plots[case]})"] if case in plots else []), ""]
+    if results["not_measured"]:
+        lines += ["## Not measured", "", *[f"- {n}" for n in _not_measured(results)], ""]
+    return "\n".join(lines + ["## Contenders", ""] + [
+        f"- **{c['name']}** ({c['device']}): {c['description']}; {'ran' if c['available'] else 'not run: ' + c['reason']}"
+        for c in results["contenders"]]) + "\n"
 
 
 def plot_case(results: dict[str, Any], case: str, path: Path) -> Path | None:
@@ -201,12 +193,23 @@ def plot_case(results: dict[str, Any], case: str, path: Path) -> Path | None:
     ax.set(xlabel=recs[0]["plot"][2], ylabel=unit)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="best", ncols=2 if len(lines) > 6 else 1)
-    title = next((c["title"] for c in results["cases"] if c["name"] == case), "")
     env = results["environment"]
-    fig.suptitle(f"{case}: {title}\n{where(results)}, {env['date'][:10]}, commit {env['git']['commit'][:8]}",
+    fig.suptitle(f"{case}: {recs[0]['title']}\n{where(results)}, {env['date'][:10]}, commit {env['git']['commit'][:8]}",
                  fontsize=9)
     fig.savefig(path, dpi=110)
     return path
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-ready: NumPy scalars to Python, non-finite floats to strings, tuples to lists."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    obj = obj.item() if hasattr(obj, "item") and not isinstance(obj, (str, bytes)) else obj
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj if isinstance(obj, (str, int, float, bool)) or obj is None else str(obj)
 
 
 def write_all(results: dict[str, Any], folder: Path, plots: bool = True) -> dict[str, Path]:
@@ -214,10 +217,9 @@ def write_all(results: dict[str, Any], folder: Path, plots: bool = True) -> dict
     folder.mkdir(parents=True, exist_ok=True)
     if plots and importlib.util.find_spec("matplotlib") is None:
         results["plots_skipped"], plots = "matplotlib is not installed (pip install 'gpubp[bench]')", False
-    written = {f"plot:{case}": plot_case(results, case, folder / f"{slug(case)}.png")
-               for case in (_by_case(results) if plots else ())}
-    written = {k: p for k, p in written.items() if p is not None}
-    results["plots"] = {k[5:]: p.name for k, p in written.items()}
+    pngs = {case: plot_case(results, case, folder / f"{slug(case)}.png") for case in (_by_case(results) if plots else ())}
+    results["plots"] = {case: p.name for case, p in pngs.items() if p is not None}
+    written = {f"plot:{case}": folder / name for case, name in results["plots"].items()}
     written["json"], written["markdown"] = folder / "results.json", folder / "summary.md"
     written["json"].write_text(json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
     written["markdown"].write_text(markdown(results, results["plots"]))

@@ -1,5 +1,5 @@
-"""The runner: for every (case, size, contender) the budget and memory checks, the correctness gate, then
-the timing; ceilings and environment of the same run; ratios and the headline.
+"""The runner: for every (case, size, contender) the budget check, the correctness gate, then the timing;
+ceilings and environment of the same run; ratios and the headline.
 
 Correctness before timing: each contender's first result is compared with the float64 NumPy reference
 (accuracy.gate_tolerance); a wrong or non-finite one is recorded as refused and never timed.
@@ -7,19 +7,19 @@ Correctness before timing: each contender's first result is compared with the fl
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from gpubp.accuracy import GATE, gate_tolerance, unit_roundoff
 from gpubp.bench import env
 from gpubp.bench.contenders import Contender, short
-from gpubp.bench.timing import SETTINGS, Settings, Stats, ceilings, rotation
+from gpubp.bench.timing import SETTINGS, Settings, ceilings, rotation
 
 SCHEMA = 2
 METHOD = {"cpu": "time.perf_counter around each call; inputs rotate over up to 4 copies (64 MiB)",
@@ -36,7 +36,7 @@ class Options:
     seed: int = 0
     cpu_budget: float | None = None  # CPU contenders skip sizes estimated slower than this per step
     gate_flops: float = 2e10  # reference cost above which the gate checks a reduced batch
-    warmup: int | None = None
+    warmup: int | None = None  # timing overrides (None: the tier's Settings)
     warmup_time: float | None = None
     min_repeats: int | None = None
     min_time: float | None = None
@@ -44,8 +44,9 @@ class Options:
 
     def settings(self, device: str) -> Settings:
         s = SETTINGS[(self.tier, device)]
-        return s.replace(warmup=self.warmup, warmup_time=self.warmup_time, min_repeats=self.min_repeats,
-                         min_time=self.min_time, max_repeats=max(s.max_repeats, self.min_repeats or 0))
+        kw = {k: getattr(self, k) for k in ("warmup", "warmup_time", "min_repeats", "min_time")}
+        return dataclasses.replace(s, **{k: v for k, v in kw.items() if v is not None},
+                                   max_repeats=max(s.max_repeats, self.min_repeats or 0))
 
     def budget(self) -> float:
         return self.cpu_budget if self.cpu_budget is not None else {"smoke": 0.5, "quick": 0.25, "full": 5.0}[self.tier]
@@ -58,14 +59,7 @@ class Runner:
         self.not_measured: list[dict[str, str]] = []
         self.ceilings: dict[str, Any] = {}
         self.tasks: list[tuple] | None = None
-        self._cache: dict[Any, Any] = {}  # the latest inputs and references: tasks reuse them in order
-
-    def _cached(self, key: Any, make: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            while len(self._cache) >= 4:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = make()
-        return self._cache[key]
+        self._data: tuple[Any, dict, dict] = (None, {}, {})  # (case, size), inputs, references by (gate size, u)
 
     def prepare(self) -> dict[str, Any]:
         """Which contenders can run, on which grid, and the tasks, sizes in step across a group's cases."""
@@ -100,6 +94,16 @@ class Runner:
         self.records.append(rec)
         return rec
 
+    def _expected(self, case: Any, size: dict, gsize: dict, u: float) -> tuple[dict, dict]:
+        """The inputs of (case, size) and the reference at the gate size: kept while the contenders of one
+        (case, size) run one after the other."""
+        if self._data[0] != (case.name, case.label(size)):
+            self._data = ((case.name, case.label(size)), case.inputs(size, self.opt.seed), {})
+        _, inputs, refs = self._data
+        if (case.label(gsize), u) not in refs:
+            refs[case.label(gsize), u] = case.reference(case.restrict(inputs, gsize), u)
+        return inputs, refs[case.label(gsize), u]
+
     def run_one(self, case: Any, size: dict[str, int], c: Contender) -> dict[str, Any]:
         if c.broken:
             return self._record(case, size, c, "error", f"not run: {c.broken}")
@@ -108,12 +112,9 @@ class Runner:
             return self._record(case, size, c, "skipped", f"estimated {est:.2g} s per step on the CPU, over the "
                                 f"CPU budget of {self.opt.budget():g} s (--cpu-budget)")
         tf32 = self.opt.tf32 and c.device == "cuda"
-        tol, u, gsize = gate_tolerance(self.opt.dtype, tf32), unit_roundoff(self.opt.dtype, tf32), case.gate_size(
-            size, self.opt.gate_flops)
+        tol, gsize = gate_tolerance(self.opt.dtype, tf32), case.gate_size(size, self.opt.gate_flops)
         try:
-            inputs = self._cached((case.name, case.label(size)), lambda: case.inputs(size, self.opt.seed))
-            expected = self._cached((case.name, case.label(size), case.label(gsize), u),
-                                    lambda: case.reference(case.restrict(inputs, gsize), u))
+            inputs, expected = self._expected(case, size, gsize, unit_roundoff(self.opt.dtype, tf32))
             nbytes = sum(inputs[k].nbytes for k in case.batched)
             copies = rotation(c.device, nbytes, self.ceilings.get("cuda", {}).get("l2_bytes")) if nbytes else 1
             prepared = c.setup(case, gsize, case.restrict(inputs, gsize), copies if gsize == size else 1)
@@ -134,18 +135,14 @@ class Runner:
         finally:
             prepared = None
             c.release()
-        return self._record(case, size, c, "ok", gate=asdict(gate), stats=stats.to_dict(), copies=copies,
-                            **self._figures(case, size, stats, c.device), **extra)
-
-    def _figures(self, case: Any, size: dict[str, int], stats: Stats, device: str) -> dict[str, Any]:
-        """Throughput; fractions of the measured ceilings; the floor max(FLOPs / peak, bytes / bandwidth)."""
-        ceil, w, t = self.ceilings.get(device, {}), case.work(size), stats.median
+        # throughput, fractions of the measured ceilings, the floor max(FLOPs / peak, bytes / bandwidth)
+        ceil, w, t = self.ceilings.get(c.device, {}), case.work(size), stats["median_s"]
         peak, bw = ceil.get("flops"), ceil.get("bandwidth_Bps")
         floors = ([w.flops / peak] if w.flops and peak else []) + ([w.bytes / bw] if w.bytes and bw else [])
-        return {"work": asdict(w), "throughput": case.throughput(size, t),
-                "fraction": {"of_peak_flops": w.flops / t / peak if w.flops and peak else None,
-                             "of_bandwidth": w.bytes / t / bw if w.bytes and bw else None},
-                "floor_s": max(floors) if floors else None}
+        return self._record(case, size, c, "ok", gate=asdict(gate), stats=stats, copies=copies,
+                            work=w._asdict(), throughput=case.throughput(size, t), floor_s=max(floors, default=None),
+                            fraction={"of_peak_flops": w.flops / t / peak if w.flops and peak else None,
+                                      "of_bandwidth": w.bytes / t / bw if w.bytes and bw else None}, **extra)
 
     def run(self) -> dict[str, Any]:
         """Ceilings, then every task: the results dict that report reads."""
@@ -169,22 +166,19 @@ class Runner:
                 if rec["status"] in ("refused", "error"):
                     bar.write(f"{rec['status']}: {case.name} {rec['size_label']} {c.name}: {rec['reason']}")
                 bar.update(1)
-        primary = primary_contender(self.contenders)
+        self._data = (None, {}, {})
+        names = [c.name for c in self.contenders if c.usable]  # the primary: gpubp on the GPU, else its NumPy path
+        primary = next((n for n in ("gpubp", "numpy") if n in names), names[0] if names else "")
         add_ratios(self.records, primary)
         return {"schema": SCHEMA, "tier": self.opt.tier, "target": self.target, "dtype": self.opt.dtype,
                 "primary": primary, "options": asdict(self.opt),
                 "timing": {"cpu": asdict(self.opt.settings("cpu")), "cuda": asdict(self.opt.settings("cuda")),
                            "method": METHOD, "tolerances": dict(GATE), "gate_flops": self.opt.gate_flops},
                 "contenders": self.available, "environment": env.capture(self.opt.tf32),
-                "cases": [case.describe() for case in self.cases], "ceilings": self.ceilings,
-                "records": self.records, "not_measured": self.not_measured,
+                "cases": [{"name": c.name, "group": c.group, "kind": c.kind, "title": c.title, "unit": c.unit,
+                           "dtype": c.dtype, "counting": c.formula} for c in self.cases],
+                "ceilings": self.ceilings, "records": self.records, "not_measured": self.not_measured,
                 "headline": headline(self.records, primary), "elapsed_s": time.perf_counter() - t0}
-
-
-def primary_contender(contenders: Sequence[Contender]) -> str:
-    """Whose ratios the headline gives: gpubp on the GPU when it runs, else gpubp's NumPy path."""
-    names = [c.name for c in contenders if c.usable]
-    return next((n for n in ("gpubp", "numpy") if n in names), names[0] if names else "")
 
 
 def add_ratios(records: list[dict[str, Any]], primary: str) -> None:
@@ -208,4 +202,4 @@ def headline(records: list[dict[str, Any]], primary: str) -> list[dict[str, Any]
         if r["contender"] != primary and r.get("speedup_of_primary"):
             groups.setdefault((r["case"], r["contender"]), []).append(r["speedup_of_primary"])
     return [{"case": case, "primary": primary, "contender": other, "sizes": len(xs), "min": min(xs), "max": max(xs),
-             "geomean": math.exp(statistics.fmean(math.log(x) for x in xs))} for (case, other), xs in groups.items()]
+             "geomean": statistics.geometric_mean(xs)} for (case, other), xs in groups.items()]

@@ -1,4 +1,5 @@
-"""Timing: statistics of repeats, host timing (perf_counter), GPU timing (cupyx.profiler.benchmark), ceilings.
+"""Timing: statistics of repeats, host timing (perf_counter), GPU timing (cupyx.profiler.benchmark), input
+rotation, ceilings.
 
 Warm-up calls come first and are not counted; the figure is the median of the repeats, kept with min,
 max, mean, count and every sample. A ceiling is a peak, so it is taken from the fastest repeat.
@@ -11,7 +12,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,34 +20,17 @@ import numpy as np
 NOISY = 1.5  # median / min above this marks a figure as noisy
 
 
-@dataclass
-class Stats:
-    median: float
-    min: float
-    max: float
-    mean: float
-    count: int
-    warmup: int = 0
-    samples: list[float] = field(default_factory=list)
-    wall_median: float | None = None  # GPU: host time per call (enqueue); a launch-bound step shows here
-
-    @property
-    def noisy(self) -> bool:
-        """The median is over 1.5x the fastest repeat: something else was competing for the machine."""
-        return self.median > NOISY * self.min
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {f"{k}_s": getattr(self, k) for k in ("median", "min", "max", "mean")}
-        d.update(count=self.count, warmup=self.warmup, samples_s=list(self.samples), noisy=self.noisy)
-        return d | ({"wall_median_s": self.wall_median} if self.wall_median is not None else {})
-
-
-def summarize(samples: Sequence[float], warmup: int = 0, wall: Sequence[float] | None = None) -> Stats:
+def summarize(samples: Sequence[float], warmup: int = 0, wall: Sequence[float] | None = None) -> dict[str, Any]:
+    """median_s, min_s, max_s, mean_s, count, warmup, samples_s, noisy (the median is over 1.5x the fastest
+    repeat: something else was competing for the machine) and, on a GPU, wall_median_s: the host time per
+    call (enqueue), where a launch-bound step shows."""
     xs = [float(s) for s in samples]
     if not xs:
         raise ValueError("samples: expected at least one timing")
-    return Stats(statistics.median(xs), min(xs), max(xs), statistics.fmean(xs), len(xs), warmup, xs,
-                 statistics.median(wall) if wall else None)
+    med = statistics.median(xs)
+    return {"median_s": med, "min_s": min(xs), "max_s": max(xs), "mean_s": statistics.fmean(xs), "count": len(xs),
+            "warmup": warmup, "samples_s": xs, "noisy": med > NOISY * min(xs)} | (
+        {"wall_median_s": statistics.median(wall)} if wall else {})
 
 
 @dataclass(frozen=True)
@@ -61,9 +45,6 @@ class Settings:
     min_time: float
     warmup_time: float = 0.0
 
-    def replace(self, **kw: Any) -> Settings:
-        return Settings(**{**asdict(self), **{k: v for k, v in kw.items() if v is not None}})
-
 
 SETTINGS = {  # (tier, device) -> settings
     ("smoke", "cpu"): Settings(1, 3, 50, 0.01, 0.15), ("smoke", "cuda"): Settings(2, 5, 10, 0.0),
@@ -72,7 +53,7 @@ SETTINGS = {  # (tier, device) -> settings
 }
 
 
-def time_host(step: Callable[[int], Any], s: Settings, clock: Callable[[], float] = time.perf_counter) -> Stats:
+def time_host(step: Callable[[int], Any], s: Settings, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Time ``step(i)``; ``i`` counts every call from 0 (warm-up included) so a step can rotate its inputs."""
     i, begin = 0, clock()
     while i < s.warmup or (clock() - begin < s.warmup_time and i < 100_000):
@@ -88,7 +69,7 @@ def time_host(step: Callable[[int], Any], s: Settings, clock: Callable[[], float
     return summarize(samples, warmup=i - len(samples))
 
 
-def time_gpu(step: Callable[[int], Any], s: Settings, benchmark: Callable[..., Any] | None = None) -> Stats:
+def time_gpu(step: Callable[[int], Any], s: Settings, benchmark: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Time ``step(i)`` with ``cupyx.profiler.benchmark``: CUDA events on the current stream around each
     call (where gpubp, CuPy and PyTorch launch by default), ``s.warmup`` untimed calls first."""
     if benchmark is None:
@@ -141,7 +122,7 @@ def ceilings(device: str, tier: str, dtype: str, tf32: bool = False) -> dict[str
     a, b = (xp.asarray(rng.standard_normal((n, n), dtype=np.float32).astype(dtype)) for _ in range(2))
     c = xp.empty_like(a)
     mm = timer(lambda i: xp.matmul(a, b, out=c), CEILING_SETTINGS[device])
-    return out | {"bandwidth_Bps": 2 * nbytes / copy.min, "flops": 2 * n**3 / mm.min,
+    return out | {"bandwidth_Bps": 2 * nbytes / copy["min_s"], "flops": 2 * n**3 / mm["min_s"],
                   "copy": {"what": f"{what[0]} of {nbytes >> 20} MiB (counted as {2 * nbytes >> 20} MiB moved)",
-                           **copy.to_dict()},
-                  "matmul": {"what": f"{what[1]} {n}x{n}x{n} ({2 * n**3 / 1e9:.3g} GFLOP)", **mm.to_dict()}}
+                           **copy},
+                  "matmul": {"what": f"{what[1]} {n}x{n}x{n} ({2 * n**3 / 1e9:.3g} GFLOP)", **mm}}

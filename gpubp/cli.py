@@ -1,4 +1,4 @@
-"""The ``gpubp`` command: ``info``, ``demo``, ``gradcheck`` and ``bench``."""
+"""The ``gpubp`` command: ``info``, ``demo``, ``gradcheck``, ``bench`` and ``kernels``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     for lib, where in compiler_libraries().items():  # what Numba compiles kernels with
         print(f"{lib:<11} {where}")
+    from gpubp.tools import nvrtc_check
+
+    print(f"NVRTC CuPy  {nvrtc_check.cupy_nvrtc()}")  # compiles kernels/*.cu at run time
+    print(f"NVRTC check {nvrtc_check.describe()}")  # `gpubp kernels check` ($GPUBP_NVRTC picks another)
     n, why = cuda_status()
     if n == 0:
         print(f"GPUs        none: {why}")
@@ -54,7 +58,25 @@ DEMO_LR = 1e-2  # Adam's learning rate in the demo, unless --lr or --lr-find say
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train an MLP on generated spirals and report loss and accuracy per epoch."""
+    """Train an MLP on generated spirals and report loss and accuracy per epoch.
+
+    ``--distributed`` (under mpiexec / srun): data-parallel over the launched processes; rank 0
+    prints, saves and plots, the other ranks train silently.
+    """
+    if not getattr(args, "distributed", False):
+        return _demo(args, None)
+    import contextlib
+
+    import gpubp as gp
+
+    comm = gp.distributed.init()
+    if comm.rank == 0:
+        return _demo(args, comm)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        return _demo(args, comm)
+
+
+def _demo(args: argparse.Namespace, comm) -> int:
     import gpubp as gp
     from gpubp.device import auto_device_reason, parse_device
     from gpubp.io import check_save_path
@@ -76,7 +98,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 2
     why = f" (auto: {auto_device_reason()})" if args.device == "auto" else ""
     device = parse_device(args.device)
+    if comm is not None and device.kind == "cuda":  # one GPU per process
+        device = parse_device(f"cuda:{getattr(comm, 'device_index', comm.local_rank)}")
     print(f"device: {device}{why}")
+    if comm is not None:
+        print(f"distributed: {comm.size} processes ({comm.backend}); the batch of {args.batch_size} is split across them")
     x, y = gp.datasets.spirals(args.samples, args.classes, seed=args.seed)
     xt, yt, xv, yv = gp.datasets.split(x, y, 0.2)
     model = gp.Sequential(
@@ -104,16 +130,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _write_figure(gp.plot.lr_find(found), args.plot, "lr_find.png")
     sched = gp.schedules.CosineAnnealingLR(opt, T_max=args.epochs)
     fit = dict(loss="cross_entropy", optimizer=opt, epochs=args.epochs, batch_size=args.batch_size,
-               validation_data=(xv, yv), scheduler=sched, verbose=0 if args.quiet else 1)
+               validation_data=(xv, yv), scheduler=sched, verbose=0 if args.quiet else 1, comm=comm)
     t0 = time.perf_counter()
     hist = model.fit(xt, yt, gradient_stats=bool(args.plot), **fit)  # the statistics feed gradient_flow.png
     took = time.perf_counter() - t0
     print(f"done in {took:.1f}s on {device}: loss {hist['loss'][0]:.4f} -> {hist['loss'][-1]:.4f}, "
           f"validation accuracy {hist['val_accuracy'][-1]:.3f}")
-    if args.save:
+    if args.save and (comm is None or comm.rank == 0):
         gp.save(args.save, model, opt, sched)
         print(f"saved checkpoint to {args.save}")
-    if args.plot:
+    if args.plot and (comm is None or comm.rank == 0):
         _write_figure(gp.plot.history(hist), args.plot, "history.png")
         if hist.get("gradient_stats"):
             _write_figure(gp.plot.gradient_flow(hist), args.plot, "gradient_flow.png")
@@ -309,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot", default=None, metavar="DIR",
                    help="write history.png and gradient_flow.png (and lr_find.png) into DIR (needs matplotlib)")
     d.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    d.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes mpiexec or srun started (gpubp[mpi]); rank 0 reports")
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("gradcheck", help="check every gradient against finite differences")
@@ -325,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gpubp.bench import cli as bench_cli  # argparse set-up only: the harness loads on use
 
     bench_cli.add_parser(sub)
+    from gpubp.tools import kernels_command  # argparse set-up only: NVRTC and CuPy load on use
+
+    kernels_command.add_parser(sub)
     return p
 
 

@@ -174,7 +174,7 @@ def hang(comm, out, arg):
 def nan_one_rank(comm, out, arg):
     x, _ = data(24, "cross_entropy")
     if comm.rank == 1:
-        x[8 + 6, :] = 1e300  # batch 2 (no shuffle), row 6 of 8: rank 1's share on 2 and 3 ranks
+        x[12, :] = 1e308  # batch 2 (no shuffle), row 4 of 8: rank 1's share on 2 ranks (rows 4-7) and 3 (2-4)
     _fit_small(comm, x=x, shuffle=False, check_finite=arg == "check_finite")
     return {}
 
@@ -227,8 +227,42 @@ def checkpoint(comm, out, arg):
     return {"params": model.arena.data.tobytes().hex(), "epoch": model.epoch}
 
 
+def device_api(comm, out, arg):
+    """Collectives on device arrays (NCCL): sum, mean, broadcast; the results back on the host."""
+    import cupy
+
+    r, p = comm.rank, comm.size
+    res = {"backend": comm.backend}
+    a = cupy.arange(5, dtype=cupy.float64) + r
+    res["sum"] = cupy.asnumpy(comm.allreduce_(a.copy(), op="sum")).tolist()
+    res["mean"] = cupy.asnumpy(comm.allreduce_(a.copy(), op="mean")).tolist()
+    res["bcast"] = cupy.asnumpy(comm.broadcast_(cupy.full(3, float(r), dtype=cupy.float32), root=p - 1)).tolist()
+    return res
+
+
+def device_equivalence(comm, out, arg):
+    """A few cases on this rank's GPU; the test compares them with one process on a GPU."""
+    global model_for
+    plain = model_for
+
+    def on_gpu(opts, width=7, seed=0):
+        m = plain(opts, width, seed)
+        return m.to(f"cuda:{getattr(comm, 'device_index', comm.local_rank)}")
+
+    model_for = on_gpu
+    try:
+        for name in DEVICE_CASES:
+            steps, hist = run_case(name, comm)
+            np.savez(os.path.join(out, f"{name}-rank{comm.rank}.npz"), steps=steps, loss=np.array(hist["loss"]))
+    finally:
+        model_for = plain
+    return {}
+
+
+DEVICE_CASES = ("sgd_nesterov", "dropout", "last_batch_of_one", "float32")
+
 SCENARIOS = {f.__name__: f for f in (equivalence, api, bad_data, raise_midway, hang, nan_one_rank, mismatch,
-                                     seeds_differ, callbacks, checkpoint)}
+                                     seeds_differ, callbacks, checkpoint, device_api, device_equivalence)}
 
 
 def main() -> int:

@@ -1,0 +1,351 @@
+"""Data-parallel training (gpubp.distributed): the communicators, fit(comm=) against one process,
+and what a bad run gets. Multi-process cases start ``mpiexec -n 2`` / ``-n 3`` themselves, with a
+timeout, running tests/_distributed_worker.py; they skip where mpiexec or mpi4py is missing. NCCL
+cases skip without a GPU and NCCL."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpubp as gp
+from gpubp.accuracy import MODEL
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "_distributed_worker.py"
+LAUNCH_TIMEOUT = 120  # seconds for a whole mpiexec run: a hang fails the test instead of CI
+
+
+def _load_worker():
+    spec = importlib.util.spec_from_file_location("_distributed_worker", WORKER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+worker = _load_worker()
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"  # the mpich wheel installs it next to python
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def _skip_without_mpi() -> str:
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed (pip install 'gpubp[mpi]')")
+    exe = _mpiexec()
+    if exe is None:
+        pytest.skip("mpiexec not found (pip install mpich, or a system MPI)")
+    return exe
+
+
+def launch(n: int, scenario: str, out: Path, arg: str = "", backend: str = "auto",
+           timeout: float = LAUNCH_TIMEOUT) -> list[dict]:
+    """Run the worker on ``n`` processes; return each rank's report (rank order)."""
+    exe = _skip_without_mpi()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               GPUBP_TEST_BACKEND=backend, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [exe, "-n", str(n), sys.executable, str(WORKER), scenario, str(out)] + ([arg] if arg else [])
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (a hang):\n{e.stdout}\n{e.stderr}")
+    reports = []
+    for r in range(n):
+        path = out / f"{scenario}-rank{r}.json"
+        assert path.exists(), f"rank {r} wrote no report (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        reports.append(json.loads(path.read_text()))
+    return reports
+
+
+def _ok(reports: list[dict]) -> None:
+    for rep in reports:
+        assert rep["status"] == "ok", f"rank {rep['rank']}: {rep.get('type')}: {rep.get('message')}\n{rep.get('traceback')}"
+
+
+# --- in one process -----------------------------------------------------------------------------
+
+
+def test_single_process_communicator_collectives_are_identities():
+    comm = gp.distributed.SingleProcess()
+    assert (comm.rank, comm.size, comm.local_rank, comm.backend) == (0, 1, 0, "single")
+    a = np.arange(4.0)
+    assert comm.allreduce_(a, op="mean") is a and a.tolist() == [0, 1, 2, 3]
+    assert comm.broadcast_(a, root=0) is a
+    comm.barrier()
+    assert comm.allgather("x") == ["x"] and comm.bcast(3) == 3
+
+
+@pytest.mark.parametrize("call, kind, names", [
+    (lambda c: c.allreduce_(np.zeros(2), op="avg"), ValueError, "op"),
+    (lambda c: c.allreduce_([1.0, 2.0]), TypeError, "array"),
+    (lambda c: c.allreduce_(np.zeros(2, dtype=np.int8)), TypeError, "array"),
+    (lambda c: c.allreduce_(np.zeros(2, dtype=np.int64), op="mean"), TypeError, "array"),
+    (lambda c: c.allreduce_(np.zeros((3, 3))[:, 0]), ValueError, "array"),
+    (lambda c: c.broadcast_(np.zeros(2), root=1), ValueError, "root"),
+    (lambda c: c.bcast(1, root=-1), ValueError, "root"),
+])
+def test_collective_arguments_are_checked(call, kind, names):
+    with pytest.raises(kind, match=f"^{names}:"):
+        call(gp.distributed.SingleProcess())
+
+
+def test_init_arguments_are_checked():
+    with pytest.raises(ValueError, match="^backend: expected one of 'auto', 'mpi', 'nccl', got 'gloo'"):
+        gp.distributed.init("gloo")
+    for bad in (0, -1.0, "10", True):
+        with pytest.raises(ValueError, match="^timeout:"):
+            gp.distributed.init(timeout=bad)
+
+
+def test_without_mpi4py_a_lone_process_gets_the_single_process_communicator(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    for key in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert isinstance(gp.distributed.init(), gp.distributed.SingleProcess)
+    assert isinstance(gp.distributed.init("mpi"), gp.distributed.SingleProcess)
+    with pytest.raises(RuntimeError, match="NCCL id travels over MPI"):
+        gp.distributed.init("nccl")
+    monkeypatch.setenv("PMI_SIZE", "4")  # started by a launcher with three others: refuse to train alone
+    with pytest.raises(RuntimeError, match="one of 4 started together.*gpubp\\[mpi\\]"):
+        gp.distributed.init()
+
+
+def test_init_under_plain_python_is_a_world_of_one():
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed")
+    code = ("import gpubp as gp; c = gp.distributed.init(); m = gp.distributed.init('mpi'); "
+            "print(c.backend, c.rank, c.size, m.backend, m.size)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "PMI_RANK", "PMI_FD", "SLURM_NTASKS")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["single", "0", "1", "mpi", "1"]
+
+
+def test_fit_with_a_world_of_one_is_fit_without_comm():
+    a, hist_a = worker.run_case("dropout")
+    b, hist_b = worker.run_case("dropout", comm=gp.distributed.SingleProcess())
+    assert np.array_equal(a, b) and hist_a["loss"] == hist_b["loss"]
+
+
+def test_fit_refuses_a_comm_that_is_not_a_communicator():
+    model = gp.Sequential(gp.Dense(2, 2), seed=0)
+    with pytest.raises(TypeError, match="^comm: expected a communicator"):
+        model.fit(np.zeros((4, 2)), np.zeros((4, 2)), "mse", "sgd", verbose=0, comm="world")
+
+
+def test_fixed_split_covers_the_batch_once():
+    from gpubp.distributed.data_parallel import DataParallel
+
+    for size in (1, 2, 3, 5):
+        for nb in (1, 2, 7, 8):
+            parts = []
+            for rank in range(size):
+                dp = DataParallel.__new__(DataParallel)
+                dp.rank, dp.size = rank, size
+                rows, row0, got = dp.split(np.arange(10, 10 + nb), 100)
+                assert got == nb and (len(rows) == 0 or rows[0] == 10 + row0)
+                sl, row0_s, _ = dp.split(slice(10, 10 + nb), 100)
+                assert list(range(100)[sl]) == list(rows) and row0_s == row0
+                parts.extend(rows)
+            assert parts == list(range(10, 10 + nb))
+
+
+# --- several processes: the same training as one process ----------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_collectives_across_ranks(n, tmp_path):
+    reports = launch(n, "api", tmp_path)
+    _ok(reports)
+    ranks = np.arange(n)
+    for rep in reports:
+        assert rep["size"] == n and rep["backend"] == "mpi"
+        want = np.arange(5.0)[None, :] + ranks[:, None]
+        assert rep["sum"] == want.sum(0).tolist() and rep["mean"] == (want.sum(0) / n).tolist()
+        assert rep["max"] == want.max(0).tolist() and rep["min"] == want.min(0).tolist()
+        assert rep["sum_int"] == [int(ranks.sum()), n]
+        assert rep["sum_2d"] == np.full((2, 3), ranks.sum() + n).tolist()
+        assert rep["bcast_from_last"] == [n - 1.0] * 3
+        assert rep["allgather"] == [f"hello from {r}" for r in range(n)] and rep["bcast"] == {"from": 0}
+        assert rep["bad"][0].startswith("ValueError: op:") and rep["bad"][1].startswith("TypeError: array:")
+        assert rep["bad"][2].startswith("ValueError: root:") and rep["bad"][3].startswith("TypeError: array:")
+    assert len({rep["rounding"] for rep in reports}) == 1  # the same bits on every rank
+    assert sorted(rep["local_rank"] for rep in reports) == list(range(n))  # one machine
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_training_on_n_processes_equals_one_process(n, tmp_path):
+    """Every optimizer, clipping, dropout, uneven and one-row last batches, sum reduction,
+    validation and a schedule: parameters after every step equal one process's to float64
+    rounding (float32: the model tolerance), and are the same bits on every rank."""
+    _ok(launch(n, "equivalence", tmp_path))
+    for name in worker.CASES:
+        ref, hist = worker.run_case(name)
+        runs = [np.load(tmp_path / f"{name}-rank{r}.npz") for r in range(n)]
+        for r in range(1, n):
+            assert np.array_equal(runs[r]["steps"], runs[0]["steps"]), f"{name}: rank {r} differs from rank 0"
+            assert np.array_equal(runs[r]["loss"], runs[0]["loss"]), f"{name}: rank {r}'s history differs"
+        got = runs[0]["steps"]
+        assert got.shape == ref.shape, name
+        if ref.dtype == np.float64:
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15, err_msg=name)
+            np.testing.assert_allclose(runs[0]["loss"], hist["loss"], rtol=1e-12, err_msg=name)
+            if "val_loss" in hist:
+                np.testing.assert_allclose(runs[0]["val_loss"], hist["val_loss"], rtol=1e-12, err_msg=name)
+            if "accuracy" in hist:
+                assert runs[0]["accuracy"].tolist() == hist["accuracy"], name
+        else:
+            np.testing.assert_allclose(got, ref, **MODEL["float32"].kw(), err_msg=name)
+
+
+def test_rank_zero_parameters_are_broadcast_at_the_start(tmp_path):
+    reports = launch(3, "seeds_differ", tmp_path)
+    _ok(reports)
+    assert len({rep["params"] for rep in reports}) == 1
+
+
+def test_checkpoint_saved_on_two_processes_resumes_on_three(tmp_path):
+    """2 epochs on 2 processes, saved by rank 0; 2 more on 3 processes: as 4 epochs in one process."""
+    first = launch(2, "checkpoint", tmp_path, "start")
+    _ok(first)
+    second = launch(3, "checkpoint", tmp_path, "resume")
+    _ok(second)
+    assert len({rep["params"] for rep in second}) == 1 and second[0]["epoch"] == 4
+    loss, make_opt, _, opts = worker.CASES["dropout"]
+    model = worker.model_for(opts)
+    x, y = worker.data(23, loss)
+    model.fit(x, y, loss, make_opt(model.parameters()), epochs=4, batch_size=worker.BATCH, verbose=0)
+    got = np.frombuffer(bytes.fromhex(second[0]["params"]), dtype=np.float64)
+    np.testing.assert_allclose(got, model.arena.data, rtol=1e-12, atol=1e-15)
+
+
+def test_callbacks_write_on_rank_zero_and_stop_together(tmp_path):
+    reports = launch(2, "callbacks", tmp_path)
+    _ok(reports)
+    assert {rep["stopped"] for rep in reports} == {"early_stopping"}
+    assert reports[0]["loss"] == reports[1]["loss"] and reports[0]["epochs"] == 2
+    files = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".json"))
+    assert files == ["ckpt-from-rank0-1.safetensors", "ckpt-from-rank0-2.safetensors", "log-from-rank0.csv"]
+
+
+# --- several processes: what a bad run gets -------------------------------------------------------
+
+
+def _stopped_by(reports: list[dict], bad_rank: int, kind: str, text: str) -> None:
+    for rep in reports:
+        assert rep["status"] == "error", rep
+        if rep["rank"] == bad_rank:
+            assert rep["type"] == kind and text in rep["message"], rep
+        else:
+            assert rep["type"] == "DistributedError" and rep["error_rank"] == bad_rank, rep
+            assert f"rank {bad_rank} stopped with {kind}: " in rep["message"] and text in rep["message"], rep
+        assert rep["seconds"] < 30, rep  # bounded: nobody waited for a timeout
+
+
+def test_bad_data_on_one_rank_stops_every_rank_naming_it(tmp_path):
+    _stopped_by(launch(3, "bad_data", tmp_path), 1, "ValueError", "x: contains NaN or Inf")
+
+
+def test_an_exception_on_one_rank_midway_stops_every_rank_naming_it(tmp_path):
+    _stopped_by(launch(3, "raise_midway", tmp_path), 1, "RuntimeError", "injected fault in a callback")
+
+
+def test_a_rank_that_hangs_is_reported_after_the_timeout(tmp_path):
+    reports = launch(3, "hang", tmp_path, "2")
+    for rep in reports:
+        assert rep["status"] == "error" and rep["type"] == "DistributedError", rep
+        assert "did not complete within 2 s" in rep["message"], rep
+    assert min(rep["seconds"] for rep in reports if rep["rank"] != 1) < 15
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_nan_on_one_rank_stops_every_rank_naming_it(n, tmp_path):
+    """Rows only rank 1 holds overflow: the reduced gradients are non-finite on every rank, all
+    raise NonFiniteError together, and its message names the rank whose replay found it."""
+    reports = launch(n, "nan_one_rank", tmp_path)
+    for rep in reports:
+        assert rep["status"] == "error" and rep["type"] == "NonFiniteError", rep
+        assert "at epoch 1, step 2: on rank 1: the output of layer 0" in rep["message"], rep
+        assert "on rank 0" not in rep["message"], rep
+    assert len({rep["message"] for rep in reports}) == 1
+
+
+def test_nan_on_one_rank_with_check_finite_stops_every_rank_naming_it(tmp_path):
+    _stopped_by(launch(3, "nan_one_rank", tmp_path, "check_finite"), 1, "NonFiniteError", "layer 0")
+
+
+@pytest.mark.parametrize("n, what, text", [
+    (3, "architecture", "rank 2 disagrees with rank 0 on the model architecture"),
+    (2, "length", "rank 1 disagrees with rank 0 on the number of training samples: 23 != 24"),
+])
+def test_ranks_that_disagree_are_refused_at_the_start(n, what, text, tmp_path):
+    for rep in launch(n, "mismatch", tmp_path, what):
+        assert rep["status"] == "error" and rep["type"] == "ValueError" and text in rep["message"], rep
+
+
+def test_demo_distributed_trains_on_two_processes(tmp_path):
+    exe = _skip_without_mpi()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [exe, "-n", "2", sys.executable, "-m", "gpubp", "demo", "--distributed", "--device", "cpu",
+           "--epochs", "2", "--samples", "400", "--width", "16", "--save", str(tmp_path / "demo.safetensors")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    assert "distributed: 2 processes (mpi)" in out.stdout and out.stdout.count("done in") == 1
+    assert (tmp_path / "demo.safetensors").exists()
+
+
+# --- NCCL (a GPU and the NCCL library) --------------------------------------------------------------
+
+
+def _skip_without_nccl() -> None:
+    why = gp.distributed.nccl_unavailable_reason()
+    if why is not None:
+        pytest.skip(f"NCCL path: {why}")
+
+
+def _gpus() -> int:
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
+def test_nccl_collectives_on_device_arrays(tmp_path):
+    _skip_without_nccl()
+    n = min(2, _gpus())  # one rank per GPU; a world of one still runs the NCCL path
+    reports = launch(n, "device_api", tmp_path, backend="nccl")
+    _ok(reports)
+    for rep in reports:
+        want = np.arange(5.0)[None, :] + np.arange(n)[:, None]
+        assert rep["backend"] == "nccl" and rep["sum"] == want.sum(0).tolist()
+        np.testing.assert_allclose(rep["mean"], want.sum(0) / n, rtol=1e-15)
+        assert rep["bcast"] == [n - 1.0] * 3
+
+
+def test_nccl_training_equals_one_process_on_a_gpu(tmp_path):
+    _skip_without_nccl()
+    n = min(2, _gpus())
+    _ok(launch(n, "device_equivalence", tmp_path, backend="nccl"))
+    plain = worker.model_for
+    try:
+        worker.model_for = lambda opts, width=7, seed=0: plain(opts, width, seed).to("cuda:0")
+        for name in worker.DEVICE_CASES:
+            ref, _ = worker.run_case(name)
+            runs = [np.load(tmp_path / f"{name}-rank{r}.npz") for r in range(n)]
+            for r in range(1, n):
+                assert np.array_equal(runs[r]["steps"], runs[0]["steps"]), f"{name}: rank {r} differs"
+            tol = {"rtol": 1e-12, "atol": 1e-14} if ref.dtype == np.float64 else MODEL["float32"].kw()
+            np.testing.assert_allclose(runs[0]["steps"], ref, err_msg=name, **tol)
+    finally:
+        worker.model_for = plain

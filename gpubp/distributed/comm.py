@@ -27,6 +27,7 @@ import numpy as np
 OPS = ("mean", "sum", "max", "min")
 _ABORT_TAG = 0x6770  # point-to-point tag of "this rank stopped" messages (on gpubp's own context)
 _DTYPES = ("float32", "float64", "int32", "int64")
+SPIN_S, SLEEP_S = 2e-3, 1e-4  # a collective's wait: busy for 2 ms, then a poll every 0.1 ms
 
 
 class DistributedError(RuntimeError):
@@ -196,18 +197,23 @@ class MPICommunicator(Communicator):
 
     def _wait(self, request: Any, what: str) -> None:
         """Poll ``request`` until done; raise on a peer's stop message or after ``timeout``."""
+        # MPI progresses only inside Test: spin for SPIN_S (large messages take several rounds),
+        # then poll every SLEEP_S, so that ranks sharing cores leave them to the ranks computing.
         t0 = time.monotonic()
         polls = 0
         while not request.Test():
+            polls += 1
+            if polls % 64:
+                continue
             self._check_peers(what)
-            if self.timeout is not None and time.monotonic() - t0 > self.timeout:
+            waited = time.monotonic() - t0
+            if self.timeout is not None and waited > self.timeout:
                 self.broken = f"{what} timed out"
                 raise DistributedError(
                     f"rank {self.rank}: {what} did not complete within {self.timeout:g} s: another rank is "
                     "stuck or gone (gp.distributed.init(timeout=...) sets the limit)", cause=f"{what} timed out")
-            polls += 1
-            if polls > 50:  # after a short spin, sleep (50 us doubling to 1 ms): ranks may share cores
-                time.sleep(min(1e-3, 5e-5 * 2 ** min(polls - 50, 5)))
+            if waited > SPIN_S:
+                time.sleep(SLEEP_S)
 
     def _check_peers(self, what: str) -> None:
         MPI = self._MPI

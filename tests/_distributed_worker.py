@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -175,8 +176,24 @@ def nan_one_rank(comm, out, arg):
     x, _ = data(24, "cross_entropy")
     if comm.rank == 1:
         x[12, :] = 1e308  # batch 2 (no shuffle), row 4 of 8: rank 1's share on 2 ranks (rows 4-7) and 3 (2-4)
-    _fit_small(comm, x=x, shuffle=False, check_finite=arg == "check_finite")
-    return {}
+    model = gp.Sequential(gp.Dense(5, 7, "relu"), gp.Dense(7, 3), dtype="float64", seed=0,
+                          check_finite=arg == "check_finite")
+    hist = _fit_small(comm, x=x, model=model, shuffle=False, on_nonfinite="skip" if arg == "skip" else "raise")
+    return {"skipped": hist.get("skipped"), "params": model.arena.data.tobytes().hex()}
+
+
+class Interrupt(gp.callbacks.Callback):
+    """Ctrl-C on this rank only, after the first step."""
+
+    def on_batch_end(self, step, logs):
+        if self.run.model.epoch == 0 and step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def interrupt(comm, out, arg):
+    model = gp.Sequential(gp.Dense(5, 7, "relu"), gp.Dense(7, 3), dtype="float64", seed=0)
+    hist = _fit_small(comm, model=model, callbacks=[Interrupt()] if comm.rank == 1 else [], epochs=3)
+    return {"stopped": hist["stopped"], "epoch": model.epoch, "params": model.arena.data.tobytes().hex()}
 
 
 def mismatch(comm, out, arg):
@@ -261,7 +278,7 @@ def device_equivalence(comm, out, arg):
 
 DEVICE_CASES = ("sgd_nesterov", "dropout", "last_batch_of_one", "float32")
 
-SCENARIOS = {f.__name__: f for f in (equivalence, api, bad_data, raise_midway, hang, nan_one_rank, mismatch,
+SCENARIOS = {f.__name__: f for f in (equivalence, api, bad_data, raise_midway, hang, nan_one_rank, interrupt, mismatch,
                                      seeds_differ, callbacks, checkpoint, device_api, device_equivalence)}
 
 

@@ -282,6 +282,20 @@ def test_nan_on_one_rank_stops_every_rank_naming_it(n, tmp_path):
     assert len({rep["message"] for rep in reports}) == 1
 
 
+def test_nan_on_one_rank_with_skip_skips_the_same_steps_everywhere(tmp_path):
+    reports = launch(3, "nan_one_rank", tmp_path, "skip")
+    _ok(reports)
+    assert [rep["skipped"] for rep in reports] == [[1, 1]] * 3
+    assert len({rep["params"] for rep in reports}) == 1
+
+
+def test_ctrl_c_on_one_rank_ends_training_on_every_rank_at_the_same_step(tmp_path):
+    reports = launch(2, "interrupt", tmp_path)
+    _ok(reports)
+    assert {rep["stopped"] for rep in reports} == {"interrupted"} and {rep["epoch"] for rep in reports} == {0}
+    assert len({rep["params"] for rep in reports}) == 1
+
+
 def test_nan_on_one_rank_with_check_finite_stops_every_rank_naming_it(tmp_path):
     _stopped_by(launch(3, "nan_one_rank", tmp_path, "check_finite"), 1, "NonFiniteError", "layer 0")
 

@@ -40,18 +40,18 @@
 //       (splitk_reduce); db by an extra column of blocks.
 //
 // Benchmark
-//   python -m gpubp.kernels bench --shape N,in,out [--act relu] [--version 2] [--repeat 50]
+//   gpubp kernels bench --shape N,in,out [--act relu] [--version 2] [--repeat 50]
 //   checks dx on a sample of rows against a float64 reference first, then times the backward
 //   pass (dW, db, dx) with CUDA events (warm-up, median) beside cuBLAS composed by hand
 //   (x^T @ da, a column sum, da @ W^T; the activation backward left out, so a lower bound of
 //   the unfused path); floor: 4*N*in*out FLOP / 67 TFLOP/s on an H100 SXM.
 //
-// Launch (gpubp/backends/rawkernels.py: queue_backward)
+// Launch (gpubp/backends/cuda_fused.py: queue_backward)
 //   v1: block (32, 8); dx grid (ceil(N / 32), ceil(in / 32)); dW grid (ceil(in / 32),
 //       ceil(out / 32)); 8.4 KB static shared memory.
 //   v2: block 256; dx grid (ceil(N / 128), ceil(in / 128)), 29.5 KB shared memory; dW grid
 //       (ceil(in / 128) + 1, ceil(out / 128), S), the last column of blocks for db, 25.5 KB;
-//       at most 128 registers (two blocks per SM). S = rawkernels.split_plan(N, in, out): 1 when
+//       at most 128 registers (two blocks per SM). S = cuda_fused.split_plan(N, in, out): 1 when
 //       in x out has >= 264 tiles of 128 x 128, else up to 64 chunks of >= 256 batch rows;
 //       then splitk_reduce, block 256, over in*out + out elements.
 #include "activations.cuh"

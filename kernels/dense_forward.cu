@@ -37,13 +37,13 @@
 //       ceil(out / 128) blocks.
 //
 // Benchmark
-//   python -m gpubp.kernels bench --shape N,in,out [--act relu] [--version 2] [--repeat 50]
+//   gpubp kernels bench --shape N,in,out [--act relu] [--version 2] [--repeat 50]
 //   checks a and dx on a sample of rows against a float64 reference first, then times inference
 //   and training forward with CUDA events (warm-up, median of repeats) beside cupy.matmul
 //   (cuBLAS) + bias; the floor printed beside each figure is 2*N*in*out FLOP / 67 TFLOP/s (H100
 //   SXM FP32 on CUDA cores).
 //
-// Launch (gpubp/backends/rawkernels.py: queue_forward)
+// Launch (gpubp/backends/cuda_fused.py: queue_forward)
 //   v1: block (32, 8), grid (ceil(N / 32), ceil(out / 32)), 8.4 KB static shared memory.
 //   v2: block 256, grid (ceil(N / 128), ceil(out / 128)), 20.5 KB static shared memory, at most
 //       128 registers (__launch_bounds__(256, 2): two blocks per SM).
@@ -155,8 +155,31 @@ __global__ void __launch_bounds__(v2::THREADS, 2) dense_forward_v2(const float* 
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[i][4 * g + j] += bias[j];
     }
+    // Staged activation (STAGED: gelu). erff is two polynomials behind a branch; unrolled over 64
+    // accumulators that is 64 branches beside 128 live registers, and ptxas of NVRTC 13.0 spilled
+    // (the loader state of the main loop, 8-24 B). Instead, two rows at a time go to this thread's
+    // own slots of the (now free) operand buffers, f runs over the 16 slots in a loop that is not
+    // unrolled (one erff live at a time), and the stores read a back from the slots. A thread
+    // touches only its own slots, so one barrier (all FMAs done with As / Bs) is enough.
+    constexpr bool STAGED = ACT == ACT_GELU;
+    if constexpr (STAGED) __syncthreads();
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
+        float* slots = ((i & 1) ? Bs : As) + tid;  // slot j (0..7) of row i: slots[j * THREADS]
+        if constexpr (STAGED) {
+            if ((i & 1) == 0) {  // rows i and i + 1: 16 values through the slots
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    As[j * THREADS + tid] = acc[i][j];
+                    Bs[j * THREADS + tid] = acc[i + 1][j];
+                }
+#pragma unroll 1
+                for (int q = 0; q < 16; ++q) {
+                    float* s = ((q & 1) ? Bs : As) + (q >> 1) * THREADS + tid;
+                    *s = act_f<ACT>(*s, p0, p1);
+                }
+            }
+        }
         const int row = n0 + acc_row(i, ty);
         const bool rok = row < N;
         const long long roff = (long long)(rok ? row : 0) * M + c0;  // element (row, c0)
@@ -166,7 +189,11 @@ __global__ void __launch_bounds__(v2::THREADS, 2) dense_forward_v2(const float* 
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 zv[j] = acc[i][4 * g + j];
-                av[j] = act_f<ACT>(zv[j], p0, p1);
+                if constexpr (STAGED) {
+                    av[j] = slots[(4 * g + j) * THREADS];
+                } else {
+                    av[j] = act_f<ACT>(zv[j], p0, p1);
+                }
             }
             if (rok) {
                 if constexpr (VEC) {

@@ -14,9 +14,15 @@
 //   copies of slice t+1 are in flight while the block computes on slice t. One __syncthreads
 //   per slice. The copies are cp.async (sm_80+): global -> shared without passing through
 //   registers, so a thread's 128-register budget (__launch_bounds__(256, 2): 2 blocks, 16 warps
-//   per SM) goes to the 64 accumulators and 16 fragments, with room to spare. (A register-staged
-//   prefetch, 8-12 more live registers, made ptxas spill in the backward kernels, whose dz
-//   operand also needs the temporaries of f': erff, expf.)
+//   per SM) goes to the 64 accumulators and 12 fragments (A's 8 values of slice row k, then
+//   B's 4 columns of one group at a time). (A register-staged prefetch, 8-12 more live
+//   registers, made ptxas spill in the backward kernels, whose dz operand also needs the
+//   temporaries of f': erff, expf; all 16 fragments at once made ptxas of NVRTC 13.0 or 13.5
+//   spill a few loader registers in some dW kernels; loaders keep offsets formed once.)
+//
+//   Registers are checked, not hoped for: `gpubp kernels check` compiles every instantiation
+//   for sm_80 and sm_90 and fails on any spill or stack frame; CI runs it under the oldest and
+//   the newest NVRTC the project supports (13.0 and 13.5).
 //
 //   The accumulation order is fixed: acc = fmaf(a_k, b_k, acc) for k ascending, whatever the
 //   launch; the zero padding of edge tiles adds exact zeros. The same inputs give the same bits.
@@ -109,20 +115,24 @@ __device__ __forceinline__ void copy4(float* dst, const float* p, const float* b
 // --- outer-major operand: (k, c) at p[k*ld + c]. Thread t copies k row t/32, columns (t%32)*4. ----
 template <bool VEC>
 struct LoadOuter {
-    const float* p;
-    float* S;  // the operand's 2 * TILE shared floats
-    int ld, kend, kl, cl, c, ncols;
+    const float* p;     // the matrix (a valid address for the copies that read nothing)
+    const float* pc;    // p + this thread's column: element (k, c) is pc[k * ld]
+    float* dst;         // this thread's 4 floats in buffer 0: S + kl * LDS + cl
+    int ld, kend, kl, ncols;
 
     __device__ __forceinline__ LoadOuter(const float* p_, int ld_, int cols, int kend_, int col0, int tid, float* S_)
-        : p(p_), S(S_), ld(ld_), kend(kend_), kl(tid >> 5), cl((tid & 31) * 4) {
-        c = col0 + cl;
+        : p(p_), ld(ld_), kl(tid >> 5) {
+        const int cl = (tid & 31) * 4;
+        const int c = col0 + cl;
         ncols = cols - c;
-        if (ncols <= 0) c = 0;
+        pc = p_ + (ncols > 0 ? c : 0);
+        dst = S_ + kl * LDS + cl;
+        kend = kend_;
     }
     __device__ __forceinline__ void issue(int k0, int buf) {
         const int k = k0 + kl;
         const bool ok = k < kend;
-        copy4<VEC>(S + buf + kl * LDS + cl, p + ((long long)(ok ? k : 0) * ld + c), p, ok, ncols);
+        copy4<VEC>(dst + buf, pc + (long long)(ok ? k : 0) * ld, p, ok, ncols);
     }
     __device__ __forceinline__ void finish(int) const {}
 };
@@ -131,30 +141,34 @@ struct LoadOuter {
 // staging slot; finish writes them to [k][r]. --------------------------------------------------------
 template <bool VEC>
 struct LoadKMajor {
-    const float* p;
-    float* S;
-    float4* stage;  // this thread's slot
-    int ld, r, kend, rl, kk;
+    const float* p;     // the matrix (a valid address for the copies that read nothing)
+    const float* prow;  // this thread's row at its k offset: element (r, k0 + kk) is prow[k0]
+    float* T;           // where finish writes in buffer 0: S + kk * LDS + rl
+    float4* stage;      // this thread's slot
+    int kleft;          // kend - kk: how many of the row's k from k0 exist is kleft - k0
     bool rok;
 
     __device__ __forceinline__ LoadKMajor(const float* p_, int ld_, int rows, int kend_, int row0, int tid, float* S_,
                                           float4* stage_)
-        : p(p_), S(S_), stage(stage_ + tid), ld(ld_), kend(kend_), rl(tid >> 1), kk((tid & 1) * 4) {
-        r = row0 + rl;
+        : p(p_), stage(stage_ + tid) {
+        const int rl = tid >> 1, kk = (tid & 1) * 4;
+        int r = row0 + rl;
         rok = r < rows;
         if (!rok) r = 0;
+        prow = p_ + ((long long)r * ld_ + kk);
+        T = S_ + kk * LDS + rl;
+        kleft = kend_ - kk;
     }
     __device__ __forceinline__ void issue(int k0, int) {
-        const int k = k0 + kk;
-        copy4<VEC>(reinterpret_cast<float*>(stage), p + ((long long)r * ld + k), p, rok, kend - k);
+        copy4<VEC>(reinterpret_cast<float*>(stage), prow + k0, p, rok, kleft - k0);
     }
     __device__ __forceinline__ void finish(int buf) const {
         const float4 v = *stage;
-        float* T = S + buf + kk * LDS + rl;
-        T[0] = v.x;
-        T[LDS] = v.y;
-        T[2 * LDS] = v.z;
-        T[3 * LDS] = v.w;
+        float* t = T + buf;
+        t[0] = v.x;
+        t[LDS] = v.y;
+        t[2 * LDS] = v.z;
+        t[3 * LDS] = v.w;
     }
 };
 
@@ -176,52 +190,64 @@ struct DzStage {
 
 template <int ACT, int SRC, bool VEC, bool KMAJOR>
 struct LoadDz {
-    const float* da;
+    // The state is kept small (offsets formed once, per-slice work an add): the dW kernel's main
+    // loop holds 64 accumulators, 16-32 fragments and two loaders in 128 registers, and ptxas
+    // of NVRTC 13.0 spilled loader state there when it was kept as (n, o, O, words, tid, ...).
+    const float* da;  // the matrices: valid addresses for the copies that read nothing
     const float* sv;
     const unsigned* mask;
     float* S;
     DzStage* st;
-    int O, words, nend, tid, n, o, shift;
-    bool fixed_ok;
+    long long e0;  // offset of this thread's element at k0 = 0: KMAJOR n * O + kk, else kl * O + o
+    int w0;        // offset of its mask word at k0 = 0: KMAJOR n * words, else kl * words + o / 32
+                   // (32-bit: the launcher refuses masks of 2^31 words or more)
+    int O, words, lim, left, tid, shift;  // slice k0 exists while k0 < lim (lim < 0: never)
     float p0, p1;
 
     // KMAJOR: rows = N, row0 = the block's first batch row; else rows = the end of the block's
     // batch chunk, row0 = the block's first out column.
     __device__ __forceinline__ LoadDz(const float* da_, const float* sv_, const unsigned* mask_, int O_, int rows,
                                       int row0, int tid_, float p0_, float p1_, float* S_, DzStage* st_)
-        : da(da_), sv(sv_), mask(mask_), S(S_), st(st_), O(O_), words((O_ + 31) >> 5), nend(rows), tid(tid_),
-          p0(p0_), p1(p1_) {
+        : da(da_), sv(sv_), mask(mask_), S(S_), st(st_), O(O_), words((O_ + 31) >> 5), tid(tid_), p0(p0_), p1(p1_) {
         if constexpr (KMAJOR) {
-            n = row0 + (tid >> 1);
-            fixed_ok = n < rows;
-            if (!fixed_ok) n = 0;
-            o = 0;
+            const int kk = (tid & 1) * 4;
+            int n = row0 + (tid >> 1);
+            const bool row_ok = n < rows;
+            if (!row_ok) n = 0;
+            e0 = (long long)n * O + kk;
+            w0 = n * words;
+            lim = row_ok ? O - kk : -1;  // then lim - k0 of the slice's 4 columns exist
+            left = 0;
+            shift = 0;
         } else {
-            o = row0 + (tid & 31) * 4;
-            fixed_ok = o < O;
-            if (!fixed_ok) o = 0;
-            n = 0;
+            const int kl = tid >> 5;
+            int o = row0 + (tid & 31) * 4;
+            const bool col_ok = o < O;
+            if (!col_ok) o = 0;
+            e0 = (long long)kl * O + o;
+            w0 = kl * words + (o >> 5);
+            lim = col_ok ? rows - kl : -1;
+            left = O - o;
+            shift = o & 31;
         }
-        shift = o & 31;
     }
     __device__ __forceinline__ void issue(int k0, int) {
-        int nn = n, oo = o;
-        bool ok = fixed_ok;
+        const bool ok = k0 < lim;
+        long long e;
+        int w, n4;
         if constexpr (KMAJOR) {
-            oo = k0 + (tid & 1) * 4;
-            ok = ok && oo < O;
-            if (!ok) oo = 0;
+            e = e0 + k0;
+            w = w0 + ((k0 + (tid & 1) * 4) >> 5);
+            n4 = lim - k0;
+            shift = (k0 + (tid & 1) * 4) & 31;  // read by the finish of this slice (issue t+1 comes after finish t)
         } else {
-            nn = k0 + (tid >> 5);
-            ok = ok && nn < nend;
-            if (!ok) nn = 0;
+            e = e0 + (long long)k0 * O;
+            w = w0 + k0 * words;
+            n4 = left;
         }
-        shift = oo & 31;  // read by the finish of this slice (issue t+1 comes after finish t)
-        const long long e = (long long)nn * O + oo;
-        const int left = O - oo;
-        copy4<VEC>(reinterpret_cast<float*>(&st->d[tid]), da + e, da, ok, left);
-        if constexpr (SRC == SAVED_Z || SRC == SAVED_A) copy4<VEC>(reinterpret_cast<float*>(&st->s[tid]), sv + e, sv, ok, left);
-        if constexpr (SRC == SAVED_MASK) cp_async4(&st->m[tid], ok ? mask + ((long long)nn * words + (oo >> 5)) : mask, ok);
+        copy4<VEC>(reinterpret_cast<float*>(&st->d[tid]), ok ? da + e : da, da, ok, n4);
+        if constexpr (SRC == SAVED_Z || SRC == SAVED_A) copy4<VEC>(reinterpret_cast<float*>(&st->s[tid]), ok ? sv + e : sv, sv, ok, n4);
+        if constexpr (SRC == SAVED_MASK) cp_async4(&st->m[tid], ok ? mask + w : mask, ok);
     }
     __device__ __forceinline__ void finish(int buf) const {
         const float4 d4 = st->d[tid];
@@ -287,14 +313,17 @@ __device__ __forceinline__ void mainloop(LA& la, LB& lb, const float* As, const 
         for (int k = 0; k < BK; ++k) {
             const float4 a0 = *reinterpret_cast<const float4*>(A + k * LDS + ty * 4);
             const float4 a1 = *reinterpret_cast<const float4*>(A + k * LDS + 64 + ty * 4);
-            const float4 b0 = *reinterpret_cast<const float4*>(B + k * LDS + tx * 4);
-            const float4 b1 = *reinterpret_cast<const float4*>(B + k * LDS + 64 + tx * 4);
             const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-            const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+            // one column group of B at a time: 12 fragment registers, not 16
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
+            for (int g = 0; g < 2; ++g) {
+                const float4 b = *reinterpret_cast<const float4*>(B + k * LDS + 64 * g + tx * 4);
+                const float bv[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                for (int i = 0; i < 8; ++i) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[i][4 * g + j] = fmaf(av[i], bv[j], acc[i][4 * g + j]);
+                }
             }
         }
     }

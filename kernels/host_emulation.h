@@ -2,7 +2,7 @@
 //
 // Not part of the GPU build (NVRTC never sees it). A test compiles a C++ file that includes this
 // header, then dense_forward.cu and dense_backward.cu, with g++ -std=c++20 -pthread, and drives
-// the kernels through the same Python launch code as on a GPU (gpubp/backends/rawkernels.py:
+// the kernels through the same Python launch code as on a GPU (gpubp/backends/cuda_fused.py:
 // queue_forward / queue_backward). The emulation:
 //   - runs the blocks of a grid one after another, each thread of a block as a std::thread;
 //   - __syncthreads is a std::barrier over the block; warp shuffles and ballots exchange values

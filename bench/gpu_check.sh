@@ -31,7 +31,7 @@
 #          [gradcheck's 24 cases again on cuda:0 ~15 s, demo ~5 s, the bench's own smoke run with
 #          torch ~20 s; collecting the whole suite for `-m large` ~5 s]
 #   4      kernel compile report for sm_90: `gpubp kernels check`      ~10 s    40 s
-#          (or `python -m gpubp.kernels check` where the subcommand is missing)
+#          (under the NVRTC found there; `gpubp info` in stage 0 names it)
 #          [130 instantiations, 26 s on 2 cores here, NVRTC threads over 16 cores]
 #   5      short benchmark: dense_fwd_bwd:relu and step:mnist_mlp,     ~40 s    75 s
 #          fused vs unfused (cupy.matmul + kernels) vs torch, plots off
@@ -187,13 +187,7 @@ stage3() {
 }
 
 stage4() {
-  local cmd
-  if (cd "$REPO" && "$PY" -m gpubp kernels check --help >/dev/null 2>&1); then
-    cmd=("$PY" -m gpubp kernels)
-  else
-    echo "(no 'gpubp kernels' subcommand here: python -m gpubp.kernels)"
-    cmd=("$PY" -m gpubp.kernels)
-  fi
+  local cmd=("$PY" -m gpubp kernels)
   if reduced; then
     echo "(rehearsal: the instantiations listed, not compiled; CI compiles them all)"
     echo "\$ ${cmd[*]} list"

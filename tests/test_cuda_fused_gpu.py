@@ -9,9 +9,10 @@ Every kernel version and activation, forward and backward, against the NumPy flo
 issue (1x1x1, 17x33x65, 1x4096x4096, 65536x64x64) and on a fresh random shape every run.
 Inputs are fresh random numbers every run; the seed is in every failure message. Every output is
 poisoned before the launch (NaN, or 0xDEADBEEF for mask words), so an element a kernel forgets to
-write fails. Tolerance (cuda_fused.dot_error_bound): a K-long float32 fmaf chain errs by at most
-about K * eps32/2 * sum_k |x_k w_k|; the bound is |err| <= 2 * K * eps32 * sum_k |x_k w_k| (4x
-margin), plus 2e-5 relative for the activation and its derivative in float32.
+write fails. Tolerance (gpubp.accuracy.dot_error_bound, through gpubp.tools.oracles): a K-long
+float32 fmaf chain errs by at most about K * eps32/2 * sum_k |x_k w_k|; the bound is
+|err| <= 2 * K * eps32 * sum_k |x_k w_k| (4x margin), plus 2e-5 relative for the activation and
+its derivative in float32.
 """
 
 from __future__ import annotations

@@ -1,15 +1,19 @@
 """Offline tests of the CUDA C dense kernels (kernels/*.cu): no GPU, no driver, no CuPy needed.
 
-1. NVRTC. ``python -m gpubp.kernels check --json`` runs once, in a subprocess as a user runs it,
-   and compiles every instantiation for sm_80 and sm_90; the tests read its report: every kernel
-   compiled, has registers and shared memory, no spill or stack frame in a hot kernel, every
-   activation id of gpubp.activations.TABLE has its instantiations, exit status 0.
+1. NVRTC. ``python -m gpubp kernels check --json`` runs once per NVRTC, in a subprocess as a user
+   runs it, and compiles every instantiation for sm_80 and sm_90; the tests read its report: every
+   kernel compiled, has registers and shared memory, no spill or stack frame in a hot kernel, every
+   activation id of gpubp.activations.TABLE has its instantiations, exit status 0. It runs under
+   the NVRTC cuda-pathfinder finds (the newest supported, from the cuda13 extra) and under the
+   oldest supported, 13.0, which $GPUBP_NVRTC_OLDEST names (.ci/run installs it with
+   pip install --target); without it those tests skip, saying so. A missing NVRTC is said once.
 2. Sources. Each .cu opens with the header comment sections; ids and tile constants in the C
    headers mirror the Python side; ``import gpubp`` imports neither CuPy nor NVRTC.
 3. Launchers. Argument checks that fail before any device call (dtype, shape, version, split).
 4. Host emulation. The kernels compiled as plain C++ by g++ (kernels/host_emulation.h: each
    CUDA thread a std::thread, barriers for __syncthreads and warp shuffles) and run on the CPU
-   through the launch code the GPU uses (cuda_fused.queue_forward / queue_backward), against
+   through the launch code the GPU uses (cuda_fused.queue_forward / queue_backward; the driver is
+   gpubp.tools.host_emulation, the references and bounds gpubp.tools.oracles), against
    the NumPy float64 reference, outputs poisoned with NaN inside guard regions. This checks
    indexing, edge tiles, the vector / scalar paths, masks, split-K and summation order; not
    what only hardware shows (the device libm's last bits, memory ordering, speed): the GPU
@@ -20,10 +24,9 @@ Inputs are fresh random numbers on every run; the seed is in every failure messa
 
 from __future__ import annotations
 
-import ctypes
 import json
+import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,26 +35,33 @@ import numpy as np
 import pytest
 
 from gpubp import kernel_dir
-from gpubp import kernels as kcli
 from gpubp.activations import TABLE, Activation
 from gpubp.backends import cuda_fused as rk
+from gpubp.cli import main as cli_main
+from gpubp.tools import host_emulation, oracles
+from gpubp.tools import nvrtc_check as nc
 from tests.conftest import GPUS
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
 
 
-def _nvrtc_missing() -> str:
+# The oldest NVRTC the project supports (pyproject.toml: nvidia-cuda-nvrtc>=13.0), as a library or
+# a folder holding one; .ci/run installs nvidia-cuda-nvrtc==13.0.88 with pip --target and sets it.
+OLDEST_ENV = "GPUBP_NVRTC_OLDEST"
+
+
+def _nvrtc_missing(path: str | None = None) -> str:
     try:
-        rk.nvrtc_version()
-    except Exception as e:  # no cuda-bindings, or no NVRTC library
+        nc.nvrtc_version(path)
+    except Exception as e:  # no NVRTC library
         return f"NVRTC unavailable: {e}"
     return ""
 
 
 NVRTC_MISSING = _nvrtc_missing()
 needs_nvrtc = pytest.mark.skipif(bool(NVRTC_MISSING), reason=NVRTC_MISSING or "ok")
-needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found: host emulation skipped")
+needs_gxx = pytest.mark.skipif(host_emulation.compiler() is None, reason="g++ not found: host emulation skipped")
 
 
 # =================================================================================================
@@ -59,14 +69,32 @@ needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not foun
 # =================================================================================================
 
 
-@pytest.fixture(scope="module")
-def check_run(tmp_path_factory):
-    if NVRTC_MISSING:
-        pytest.skip(NVRTC_MISSING)
+def _nvrtc_under_test(which: str) -> str | None:
+    """None: the default NVRTC; else the oldest supported one's path (skips where it is absent)."""
+    if which == "default":
+        if NVRTC_MISSING:
+            pytest.skip(NVRTC_MISSING)
+        return None
+    path = os.environ.get(OLDEST_ENV)
+    if not path:
+        pytest.skip(f"${OLDEST_ENV} is not set: the check under NVRTC 13.0 is skipped (.ci/run sets it)")
+    missing = _nvrtc_missing(path)
+    if missing:
+        pytest.fail(f"${OLDEST_ENV}={path}: {missing}")
+    return path
+
+
+@pytest.fixture(scope="module", params=["default", "oldest"])
+def check_run(request, tmp_path_factory):
+    path = _nvrtc_under_test(request.param)
     out = tmp_path_factory.mktemp("kernel_check") / "report.json"
-    cmd = [sys.executable, "-m", "gpubp.kernels", "check", "--arch", ",".join(ARCHS), "--json", str(out)]
+    cmd = [sys.executable, "-m", "gpubp", "kernels", "check", "--arch", ",".join(ARCHS), "--json", str(out)]
+    if path is not None:
+        cmd += ["--nvrtc", path]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     data = json.loads(out.read_text()) if out.exists() else None
+    if path is not None and data is not None:  # the library asked for is the one that compiled
+        assert tuple(data["nvrtc"]) == nc.load(path).version() and data["nvrtc_path"] == nc.load(path).path
     return proc, data
 
 
@@ -77,7 +105,6 @@ def reports(check_run):
     return {(r["arch"], r["name"]): r for r in data["reports"]}
 
 
-@needs_nvrtc
 def test_cli_check_exits_zero(check_run):
     proc, data = check_run
     assert proc.returncode == 0, (
@@ -88,7 +115,6 @@ def test_cli_check_exits_zero(check_run):
     assert len(rows) == len(rk.kernel_specs()) * len(ARCHS)  # one row per kernel and architecture
 
 
-@needs_nvrtc
 def test_every_instantiation_compiles_for_each_arch(reports):
     want = {(a, s.name) for a in ARCHS for s in rk.kernel_specs()}
     assert set(reports) == want
@@ -96,7 +122,6 @@ def test_every_instantiation_compiles_for_each_arch(reports):
     assert not errors, "\n".join(errors[:10])
 
 
-@needs_nvrtc
 def test_no_spill_and_no_stack_in_hot_kernels(reports):
     bad = [
         f"{a} {r['label']}: {r['spill_stores']}/{r['spill_loads']} B spilled, {r['stack_bytes']} B stack"
@@ -106,7 +131,6 @@ def test_no_spill_and_no_stack_in_hot_kernels(reports):
     assert not bad, "\n".join(bad)
 
 
-@needs_nvrtc
 def test_report_has_registers_and_shared_memory(reports):
     for (arch, name), r in reports.items():
         assert 1 <= r["registers"] <= 255, (arch, name, r["registers"])
@@ -119,7 +143,6 @@ def test_report_has_registers_and_shared_memory(reports):
             assert 2 * r["shared_bytes"] <= 96 * 1024, (arch, name, r["shared_bytes"])
 
 
-@needs_nvrtc
 def test_every_activation_id_has_instantiations(reports):
     names = {name for (_, name) in reports}
     for act, spec in TABLE.items():
@@ -145,23 +168,81 @@ def test_every_activation_id_has_instantiations(reports):
 def test_offline_check_function_on_a_subset():
     relu = TABLE["relu"].id
     subset = [s for s in rk.kernel_specs() if s.act == relu and s.version == 2 and s.vec]
-    out = rk.offline_check(["sm_90"], specs=subset)
+    out = nc.offline_check(["sm_90"], specs=subset)
     assert [r.spec for r in out] == sorted(subset, key=lambda s: rk.SOURCES.index(s.file))
     for r in out:
-        assert isinstance(r, rk.KernelReport) and r.arch == "sm_90" and not r.problems
+        assert isinstance(r, nc.KernelReport) and r.arch == "sm_90" and not r.problems
         assert r.registers > 0 and r.shared_bytes > 0 and r.lowered.startswith("_Z")
 
 
 @needs_nvrtc
 def test_compile_error_is_reported_not_raised():
     bad = rk.KernelSpec(rk.FORWARD_FILE, "dense_forward_v2", 2, 42, 0, True, True)  # no activation 42
-    out = rk._check_program(rk.FORWARD_FILE, "sm_80", [bad])
-    assert len(out) == 1 and out[0].error and rk.problems(out)
+    out = nc.check_program(rk.FORWARD_FILE, "sm_80", [bad])
+    assert len(out) == 1 and out[0].error and nc.problems(out)
 
 
 def test_check_cli_rejects_a_bad_arch(capsys):
-    assert kcli.main(["check", "--arch", "compute_xx"]) == 2
+    assert cli_main(["kernels", "check", "--arch", "compute_xx"]) == 2
     assert "arch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_check_without_nvrtc_says_once_what_is_missing(how, tmp_path):
+    """No NVRTC: one message naming what is missing and the fix; no rows, no traceback, exit 2."""
+    missing = str(tmp_path / "no-such-libnvrtc.so.13")
+    cmd = [sys.executable, "-m", "gpubp", "kernels", "check", "--arch", "sm_80,sm_90"]
+    env = {k: v for k, v in os.environ.items() if k != nc.ENV_VAR}
+    if how == "option":
+        cmd += ["--nvrtc", missing]
+    else:
+        env[nc.ENV_VAR] = missing
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc
+    assert proc.stdout == "", proc.stdout[:2000]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr[-3000:]
+    assert "NVRTC was not found" in err[0] and missing in err[0]
+    assert "pip install 'gpubp[cuda13]'" in err[0]
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr
+
+
+def test_nvrtc_location_by_folder_file_or_missing(tmp_path, monkeypatch):
+    monkeypatch.delenv(nc.ENV_VAR, raising=False)
+    lib = tmp_path / "pkg" / "nvidia" / "cu13" / "lib"
+    lib.mkdir(parents=True)
+    for name in ("libnvrtc.so.13", "libnvrtc-builtins.so.13.0", "libnvrtc.alt.so.13"):
+        (lib / name).write_bytes(b"")
+    assert nc.locate(tmp_path / "pkg")[0] == str((lib / "libnvrtc.so.13").resolve())
+    assert nc.locate(lib / "libnvrtc.so.13")[0] == str((lib / "libnvrtc.so.13").resolve())
+    monkeypatch.setenv(nc.ENV_VAR, str(lib))
+    assert nc.locate()[1].startswith(f"${nc.ENV_VAR}")
+    with pytest.raises(nc.NvrtcNotFoundError, match=r"pip install 'gpubp\[cuda13\]'"):
+        nc.locate(tmp_path / "empty-folder-that-is-missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(nc.NvrtcNotFoundError, match="no libnvrtc"):
+        nc.locate(tmp_path / "empty")
+    with pytest.raises(nc.NvrtcNotFoundError, match="would not load"):
+        nc.Nvrtc(str(lib / "libnvrtc.so.13"))  # an empty file is no library
+    assert nc.describe(tmp_path / "empty").startswith("not found: ")
+
+
+def test_supported_nvrtc_range_is_declared():
+    """pyproject.toml's cuda13 extra pins NVRTC to the range the kernels are checked under."""
+    (line,) = [ln for ln in (REPO / "pyproject.toml").read_text().splitlines() if ln.startswith("cuda13 = [")]
+    (req,) = [r for r in re.findall(r'"([^"]+)"', line) if r.startswith("nvidia-cuda-nvrtc")]
+    (lo_major, lo_minor), (hi_major, _) = nc.SUPPORTED
+    assert req.replace(" ", "") == f"nvidia-cuda-nvrtc>={lo_major}.{lo_minor},<{hi_major}"
+
+
+def test_info_names_the_nvrtc_of_cupy_and_of_the_check():
+    proc = subprocess.run([sys.executable, "-m", "gpubp", "info"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {line[:11].strip(): line[12:] for line in proc.stdout.splitlines()}
+    assert "NVRTC CuPy" in lines and "NVRTC check" in lines, proc.stdout
+    if not NVRTC_MISSING:
+        major, minor = nc.nvrtc_version()
+        assert lines["NVRTC check"].startswith(f"{major}.{minor} at ")
 
 
 def test_parse_ptxas_report():
@@ -176,7 +257,7 @@ def test_parse_ptxas_report():
         "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
         "ptxas info    : Used 8 registers, used 0 barriers, 360 bytes cmem[0]\n"
     )
-    got = rk.parse_ptxas(log)
+    got = nc.parse_ptxas(log)
     assert got["_Z1kv"] == dict(registers=40, shared_bytes=1024, stack_bytes=16, spill_stores=8, spill_loads=4)
     assert got["_Z1gv"] == dict(registers=8, shared_bytes=0, stack_bytes=0, spill_stores=0, spill_loads=0)
 
@@ -239,7 +320,8 @@ def test_module_source_carries_the_headers_digest():
 
 def test_import_gpubp_imports_neither_cupy_nor_nvrtc():
     code = (
-        "import sys, gpubp, gpubp.kernels, gpubp.backends.cuda_fused\n"
+        "import sys, gpubp, gpubp.cli, gpubp.tools.kernels_command, gpubp.backends.cuda_fused\n"
+        "gpubp.cli.build_parser()\n"
         "bad = [m for m in sys.modules if m.split('.')[0] == 'cupy' or m.startswith('cuda.bindings')]\n"
         "assert not bad, bad\n"
     )
@@ -308,6 +390,19 @@ def test_backward_args_dtype_and_shape():
         rk.dense_backward(da, (x, z), w, "gelu", dw, db, True)
 
 
+def test_backward_refuses_a_mask_of_2_31_words():
+    """The backward kernels index mask words with 32-bit ints: a larger mask is refused, by name."""
+
+    class Big:  # shape and dtype are all the checks read
+        def __init__(self, shape, dtype=np.float32):
+            self.shape, self.dtype = shape, np.dtype(dtype)
+
+    n = 2**31 // 2 + 1
+    with pytest.raises(ValueError, match="^saved mask: .* words exceed"):
+        rk.check_backward_args(Big((n, 64)), (Big((n, 8)), Big((n, 2), np.uint32)), Big((8, 64)), "relu",
+                               Big((8, 64)), Big((64,)))
+
+
 def test_split_plan_depends_on_the_shape_alone():
     for n, i, o in [(65536, 64, 64), (600, 20, 40), (17, 33, 65), (1, 4096, 4096), (10**6, 7, 3), (4096, 4096, 4096)]:
         s, chunk = rk.split_plan(n, i, o)
@@ -337,57 +432,11 @@ def test_forward_mode_and_backward_source():
 # =================================================================================================
 
 
-class Emulator:
-    """kernels/*.cu compiled by g++ with host_emulation.h; ``launch`` has cuda_fused' LaunchFn signature."""
-
-    def __init__(self, build_dir: Path):
-        specs = rk.kernel_specs()
-        self.index = {s: i for i, s in enumerate(specs)}
-        lines = [
-            '#include "host_emulation.h"',
-            '#include "dense_forward.cu"',
-            '#include "dense_backward.cu"',
-            "static const emu::Runner runners[] = {",
-            *[f"    emu::make_runner(&{s.name})," for s in specs],
-            "};",
-            'extern "C" void gpubp_emu_run(int i, unsigned gx, unsigned gy, unsigned gz,',
-            "                              unsigned bx, unsigned by, unsigned bz, void** args) {",
-            "    runners[i](dim3{gx, gy, gz}, dim3{bx, by, bz}, args);",
-            "}",
-        ]
-        src, lib = build_dir / "emu.cpp", build_dir / "libgpubp_emu.so"
-        src.write_text("\n".join(lines) + "\n")
-        cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
-        cmd += [f"-I{kernel_dir()}", "-o", str(lib), str(src)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"g++ failed:\n{proc.stderr[-6000:]}"
-        self.lib = ctypes.CDLL(str(lib))
-        self.launched: list[rk.KernelSpec] = []
-
-    def launch(self, spec: rk.KernelSpec, grid: tuple, block: tuple, args: tuple) -> None:
-        held = []
-        for a in args:
-            if isinstance(a, np.ndarray):
-                held.append(ctypes.c_void_p(a.ctypes.data))
-            elif isinstance(a, np.int32):
-                held.append(ctypes.c_int32(int(a)))
-            elif isinstance(a, np.int64):
-                held.append(ctypes.c_int64(int(a)))
-            elif isinstance(a, np.float32):
-                held.append(ctypes.c_float(float(a)))
-            else:
-                raise TypeError(f"kernel argument of type {type(a).__name__}: expected an array or a NumPy scalar")
-        argv = (ctypes.c_void_p * len(held))(*[ctypes.addressof(h) for h in held])
-        dims = [ctypes.c_uint(int(v)) for v in (*grid, *block)]
-        self.launched.append(spec)
-        self.lib.gpubp_emu_run(ctypes.c_int(self.index[spec]), *dims, argv)
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    if shutil.which("g++") is None:
+    if host_emulation.compiler() is None:
         pytest.skip("g++ not found")
-    return Emulator(tmp_path_factory.mktemp("emu"))
+    return host_emulation.Emulator(tmp_path_factory.mktemp("emu"))
 
 
 GUARD = 16  # elements of sentinel before and after every output
@@ -452,12 +501,6 @@ def emu_backward(emu, da, saved, w, act, version, need_dx=True, split_k=None):
 # --- reference and error bounds --------------------------------------------------------------------
 
 
-def lipschitz(act: Activation) -> float:
-    """An upper bound of |f'| (how much an error in z can grow in a)."""
-    p = act.params
-    return max(1.2, abs(p.get("slope", 0.0)), p.get("alpha", 0.0))
-
-
 def assert_within(name, got, want, bound, seed):
     got64 = np.asarray(got, dtype=np.float64)
     err = np.abs(got64 - want)
@@ -471,14 +514,10 @@ def assert_within(name, got, want, bound, seed):
 
 
 def check_forward(x, w, b, act, training, a, saved, seed):
-    """a (and z or the mask) against float64; bounds from the K-long dot product of z."""
-    x64, w64, b64 = (t.astype(np.float64) for t in (x, w, b))
-    k = x.shape[1]
-    z_ref = x64 @ w64 + b64
-    bound_z = rk.dot_error_bound(np.abs(x64) @ np.abs(w64) + np.abs(b64), k + 1) + 1e-30
-    a_ref = act.forward(z_ref)
-    bound_a = lipschitz(act) * bound_z + rk.ACT_RTOL * np.abs(a_ref) + rk.ACT_AEPS * rk.EPS32 * (1 + np.abs(z_ref))
-    assert_within(f"{act.name} a", a, a_ref, bound_a, seed)
+    """a (and z or the mask) against float64; bounds from the K-long dot product of z (oracles)."""
+    want = oracles.expected_forward(x, w, b, act)
+    z_ref, bound_z = want["z"]
+    assert_within(f"{act.name} a", a, *want["a"], seed)
     if not training:
         assert saved == ()
         return
@@ -488,7 +527,7 @@ def check_forward(x, w, b, act, training, a, saved, seed):
         assert_within(f"{act.name} z", kept, z_ref, bound_z, seed)
     elif mode == rk.SAVED_MASK:
         n_out = w.shape[1]
-        bits = rk.unpack_mask(kept, n_out)
+        bits = oracles.unpack_mask(kept, n_out)
         sure = np.abs(z_ref) > bound_z  # where float32 rounding cannot flip the sign of z
         wrong = sure & (bits != (z_ref > 0))
         assert not wrong.any(), f"{act.name} mask: {int(wrong.sum())} bits differ from z > 0 (seed {seed})"
@@ -497,22 +536,12 @@ def check_forward(x, w, b, act, training, a, saved, seed):
 
 
 def check_backward(x, w, da, act, saved, dw, db, dx, seed):
-    x64, w64, da64 = (t.astype(np.float64) for t in (x, w, da))
-    n, n_out = da.shape
-    kept = saved[1]
-    dz = rk.reference_dz(act, da64, kept)  # from what the kernels saved
-    # error of dz itself (formed in float32), then K-long sums of it
-    zmag = np.abs(kept.astype(np.float64)) if act.saves == "z" and kept.dtype == np.float32 else 1.0
-    dz_err = rk.ACT_RTOL * np.abs(dz) + rk.ACT_AEPS * rk.EPS32 * np.abs(da64) * (1 + zmag)
-    adz, ax = np.abs(dz), np.abs(x64)
-    bound_dw = rk.dot_error_bound(ax.T @ adz, n) + ax.T @ dz_err + 1e-30
-    bound_db = rk.dot_error_bound(adz.sum(axis=0), n) + dz_err.sum(axis=0) + 1e-30
-    assert_within(f"{act.name} dW", dw, x64.T @ dz, bound_dw, seed)
-    assert_within(f"{act.name} db", db, dz.sum(axis=0), bound_db, seed)
+    """dW, db (and dx) against float64 from what the kernels saved; bounds from oracles."""
+    want = oracles.expected_backward(x, w, da, act, saved[1])
+    assert_within(f"{act.name} dW", dw, *want["dW"], seed)
+    assert_within(f"{act.name} db", db, *want["db"], seed)
     if dx is not None:
-        aw = np.abs(w64).T
-        bound_dx = rk.dot_error_bound(adz @ aw, n_out) + dz_err @ aw + 1e-30
-        assert_within(f"{act.name} dx", dx, dz @ w64.T, bound_dx, seed)
+        assert_within(f"{act.name} dx", dx, *want["dx"], seed)
 
 
 def make_inputs(n, n_in, n_out, seed, scale=1.0):
@@ -674,5 +703,5 @@ def test_emulated_first_layer_skips_dx(emu):
 
 @pytest.mark.skipif(bool(GPUS), reason="checks the no-GPU message")
 def test_bench_without_a_gpu_says_so(capsys):
-    assert kcli.main(["bench", "--shape", "8,8,8"]) == 2
+    assert cli_main(["kernels", "bench", "--shape", "8,8,8"]) == 2
     assert "needs a GPU" in capsys.readouterr().err

@@ -1,9 +1,9 @@
-"""The fused dense-layer CUDA C kernels of ``kernels/``: loader, offline compile check, launchers.
+"""The fused dense-layer CUDA C kernels of ``kernels/``: the list of kernels, the loader, the launchers.
 
 The kernels (``dense_forward.cu``, ``dense_backward.cu``, their headers) are C++ templates
 over the activation id, the saved kind and the vector path; this module lists every
-instantiation once (:func:`kernel_specs`) and uses that list both to build CuPy modules at
-run time and to compile everything offline.
+instantiation once (:func:`kernel_specs`), which both the run-time loader and the offline
+compile check (``gpubp.tools.nvrtc_check``) use.
 
 Run time (needs CuPy and a GPU). ``cupy.RawModule(code=..., options=..., name_expressions=...)``
 per (device, file, version, activation): a process compiles only the activations it uses,
@@ -15,12 +15,11 @@ shapes and devices before any device call (TypeError / ValueError naming the arg
 non-contiguous inputs are copied to C order (RawKernel ignores strides); outputs must be
 C-contiguous. They queue kernels on CuPy's current stream and never synchronise.
 
-Offline (no GPU, no driver, no CuPy). :func:`offline_check` compiles every instantiation
-with NVRTC directly (``cuda.bindings.nvrtc``) for each architecture, with the options CuPy
-uses plus ``-Xptxas -v``, and parses the ptxas report: registers, shared memory, stack
-frame and spills per kernel.
+Tooling lives apart, in ``gpubp.tools``: the NVRTC offline check and ptxas report
+(``nvrtc_check``), the CPU emulation of the kernels for tests (``host_emulation``), the float64
+references and error bounds (``oracles``; the bounds themselves are ``gpubp.accuracy``'s).
 
-Import cost: nothing here imports CuPy or cuda.bindings at module level.
+Import cost: nothing here imports CuPy at module level.
 """
 
 from __future__ import annotations
@@ -28,10 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import re
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +44,10 @@ BACKWARD_FILE = "dense_backward.cu"
 HEADERS = ("activations.cuh", "gemm_tile.cuh")
 SOURCES = (FORWARD_FILE, BACKWARD_FILE)
 
-# Saved kinds (kernels/activations.cuh: SavedKind).
+# Constants shared with the C headers, one table: saved kinds (activations.cuh: SavedKind), tile
+# geometry (gemm_tile.cuh, dense_forward.cu); activation ids come from gpubp.activations.TABLE.
+# tests/test_cuda_fused_offline.py reads the headers and checks every value against these.
+# Saved kinds.
 SAVED_NONE, SAVED_Z, SAVED_A, SAVED_MASK = 0, 1, 2, 3
 SAVED_NAMES = {SAVED_NONE: "none", SAVED_Z: "z", SAVED_A: "a", SAVED_MASK: "mask"}
 MASK_ACTIVATIONS = ("relu", "leaky_relu")  # f' depends on z > 0 alone: a bit per element is enough
@@ -69,52 +68,8 @@ SPLIT_TARGET_BLOCKS = 264  # about 2 blocks per SM of a 132-SM H100
 SPLIT_MIN_ROWS = 256  # no chunk of the batch shorter than this
 SPLIT_MAX = 64
 
-COMPILE_OPTIONS = ("-std=c++17",)  # plus -I<kernel_dir>; CuPy adds -arch and CUPY_IMPLIED_OPTIONS
-# What CuPy's NVRTC path appends (cupy/cuda/compiler.py), repeated offline so the code is the same.
-CUPY_IMPLIED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
-DEFAULT_ARCHS = ("sm_80", "sm_90")
+COMPILE_OPTIONS = ("-std=c++17",)  # plus -I<kernel_dir>; CuPy adds -arch and its implied options
 MIN_CC_V2 = 80  # v2 copies with cp.async (Ampere and later)
-
-
-# Accuracy contract (what the tests and the bench check). A K-long float32 dot product summed by
-# a chain of fmaf (one rounding per term, unit roundoff u = eps32 / 2) errs by at most about
-# K * u * sum_k |a_k b_k|; dot_error_bound, DOT_C * K * eps32 * sum_k |a_k b_k|, is 4x that.
-# Activations and their derivatives, evaluated in float32 with the device's libm, err by at most
-#   |a - f(z)|          <= ACT_RTOL |f(z)| + ACT_AEPS eps32 (1 + |z|)
-#   |dz - da f'(z)|     <= ACT_RTOL |da f'(z)| + ACT_AEPS eps32 |da| (1 + |z|)
-# (relative: a few ulp of each libm call; absolute: the cancellations the reference formulas
-# have in float32 too, e.g. 1 + erf(z) for z << 0, 1 - tanh(z)^2 near |tanh z| = 1).
-DOT_C = 2.0
-ACT_RTOL = 2e-5
-ACT_AEPS = 4.0
-EPS32 = float(np.finfo(np.float32).eps)
-
-
-def dot_error_bound(scale: Any, k: int) -> Any:
-    """Bound on |float32 result - exact| of K-long dot products whose sum_k |a_k b_k| is ``scale``."""
-    return DOT_C * max(k, 1) * EPS32 * scale
-
-
-def unpack_mask(mask: np.ndarray, n_out: int) -> np.ndarray:
-    """(N, ceil(out / 32)) uint32 words -> (N, out) booleans: bit j % 32 of word j / 32 is z[:, j] > 0."""
-    bits = (np.asarray(mask)[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1
-    return bits.reshape(mask.shape[0], -1)[:, :n_out].astype(bool)
-
-
-def reference_dz(act: Activation, da: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
-    """float64 dz = da * f'(.) on the host from what the forward kernel saved (z, a or the mask).
-
-    For checking the backward kernels (tests, bench) without inheriting the forward pass's
-    rounding of z near a kink (relu at 0).
-    """
-    da = np.asarray(da, dtype=np.float64)
-    if kept is None:
-        return act.backward(da, None, None)
-    kept = np.asarray(kept)
-    if kept.dtype == np.uint32:
-        return np.where(unpack_mask(kept, da.shape[1]), da, da * act.params.get("slope", 0.0))
-    k64 = kept.astype(np.float64)
-    return act.backward(da, k64 if act.saves == "z" else None, k64 if act.saves == "a" else None)
 
 
 # --- the list of kernels --------------------------------------------------------------------------
@@ -228,199 +183,6 @@ def module_source(file: str) -> str:
 def compile_options() -> tuple[str, ...]:
     """Options for CuPy's RawModule (CuPy adds the architecture and CUPY_IMPLIED_OPTIONS)."""
     return (*COMPILE_OPTIONS, f"-I{kernel_dir()}")
-
-
-# --- offline compile check (NVRTC, no driver) -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KernelReport:
-    """ptxas' resource report for one kernel on one architecture (or the compile error)."""
-
-    arch: str
-    spec: KernelSpec
-    lowered: str = ""
-    registers: int = -1
-    shared_bytes: int = -1
-    stack_bytes: int = -1
-    spill_stores: int = -1
-    spill_loads: int = -1
-    program_seconds: float = 0.0  # compile time of the whole file for this architecture
-    error: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def problems(self) -> list[str]:
-        """What makes this kernel fail the check: a compile error, or spills / stack in a hot kernel."""
-        if self.error:
-            return [f"{self.arch} {self.name}: {self.error}"]
-        out = []
-        if self.registers < 0:
-            out.append(f"{self.arch} {self.name}: no ptxas report")
-        if self.spec.hot and (self.spill_stores > 0 or self.spill_loads > 0):
-            out.append(f"{self.arch} {self.name}: spills {self.spill_stores} B stored, {self.spill_loads} B loaded")
-        if self.spec.hot and self.stack_bytes > 0:
-            out.append(f"{self.arch} {self.name}: {self.stack_bytes} B stack frame (local memory)")
-        return out
-
-
-def _nvrtc():
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError(
-            "the offline kernel check needs cuda-bindings and an NVRTC library "
-            "(pip install cuda-bindings nvidia-cuda-nvrtc)"
-        ) from e
-    return nvrtc
-
-
-def _check_nvrtc(nvrtc: Any, result: tuple, what: str) -> tuple:
-    err = result[0]
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        _, msg = nvrtc.nvrtcGetErrorString(err)
-        raise RuntimeError(f"NVRTC {what}: {msg.decode() if isinstance(msg, bytes) else msg}")
-    return result[1:]
-
-
-def nvrtc_version() -> tuple[int, int]:
-    nvrtc = _nvrtc()
-    major, minor = _check_nvrtc(nvrtc, nvrtc.nvrtcVersion(), "version")
-    return int(major), int(minor)
-
-
-@dataclass(frozen=True)
-class CompileResult:
-    ok: bool
-    log: str
-    lowered: dict[str, str]  # name expression -> mangled name
-    cubin: bytes
-    seconds: float
-
-
-def nvrtc_compile(file: str, names: list[str], arch: str, extra_options: tuple[str, ...] = ()) -> CompileResult:
-    """Compile kernels/<file> with NVRTC for ``arch`` (e.g. "sm_90"), instantiating ``names``.
-
-    The options are those CuPy uses at run time plus ``-Xptxas -v``, so the report describes the
-    code a GPU will run. Needs no driver.
-    """
-    if not re.fullmatch(r"sm_\d+[a-z]?", arch):
-        raise ValueError(f"arch: expected a name such as 'sm_80' or 'sm_90', got {arch!r}")
-    nvrtc = _nvrtc()
-    src = module_source(file).encode()
-    (prog,) = _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(src, file.encode(), 0, [], []), "create program")
-    try:
-        for n in names:
-            _check_nvrtc(nvrtc, nvrtc.nvrtcAddNameExpression(prog, n.encode()), f"add name {n}")
-        opts = [
-            f"--gpu-architecture={arch}",
-            *compile_options(),
-            *CUPY_IMPLIED_OPTIONS,
-            "-Xptxas",
-            "-v",
-            *extra_options,
-        ]
-        t0 = time.perf_counter()
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
-        seconds = time.perf_counter() - t0
-        (size,) = _check_nvrtc(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog), "log size")
-        buf = b" " * size
-        _check_nvrtc(nvrtc, nvrtc.nvrtcGetProgramLog(prog, buf), "log")
-        log = buf.rstrip(b"\x00 ").decode(errors="replace")
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            return CompileResult(False, log, {}, b"", seconds)
-        lowered = {}
-        for n in names:
-            (low,) = _check_nvrtc(nvrtc, nvrtc.nvrtcGetLoweredName(prog, n.encode()), f"lowered name of {n}")
-            lowered[n] = low.decode() if isinstance(low, bytes) else str(low)
-        (csize,) = _check_nvrtc(nvrtc, nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
-        cubin = b" " * csize
-        _check_nvrtc(nvrtc, nvrtc.nvrtcGetCUBIN(prog, cubin), "cubin")
-        return CompileResult(True, log, lowered, cubin, seconds)
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-
-
-_RE_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
-_RE_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_RE_REGS = re.compile(r"Used (\d+) registers")
-_RE_SMEM = re.compile(r"(\d+) bytes smem")
-
-
-def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
-    """Per mangled entry name: registers, shared_bytes, stack_bytes, spill_stores, spill_loads."""
-    out: dict[str, dict[str, int]] = {}
-    matches = list(_RE_ENTRY.finditer(log))
-    for i, m in enumerate(matches):
-        chunk = log[m.end() : matches[i + 1].start() if i + 1 < len(matches) else len(log)]
-        stack, regs, smem = _RE_STACK.search(chunk), _RE_REGS.search(chunk), _RE_SMEM.search(chunk)
-        out[m.group(1)] = {
-            "registers": int(regs.group(1)) if regs else -1,
-            "shared_bytes": int(smem.group(1)) if smem else 0,
-            "stack_bytes": int(stack.group(1)) if stack else -1,
-            "spill_stores": int(stack.group(2)) if stack else -1,
-            "spill_loads": int(stack.group(3)) if stack else -1,
-        }
-    return out
-
-
-def _check_program(file: str, arch: str, specs: list[KernelSpec]) -> list[KernelReport]:
-    names = [s.name for s in specs]
-    try:
-        res = nvrtc_compile(file, names, arch)
-    except RuntimeError as e:
-        return [KernelReport(arch, s, error=str(e)) for s in specs]
-    if not res.ok:
-        first = "; ".join(line for line in res.log.splitlines() if "error" in line)[:2000] or res.log[:2000]
-        return [KernelReport(arch, s, program_seconds=res.seconds, error=f"compile error: {first}") for s in specs]
-    stats = parse_ptxas(res.log)
-    reports = []
-    for s in specs:
-        low = res.lowered[s.name]
-        st = stats.get(low)
-        if st is None:
-            reports.append(
-                KernelReport(arch, s, low, program_seconds=res.seconds, error="missing from the ptxas report")
-            )
-        else:
-            reports.append(KernelReport(arch, s, low, program_seconds=res.seconds, **st))
-    return reports
-
-
-def offline_check(
-    archs: tuple[str, ...] | list[str] = DEFAULT_ARCHS,
-    jobs: int | None = None,
-    specs: tuple[KernelSpec, ...] | list[KernelSpec] | None = None,
-) -> list[KernelReport]:
-    """Compile every kernel instantiation (or ``specs``) for every architecture with NVRTC.
-
-    One report per kernel and architecture. One NVRTC program per (file, architecture), as CuPy
-    would build a module; programs run on ``jobs`` threads (NVRTC releases the GIL). Needs
-    neither a GPU nor a driver nor CuPy. Compile errors come back as reports with ``error``
-    set; see :attr:`KernelReport.problems`.
-    """
-    import os
-
-    archs = list(archs)
-    if not archs:
-        raise ValueError("archs: expected at least one architecture, e.g. ['sm_80', 'sm_90']")
-    for a in archs:
-        if not isinstance(a, str) or not re.fullmatch(r"sm_\d+[a-z]?", a):
-            raise ValueError(f"archs: expected names such as 'sm_80' or 'sm_90', got {a!r}")
-    specs = kernel_specs() if specs is None else tuple(specs)
-    tasks = [(f, a, [s for s in specs if s.file == f]) for a in archs for f in SOURCES]
-    tasks = [t for t in tasks if t[2]]
-    jobs = jobs or min(len(tasks), os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-        results = list(ex.map(lambda t: _check_program(*t), tasks))
-    return [r for group in results for r in group]
-
-
-def problems(reports: list[KernelReport]) -> list[str]:
-    return [p for r in reports for p in r.problems]
 
 
 # --- run time: modules per device ---------------------------------------------------------------------
@@ -806,6 +568,8 @@ def check_backward_args(
         _check_shape(
             "saved mask", _check_array("saved mask", kept, 2, np.uint32), (n, mask_words(n_out)), "(N, ceil(out/32))"
         )
+        if n * mask_words(n_out) > INT32_MAX:  # the backward kernels index mask words with 32-bit ints
+            raise ValueError(f"saved mask: {n * mask_words(n_out)} words exceed {INT32_MAX}; save z instead (mask=False)")
     elif src in (SAVED_Z, SAVED_A):
         if kept is None:
             raise ValueError(f"saved: activation {act.name} needs {act.saves} from the forward pass, got None")

@@ -1,12 +1,15 @@
-"""``python -m gpubp.kernels``: check, list and benchmark the CUDA C dense kernels (kernels/*.cu).
+"""``gpubp kernels``: check, list and benchmark the CUDA C dense kernels (kernels/*.cu).
 
-    python -m gpubp.kernels check [--arch sm_80,sm_90] [--jobs N] [--json PATH] [--quiet]
+    gpubp kernels check [--arch sm_80,sm_90] [--nvrtc PATH] [--jobs N] [--json PATH] [--quiet]
         Compile every kernel instantiation with NVRTC for each architecture (no GPU, no driver)
         and print ptxas' registers, shared memory, stack frame and spills per kernel. Exits 1 on
-        a compile error, or on a spill or a stack frame in a hot (default-path) kernel.
-    python -m gpubp.kernels list
+        a compile error, or on a spill or a stack frame in a hot (default-path) kernel; 2 when
+        there is no NVRTC (said once, with the fix). --nvrtc (or GPUBP_NVRTC) picks the NVRTC
+        library: a libnvrtc.so.* or a folder holding one, e.g. an older release installed with
+        pip install --target DIR nvidia-cuda-nvrtc==13.0.88.
+    gpubp kernels list
         The instantiations and their C++ name expressions.
-    python -m gpubp.kernels bench [--shape N,in,out] [--act relu] [--version 2] [--repeat 50]
+    gpubp kernels bench [--shape N,in,out] [--act relu] [--version 2] [--repeat 50]
         On a GPU: check the fused forward / backward against a float64 reference on a sample of
         rows, then time them with CUDA events (warm-up, median) beside cuBLAS (cupy.matmul).
 
@@ -20,8 +23,11 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from typing import Any
 
 from gpubp.backends import cuda_fused as rk
+from gpubp.tools import nvrtc_check as nc
+from gpubp.tools import oracles
 
 FP32_PEAK_TFLOPS = 67.0  # H100 SXM FP32 on CUDA cores (datasheet); the floor of the bench
 
@@ -33,7 +39,7 @@ def _archs(text: str) -> list[str]:
     return archs
 
 
-def _report_rows(reports: list[rk.KernelReport]) -> list[str]:
+def _report_rows(reports: list[nc.KernelReport]) -> list[str]:
     head = f"{'arch':6} {'kernel':48} {'regs':>4} {'smem B':>7} {'stack B':>7} {'spill st/ld B':>13}  hot  status"
     rows = [head, "-" * len(head)]
     for r in reports:
@@ -49,25 +55,27 @@ def _report_rows(reports: list[rk.KernelReport]) -> list[str]:
 def cmd_check(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
-        reports = rk.offline_check(args.arch, jobs=args.jobs)
-    except (RuntimeError, ValueError) as e:
-        print(f"gpubp.kernels check: {e}", file=sys.stderr)
+        reports = nc.offline_check(args.arch, jobs=args.jobs, nvrtc=args.nvrtc)
+    except (RuntimeError, ValueError) as e:  # no NVRTC (NvrtcNotFoundError: said once, with the fix), bad --arch
+        print(f"gpubp kernels check: {e}", file=sys.stderr)
         return 2
     wall = time.perf_counter() - t0
     if not args.quiet:
         print("\n".join(_report_rows(reports)))
-    found = rk.problems(reports)
-    major, minor = rk.nvrtc_version()
+    found = nc.problems(reports)
+    lib = nc.load(args.nvrtc)
+    major, minor = lib.version()
     n_kernels = len(rk.kernel_specs())
     print(
         f"{n_kernels} kernel instantiations x {len(args.arch)} architectures ({', '.join(args.arch)}): "
-        f"compiled in {wall:.1f} s wall with NVRTC {major}.{minor}; {len(found)} problem(s)"
+        f"compiled in {wall:.1f} s wall with NVRTC {major}.{minor} ({lib.path}); {len(found)} problem(s)"
     )
     for p in found:
         print(f"  {p}", file=sys.stderr)
     if args.json:
         data = {
             "nvrtc": [major, minor],
+            "nvrtc_path": lib.path,
             "wall_seconds": wall,
             "reports": [
                 {
@@ -117,14 +125,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         n, n_in, n_out = (int(v) for v in args.shape.split(","))
     except ValueError:
-        print(f"gpubp.kernels bench: --shape expects N,in,out, got {args.shape!r}", file=sys.stderr)
+        print(f"gpubp kernels bench: --shape expects N,in,out, got {args.shape!r}", file=sys.stderr)
         return 2
     try:
         import cupy as cp
 
         cp.cuda.runtime.getDeviceCount()
     except Exception as e:  # no CuPy, no driver, no GPU
-        print(f"gpubp.kernels bench needs a GPU and CuPy: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"gpubp kernels bench needs a GPU and CuPy: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     act = Activation(args.act)
     rng = np.random.default_rng()
@@ -136,22 +144,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     db = cp.empty(n_out, dtype=cp.float32)
 
     # Correctness first, on a sample of rows (float64 reference on the host): a and dx, within
-    # the accuracy contract of cuda_fused (dot_error_bound, ACT_RTOL, ACT_AEPS).
+    # the accuracy contract (gpubp.accuracy, through gpubp.tools.oracles).
     a, saved = rk.dense_forward(x, w, b, act, True, version=args.version)
     dx = rk.dense_backward(da, saved, w, act, dw, db, True, version=args.version)
     rows = min(n, 256)
-    xs, ws, bs, das = (cp.asnumpy(t).astype(np.float64) for t in (x[:rows], w, b, da[:rows]))
+    xs, ws, bs, das = (cp.asnumpy(t) for t in (x[:rows], w, b, da[:rows]))
     kept = None if saved[1] is None else cp.asnumpy(saved[1][:rows])
-    z_ref = xs @ ws + bs
-    a_ref = act.forward(z_ref)
-    bound_z = rk.dot_error_bound(np.abs(xs) @ np.abs(ws) + np.abs(bs), n_in + 1)
-    bound_a = 1.2 * bound_z + rk.ACT_RTOL * np.abs(a_ref) + rk.ACT_AEPS * rk.EPS32 * (1 + np.abs(z_ref))
-    dz = rk.reference_dz(act, das, kept)
-    zmag = np.abs(kept) if (kept is not None and act.saves == "z" and kept.dtype == np.float32) else 1.0
-    dz_err = rk.ACT_RTOL * np.abs(dz) + rk.ACT_AEPS * rk.EPS32 * np.abs(das) * (1 + zmag)
-    bound_dx = rk.dot_error_bound(np.abs(dz) @ np.abs(ws.T), n_out) + dz_err @ np.abs(ws.T)
+    want_a, bound_a = oracles.expected_forward(xs, ws, bs, act)["a"]
+    want_dx, bound_dx = oracles.expected_backward(xs, ws, das, act, kept)["dx"]
     worst = 0.0
-    for got, want, bound in ((a[:rows], a_ref, bound_a), (dx[:rows], dz @ ws.T, bound_dx)):
+    for got, want, bound in ((a[:rows], want_a, bound_a), (dx[:rows], want_dx, bound_dx)):
         err = np.abs(cp.asnumpy(got).astype(np.float64) - want)
         worst = max(worst, float(np.max(err / (bound + 1e-30))))
     ok = worst <= 1.0
@@ -189,11 +191,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gpubp.kernels", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``kernels`` to the ``gpubp`` subcommands (``subparsers`` from ``add_subparsers``)."""
+    parser = subparsers.add_parser(
+        "kernels",
+        help="check (NVRTC, no GPU), list and benchmark the CUDA C kernels",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="kernels_command", required=True)
     p = sub.add_parser("check", help="compile every kernel with NVRTC and report resources (no GPU needed)")
-    p.add_argument("--arch", type=_archs, default=list(rk.DEFAULT_ARCHS), help="e.g. sm_80,sm_90")
+    p.add_argument("--arch", type=_archs, default=list(nc.DEFAULT_ARCHS), help="e.g. sm_80,sm_90")
+    p.add_argument(
+        "--nvrtc",
+        default=None,
+        metavar="PATH",
+        help=f"the NVRTC library to compile with: a libnvrtc.so.* or a folder holding one "
+        f"(default: ${nc.ENV_VAR}, else the one cuda-pathfinder finds, as CuPy does)",
+    )
     p.add_argument("--jobs", type=int, default=None, help="compile threads (default: CPU count)")
     p.add_argument("--json", default=None, help="also write the reports to this JSON file")
     p.add_argument("--quiet", action="store_true", help="print the summary and problems only")
@@ -208,12 +223,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.set_defaults(func=cmd_bench)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

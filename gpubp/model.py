@@ -52,7 +52,9 @@ class Sequential:
         dense_impl: how dense layers run on a GPU: ``"unfused"`` (cuBLAS GEMMs and
             separate Numba kernels), ``"fused"`` (the CUDA C kernels of kernels/,
             float32 only), or ``"auto"``: unfused, until the fused kernels have been
-            verified on GPU hardware. On the CPU only ``"auto"`` (the reference) applies.
+            verified on GPU hardware. On the CPU: ``"auto"`` (the fast CPU backend:
+            BLAS GEMMs, fused Numba kernels) or ``"reference"`` (the NumPy spec, for
+            every operation).
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """Conformance: every operation of the backend interface, on every available backend, against the float64 spec.
 
-Backends: the NumPy reference ("numpy") always; the simulated CUDA backend ("cudasim")
+Backends: the NumPy reference ("numpy") and the fast CPU backend ("cpu") always; the simulated CUDA backend ("cudasim")
 where the Numba CUDA simulator runs the kernels (machines without a GPU); the CUDA
 backend ("cuda", and "cuda-fused" for the dense layers) where a GPU exists. The spec is
 gpubp.backends.numpy_ref / numpy_optim evaluated in float64 on the same inputs.
@@ -29,7 +29,7 @@ SIM = CUDA_MODE == "simulator"
 
 
 def _backends() -> list:
-    out = [pytest.param("numpy", id="numpy")]
+    out = [pytest.param("numpy", id="numpy"), pytest.param("cpu", id="cpu")]
     if SIM:
         out.append(pytest.param("cudasim", id="cudasim"))
     if GPUS > 0:
@@ -46,7 +46,9 @@ def backend_for(name: str, dtype: str) -> Backend:
         if dtype != "float32":
             pytest.skip("the fused CUDA C kernels are float32 only")
         return get_backend(parse_device("cuda"), "fused", dtype)
-    return get_backend(parse_device("cpu" if name == "numpy" else name))
+    if name == "numpy":
+        return get_backend(parse_device("cpu"), "reference")
+    return get_backend(parse_device(name))
 
 
 # The simulator runs each GPU thread as a Python thread: a subset of activations there.
@@ -394,12 +396,13 @@ def test_a_model_trains_the_same_on_every_backend(name, seed):
     rng = np.random.default_rng(seed)
     x, y = rng.standard_normal((23, 3)), rng.integers(0, 4, size=23)
 
-    def run(device: str) -> gp.Sequential:
-        model = gp.Sequential(gp.Dense(3, 5, "tanh"), gp.Dense(5, 4), device=device, dtype="float64", seed=seed % 97)
+    def run(device: str, impl: str = "auto") -> gp.Sequential:
+        model = gp.Sequential(gp.Dense(3, 5, "tanh"), gp.Dense(5, 4), device=device, dtype="float64", seed=seed % 97,
+                              dense_impl=impl)
         model.fit(x, y, "cross_entropy", gp.optim.Adam(model.parameters(), lr=1e-2), epochs=2, batch_size=8,
                   clip_grad_norm=0.5, verbose=0)
         return model
 
-    want = run("cpu").arena.data
-    model = run("cpu" if name == "numpy" else name)
+    want = run("cpu", "reference").arena.data
+    model = run("cpu", "reference") if name == "numpy" else run(name)
     close(host(model.arena.backend, model.arena.data), want, accuracy.MODEL["float64"], f"{name} seed {seed}")

@@ -1,0 +1,216 @@
+"""The fast CPU backend: NumPy arrays, BLAS GEMMs, fused Numba kernels for everything between.
+
+Shapes: x (N, in), W (in, out), b (out,), z = x @ W + b, a = f(z) (N, out).
+
+    forward   z = x @ W (BLAS);  a = f(z + b) (numba_cpu.bias_act, one pass)
+    backward  dz = da f'(saved), db = sum_rows dz (numba_cpu.act_bias_grad, one pass);
+              dW = x^T dz, dx = dz W^T (BLAS)
+    losses    value and gradient in one pass (numba_cpu.mse / cross_entropy / bce)
+    updates   one pass per arena run (numba_cpu.sgd / adam / rmsprop / adagrad)
+
+What forward saves: z where f' needs z (gelu, elu, ...), a where it needs a (sigmoid, tanh),
+and for relu a = max(z, 0) as the mask (a > 0 exactly where z > 0, NaN included), so that
+relu's forward writes one array in place. Float32 gelu and softmax use numba_cpu's
+polynomial erf/exp (error bounds there), float64 libm.
+
+Array helpers, dropout, max_abs, scale_ and the clip are the reference's (NumpyBackend):
+each is a single NumPy pass already. Threads: :mod:`gpubp.threads`, applied when the
+backend is first made. ``tests/test_conformance.py`` checks every operation against the
+float64 spec; ``tests/test_cpu_backend.py`` the kernels, the fast erf and determinism.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from gpubp import threads
+from gpubp.activations import Activation
+from gpubp.backends import numba_cpu as K
+from gpubp.backends.numpy_ref import NumpyBackend
+
+Array = np.ndarray
+
+_RELU = K.scalar_math.RELU
+_NO_PARAMS = (0.0, 0.0)
+
+
+def _params(act: Activation) -> tuple[float, float]:
+    """(p0, p1) of scalar_math's activation maths: slope, alpha, or (beta, threshold)."""
+    p = act.params
+    if act.name == "leaky_relu":
+        return p["slope"], 0.0
+    if act.name == "elu":
+        return p["alpha"], 0.0
+    if act.name == "softplus":
+        return p["beta"], p["threshold"]
+    return _NO_PARAMS
+
+
+def _c(a: Array) -> Array:
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _flat(a: Array) -> Array:
+    return _c(a).reshape(-1)
+
+
+def _lerp_factors(dt: np.dtype, weight: float) -> tuple[Any, Any, bool]:
+    """(w, 1 - w, high) of numpy_optim's lerp: w rounded to ``dt``, 1 - w computed in ``dt``."""
+    w = dt.type(weight)
+    return w, dt.type(1) - w, bool(not abs(w) < 0.5)
+
+
+class CpuBackend(NumpyBackend):
+    """The CPU backend of gpubp: the reference's arrays, fused Numba kernels for the maths."""
+
+    name = "cpu"
+
+    _instance: CpuBackend | None = None
+
+    @classmethod
+    def instance(cls) -> CpuBackend:
+        """The one instance (the backend holds no state); applies the threading policy once."""
+        if cls._instance is None:
+            threads.apply()
+            cls._instance = cls()
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "CpuBackend()"
+
+    # --- dense layer ---------------------------------------------------------------------------
+
+    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
+        z = np.matmul(x, w)
+        n, m = z.shape
+        keep_z = training and act.saves == "z" and act.id != _RELU
+        a = np.empty_like(z) if keep_z else z
+        if z.size:
+            p0, p1 = (z.dtype.type(v) for v in _params(act))
+            kernel = K.bias_act(act.id, z.dtype == np.float32, keep_z, K.parallel_for(z.size))
+            kernel(z, _c(b), p0, p1, a, K.rows_per_chunk(m))
+        if not training:
+            return a, ()
+        return a, (x, None if act.saves == "" else z)
+
+    def dense_backward(
+        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool
+    ) -> Array | None:
+        x, kept = saved
+        da = _c(da)
+        n, m = da.shape
+        if n == 0:
+            dz = np.zeros_like(da)
+            db[...] = 0
+        else:
+            dz = da if act.saves == "" else np.empty_like(da)
+            rows = K.rows_per_chunk(m)
+            partial = np.empty((K.chunks(n, rows), m), dtype=da.dtype)
+            p0, p1 = (da.dtype.type(v) for v in _params(act))
+            kernel = K.act_bias_grad(act.id, da.dtype == np.float32, K.parallel_for(da.size))
+            kernel(da, da if kept is None else kept, p0, p1, dz, partial, db, rows)
+        np.matmul(x.T, dz, out=dw)
+        return dz @ w.T if need_dx else None
+
+    # --- losses --------------------------------------------------------------------------------
+
+    def mse(self, pred: Array, target: Array, scale: float) -> tuple[float, Array]:
+        p, t = _flat(pred), _flat(target)
+        grad = np.empty_like(p)
+        partial = np.empty(K.chunks(p.size, K.FLAT_CHUNK))
+        total = K.mse(K.parallel_for(p.size))(p, t, p.dtype.type(2.0 * scale), grad, partial, K.FLAT_CHUNK)
+        return float(total * scale), grad.reshape(pred.shape)
+
+    def bce_with_logits(self, logits: Array, target: Array, scale: float) -> tuple[float, Array]:
+        x, y = _flat(logits), _flat(target)
+        grad = np.empty_like(x)
+        partial = np.empty(K.chunks(x.size, K.FLAT_CHUNK))
+        total = K.bce(K.parallel_for(x.size))(x, y, x.dtype.type(scale), grad, partial, K.FLAT_CHUNK)
+        return float(total * scale), grad.reshape(logits.shape)
+
+    def cross_entropy(self, logits: Array, target: Array, scale: float) -> tuple[float, Array]:
+        z = _c(logits)
+        n, m = z.shape
+        labels = target.ndim == 1
+        grad = np.empty_like(z)
+        if n == 0:
+            return 0.0, grad
+        rows = K.rows_per_chunk(m)
+        partial = np.empty(K.chunks(n, rows))
+        y = _c(target).astype(np.int64, copy=False) if labels else np.zeros(1, np.int64)
+        t = z if labels else _c(target)
+        kernel = K.cross_entropy(labels, z.dtype == np.float32, K.parallel_for(z.size))
+        total = kernel(z, y, t, z.dtype.type(scale), grad, partial, rows)
+        return float(total * scale), grad
+
+    # --- optimizer updates ----------------------------------------------------------------------
+
+    def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, *, lr: float, momentum: float,
+                   dampening: float, nesterov: bool, weight_decay: float, first_step: bool,
+                   guard: Array | None = None) -> None:
+        if guard is not None and guard[0]:
+            return
+        use_momentum = momentum != 0
+        if use_momentum and momentum_buf is None:
+            raise ValueError("momentum_buf: required when momentum != 0")
+        T = p.dtype.type
+        kernel = K.sgd(weight_decay != 0, use_momentum, bool(first_step), dampening != 0, bool(nesterov),
+                       K.parallel_for(p.size))
+        kernel(p, g, momentum_buf if use_momentum else p, T(lr), T(momentum), T(1.0 - dampening),
+               T(weight_decay), K.FLAT_CHUNK)
+
+    def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None, *,
+                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+                    amsgrad: bool, step: int, guard: Array | None = None) -> None:
+        if guard is not None and guard[0]:
+            return
+        if amsgrad and max_exp_avg_sq is None:
+            raise ValueError("max_exp_avg_sq: required when amsgrad is True")
+        dt = p.dtype
+        T = dt.type
+        wd_mode = 0 if weight_decay == 0 else (2 if decoupled else 1)
+        w1, one_minus_w1, high = _lerp_factors(dt, 1.0 - beta1)
+        hp = (T(1.0 - lr * weight_decay), T(weight_decay), w1, one_minus_w1, T(beta2), T(1.0 - beta2),
+              T(lr / (1.0 - beta1**step)), T(math.sqrt(1.0 - beta2**step)), T(eps))
+        kernel = K.adam(wd_mode, high, bool(amsgrad), K.parallel_for(p.size))
+        kernel(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else p, hp, K.FLAT_CHUNK)
+
+    def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
+                       momentum_buf: Array | None, *, lr: float, alpha: float, eps: float, weight_decay: float,
+                       momentum: float, centered: bool, guard: Array | None = None) -> None:
+        if guard is not None and guard[0]:
+            return
+        use_momentum = momentum > 0
+        if centered and grad_avg is None:
+            raise ValueError("grad_avg: required when centered is True")
+        if use_momentum and momentum_buf is None:
+            raise ValueError("momentum_buf: required when momentum > 0")
+        dt = p.dtype
+        T = dt.type
+        w, one_minus_w, high = _lerp_factors(dt, 1.0 - alpha)
+        hp = (T(lr), T(alpha), w, one_minus_w, T(eps), T(weight_decay), T(momentum))
+        kernel = K.rmsprop(weight_decay != 0, bool(centered), high, use_momentum, K.parallel_for(p.size))
+        kernel(p, g, square_avg, grad_avg if centered else p, momentum_buf if use_momentum else p, hp, K.FLAT_CHUNK)
+
+    def adagrad_update(self, p: Array, g: Array, state_sum: Array, *, lr: float, lr_decay: float,
+                       weight_decay: float, eps: float, step: int, guard: Array | None = None) -> None:
+        if guard is not None and guard[0]:
+            return
+        T = p.dtype.type
+        clr = lr / (1.0 + (step - 1) * lr_decay)
+        kernel = K.adagrad(weight_decay != 0, K.parallel_for(p.size))
+        kernel(p, g, state_sum, T(clr), T(eps), T(weight_decay), K.FLAT_CHUNK)
+
+    # --- reductions -----------------------------------------------------------------------------
+
+    def sum_of_squares(self, g: Array) -> float:
+        g = _flat(g)
+        partial = np.empty(K.chunks(g.size, K.FLAT_CHUNK))
+        return float(K.sum_of_squares(K.parallel_for(g.size))(g, partial, K.FLAT_CHUNK))
+
+    def sum_of_squares_into(self, g: Array, out: Array, *, accumulate: bool = False) -> None:
+        total = self.sum_of_squares(g)
+        out[0] = (float(out[0]) + total) if accumulate else total

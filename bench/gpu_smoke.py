@@ -13,6 +13,9 @@ where Numba found NVVM, libdevice and NVRTC), then runs:
                    poisoned with NaN, against the float64 reference numpy_ref.dense_forward;
                    allowed error: gpubp.accuracy.dot_error_bound of the K+1-term sum (relu moves no
                    value further than z moved).
+  step-launches    kernel launches and host time per training step of a 64-256-256-10 relu MLP
+                   (batch 128, Adam, cross-entropy; 8-16-16-10, batch 8 in the simulator), from the
+                   CUDA backend's launch_count().
 
 Each check prints one line "check NAME: ok|FAIL|skipped: details"; the last line counts them.
 Exit status 1 when a check fails. With --rehearse (a machine without a GPU) the Numba kernel runs
@@ -207,6 +210,33 @@ def check_fused_rawmodule(rehearse: bool) -> tuple[str, str]:
     )
 
 
+def check_step_launches(rehearse: bool) -> tuple[str, str]:
+    """Kernel launches and host time of one Adam step of a 3-layer MLP (the figure gpubp bench reports)."""
+    import gpubp as gp
+    from gpubp.device import cuda_status
+
+    n_gpu, why = cuda_status()
+    if n_gpu == 0 and not rehearse:
+        return "FAIL", f"no GPU: {why}"
+    device = "cuda" if n_gpu else "cudasim"
+    # the simulator runs every thread in Python: a tiny model, two steps
+    d, h, batch, steps = (64, 256, 128, 8) if n_gpu else (8, 16, 8, 2)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((steps * batch, d)).astype(np.float32), rng.integers(0, 10, steps * batch)
+    model = gp.Sequential(gp.Dense(d, h, "relu"), gp.Dense(h, h, "relu"), gp.Dense(h, 10),
+                          device=device, dtype="float32", seed=0)
+    opt = gp.optim.Adam(model.parameters(), lr=1e-3)
+    b = model.arena.backend
+    fit = dict(loss="cross_entropy", optimizer=opt, epochs=1, batch_size=batch, shuffle=False, verbose=0)
+    model.fit(x, y, **fit)  # compile and warm up
+    before, t0 = b.launch_count(), time.perf_counter()
+    model.fit(x, y, **fit)
+    took = (time.perf_counter() - t0) / steps
+    per_step = (b.launch_count() - before) / steps
+    return "ok", (f"{device}, {d}-{h}-{h}-10 relu, batch {batch}, Adam: {per_step:g} launches per step, "
+                  f"{took * 1e6:.0f} us per step (host wall time)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rehearse", action="store_true", help="no GPU here: simulator for Numba, skip the CUDA C check")
@@ -221,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     numba_report()
     print("== checks")
     counts = {"ok": 0, "FAIL": 0, "skipped": 0}
-    for name, fn in (("numba-on-cupy", check_numba_on_cupy), ("fused-rawmodule", check_fused_rawmodule)):
+    checks = (("numba-on-cupy", check_numba_on_cupy), ("fused-rawmodule", check_fused_rawmodule),
+              ("step-launches", check_step_launches))
+    for name, fn in checks:
         try:
             status, detail = fn(args.rehearse)
         except Exception as e:  # noqa: BLE001 - a check that raises has failed; say where

@@ -281,3 +281,21 @@ def test_a_guarded_optimizer_step_does_not_wait_for_the_device(monkeypatch):
         np.testing.assert_array_equal(host(model, model.arena.data), before, err_msg=type(opt).__name__)
     gp.optim.SGD(model.parameters(), lr=0.1).step(guard=b.asarray(np.array([0], np.int64), np.int64))
     assert not np.array_equal(host(model, model.arena.data), before)
+
+
+def test_kernel_launches_of_one_training_step():
+    """One Adam step of a 3-layer relu MLP with cross-entropy and the non-finite guard, counted
+    launch by launch: per layer forward GEMM + bias/activation (2 each: 6), the loss (2),
+    backward per layer activation' (relu layers: 2), bias gradient (2 each: 6), dW GEMM (3) and
+    dx GEMM (not the first layer: 2), the guard (3), one optimizer update over the arena (1)."""
+    model = gp.Sequential(gp.Dense(6, 8, "relu"), gp.Dense(8, 8, "relu"), gp.Dense(8, 3), device=DEVICE,
+                          dtype="float32", seed=0)
+    b = model.arena.backend
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 6)).astype(np.float32), rng.integers(0, 3, 64)
+    opt = gp.optim.Adam(model.parameters(), lr=1e-3)
+    model.fit(x, y, "cross_entropy", opt, epochs=1, batch_size=16, shuffle=False, verbose=0)  # compile, warm
+    before = b.launch_count()
+    model.fit(x, y, "cross_entropy", opt, epochs=1, batch_size=16, shuffle=False, verbose=0)  # 4 steps
+    per_step = (b.launch_count() - before) / 4
+    assert per_step == 6 + 2 + 2 + 6 + 3 + 2 + 3 + 1, per_step

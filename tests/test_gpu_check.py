@@ -109,7 +109,8 @@ def test_rehearsal_stage_0_reports_the_environment_and_the_simulator_guard(rehea
     _, out, _ = rehearsal
     env = (out / "0-environment.txt").read_text()
     for word in ("git commit", "numba-cuda", "cupy NVRTC (run time)", "NVRTC (offline check)",
-                 "check numba-on-cupy: ok", "check fused-rawmodule: skipped: rehearsal"):
+                 "check numba-on-cupy: ok", "check fused-rawmodule: skipped: rehearsal",
+                 "check step-launches: ok: cudasim", "launches per step"):
         assert word in env, word
     assert "numba cuda kernels: simulator (" in env  # the header says why
     assert "GPUBP_REQUIRE_GPU=1: refused to start" in env

@@ -489,9 +489,10 @@ PTX_SCRIPT = textwrap.dedent(
 def test_ptx_targets_listing():
     targets = nbo.ptx_targets()
     names = [t[0] for t in targets]
-    assert len(names) == len(set(names)) == 20
+    assert len(names) == len(set(names)) == 21
     for name in ("sgd", "adam", "rmsprop", "adagrad", "reduce_chunks", "clip_scale", "finite_scan"):
         assert f"{name}[float32]" in names and f"{name}[float64]" in names
+    assert {"reduce_partials", "set_flag", "merge_flag"} <= set(names)
     assert all(callable(fn) and isinstance(sig, tuple) for _, fn, sig in targets)
 
 
@@ -501,7 +502,7 @@ def test_every_kernel_compiles_to_ptx():
         [sys.executable, "-c", PTX_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    assert "targets 20 compiled 40" in run.stdout, run.stdout
+    assert "targets 21 compiled 42" in run.stdout, run.stdout
 
 
 # --- GPU only -------------------------------------------------------------------------------
@@ -527,3 +528,21 @@ def test_cupy_arrays_and_streams(seed):
     close(p, p_ref, np.float64, "cupy sgd", seed)
     close(buf, buf_ref, np.float64, "cupy sgd buffer", seed)
     np.testing.assert_allclose(float(total[0]), npo.sum_of_squares(p_ref), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_flag_nonfinite(dtype):
+    """fit's guard: the first tag sticks; a NaN/Inf loss value or gradient element sets it, three launches."""
+    g = np.ones(300, dtype)
+    flag = dev(np.zeros(1, np.int64))
+    before = nbo.launch_count()
+    nbo.flag_nonfinite_(dev(np.array([1.5])), dev(g), flag, 7)
+    assert nbo.launch_count() - before == 3 and host(flag)[0] == 0
+    nbo.flag_nonfinite_(dev(np.array([np.inf])), dev(g), flag, 7)
+    assert host(flag)[0] == 7
+    nbo.flag_nonfinite_(dev(np.array([np.nan])), dev(g), flag, 9)
+    assert host(flag)[0] == 7  # the first tag stays
+    flag = dev(np.zeros(1, np.int64))
+    g[257] = np.nan
+    nbo.flag_nonfinite_(dev(np.array([0.5])), dev(g), flag, 3)
+    assert host(flag)[0] == 3

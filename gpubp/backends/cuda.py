@@ -95,6 +95,7 @@ class CudaBackend(Backend):
         self._slots = [_Slot() for _ in range(4)]
         self._next_slot = 0
         self._numba_streams: dict[int, Any] = {}
+        self._gemms = 0  # cuBLAS GEMM calls queued by this backend (see launch_count)
         # Every launch runs on the stream its arrays were made on (CuPy's current
         # stream); Numba need not synchronise on a CUDA-array-interface stream.
         numba_config.CUDA_ARRAY_INTERFACE_SYNC = False
@@ -102,6 +103,15 @@ class CudaBackend(Backend):
             from gpubp.backends import cuda_fused
 
             self._fused = cuda_fused
+
+    def launch_count(self) -> int:
+        """Kernels queued so far: every Numba kernel launch in this process (``numba_cuda`` and
+        ``numba_cuda_optim`` count them), the fused CUDA C kernel launches, and this backend's
+        cuBLAS GEMM calls. CuPy's own elementwise kernels (dropout masks, row gathers, dtype
+        conversions) are not counted. ``gpubp bench`` and the GPU check report the difference
+        over one training step."""
+        fused = self._fused.launch_count() if self.fused and hasattr(self._fused, "launch_count") else 0
+        return self.nk.launch_count() + self.nbo.launch_count() + fused + self._gemms
 
     def __repr__(self) -> str:
         return f"CudaBackend(cuda:{self.index}{', fused' if self.fused else ''})"
@@ -262,6 +272,7 @@ class CudaBackend(Backend):
         xp = self.xp
         with self._launching(f"a dense forward of shape {tuple(x.shape)} @ {tuple(w.shape)}") as s:
             z = xp.matmul(x, w)
+            self._gemms += 1
             keep_z = training and act.saves == "z"
             a = xp.empty_like(z) if keep_z else z  # a over z when z + b is not needed again
             self.nk.bias_activation_forward(z, b, act, a, keep_z, stream=s, **self._launch)
@@ -286,6 +297,7 @@ class CudaBackend(Backend):
                 a = kept if act.saves == "a" else None
                 dz = self.nk.activation_backward(da, z, a, act, stream=s, **self._launch)
             xp.matmul(x.T, dz, out=dw)
+            self._gemms += 1 + bool(need_dx)  # dW here, dx below
             work = self._scratch(self.nk.bias_grad_work_size(*dz.shape), "bias_grad")
             self.nk.bias_grad(dz, db, stream=s, work=work, **self._bias_launch)
             return xp.matmul(dz, w.T) if need_dx else None
@@ -341,21 +353,9 @@ class CudaBackend(Backend):
             self.nbo.adagrad_update(p, g, state_sum, stream=s, **hp)
 
     def flag_nonfinite_(self, value: Value, g: Array, flag: Array, tag: int) -> None:
-        """Two launches and an elementwise select on the stream; nothing comes back to the host."""
-        xp = self.xp
+        """Three Numba launches on the stream (set, scan, merge); nothing comes back to the host."""
         with self._launching("checking for NaN/Inf") as s:
-            finite = self._scratch_int("finite")
-            self.nbo.all_finite_into(g.reshape(-1), finite, stream=s)
-            bad = (finite == 0) | ~xp.isfinite(value).reshape(1)
-            flag[...] = xp.where((flag == 0) & bad, xp.int64(tag), flag)
-
-    def _scratch_int(self, key: str) -> Array:
-        """A 1-element int32 work array, reused across calls on one stream."""
-        stream = self.stream()
-        slot = (key, id(stream) if stream != 0 else 0)
-        if slot not in self._work:
-            self._work[slot] = self.zeros(1, np.int32)
-        return self._work[slot]
+            self.nbo.flag_nonfinite_(value.reshape(1), g.reshape(-1), flag, tag, stream=s)
 
     # -- reductions (two-pass, fixed order) ------------------------------------------------------
 

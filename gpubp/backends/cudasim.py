@@ -55,6 +55,7 @@ class SimulatedCudaBackend(CudaBackend):
         self._work: dict[Any, Array] = {}
         self._slots = [_Slot()]
         self._next_slot = 0
+        self._gemms = 0
 
     def __repr__(self) -> str:
         return "SimulatedCudaBackend()"

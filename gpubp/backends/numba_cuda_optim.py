@@ -67,6 +67,7 @@ __all__ = [
     "clip_scale_",
     "all_finite",
     "all_finite_into",
+    "flag_nonfinite_",
     "full",
     "assign_",
     "to_numpy",
@@ -383,6 +384,14 @@ def set_flag(flag):
         flag[0] = 1
 
 
+@cuda.jit
+def merge_flag(finite, value, flag, tag):
+    # fit's non-finite guard, one thread: flag[0] = tag where flag[0] == 0 and the loss value
+    # or the gradient (finite[0] == 0, from all_finite_into) is not finite.
+    if cuda.grid(1) == 0 and flag[0] == 0 and (finite[0] == 0 or not math.isfinite(value[0])):
+        flag[0] = tag
+
+
 # name -> (kernel, argument kinds, element-wise); the dtype-generic kernels are listed per dtype.
 _KERNELS: dict[str, tuple[Any, str, bool]] = {
     "sgd": (sgd, "AAA" + "SSSS" + "IIIII" + "G", True),
@@ -398,6 +407,7 @@ _KERNELS: dict[str, tuple[Any, str, bool]] = {
 _COMMON: dict[str, tuple[Any, str]] = {
     "reduce_partials": (reduce_partials, "DIDII"),
     "set_flag": (set_flag, "N"),
+    "merge_flag": (merge_flag, "NDGI"),
 }
 
 
@@ -710,6 +720,20 @@ def all_finite_into(
     s = launch_stream(stream)
     _launch(set_flag, None, 1, 1, s, fa)
     _map("finite_scan", dt, n, s, threads, max_blocks, (ga, fa))
+
+
+def flag_nonfinite_(
+    value: Array, g: Array, flag: Array, tag: int, *, stream: Any = 0, threads: int | None = None,
+    max_blocks: int | None = None
+) -> None:
+    """``flag[0] = tag`` where ``flag[0] == 0`` and the 1-element float64 ``value`` or any element of
+    ``g`` is not finite; three launches, no wait (fit's non-finite guard, read with the loss)."""
+    va = _one(value, "value", np.dtype(np.float64))
+    fl = _one(flag, "flag", np.dtype(np.int64))
+    s = launch_stream(stream)
+    finite = _workspace("finite", 1, np.int32, s, _arr(g, "g"))
+    all_finite_into(g, finite, stream=s, threads=threads, max_blocks=max_blocks)
+    _launch(merge_flag, None, 1, 1, s, finite, va, fl, int(tag))
 
 
 def all_finite(g: Array, *, stream: Any = 0, threads: int | None = None, max_blocks: int | None = None) -> bool:

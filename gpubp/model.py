@@ -329,8 +329,9 @@ class Sequential:
         g = self._backend.asarray(self._checked(dout, "dout", None, False), self.dtype)
         return self._backward(g, input_grad)
 
-    def _backward(self, g: Any, input_grad: bool) -> Any:
-        """The backward pass from dL/d(output) already on the device."""
+    def _backward(self, g: Any, input_grad: bool, after_layer: Any = None) -> Any:
+        """The backward pass from dL/d(output) already on the device; ``after_layer(i)`` is
+        called once layer i's gradients are written (data-parallel gradient buckets)."""
         if self._out_shape is None:
             raise RuntimeError("backward called without a training forward pass before it")
         if tuple(g.shape) != self._out_shape:
@@ -341,6 +342,8 @@ class Sequential:
             g = layer.backward(g, need_dx=(i > 0 or input_grad))
             for p in layer.parameters():
                 self._check_layer(i, p.grad, f"{p.name.split('.')[1]} gradient")
+            if after_layer is not None:
+                after_layer(i)
         return g
 
     # -- training loop ---------------------------------------------------------------------

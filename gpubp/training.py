@@ -224,7 +224,7 @@ def fit(
                         value, dout = loss.compute(out, yb, backend) if dp is None else dp.loss(loss, out, yb, nb, backend)
                         if model.check_finite and not np.isfinite(float(value)):  # checks every layer, waits
                             raise NonFiniteError(f"loss: {float(value)} at epoch {model.epoch + 1}, step {s + 1}")
-                        model._backward(dout, input_grad=False)
+                        model._backward(dout, input_grad=False, after_layer=None if dp is None else dp.after_layer)
                     else:  # a batch smaller than the world leaves this rank without rows
                         out, value, outputs = None, 0.0, None
                         model.zero_grad()

@@ -278,8 +278,66 @@ def device_equivalence(comm, out, arg):
 
 DEVICE_CASES = ("sgd_nesterov", "dropout", "last_batch_of_one", "float32")
 
+def device_buckets(comm, out, arg):
+    """Bucket all-reduces on the side stream (NCCL): started tail first, as fit starts them, then
+    waited for; with two ranks, also fit with and without buckets on the GPU (the same bits)."""
+    import cupy
+
+    r, p = comm.rank, comm.size
+    dev = getattr(comm, "device_index", comm.local_rank)
+    with cupy.cuda.Device(dev):
+        a = cupy.zeros(1000, dtype=cupy.float64)
+        pending = []
+        for lo, hi in ((600, 1000), (300, 600), (0, 300)):
+            a[lo:hi] = cupy.arange(lo, hi, dtype=cupy.float64) + r  # written on the compute stream, then started
+            pending.append(comm.start_allreduce_(a[lo:hi], op="sum"))
+        for q in pending:
+            q.wait()
+        a *= 1.0  # later work on the compute stream sees the reduced values
+        res = {"backend": comm.backend, "sum": cupy.asnumpy(a).tolist()}
+    if p > 1:
+        for size in (0, 1):
+            comm.bucket_bytes = size
+            model = bucket_model("float64").to(f"cuda:{dev}")
+            opt = gp.optim.Adam(model.parameters(), lr=0.01)
+            x, y = data(29, "cross_entropy")
+            rec = Record()
+            model.fit(x, y, "cross_entropy", opt, epochs=2, batch_size=BATCH, verbose=0, callbacks=[rec], comm=comm)
+            np.savez(os.path.join(out, f"device-buckets-{size}-rank{r}.npz"), steps=np.stack(rec.steps))
+    return res
+
+
+# bucket_bytes tried by the "buckets" scenario: 0 = one all-reduce; 1 = a bucket per layer;
+# 600 = layers grouped; 10**9 = one bucket, started after the first layer's backward
+BUCKET_SIZES = (0, 1, 600, 10**9)
+
+
+def bucket_model(dtype: str, dropout: bool = False) -> gp.Sequential:
+    layers = [gp.Dense(5, 9, "tanh"), gp.Dense(9, 11, "relu")]
+    if dropout:
+        layers.append(gp.Dropout(0.2))
+    layers += [gp.Dense(11, 8, "gelu"), gp.Dense(8, 3)]
+    return gp.Sequential(*layers, dtype=dtype, seed=0)
+
+
+def buckets(comm, out, arg):
+    """Four layers trained with each of BUCKET_SIZES; the test compares the bits."""
+    res = {}
+    for dtype in ("float64", "float32"):
+        for size in BUCKET_SIZES:
+            comm.bucket_bytes = size
+            model = bucket_model(dtype, dropout=dtype == "float32")
+            opt = gp.optim.Adam(model.parameters(), lr=0.01)
+            x, y = data(29, "cross_entropy")
+            rec = Record()
+            model.fit(x, y, "cross_entropy", opt, epochs=2, batch_size=BATCH, verbose=0, callbacks=[rec], comm=comm,
+                      clip_grad_norm=0.5)
+            np.savez(os.path.join(out, f"buckets-{dtype}-{size}-rank{comm.rank}.npz"), steps=np.stack(rec.steps))
+    return res
+
 SCENARIOS = {f.__name__: f for f in (equivalence, api, bad_data, raise_midway, hang, nan_one_rank, interrupt, mismatch,
-                                     seeds_differ, callbacks, checkpoint, device_api, device_equivalence)}
+                                     seeds_differ, callbacks, checkpoint, device_api, device_equivalence,
+                                     buckets, device_buckets)}
 
 
 def main() -> int:

@@ -141,7 +141,7 @@ class FakeCudaContender(bk.GpubpContender):
     def model(self, layers, dtype):
         import gpubp as gp
 
-        return gp.Sequential(*layers, device="cpu", dtype=dtype, seed=0)
+        return gp.Sequential(*layers, device="cpu", dtype=dtype, seed=0, dense_impl="reference")
 
     def _copies(self, be, a, dtype, copies):
         return [np.array(a, dtype=dtype, copy=True) for _ in range(copies)]

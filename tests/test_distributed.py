@@ -210,6 +210,123 @@ def test_training_on_n_processes_equals_one_process(n, tmp_path):
             np.testing.assert_allclose(got, ref, **MODEL["float32"].kw(), err_msg=name)
 
 
+# --- gradient buckets: all-reduces started while backward runs ---------------------------------
+
+
+def test_buckets_are_whole_layers_cut_from_the_end_of_the_arena():
+    from gpubp.distributed.data_parallel import plan_buckets
+
+    model = worker.bucket_model("float64", dropout=True)  # Dense 54, Dense 110, Dropout, Dense 96, Dense 27
+    assert plan_buckets(model, 0) == []
+    spans = [(b.start, b.stop, b.first_layer, b.last_layer) for b in plan_buckets(model, 1)]
+    assert spans == [(260, 287, 4, 4), (164, 260, 3, 3), (54, 164, 1, 1), (0, 54, 0, 0)]
+    spans = [(b.start, b.stop, b.first_layer, b.last_layer) for b in plan_buckets(model, 600)]
+    assert spans == [(164, 287, 3, 4), (54, 164, 1, 1), (0, 54, 0, 0)]  # >= 600 bytes but the head
+    assert [(b.start, b.stop) for b in plan_buckets(model, 10**9)] == [(0, 287)]
+
+
+def test_bucket_bytes_is_checked():
+    from gpubp.distributed.data_parallel import plan_buckets
+
+    for bad in (-1, True, 1.5, "1k"):
+        with pytest.raises(ValueError, match="^bucket_bytes: expected a number of bytes >= 0"):
+            gp.distributed.init(bucket_bytes=bad)
+        with pytest.raises(ValueError, match="^bucket_bytes:"):
+            gp.distributed.SingleProcess().bucket_bytes = bad
+        with pytest.raises(ValueError, match="^bucket_bytes:"):
+            plan_buckets(worker.bucket_model("float64"), bad)
+    comm = gp.distributed.init(bucket_bytes=4096)
+    assert comm.bucket_bytes == 4096
+    comm.bucket_bytes = None
+    assert comm.bucket_bytes is None
+
+
+class _Recording(gp.distributed.Communicator):
+    """Rank 0 of a pretend world of two whose peer contributes nothing; logs when all-reduces start and end."""
+
+    backend = "mpi"
+
+    def __init__(self, log: list, arena) -> None:
+        super().__init__()
+        self.size, self.log, self.arena = 2, log, arena
+
+    def allgather(self, obj):
+        return [obj, obj]
+
+    def start_allreduce_(self, array, op="mean"):
+        start = (array.ctypes.data - self.arena.grad.ctypes.data) // array.itemsize
+        self.log.append(("start", start))
+        log = self.log
+
+        class Logged(gp.distributed.Pending):
+            def wait(self):
+                log.append(("wait", start))
+                return self.array
+
+        return Logged(array)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 600, 10**9])
+def test_a_bucket_all_reduce_starts_before_the_backward_of_the_layer_before_it(bucket_bytes):
+    from gpubp.distributed.data_parallel import plan_buckets
+
+    log: list = []
+    model = worker.bucket_model("float64", dropout=True)
+    for i, layer in enumerate(model.layers):
+        def logged(da, need_dx=True, i=i, backward=layer.backward):
+            log.append(("backward", i))
+            return backward(da, need_dx)
+        layer.backward = logged
+    opt = gp.optim.SGD(model.parameters(), lr=0.1)
+    step = opt.step
+
+    def logged_step(*a, **k):
+        log.append(("step", None))
+        return step(*a, **k)
+
+    opt.step = logged_step
+    comm = _Recording(log, model.arena)
+    comm.bucket_bytes = bucket_bytes
+    buckets = plan_buckets(model, bucket_bytes)
+    x, y = worker.data(16, "cross_entropy")
+    model.fit(x, y, "cross_entropy", opt, epochs=1, batch_size=8, verbose=0, comm=comm)
+    steps = [i for i, e in enumerate(log) if e[0] == "step"]
+    assert len(steps) == 2
+    begin = 0
+    for end in steps:  # one training step's events
+        events = log[begin:end + 1]
+        begin = end + 1
+        at = {e: k for k, e in enumerate(events)}
+        assert [e[1] for e in events if e[0] == "start"] == [b.start for b in buckets]  # tail first
+        for b in buckets:
+            started = at[("start", b.start)]
+            assert started > at[("backward", b.first_layer)]
+            if b.first_layer > 0:  # started before the layer before it runs its backward
+                assert started < at[("backward", b.first_layer - 1)]
+            assert at[("backward", 0)] < at[("wait", b.start)] < at[("step", None)]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_buckets_give_the_bits_of_one_allreduce(n, tmp_path):
+    """Any bucket size gives the same bits as one all-reduce of the arena (float64 and float32,
+    dropout, clipping, an uneven last batch), on every rank; and equals one process to rounding."""
+    _ok(launch(n, "buckets", tmp_path))
+    for dtype in ("float64", "float32"):
+        want = np.load(tmp_path / f"buckets-{dtype}-0-rank0.npz")["steps"]
+        for size in worker.BUCKET_SIZES:
+            for r in range(n):
+                got = np.load(tmp_path / f"buckets-{dtype}-{size}-rank{r}.npz")["steps"]
+                assert np.array_equal(got, want), f"{dtype}, bucket_bytes={size}, rank {r}"
+    model = worker.bucket_model("float64")
+    opt = gp.optim.Adam(model.parameters(), lr=0.01)
+    x, y = worker.data(29, "cross_entropy")
+    rec = worker.Record()
+    model.fit(x, y, "cross_entropy", opt, epochs=2, batch_size=worker.BATCH, verbose=0, callbacks=[rec],
+              clip_grad_norm=0.5)
+    np.testing.assert_allclose(np.load(tmp_path / "buckets-float64-1-rank0.npz")["steps"], np.stack(rec.steps),
+                               rtol=1e-12, atol=1e-15)
+
+
 def test_rank_zero_parameters_are_broadcast_at_the_start(tmp_path):
     reports = launch(3, "seeds_differ", tmp_path)
     _ok(reports)
@@ -363,3 +480,19 @@ def test_nccl_training_equals_one_process_on_a_gpu(tmp_path):
             np.testing.assert_allclose(runs[0]["steps"], ref, err_msg=name, **tol)
     finally:
         worker.model_for = plain
+
+
+def test_nccl_bucket_all_reduces_on_the_side_stream(tmp_path):
+    """Stream and event order of bucket all-reduces; with two GPUs, fit with and without buckets
+    gives the same bits (with two ranks every order of the sum does)."""
+    _skip_without_nccl()
+    n = min(2, _gpus())
+    reports = launch(n, "device_buckets", tmp_path, backend="nccl")
+    _ok(reports)
+    for rep in reports:
+        assert rep["backend"] == "nccl"
+        assert rep["sum"] == (n * np.arange(1000.0) + sum(range(n))).tolist()
+    if n > 1:
+        for r in range(n):
+            got = np.load(tmp_path / f"device-buckets-1-rank{r}.npz")["steps"]
+            assert np.array_equal(got, np.load(tmp_path / "device-buckets-0-rank0.npz")["steps"]), f"rank {r}"

@@ -23,13 +23,15 @@ from gpubp.distributed.comm import (
     Communicator,
     DistributedError,
     MPICommunicator,
+    Pending,
     SingleProcess,
+    check_bucket_bytes,
     world_size_from_environment,
 )
 from gpubp.distributed.nccl import NCCLCommunicator, nccl_unavailable_reason
 
 __all__ = ["BACKENDS", "OPS", "Communicator", "DistributedError", "MPICommunicator", "NCCLCommunicator",
-           "SingleProcess", "init", "mpi_unavailable_reason", "nccl_unavailable_reason"]
+           "Pending", "SingleProcess", "init", "mpi_unavailable_reason", "nccl_unavailable_reason"]
 
 BACKENDS = ("auto", "mpi", "nccl")
 
@@ -43,7 +45,8 @@ def mpi_unavailable_reason() -> str | None:
     return None
 
 
-def init(backend: str = "auto", *, timeout: float | None = 600.0, mpi_comm: Any = None) -> Communicator:
+def init(backend: str = "auto", *, timeout: float | None = 600.0, mpi_comm: Any = None,
+         bucket_bytes: int | None = None) -> Communicator:
     """The communicator of this process's group.
 
     Args:
@@ -55,6 +58,13 @@ def init(backend: str = "auto", *, timeout: float | None = 600.0, mpi_comm: Any 
             :class:`DistributedError` (None: wait for ever). A rank that raises inside
             ``fit`` tells the others at once; the timeout covers a rank that hangs.
         mpi_comm: an mpi4py communicator to use instead of ``MPI.COMM_WORLD``.
+        bucket_bytes: gradient buckets of ``fit(comm=...)``: the all-reduce of a bucket of
+            whole layers of at least this many bytes starts as soon as backward has written
+            it, while backward goes on with the earlier layers. 0: one all-reduce of the
+            whole gradient arena after backward. None: the backend's default (NCCL: 25 MiB,
+            as PyTorch DDP; MPI: 0, see the README). Also settable as ``comm.bucket_bytes``.
+            The result is the same bits with or without buckets on MPI (and on NCCL with
+            two ranks).
 
     Without mpi4py, a process started alone gets the single-process communicator; one
     started by a launcher with others (mpiexec, srun) raises, rather than train alone.
@@ -64,6 +74,13 @@ def init(backend: str = "auto", *, timeout: float | None = 600.0, mpi_comm: Any 
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not timeout > 0):
         raise ValueError(f"timeout: expected a number of seconds > 0 or None, got {timeout!r}")
+    check_bucket_bytes(bucket_bytes)
+    comm = _init(backend, timeout, mpi_comm)
+    comm.bucket_bytes = bucket_bytes
+    return comm
+
+
+def _init(backend: str, timeout: float | None, mpi_comm: Any) -> Communicator:
     why = mpi_unavailable_reason()
     if why is not None:
         world = world_size_from_environment()

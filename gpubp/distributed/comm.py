@@ -10,6 +10,9 @@ that does not complete within ``timeout`` seconds raises too.
 Reductions have a fixed order: element block k of the array is summed on rank k, in rank
 order 0, 1, ..., size - 1 (an all-to-all, the ordered sum, an all-gather), so every rank
 receives the same bits, and the same bits on every run, whatever MPI's own algorithms do.
+The sum of an element does not depend on the array's length or on where the array was cut,
+so gradient buckets (several all-reduces per step, started by
+:meth:`Communicator.start_allreduce_` while backward runs) give the bits of one all-reduce.
 """
 
 from __future__ import annotations
@@ -63,6 +66,31 @@ def _check_array(array: Any, op: str | None = None) -> None:
         raise ValueError("array: expected a C-contiguous array (reduced in place)")
 
 
+def check_bucket_bytes(value: Any) -> int | None:
+    """``bucket_bytes`` checked: None (the backend's default), 0 (no buckets) or a size in bytes."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"bucket_bytes: expected a number of bytes >= 0 (0: one all-reduce after backward) "
+                         f"or None (the backend's default), got {value!r}")
+    return int(value)
+
+
+class Pending:
+    """An all-reduce in flight (from :meth:`Communicator.start_allreduce_`); this one is complete."""
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def test(self) -> bool:
+        """Advance it without blocking; True once complete."""
+        return True
+
+    def wait(self) -> Any:
+        """Complete it; returns the reduced array."""
+        return self.array
+
+
 class Communicator:
     """A group of ``size`` processes training one model; this process is ``rank``.
 
@@ -79,6 +107,7 @@ class Communicator:
         self.local_rank = 0
         self.timeout: float | None = None
         self.broken: str | None = None  # why this communicator can no longer be used
+        self._bucket_bytes: int | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend!r}, rank={self.rank}, size={self.size})"
@@ -93,6 +122,28 @@ class Communicator:
         _check_op(op)
         _check_array(array, op)
         return array
+
+    def start_allreduce_(self, array: Any, op: str = "mean") -> Pending:
+        """Start reducing ``array`` as :meth:`allreduce_` does; ``.wait()`` on the result completes it.
+
+        The same bits as :meth:`allreduce_` (the order of the sum per element does not
+        depend on how an array is cut into calls). Every rank must start its all-reduces
+        in the same order. Until ``wait`` returns, ``array`` must not be read or written
+        (on a GPU: by later work on the current stream, which ``wait`` orders after it).
+        """
+        return Pending(self.allreduce_(array, op))
+
+    def _before_buckets(self) -> None:
+        """Called once per step before the first gradient bucket's all-reduce starts."""
+
+    @property
+    def bucket_bytes(self) -> int | None:
+        """Size of the gradient buckets of ``fit(comm=...)`` in bytes (see :func:`gpubp.distributed.init`)."""
+        return self._bucket_bytes
+
+    @bucket_bytes.setter
+    def bucket_bytes(self, value: Any) -> None:
+        self._bucket_bytes = check_bucket_bytes(value)
 
     def broadcast_(self, array: Any, root: int = 0) -> Any:
         """Overwrite ``array`` on every rank with rank ``root``'s values; returns it."""
@@ -182,6 +233,7 @@ class MPICommunicator(Communicator):
         self._MPI = MPI
         base = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self._comm = base.Dup()  # gpubp's own context: no clash with the program's MPI traffic
+        self._gather = self._comm.Dup()  # the all-gather half of all-reduces: see _gather_comm
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
@@ -241,37 +293,28 @@ class MPICommunicator(Communicator):
     # -- collectives ------------------------------------------------------------------------
 
     def allreduce_(self, array: Any, op: str = "mean") -> Any:
+        return self.start_allreduce_(array, op).wait()
+
+    def start_allreduce_(self, array: Any, op: str = "mean") -> Pending:
         _check_op(op)
         _check_array(array, op)
         self._usable()
         if self.size == 1:
-            return array
-        flat, backend = _host(array)
-        self._reduce_host(flat, op)
-        if backend is not None:
-            backend.assign_(array, flat)
-        return array
+            return Pending(array)
+        return _OrderedAllreduce(self, array, op)
 
     def _reduce_host(self, flat: np.ndarray, op: str) -> None:
         """Fixed-order all-reduce of a 1-D host array in place: block k summed on rank k in rank order."""
-        n, p = flat.size, self.size
-        c = -(-n // p) if n else 1
-        send = np.zeros(p * c, dtype=flat.dtype)
-        send[:n] = flat
-        recv = np.empty((p, c), dtype=flat.dtype)
-        self._wait(self._comm.Ialltoall(send, recv), f"all-reduce ({op}) of {n} elements")
-        acc = recv[0].copy()
-        for j in range(1, p):  # rank order: the same sum on every run
-            if op in ("sum", "mean"):
-                acc += recv[j]
-            elif op == "max":
-                np.maximum(acc, recv[j], out=acc)
-            else:
-                np.minimum(acc, recv[j], out=acc)
-        if op == "mean":
-            acc /= p
-        self._wait(self._comm.Iallgather(acc, send), f"all-reduce ({op}) of {n} elements")
-        flat[:] = send[:n]
+        _OrderedAllreduce(self, flat, op).wait()
+
+    def _gather_comm(self) -> Any:
+        """The duplicate that carries the all-gather half of all-reduces.
+
+        Every rank must start non-blocking collectives on one communicator in the same order.
+        With several all-reduces in flight, the all-to-all of one and the all-gather of an
+        earlier one may become ready in different orders on different ranks; each half on a
+        communicator of its own keeps both orders the same everywhere."""
+        return self._gather
 
     def broadcast_(self, array: Any, root: int = 0) -> Any:
         root = self._check_root(root)
@@ -317,9 +360,72 @@ class MPICommunicator(Communicator):
     def close(self) -> None:
         if self._comm is not None and not self.broken:
             with contextlib.suppress(Exception):
+                if self._gather is not None:
+                    self._gather.Free()
                 self._comm.Free()
-        self._comm = None
+        self._comm = self._gather = None
         self.broken = self.broken or "closed"
+
+
+class _OrderedAllreduce(Pending):
+    """The fixed-order all-reduce of :class:`MPICommunicator`, in two non-blocking halves.
+
+    An all-to-all gives rank k block k of every rank's array; rank k sums it in rank order
+    0, 1, ..., size - 1 (element by element: the sum of one element does not depend on the
+    array's length or on where it was cut); an all-gather on a second communicator returns
+    the blocks. :meth:`test` advances it as far as MPI has got without waiting.
+    """
+
+    def __init__(self, comm: MPICommunicator, array: Any, op: str) -> None:
+        super().__init__(array)
+        self.comm, self.op = comm, op
+        self.flat, self.backend = _host(array)
+        n, p = self.flat.size, comm.size
+        self.n, c = n, (-(-n // p) if n else 1)
+        self.what = f"all-reduce ({op}) of {n} elements"
+        self.send = np.zeros(p * c, dtype=self.flat.dtype)
+        self.send[:n] = self.flat
+        self.recv = np.empty((p, c), dtype=self.flat.dtype)
+        self.request = comm._comm.Ialltoall(self.send, self.recv)
+        self.stage = 0  # 0: all-to-all in flight, 1: all-gather in flight, 2: done
+
+    def _advance(self, block: bool) -> bool:
+        if self.stage == 0:
+            if block:
+                self.comm._wait(self.request, self.what)
+            elif not self.request.Test():
+                return False
+            recv, op = self.recv, self.op
+            acc = recv[0].copy()
+            for j in range(1, self.comm.size):  # rank order: the same sum on every run
+                if op in ("sum", "mean"):
+                    acc += recv[j]
+                elif op == "max":
+                    np.maximum(acc, recv[j], out=acc)
+                else:
+                    np.minimum(acc, recv[j], out=acc)
+            if op == "mean":
+                acc /= self.comm.size
+            self.acc = acc
+            self.request = self.comm._gather_comm().Iallgather(acc, self.send)
+            self.stage = 1
+        if self.stage == 1:
+            if block:
+                self.comm._wait(self.request, self.what)
+            elif not self.request.Test():
+                return False
+            self.flat[:] = self.send[: self.n]
+            if self.backend is not None:
+                self.backend.assign_(self.array, self.flat)
+            self.stage = 2
+        return True
+
+    def test(self) -> bool:
+        return self._advance(block=False)
+
+    def wait(self) -> Any:
+        self._advance(block=True)
+        return self.array
 
 
 def world_size_from_environment() -> int:

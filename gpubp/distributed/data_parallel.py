@@ -12,6 +12,15 @@ gradient arena is then summed across ranks (one fixed-order all-reduce) and ever
 takes the same optimizer step. Dropout masks are those of the whole batch: rank r's rows
 start at row r B // P of it.
 
+Gradient buckets (``comm.bucket_bytes``): the arena is cut, from its end, into buckets of
+whole layers of at least ``bucket_bytes`` each. Layers are carved in order, so the last
+layers' gradients are the arena's tail, which backward writes first: once backward has
+written every layer of a bucket, that bucket's all-reduce starts (``start_allreduce_``)
+while backward goes on with the earlier layers, and the step waits for all of them before
+the guard and the optimizer. Bucket k starts after the backward of its first layer and
+before the backward of the layer before it. The sum of each element is the same as one
+all-reduce of the whole arena on the MPI path (see :mod:`gpubp.distributed.comm`).
+
 The non-finite guard reads the reduced gradients only (the same bits on every rank), so
 all ranks take the same decision; metrics are summed across ranks once per epoch, and
 the progress value and Ctrl-C are agreed every ``READ_EVERY`` steps.
@@ -19,11 +28,58 @@ the progress value and Ctrl-C are agreed every ``READ_EVERY`` steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from gpubp.distributed.comm import Communicator
+from gpubp.distributed.comm import Communicator, Pending, check_bucket_bytes
+
+# bucket_bytes when the communicator's is None: DDP's 25 MiB where the all-reduce runs beside
+# the compute (NCCL: a stream of its own); none on MPI, whose progress shares the CPU with
+# backward (see README, "Data-parallel training").
+DEFAULT_BUCKET_BYTES = {"nccl": 25 << 20, "mpi": 0, "single": 0}
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Gradients ``[start, stop)`` of the arena: the whole parameters of layers ``first_layer`` .. ``last_layer``."""
+
+    start: int
+    stop: int
+    first_layer: int
+    last_layer: int
+
+
+def plan_buckets(model: Any, bucket_bytes: Any) -> list[Bucket]:
+    """The arena cut from its end into buckets of whole layers of at least ``bucket_bytes``
+    (the first bucket of the arena may be smaller), in the order backward completes them;
+    ``[]`` for ``bucket_bytes`` 0 (one all-reduce after backward)."""
+    bucket_bytes = check_bucket_bytes(bucket_bytes)
+    if not bucket_bytes:
+        return []
+    itemsize = model.dtype.itemsize
+    spans = []  # (layer, start, stop) of every layer with parameters
+    for i, layer in enumerate(model.layers):
+        params = layer.parameters()
+        if params:
+            lo = min(p.offset for p in params)
+            hi = max(p.offset + p.size for p in params)
+            if hi - lo != sum(p.size for p in params):
+                raise AssertionError(f"layer {i}: its parameters are not adjacent in the arena")
+            spans.append((i, lo, hi))
+    buckets: list[Bucket] = []
+    cur: list[tuple[int, int, int]] = []
+    for span in reversed(spans):
+        if cur and cur[-1][1] != span[2]:
+            raise AssertionError(f"layer {span[0]}: its parameters do not end where layer {cur[-1][0]}'s begin")
+        cur.append(span)
+        if (cur[0][2] - span[1]) * itemsize >= bucket_bytes:
+            buckets.append(Bucket(span[1], cur[0][2], span[0], cur[0][0]))
+            cur = []
+    if cur:
+        buckets.append(Bucket(cur[-1][1], cur[0][2], cur[-1][0], cur[0][0]))
+    return buckets
 
 
 def resolve(comm: Any) -> Communicator | None:
@@ -63,6 +119,10 @@ class DataParallel:
         self._broadcast_state(model, optimizer)
         backend = model.arena.backend
         self.finite_value = backend.zeros((), np.float64)  # the guard's loss value: see the module docstring
+        size = comm.bucket_bytes if comm.bucket_bytes is not None else DEFAULT_BUCKET_BYTES.get(comm.backend, 0)
+        self.buckets = plan_buckets(model, size)
+        self._grad = model.arena.grad
+        self._pending: list[Pending] = []
 
     def _check_agreement(self, mine: dict[str, Any]) -> None:
         everyone = self.comm.allgather(mine)
@@ -110,9 +170,28 @@ class DataParallel:
             scale = 1.0
         return loss._value_and_grad(backend, out, yb, scale)
 
+    def after_layer(self, i: int) -> None:
+        """Called after layer ``i``'s backward: start the all-reduce of every bucket it completed."""
+        if not self.buckets:
+            return
+        while len(self._pending) < len(self.buckets) and self.buckets[len(self._pending)].first_layer >= i:
+            if not self._pending:
+                self.comm._before_buckets()
+            b = self.buckets[len(self._pending)]
+            self._pending.append(self.comm.start_allreduce_(self._grad[b.start:b.stop], op="sum"))
+        for p in self._pending:  # let MPI move the ones in flight along
+            p.test()
+
     def reduce_gradients(self, model: Any) -> None:
-        """Sum the gradient arena across ranks (each rank's part already carries the global scale)."""
-        self.comm.allreduce_(model.arena.grad, op="sum")
+        """Sum the gradient arena across ranks (each rank's part already carries the global scale):
+        one all-reduce, or the buckets not started yet, then wait for every bucket."""
+        if not self.buckets:
+            self.comm.allreduce_(model.arena.grad, op="sum")
+            return
+        self.after_layer(-1)  # a rank without rows, or layers without a hook: start the rest now
+        pending, self._pending = self._pending, []
+        for p in pending:
+            p.wait()
 
     def sync(self, value: Any, hit: bool) -> float:
         """Every READ_EVERY steps: the batch loss summed across ranks, and Ctrl-C on any rank."""

@@ -9,9 +9,19 @@ Before each NCCL collective the ranks meet in a polled MPI barrier: a rank that 
 stopped is then reported (:class:`DistributedError`) instead of leaving the others'
 kernels waiting on the GPU.
 
+Gradient buckets (:meth:`NCCLCommunicator.start_allreduce_`, used by ``fit`` while backward
+runs): an event recorded on the compute stream once backward has written a bucket, a
+side stream that waits for that event and runs the bucket's ``ncclAllReduce`` while the
+compute stream goes on with the earlier layers' backward, and an event on the side stream
+that the compute stream waits for before the optimizer reads the gradients. The host never
+waits. The ranks meet in one polled MPI barrier per step, before the first bucket.
+
 Order of the sum: NCCL's own (ring or tree), fixed for a given world, topology, NCCL
 version and settings, and every rank receives the same bits; it is not the rank order of
-the MPI path, so results on GPUs and on CPUs differ by rounding.
+the MPI path, so results on GPUs and on CPUs differ by rounding. With two ranks every
+order gives the same bits (a + b == b + a), so buckets change nothing; with three or more,
+NCCL's order for an element depends on where it falls in the buffer of a call, so bucketed
+and unbucketed results may differ by rounding (still the same bits on every rank).
 """
 
 from __future__ import annotations
@@ -22,7 +32,22 @@ from typing import Any
 
 import numpy as np
 
-from gpubp.distributed.comm import MPICommunicator, _check_array, _check_op
+from gpubp.distributed.comm import MPICommunicator, Pending, _check_array, _check_op
+
+
+class _StreamPending(Pending):
+    """A bucket's all-reduce queued on the side stream; ``wait`` orders the compute stream after it."""
+
+    def __init__(self, array: Any, compute: Any, done: Any) -> None:
+        super().__init__(array)
+        self.compute, self.done = compute, done
+
+    def test(self) -> bool:
+        return bool(self.done.done)
+
+    def wait(self) -> Any:
+        self.compute.wait_event(self.done)  # no host wait: later kernels on the compute stream wait
+        return self.array
 
 
 def nccl_unavailable_reason() -> str | None:
@@ -70,6 +95,7 @@ class NCCLCommunicator(MPICommunicator):
         self._types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
                        "int32": nccl.NCCL_INT32, "int64": nccl.NCCL_INT64}
         self._ops = {"sum": nccl.NCCL_SUM, "mean": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
+        self._side: dict[int, Any] = {}  # device id -> the stream bucket all-reduces run on
 
     def _on_device(self, array: Any) -> bool:
         return not isinstance(array, np.ndarray) and isinstance(array, self._cupy.ndarray)
@@ -88,6 +114,34 @@ class NCCLCommunicator(MPICommunicator):
             if op == "mean":
                 array /= self.size
         return array
+
+    def start_allreduce_(self, array: Any, op: str = "mean") -> Pending:
+        """Queue the all-reduce of ``array`` on a side stream once the current stream's work so far is done."""
+        _check_op(op)
+        _check_array(array, op)
+        if not self._on_device(array):
+            return super().start_allreduce_(array, op)
+        self._usable()
+        cuda = self._cupy.cuda
+        with array.device:
+            compute = cuda.get_current_stream()
+            side = self._side.get(array.device.id)
+            if side is None:
+                side = self._side[array.device.id] = cuda.Stream(non_blocking=True)
+            ready = cuda.Event(disable_timing=True)
+            ready.record(compute)  # backward has written this bucket
+            side.wait_event(ready)
+            self._nccl.allReduce(array.data.ptr, array.data.ptr, array.size, self._types[array.dtype.name],
+                                 self._ops[op], side.ptr)
+            if op == "mean":
+                with side:
+                    array /= self.size
+            done = cuda.Event(disable_timing=True)
+            done.record(side)
+        return _StreamPending(array, compute, done)
+
+    def _before_buckets(self) -> None:
+        self.barrier()  # every rank is here: the NCCL kernels will find their peers
 
     def broadcast_(self, array: Any, root: int = 0) -> Any:
         root = self._check_root(root)

@@ -496,3 +496,48 @@ def test_nccl_bucket_all_reduces_on_the_side_stream(tmp_path):
         for r in range(n):
             got = np.load(tmp_path / f"device-buckets-1-rank{r}.npz")["steps"]
             assert np.array_equal(got, np.load(tmp_path / "device-buckets-0-rank0.npz")["steps"]), f"rank {r}"
+
+
+# --- gpubp.distributed.benchmark ------------------------------------------------------------------
+
+
+def test_benchmark_measures_allreduce_and_step_on_one_and_two_processes():
+    _skip_without_mpi()
+    from gpubp.distributed.benchmark import measure, table
+
+    records = measure(procs=(1, 2), sizes=(8, 100), rounds=2, warmup=1, batch=32, threads=1, timeout=LAUNCH_TIMEOUT)
+    assert [(r["what"], r["procs"], r["size"]) for r in records] == [
+        ("allreduce", 1, 8), ("allreduce", 1, 100), ("step", 1, 32),
+        ("allreduce", 2, 8), ("allreduce", 2, 100), ("step", 2, 32)]
+    for r in records:
+        assert {"median_s", "p10_s", "p90_s", "device", "backend", "rounds", "dtype", "threads"} <= r.keys()
+        assert 0 <= r["p10_s"] <= r["median_s"] <= r["p90_s"] and r["device"] == "cpu" and r["threads"] == 1
+        assert r["backend"] == "mpi" and r["rounds"] == 2
+    assert [r["bytes"] for r in records if r["what"] == "allreduce"] == [64, 800, 64, 800]
+    assert all(r["bytes_per_s"] > 0 for r in records if r["what"] == "allreduce")
+    assert all(r["model"] == "64-256-256-10" and r["samples_per_s"] > 0 for r in records if r["what"] == "step")
+    text = table(records)
+    assert text.splitlines()[0].split()[:4] == ["what", "procs", "size", "median"] and "samples/s" in text
+
+
+@pytest.mark.parametrize("kw, name", [({"procs": (0,)}, "procs"), ({"procs": ()}, "procs"), ({"sizes": (-1,)}, "sizes"),
+                                      ({"rounds": 0}, "rounds"), ({"device": "tpu"}, "device"),
+                                      ({"threads": 0}, "threads"), ({"bucket_bytes": -1}, "bucket_bytes"),
+                                      ({"dtype": "int8"}, "dtype"), ({"timeout": 0}, "timeout")])
+def test_benchmark_arguments_are_checked(kw, name):
+    from gpubp.distributed.benchmark import measure
+
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        measure(**kw)
+
+
+def test_benchmark_module_prints_a_table():
+    _skip_without_mpi()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "gpubp.distributed.benchmark", "--procs", "2", "--sizes", "16",
+                           "--rounds", "2", "--warmup", "0", "--no-steps", "--threads", "1"],
+                          env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("device cpu, float64, 1 thread(s) per process")
+    assert lines[2].split()[:3] == ["allreduce", "2", "16"] and "GB/s" in lines[2]

@@ -19,7 +19,7 @@ $XDG_DATA_HOME/gpubp/bench (~/.local/share/gpubp/bench), unless --out says other
 """
 EPILOG = """\
 cases: dense_fwd:<act>, dense_fwd_bwd:<act>, step:mnist_mlp, step:deep_narrow, step:wide,
-       optim:adam, optim:sgd_momentum, loss:cross_entropy (names, groups or globs)
+       optim:adam, optim:sgd_momentum, loss:cross_entropy, allreduce (names, groups or globs)
 contenders: gpubp, gpubp-unfused, torch-cuda, torch-compile, numpy, torch-cpu
 """
 
@@ -31,7 +31,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.set_defaults(tier="quick", func=run)
     tier, comp = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
     tier.add_argument("--full", dest="tier", action="store_const", const="full",
-                      help="the full grid: every width, batch and activation; torch.compile on (long)")
+                      help="the full grid: every width, batch and activation, allreduce; torch.compile on (long)")
     tier.add_argument("--smoke", dest="tier", action="store_const", const="smoke",
                       help="tiny sizes and few repeats: checks that the suite runs (seconds)")
     p.add_argument("--cases", default=None, help="comma-separated case names, groups, prefixes or globs")
@@ -63,7 +63,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def default_folder(results: dict[str, Any]) -> Path:
     """<root>/<date>-<gpu or cpu name>, root $GPUBP_BENCH_DIR, else $XDG_DATA_HOME/gpubp/bench
     (~/.local/share/gpubp/bench): outside the checkout. A -2, -3, ... suffix keeps an earlier run of the day."""
-    from gpubp.bench.report import slug, where
+    from gpubp.bench.run import slug, where
 
     base = Path(os.environ.get("GPUBP_BENCH_DIR") or Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local"
                                                               / "share") / "gpubp" / "bench")
@@ -78,10 +78,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``gpubp bench`` with parsed ``args``; returns the exit status."""
     if args.tf32:
         os.environ["CUPY_TF32"] = "1"  # read when CuPy is imported: set before anything imports it
-    from gpubp.bench import report
     from gpubp.bench.cases import select_cases
     from gpubp.bench.contenders import make_contenders
-    from gpubp.bench.run import Options, Runner
+    from gpubp.bench.run import Options, Runner, report_text, write_all
 
     split, tier = (lambda s: [t.strip() for t in s.split(",") if t.strip()] if s else None), args.tier
     cases = select_cases(tier, args.dtype, split(args.cases))
@@ -99,24 +98,21 @@ def run(args: argparse.Namespace) -> int:
     plan = runner.prepare()
     print(f"gpubp bench ({tier}): {len(cases)} cases, {plan['runs']} runs on the {plan['target'].upper()} grid",
           flush=True)
-    for c in plan["contenders"]:
-        if not c["available"]:
-            print(f"  not run: {c['name']} ({c['device']}): {c['reason']}", flush=True)
-    if not any(c["available"] for c in plan["contenders"]):
+    if not any(c["available"] for c in plan["contenders"]) and not any(c is None for *_, c in runner.tasks):
         print("gpubp bench: no contender can run here")
         return 1
     started = time.perf_counter()
     results = runner.run()
-    print(f"\n{report.header(results)}\n\n{report.table(results)}\n\n{report.headline_text(results)}")
+    print(f"\n{report_text(results)}")
     folder = Path(args.out) if args.out else default_folder(results)
     try:
-        written = report.write_all(results, folder, plots=not args.no_plots)
+        written = write_all(results, folder, plots=not args.no_plots)
     except OSError as e:  # the user data folder is not writable: the temp folder then
         if args.out:
             raise
         print(f"cannot write {folder} ({e}); writing to the temp folder instead")
         folder = Path(tempfile.mkdtemp(prefix=f"gpubp-bench-{folder.name}-"))
-        written = report.write_all(results, folder, plots=not args.no_plots)
+        written = write_all(results, folder, plots=not args.no_plots)
     n_plots = sum(k.startswith("plot:") for k in written)
     print(f"\nwrote {folder}/: results.json, summary.md, {n_plots} plot(s)  ({time.perf_counter() - started:.1f} s)")
     if "plots_skipped" in results:

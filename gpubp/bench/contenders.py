@@ -1,10 +1,10 @@
 """The contenders, at the same shapes, dtype and TF32 setting: gpubp (fused kernels) and gpubp-unfused
-(cupy.matmul + separate kernels) on the GPU, gpubp's NumPy path (numpy), PyTorch eager on the GPU and the
-CPU, torch.compile(dynamic=True) on the GPU.
+(cupy.matmul + separate kernels) on the GPU, gpubp on the CPU (numpy), PyTorch eager on the GPU and the CPU,
+torch.compile(dynamic=True) on the GPU.
 
-``setup(case, size, inputs, copies)`` gives a :class:`Prepared`: ``step(i)`` runs one call on input copy
-``i % copies``; ``result()`` gives host arrays for the gate; ``launches()`` (gpubp, when its backend has
-``launch_count()``) the kernel launches of one step.
+One table, ``OPS``: case kind -> contender family (gpubp, torch) -> the operation, built from the case, the
+host inputs and their device copies. Each contender's one ``setup`` moves the inputs to its device (batched
+ones in ``copies`` copies that steps rotate over) and wraps the operation in a :class:`Prepared`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import gpubp as gp
-from gpubp.bench.cases import STEP_LR, STEP_MOMENTUM, Case, model_layers
+from gpubp.bench.cases import HYPER, STEP_OPTIM, Case, model_layers
 from gpubp.bench.timing import Settings, time_gpu, time_host
 
 CONTENDER_NAMES = ("gpubp", "gpubp-unfused", "torch-cuda", "torch-compile", "numpy", "torch-cpu")
@@ -26,6 +26,9 @@ CONTENDER_NAMES = ("gpubp", "gpubp-unfused", "torch-cuda", "torch-compile", "num
 
 @dataclass
 class Prepared:
+    """``step(i)`` runs one call on input copy ``i % copies``; ``result()`` gives host arrays for the gate;
+    ``launches()`` the kernel launches of one step (gpubp steps, where the backend has ``launch_count()``)."""
+
     step: Callable[[int], Any]
     result: Callable[[], dict[str, Any]]
     launches: Callable[[], int] | None = None
@@ -37,15 +40,139 @@ def to_host(a: Any) -> np.ndarray:
     return np.array(a.detach().cpu().numpy() if mod == "torch" else a.get() if mod == "cupy" else a, copy=True)
 
 
-def _scalar(v: Any) -> np.float64:
-    return np.float64(to_host(v).reshape(-1)[0])
-
-
 def short(e: BaseException) -> str:
     return (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0][:300]
 
 
+# --- the operations: each returns call(i) -> {name: array, or a function giving it when the gate reads it} ---
+
+
+def gpubp_layer(c: Any, case: Any, inp: dict, A: dict) -> Callable:
+    fwd, layer = case.mode == "fwd", gp.Dense(*inp["w"].shape, case.activation)
+    model = c.model([layer], case.dtype, np.concatenate([inp["w"].ravel(), inp["b"]]))
+
+    def call(i: int) -> dict:
+        a = model.forward(pick(A, "x", i), training=not fwd)
+        return {"a": a} if fwd else {"a": a, "dx": model.backward(pick(A, "da", i), input_grad=True),
+                                     "dW": layer.weight.grad, "db": layer.bias.grad}
+    return call
+
+
+def gpubp_step(c: Any, case: Any, inp: dict, A: dict) -> Callable:
+    model = c.model(model_layers(case.key), case.dtype, inp["params"])
+    be, loss, opt = model.arena.backend, gp.losses.CrossEntropy(), gp.optim.SGD(model.parameters(), **HYPER[STEP_OPTIM])
+
+    def call(i: int) -> dict:
+        value, dout = loss.compute(model.forward(pick(A, "x", i), training=True), pick(A, "y", i), be)
+        model.backward(dout)
+        opt.step()
+        return {"loss": value, "grads": model.arena.grad, "params": model.arena.data}
+    call.launch_count = getattr(be, "launch_count", None)
+    return call
+
+
+def gpubp_optimizer(c: Any, case: Any, inp: dict, A: dict) -> Callable:
+    from gpubp.parameter import Arena
+
+    arena = Arena(inp["p"].size, case.dtype, c.backend())
+    p = arena.carve("p", inp["p"].shape)
+    arena.backend.assign_(arena.data, inp["p"])
+    arena.backend.assign_(arena.grad, inp["g"])
+    opt = (gp.optim.Adam if case.which == "adam" else gp.optim.SGD)([p], **HYPER[case.which])
+    return lambda i: opt.step() or {"p": arena.data}
+
+
+def gpubp_loss(c: Any, case: Any, inp: dict, A: dict) -> Callable:
+    be, loss = c.backend(), gp.losses.CrossEntropy()
+    return lambda i: dict(zip(("value", "grad"), loss.compute(pick(A, "logits", i), pick(A, "y", i), be), strict=True))
+
+
+def torch_layer(c: Any, case: Any, inp: dict, A: dict) -> Callable:
+    import torch
+    import torch.nn.functional as F
+
+    p, fwd = case.activation.params, case.mode == "fwd"
+    act = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, p.get("slope")),
+           "elu": lambda z: F.elu(z, p.get("alpha")), "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+           "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu,
+           "softplus": lambda z: F.softplus(z, p.get("beta"), p.get("threshold"))}[case.activation.name]
+    wt, b = A["w"][0].T.contiguous().requires_grad_(not fwd), A["b"][0].requires_grad_(not fwd)  # nn.Linear layout
+    fn = c.compiled(case.name, lambda x, w, bias: act(F.linear(x, w, bias)))
+    for x in A["x"]:
+        x.requires_grad_(not fwd)
+
+    def call(i: int) -> dict:
+        with torch.set_grad_enabled(not fwd):
+            a = fn(pick(A, "x", i), wt, b)
+        if fwd:
+            return {"a": a}
+        g = torch.autograd.grad(a, (pick(A, "x", i), wt, b), grad_outputs=pick(A, "da", i))
+        return {"a": a, "dx": g[0], "dW": g[1].T, "db": g[2]}
+    return call
+
+
+def torch_step(c: Any, case: Any, inp: dict, A: dict) -> Callable:
+    import torch
+    import torch.nn.functional as F
+
+    flat, sl, mods = A["params"][0], case.param_slices(), []
+    for i, ((a, b), (_, sw), (_, sb)) in enumerate(zip(case.pairs, sl[::2], sl[1::2], strict=True)):
+        lin = torch.nn.Linear(a, b, dtype=flat.dtype, device=flat.device)
+        with torch.no_grad():
+            lin.weight.copy_(flat[sw].reshape(a, b).T)
+            lin.bias.copy_(flat[sb])
+        mods += [lin, torch.nn.ReLU()] if i < len(case.pairs) - 1 else [lin]
+    net = torch.nn.Sequential(*mods)
+    opt, fn = torch.optim.SGD(net.parameters(), **HYPER[STEP_OPTIM]), c.compiled(None, lambda x, y: F.cross_entropy(
+        net(x), y))
+    lins = [m for m in net if isinstance(m, torch.nn.Linear)]
+
+    def flat_of(get: Callable) -> Any:  # gpubp's arena layout: weight (in, out), then bias, per layer
+        return torch.cat([t for m in lins for t in (get(m.weight).T.reshape(-1), get(m.bias))])
+
+    def call(i: int) -> dict:
+        opt.zero_grad(set_to_none=True)
+        loss = fn(pick(A, "x", i), pick(A, "y", i))
+        loss.backward()
+        opt.step()
+        return {"loss": loss, "grads": lambda: flat_of(lambda t: t.grad), "params": lambda: flat_of(lambda t: t)}
+    return call
+
+
+def torch_optimizer(c: Any, case: Any, inp: dict, A: dict) -> Callable:
+    import torch
+
+    p = torch.nn.Parameter(A["p"][0])
+    p.grad = A["g"][0]
+    opt = (torch.optim.Adam if case.which == "adam" else torch.optim.SGD)([p], **HYPER[case.which])
+    return lambda i: opt.step() or {"p": p}
+
+
+def torch_loss(c: Any, case: Any, inp: dict, A: dict) -> Callable:
+    import torch
+    import torch.nn.functional as F
+
+    fn = c.compiled(case.name, F.cross_entropy)
+    for z in A["logits"]:
+        z.requires_grad_(True)
+
+    def call(i: int) -> dict:
+        value = fn(pick(A, "logits", i), pick(A, "y", i))
+        return {"value": value, "grad": torch.autograd.grad(value, pick(A, "logits", i))[0]}
+    return call
+
+
+OPS = {"layer": {"gpubp": gpubp_layer, "torch": torch_layer}, "step": {"gpubp": gpubp_step, "torch": torch_step},
+       "optimizer": {"gpubp": gpubp_optimizer, "torch": torch_optimizer},
+       "loss": {"gpubp": gpubp_loss, "torch": torch_loss}}
+
+
+def pick(A: dict[str, list], key: str, i: int) -> Any:
+    return A[key][i % len(A[key])]
+
+
 class Contender:
+    family = ""  # the OPS column
     fatal = False  # after one error every later run would fail too: say it once, then skip
 
     def __init__(self, name: str, device: str, description: str = "", skip: dict[str, str] | None = None) -> None:
@@ -59,8 +186,25 @@ class Contender:
         """False and why for the case kinds in ``skip``."""
         return case.kind not in self.skip, self.skip.get(case.kind, "")
 
+    def array(self, a: np.ndarray) -> Any:
+        raise NotImplementedError
+
     def setup(self, case: Case, size: dict[str, int], inputs: dict[str, np.ndarray], copies: int) -> Prepared:
-        return getattr(self, f"setup_{case.kind}")(case, size, inputs, copies)
+        A = {k: [self.array(inputs[k]) for _ in range(copies if k in case.batched else 1)]  # gpubp sets its
+             for k in (inputs if self.family == "torch" else case.batched)}  # parameters from the host
+        call, last = OPS[case.kind][self.family](self, case, inputs, A), {}
+        count = getattr(call, "launch_count", None)
+
+        def result() -> dict[str, np.ndarray]:
+            out = {k: to_host(v() if callable(v) else v) for k, v in last.items()}
+            return {k: v.reshape(()) if k in ("loss", "value") else v for k, v in out.items()}
+
+        def launches() -> int:
+            n0 = count()
+            call(0)
+            return int(count() - n0)
+
+        return Prepared(lambda i: last.update(call(i)), result, launches if callable(count) else None)
 
     def timer(self, step: Callable[[int], Any], settings: Settings) -> dict[str, Any]:
         return time_host(step, settings) if self.device == "cpu" else time_gpu(step, settings)
@@ -77,6 +221,8 @@ class GpubpContender(Contender):
     """gpubp's public API, driven as fit drives it: inputs on the device, loss.compute (value left on the
     device), model.backward, optimizer.step()."""
 
+    family = "gpubp"
+
     def __init__(self, name: str, device: str, impl: str = "fused", description: str = "") -> None:
         why = "the unfused variant differs from gpubp only in its dense layers"
         super().__init__(name, device, description, {"optimizer": why, "loss": why} if impl == "unfused" else {})
@@ -88,9 +234,15 @@ class GpubpContender(Contender):
 
         return get_backend(parse_device(self.device))
 
-    def model(self, layers: list[gp.Dense], dtype: str) -> gp.Sequential:
-        impl = {} if self.device == "cpu" else {"dense_impl": self.impl}  # the CPU has the reference only
-        return gp.Sequential(*layers, device=self.device, dtype=dtype, seed=0, **impl)
+    def array(self, a: np.ndarray) -> Any:
+        return self.backend().asarray(np.array(a, copy=True) if self.device == "cpu" else a, a.dtype)
+
+    def model(self, layers: list[gp.Dense], dtype: str, flat: np.ndarray | None = None) -> gp.Sequential:
+        impl = {} if self.device == "cpu" else {"dense_impl": self.impl}  # one CPU implementation
+        model = gp.Sequential(*layers, device=self.device, dtype=dtype, seed=0, **impl)
+        if flat is not None:
+            model.arena.backend.assign_(model.arena.data, np.asarray(flat, dtype=model.dtype))
+        return model
 
     def available(self) -> tuple[bool, str]:
         from gpubp.device import cuda_status
@@ -104,79 +256,17 @@ class GpubpContender(Contender):
             return False, f"gpubp cannot run this here: {short(e)}"
         return True, ""
 
-    def _copies(self, be: Any, a: np.ndarray, dtype: Any, copies: int) -> list[Any]:
-        return [be.asarray(np.array(a, copy=True) if self.device == "cpu" else a, dtype) for _ in range(copies)]
-
-    def _model(self, layers: list[gp.Dense], dtype: str, flat: np.ndarray) -> tuple[gp.Sequential, Any]:
-        model = self.model(layers, dtype)
-        model.arena.backend.assign_(model.arena.data, np.asarray(flat, dtype=model.dtype))
-        return model, model.arena.backend
-
-    def setup_layer(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
-        layer, fwd, last = gp.Dense(size["W"], size["W"], case.activation), case.mode == "fwd", {}
-        model, be = self._model([layer], case.dtype, np.concatenate([inputs["w"].ravel(), inputs["b"]]))
-        xs = self._copies(be, inputs["x"], case.dtype, copies)
-        das = [] if fwd else self._copies(be, inputs["da"], case.dtype, copies)
-
-        def step(i: int) -> None:
-            last["a"] = model.forward(xs[i % copies], training=not fwd)
-            if not fwd:
-                last["dx"] = model.backward(das[i % copies], input_grad=True)
-
-        def result() -> dict[str, Any]:
-            grads = {} if fwd else {"dW": to_host(layer.weight.grad), "db": to_host(layer.bias.grad)}
-            return {k: to_host(v) for k, v in last.items()} | grads
-
-        return Prepared(step, result)
-
-    def setup_step(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
-        model, be = self._model(model_layers(case.key), case.dtype, inputs["params"])
-        opt = gp.optim.SGD(model.parameters(), lr=STEP_LR, momentum=STEP_MOMENTUM)
-        loss, last = gp.losses.CrossEntropy(), {}
-        xs, ys = self._copies(be, inputs["x"], case.dtype, copies), self._copies(be, inputs["y"], np.int64, copies)
-
-        def step(i: int) -> None:
-            last["loss"], dout = loss.compute(model.forward(xs[i % copies], training=True), ys[i % copies], be)
-            model.backward(dout)
-            opt.step()
-
-        def launches() -> int:
-            n0 = be.launch_count()
-            step(0)
-            return int(be.launch_count() - n0)
-
-        return Prepared(step, lambda: {"loss": _scalar(last["loss"]), "grads": to_host(model.arena.grad),
-                                       "params": to_host(model.arena.data)},
-                        launches if callable(getattr(be, "launch_count", None)) else None)
-
-    def setup_optimizer(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
-        from gpubp.parameter import Arena
-
-        arena = Arena(size["P"], case.dtype, self.backend())
-        p = arena.carve("p", (size["P"],))
-        arena.backend.assign_(arena.data, inputs["p"])
-        arena.backend.assign_(arena.grad, inputs["g"])
-        opt = (gp.optim.Adam if case.which == "adam" else gp.optim.SGD)([p], **case.HYPER[case.which])
-        return Prepared(lambda i: opt.step(), lambda: {"p": to_host(arena.data)})
-
-    def setup_loss(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
-        be, loss, last = self.backend(), gp.losses.CrossEntropy(), {}
-        zs, y = self._copies(be, inputs["logits"], case.dtype, copies), self._copies(be, inputs["y"], np.int64, 1)[0]
-
-        def step(i: int) -> None:
-            last["out"] = loss.compute(zs[i % copies], y, be)
-
-        return Prepared(step, lambda: {"value": _scalar(last["out"][0]), "grad": to_host(last["out"][1])})
-
 
 class TorchContender(Contender):
     """PyTorch eager or torch.compile(dynamic=True), nn.Linear's layout (weight (out, in))."""
+
+    family = "torch"
 
     def __init__(self, name: str, device: str, compiled: bool = False, enabled: bool = True,
                  disabled_reason: str = "", tf32: bool = False, description: str = "") -> None:
         super().__init__(name, device, description, {"optimizer": "an optimizer step alone is not compiled; "
                                                      "torch-cuda shows PyTorch's optimizer"} if compiled else {})
-        self.compiled, self.enabled, self.disabled_reason, self.tf32 = compiled, enabled, disabled_reason, tf32
+        self.compiled_on, self.enabled, self.disabled_reason, self.tf32 = compiled, enabled, disabled_reason, tf32
         self.fatal, self._fns = compiled, {}
 
     def available(self) -> tuple[bool, str]:
@@ -191,102 +281,25 @@ class TorchContender(Contender):
                 build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
                 return False, f"PyTorch sees no GPU (torch {torch.__version__}, {build})"
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
-            if self.compiled and importlib.util.find_spec("triton") is None:
+            if self.compiled_on and importlib.util.find_spec("triton") is None:
                 return False, "torch.compile on the GPU needs Triton, which is not installed"
         return True, ""
 
-    def _t(self, a: np.ndarray, grad: bool = False) -> Any:
+    def array(self, a: np.ndarray) -> Any:
         import torch
 
-        return torch.from_numpy(np.array(a, copy=True)).to(self.device).requires_grad_(grad)
+        return torch.from_numpy(np.array(a, copy=True)).to(self.device)
 
-    def _fn(self, key: str | None, fn: Callable) -> Callable:
+    def compiled(self, key: str | None, fn: Callable) -> Callable:
         """fn, or its compiled form: one dynamic-shape compile per case (``key``) reused across sizes; None
         compiles afresh (the function holds a network)."""
         import torch
 
-        if not self.compiled:
+        if not self.compiled_on:
             return fn
         if key is None or key not in self._fns:
             self._fns[key or ""] = torch.compile(fn, dynamic=True)
         return self._fns[key or ""]
-
-    def setup_layer(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
-        import torch
-        import torch.nn.functional as F
-
-        p, fwd, last = case.activation.params, case.mode == "fwd", {}
-        act = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, p.get("slope")),
-               "elu": lambda z: F.elu(z, p.get("alpha")), "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-               "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu,
-               "softplus": lambda z: F.softplus(z, p.get("beta"), p.get("threshold"))}[case.activation.name]
-        wt, b = self._t(inputs["w"].T, not fwd), self._t(inputs["b"], not fwd)  # (out, in), as nn.Linear
-        fn = self._fn(case.name, lambda x, w, bias: act(F.linear(x, w, bias)))
-        xs = [self._t(inputs["x"], not fwd) for _ in range(copies)]
-        das = [] if fwd else [self._t(inputs["da"]) for _ in range(copies)]
-
-        def step(i: int) -> None:
-            with torch.set_grad_enabled(not fwd):
-                last["a"] = a = fn(xs[i % copies], wt, b)
-            if not fwd:
-                last["g"] = torch.autograd.grad(a, (xs[i % copies], wt, b), grad_outputs=das[i % copies])
-
-        def result() -> dict[str, Any]:
-            g = last.get("g")
-            return {"a": to_host(last["a"])} | ({} if fwd else {"dx": to_host(g[0]), "dW": to_host(g[1]).T,
-                                                               "db": to_host(g[2])})
-
-        return Prepared(step, result)
-
-    def setup_step(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
-        import torch
-        import torch.nn.functional as F
-
-        flat, sl, mods, last = inputs["params"], case.param_slices(), [], {}
-        for i, ((a, b), (_, sw), (_, sb)) in enumerate(zip(case.pairs, sl[::2], sl[1::2], strict=True)):
-            lin = torch.nn.Linear(a, b, dtype=getattr(torch, case.dtype), device=self.device)
-            with torch.no_grad():
-                lin.weight.copy_(self._t(flat[sw].reshape(a, b).T))
-                lin.bias.copy_(self._t(flat[sb]))
-            mods += [lin, torch.nn.ReLU()] if i < len(case.pairs) - 1 else [lin]
-        net = torch.nn.Sequential(*mods)
-        opt = torch.optim.SGD(net.parameters(), lr=STEP_LR, momentum=STEP_MOMENTUM)
-        fn = self._fn(None, lambda x, y: F.cross_entropy(net(x), y))
-        xs, ys = [self._t(inputs["x"]) for _ in range(copies)], [self._t(inputs["y"]) for _ in range(copies)]
-
-        def step(i: int) -> None:
-            opt.zero_grad(set_to_none=True)
-            last["loss"] = loss = fn(xs[i % copies], ys[i % copies])
-            loss.backward()
-            opt.step()
-
-        def flat_of(get: Callable[[Any], Any]) -> np.ndarray:
-            lins = [m for m in net if isinstance(m, torch.nn.Linear)]
-            return np.concatenate([t for m in lins for t in (to_host(get(m.weight)).T.ravel(), to_host(get(m.bias)))])
-
-        return Prepared(step, lambda: {"loss": _scalar(last["loss"]), "grads": flat_of(lambda p: p.grad),
-                                       "params": flat_of(lambda p: p)})
-
-    def setup_optimizer(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
-        import torch
-
-        p = torch.nn.Parameter(self._t(inputs["p"]))
-        p.grad = self._t(inputs["g"])
-        opt = (torch.optim.Adam if case.which == "adam" else torch.optim.SGD)([p], **case.HYPER[case.which])
-        return Prepared(lambda i: opt.step(), lambda: {"p": to_host(p)})
-
-    def setup_loss(self, case: Any, size: dict, inputs: dict, copies: int) -> Prepared:
-        import torch
-        import torch.nn.functional as F
-
-        fn = self._fn(case.name, F.cross_entropy)
-        zs, y, last = [self._t(inputs["logits"], True) for _ in range(copies)], self._t(inputs["y"]), {}
-
-        def step(i: int) -> None:
-            value = fn(zs[i % copies], y)
-            last["out"] = (value.detach(), torch.autograd.grad(value, zs[i % copies])[0])
-
-        return Prepared(step, lambda: {"value": _scalar(last["out"][0]), "grad": to_host(last["out"][1])})
 
 
 def make_contenders(names: Sequence[str] | None = None, compile_: bool = False, tf32: bool = False,
@@ -302,7 +315,7 @@ def make_contenders(names: Sequence[str] | None = None, compile_: bool = False, 
         TorchContender("torch-cuda", "cuda", tf32=tf32, description="PyTorch eager on the GPU"),
         TorchContender("torch-compile", "cuda", True, compile_, compile_reason or "off (--compile turns it on)", tf32,
                        "PyTorch, torch.compile(dynamic=True), on the GPU"),
-        GpubpContender("numpy", "cpu", "fused", "gpubp's NumPy reference path on the CPU"),
+        GpubpContender("numpy", "cpu", "fused", "gpubp on the CPU"),
         TorchContender("torch-cpu", "cpu", tf32=tf32, description="PyTorch eager on the CPU"),
     ]
     return [c for c in every if not names or c.name in names]

@@ -1,31 +1,32 @@
-"""The runner: for every (case, size, contender) the budget check, the correctness gate, then the timing;
-ceilings and environment of the same run; ratios and the headline.
-
-Correctness before timing: each contender's first result is compared with the float64 NumPy reference
-(accuracy.gate_tolerance); a wrong or non-finite one is recorded as refused and never timed.
+"""The runner and its report. For every (case, size, contender): the correctness gate (the first result
+against the float64 reference, accuracy.gate_tolerance; a wrong or non-finite one is refused and never
+timed), the CPU budget, then the timing; ratios, the headline, the text table, results.json, summary.md, plots.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+import math
+import re
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from gpubp.accuracy import GATE, gate_tolerance, unit_roundoff
-from gpubp.bench import env
-from gpubp.bench.contenders import Contender, short
-from gpubp.bench.timing import SETTINGS, Settings, ceilings, rotation
+from gpubp.bench.contenders import CONTENDER_NAMES, Contender, short
+from gpubp.bench.timing import SETTINGS, Settings, environment, rotation
 
-SCHEMA = 2
+SCHEMA = 3
 METHOD = {"cpu": "time.perf_counter around each call; inputs rotate over up to 4 copies (64 MiB)",
           "cuda": "cupyx.profiler.benchmark: CUDA events on the current stream around each call; inputs rotate "
-          "over copies spanning twice the L2 size, so no repeat finds them in L2",
-          "statistic": "median of the repeats, with min, max and count; warm-up calls not counted"}
+          "over copies spanning twice the L2 size", "statistic": "median of the repeats; warm-up not counted"}
 
 
 @dataclass
@@ -57,12 +58,13 @@ class Runner:
         self.cases, self.contenders, self.opt = list(cases), list(contenders), options
         self.records: list[dict[str, Any]] = []
         self.not_measured: list[dict[str, str]] = []
-        self.ceilings: dict[str, Any] = {}
+        self.env: dict[str, Any] = {}
         self.tasks: list[tuple] | None = None
         self._data: tuple[Any, dict, dict] = (None, {}, {})  # (case, size), inputs, references by (gate size, u)
 
     def prepare(self) -> dict[str, Any]:
-        """Which contenders can run, on which grid, and the tasks, sizes in step across a group's cases."""
+        """Which contenders can run, on which grid, and the tasks, sizes in step across a group's cases. A case
+        that measures itself (allreduce) is one task without a contender."""
         self.available = []
         for c in self.contenders:
             try:
@@ -74,28 +76,30 @@ class Runner:
         self.target = "gpu" if any(c.usable and c.device == "cuda" for c in self.contenders) else "cpu"
         self.tasks, groups = [], {}
         for case in self.cases:
-            groups.setdefault(case.group, []).append(case)
             sizes, note = case.grid(self.opt.tier, self.target)
             self.not_measured += [] if sizes else [{"case": case.name, "contender": "*", "reason": note}]
+            if hasattr(case, "measure"):
+                self.tasks += [(case, sizes, None)] if sizes else []
+                continue
+            groups.setdefault(case.group, []).append((case, sizes))
             self.not_measured += [{"case": case.name, "contender": c.name, "reason": c.supports(case)[1]}
                                   for c in self.contenders if c.usable and not c.supports(case)[0]]
-        for cases in groups.values():
-            grids = [case.grid(self.opt.tier, self.target)[0] for case in cases]
-            for j in range(max(map(len, grids), default=0)):
-                self.tasks += [(case, sizes[j], c) for case, sizes in zip(cases, grids, strict=True) if j < len(sizes)
+        for pairs in groups.values():
+            for j in range(max((len(s) for _, s in pairs), default=0)):
+                self.tasks += [(case, sizes[j], c) for case, sizes in pairs if j < len(sizes)
                                for c in self.contenders if c.usable and c.supports(case)[0]]
         return {"contenders": self.available, "target": self.target, "runs": len(self.tasks)}
 
-    def _record(self, case: Any, size: dict, c: Contender, status: str, reason: str = "", **extra: Any) -> dict:
+    def _record(self, case: Any, size: dict, who: str, device: str, status: str, reason: str = "", **extra: Any) -> dict:
         rec = {"case": case.name, "group": case.group, "kind": case.kind, "title": case.title, "unit": case.unit,
                "size": dict(size), "size_label": case.label(size), "note": case.grid(self.opt.tier, self.target)[1],
-               "plot": list(case.plot_key(size)), "contender": c.name, "device": c.device, "status": status,
+               "plot": list(case.plot_key(size)) if case.x_key in size else [], "contender": who, "device": device, "status": status,
                "reason": reason, **extra}
         self.records.append(rec)
         return rec
 
     def _expected(self, case: Any, size: dict, gsize: dict, u: float) -> tuple[dict, dict]:
-        """The inputs of (case, size) and the reference at the gate size: kept while the contenders of one
+        """The inputs of (case, size) and the reference at the gate size, kept while the contenders of one
         (case, size) run one after the other."""
         if self._data[0] != (case.name, case.label(size)):
             self._data = ((case.name, case.label(size)), case.inputs(size, self.opt.seed), {})
@@ -104,25 +108,41 @@ class Runner:
             refs[case.label(gsize), u] = case.reference(case.restrict(inputs, gsize), u)
         return inputs, refs[case.label(gsize), u]
 
+    def run_measured(self, case: Any, sizes: list[dict]) -> list[dict[str, Any]]:
+        try:
+            return [self._record(case, {"P" if r["what"] == "allreduce" else "N": r["size"]},
+                                 f"{r['device']} x{r['procs']}", r["device"], "ok",
+                                 what=r["what"], procs=r["procs"], vs_1_process=r["vs_1_process"],
+                                 stats={k: r[k] for k in ("median_s", "p10_s", "p90_s")})
+                    for r in case.measure(sizes, self.opt.tier)]
+        except Exception as e:
+            return [self._record(case, {}, "*", "cpu", "error", short(e), traceback=traceback.format_exc(limit=4))]
+
     def run_one(self, case: Any, size: dict[str, int], c: Contender) -> dict[str, Any]:
+        record = lambda status, reason="", **kw: self._record(case, size, c.name, c.device, status, reason, **kw)  # noqa: E731
         if c.broken:
-            return self._record(case, size, c, "error", f"not run: {c.broken}")
-        est = case.cpu_seconds(size, self.ceilings.get("cpu", {})) if c.device == "cpu" else None
-        if est is not None and est > self.opt.budget():
-            return self._record(case, size, c, "skipped", f"estimated {est:.2g} s per step on the CPU, over the "
-                                f"CPU budget of {self.opt.budget():g} s (--cpu-budget)")
+            return record("error", f"not run: {c.broken}")
         tf32 = self.opt.tf32 and c.device == "cuda"
         tol, gsize = gate_tolerance(self.opt.dtype, tf32), case.gate_size(size, self.opt.gate_flops)
         try:
             inputs, expected = self._expected(case, size, gsize, unit_roundoff(self.opt.dtype, tf32))
             nbytes = sum(inputs[k].nbytes for k in case.batched)
-            copies = rotation(c.device, nbytes, self.ceilings.get("cuda", {}).get("l2_bytes")) if nbytes else 1
+            copies = rotation(c.device, nbytes, self.env["gpu"].get("l2_bytes")) if nbytes else 1
             prepared = c.setup(case, gsize, case.restrict(inputs, gsize), copies if gsize == size else 1)
             prepared.step(0)
             gate = case.compare(prepared.result(), expected, tol)
             gate.size, gate.reduced = case.label(gsize), gsize != size
             if not gate.ok:
-                return self._record(case, size, c, "refused", gate.message, gate=asdict(gate))
+                return record("refused", gate.message, gate=asdict(gate))
+            if c.device == "cpu":  # the faster of two more steps, scaled to the full batch: within the budget?
+                ts = [time.perf_counter()]
+                for i in (1, 2):
+                    prepared.step(i)
+                    ts.append(time.perf_counter())
+                est = min(ts[1] - ts[0], ts[2] - ts[1]) * size.get("N", 1) / gsize.get("N", 1)
+                if est > self.opt.budget():
+                    return record("skipped", f"estimated {est:.2g} s per step on the CPU, over the CPU budget of "
+                                  f"{self.opt.budget():g} s (--cpu-budget)", gate=asdict(gate))
             if gate.reduced:  # the gate ran a reduced batch: set up the full size to time it
                 del prepared
                 c.release()
@@ -131,53 +151,42 @@ class Runner:
             extra = {"launches_per_step": prepared.launches()} if prepared.launches else {}
         except Exception as e:
             c.broken = short(e) if c.fatal else ""
-            return self._record(case, size, c, "error", short(e), traceback=traceback.format_exc(limit=4))
+            return record("error", short(e), traceback=traceback.format_exc(limit=4))
         finally:
             prepared = None
             c.release()
-        # throughput, fractions of the measured ceilings, the floor max(FLOPs / peak, bytes / bandwidth)
-        ceil, w, t = self.ceilings.get(c.device, {}), case.work(size), stats["median_s"]
-        peak, bw = ceil.get("flops"), ceil.get("bandwidth_Bps")
-        floors = ([w.flops / peak] if w.flops and peak else []) + ([w.bytes / bw] if w.bytes and bw else [])
-        return self._record(case, size, c, "ok", gate=asdict(gate), stats=stats, copies=copies,
-                            work=w._asdict(), throughput=case.throughput(size, t), floor_s=max(floors, default=None),
-                            fraction={"of_peak_flops": w.flops / t / peak if w.flops and peak else None,
-                                      "of_bandwidth": w.bytes / t / bw if w.bytes and bw else None}, **extra)
+        return record("ok", gate=asdict(gate), stats=stats, copies=copies, work=case.work(size)._asdict(),
+                      throughput=case.throughput(size, stats["median_s"]), **extra)
 
     def run(self) -> dict[str, Any]:
-        """Ceilings, then every task: the results dict that report reads."""
+        """Every task: the results dict that the report reads."""
         from tqdm.auto import tqdm
 
         if self.tasks is None:
             self.prepare()
-        t0 = time.perf_counter()
-        for dev in sorted({c.device for c in self.contenders if c.usable}):
-            try:
-                self.ceilings[dev] = ceilings(dev, self.opt.tier, self.opt.dtype, self.opt.tf32)
-            except Exception as e:  # no GPU for the fake contenders of the tests, or a broken install
-                self.ceilings[dev] = {"device": dev, "error": short(e)}
+        t0, self.env = time.perf_counter(), environment(self.opt.tf32)
         with tqdm(total=len(self.tasks), desc="gpubp bench", unit="run", disable=not self.opt.progress,
                   file=sys.stderr, dynamic_ncols=True) as bar:
             for case, size, c in self.tasks:
-                bar.set_postfix_str(f"{case.name} {case.label(size)} {c.name}", refresh=False)
                 t_task = time.perf_counter()
-                rec = self.run_one(case, size, c)
-                rec["task_s"] = time.perf_counter() - t_task
-                if rec["status"] in ("refused", "error"):
-                    bar.write(f"{rec['status']}: {case.name} {rec['size_label']} {c.name}: {rec['reason']}")
+                recs = self.run_measured(case, size) if c is None else [self.run_one(case, size, c)]
+                for rec in recs:
+                    rec["task_s"] = time.perf_counter() - t_task
+                    if rec["status"] in ("refused", "error"):
+                        bar.write(f"{rec['status']}: {case.name} {rec['size_label']} {rec['contender']}: {rec['reason']}")
                 bar.update(1)
         self._data = (None, {}, {})
-        names = [c.name for c in self.contenders if c.usable]  # the primary: gpubp on the GPU, else its NumPy path
+        names = [c.name for c in self.contenders if c.usable]  # the primary: gpubp on the GPU, else on the CPU
         primary = next((n for n in ("gpubp", "numpy") if n in names), names[0] if names else "")
         add_ratios(self.records, primary)
         return {"schema": SCHEMA, "tier": self.opt.tier, "target": self.target, "dtype": self.opt.dtype,
                 "primary": primary, "options": asdict(self.opt),
                 "timing": {"cpu": asdict(self.opt.settings("cpu")), "cuda": asdict(self.opt.settings("cuda")),
                            "method": METHOD, "tolerances": dict(GATE), "gate_flops": self.opt.gate_flops},
-                "contenders": self.available, "environment": env.capture(self.opt.tf32),
-                "cases": [{"name": c.name, "group": c.group, "kind": c.kind, "title": c.title, "unit": c.unit,
-                           "dtype": c.dtype, "counting": c.formula} for c in self.cases],
-                "ceilings": self.ceilings, "records": self.records, "not_measured": self.not_measured,
+                "contenders": self.available, "environment": self.env,
+                "cases": [{"name": c.name, "kind": c.kind, "title": c.title, "unit": c.unit}
+                          for c in self.cases],
+                "records": self.records, "not_measured": self.not_measured,
                 "headline": headline(self.records, primary), "elapsed_s": time.perf_counter() - t0}
 
 
@@ -203,3 +212,178 @@ def headline(records: list[dict[str, Any]], primary: str) -> list[dict[str, Any]
             groups.setdefault((r["case"], r["contender"]), []).append(r["speedup_of_primary"])
     return [{"case": case, "primary": primary, "contender": other, "sizes": len(xs), "min": min(xs), "max": max(xs),
              "geomean": statistics.geometric_mean(xs)} for (case, other), xs in groups.items()]
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+COLUMNS = ("size", "contender", "median", "min", "max", "n", "thrpt", "ratio")
+LEGEND = ("ratio = contender median / {p} median at the same size (above 1: {p} is faster); ! = median over 1.5x "
+          "the min (the machine was busy)")
+
+
+def _scaled(v: float | None, steps: tuple[tuple[str, float], ...]) -> str:
+    if v is None:
+        return "-"
+    name, k = next(((n, k) for n, k in steps if abs(v) >= k), steps[-1])
+    return f"{v / k:.3g}{name}"
+
+
+def fmt_time(s: float | None) -> str:
+    return _scaled(s, (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)))
+
+
+def fmt_si(v: float | None) -> str:
+    """3 significant digits with an SI prefix: 1.23M, 456k, 7.89G."""
+    return _scaled(v, (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0)))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def where(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    return env["gpu"]["name"] if env["gpu"].get("available") else env["cpu"]["model"]
+
+
+def _by_case(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in results["records"]:
+        out.setdefault(r["case"], []).append(r)
+    return out
+
+
+def header(results: dict[str, Any]) -> str:
+    """Where it ran, which contenders ran and why the others did not."""
+    env, gpu, cpu = results["environment"], results["environment"]["gpu"], results["environment"]["cpu"]
+    lines = [f"GPU: {gpu['name']} (sm_{gpu['compute_capability'].replace('.', '')}, {gpu['memory_GiB']} GiB)"
+             if gpu.get("available") else f"GPU: none: {gpu.get('reason', 'unknown')}",
+             f"CPU: {cpu['model']} ({cpu['usable_cpus'] or cpu['logical_cpus']} CPUs usable, BLAS "
+             f"{env['blas']['name']} {env['blas']['threads']} threads)",
+             f"suite: {results['tier']}, {results['target'].upper()} grid, dtype {results['dtype']}, TF32 "
+             f"{'on' if env['tf32']['requested'] else 'off'}; commit {env['git']['commit'][:12]}"
+             f"{' (local changes)' if env['git'].get('dirty') else ''}"]
+    lines.append(f"contenders: {', '.join(c['name'] for c in results['contenders'] if c['available']) or 'none'}")
+    off = [c for c in results["contenders"] if not c["available"]]
+    gpu_off = [c["name"] for c in off if c["device"] == "cuda"]
+    if gpu_off and not gpu.get("available"):
+        lines.append(f"GPU contenders skipped ({', '.join(gpu_off)}): {gpu.get('reason', 'no GPU')}")
+        off = [c for c in off if c["device"] != "cuda"]
+    return "\n".join(lines + [f"  {c['name']}: not run: {c['reason']}" for c in off])
+
+
+def _row(r: dict[str, Any], size: str, primary: str) -> tuple[str, ...]:
+    if r["status"] != "ok":
+        return size, r["contender"], f"{r['status']}: {r['reason']}"
+    st, thr, sp = r["stats"], r["throughput"], r.get("speedup_of_primary")
+    return (size + (f" (gate at {r['gate']['size']})" if r["gate"].get("reduced") and size else ""), r["contender"],
+            fmt_time(st["median_s"]) + ("!" if st.get("noisy") else ""), fmt_time(st["min_s"]), fmt_time(st["max_s"]),
+            str(st["count"]), f"{thr:,.1f}" if r["unit"] in ("GFLOP/s", "GB/s") else fmt_si(thr), "1" if r["contender"] == primary else f"{sp:.2f}x" if sp else "-")
+
+
+def _measured_row(r: dict[str, Any], size: str) -> tuple[str, ...]:
+    if r["status"] != "ok":
+        return size, r["contender"], f"{r['status']}: {r['reason']}"
+    st, vs = r["stats"], r.get("vs_1_process")
+    return (size, r["contender"], r["what"], *(fmt_time(st[k]) for k in ("median_s", "p10_s", "p90_s")),
+            "-" if vs is None else f"{vs:.2f}")
+
+
+def _align(rows: list[tuple[str, ...]]) -> list[str]:
+    """Columns padded to width (numbers right-aligned); a 3-cell row (not timed: why) runs on."""
+    full = [r for r in rows if len(r) == len(rows[0])]
+    widths = [max(len(r[i]) for r in full) for i in range(len(rows[0]))]
+    return ["  " + "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])] + (
+        [v.rjust(w) for v, w in zip(r[2:], widths[2:], strict=True)] if len(r) == len(rows[0]) else [r[2]])).rstrip()
+        for r in rows]
+
+
+def case_block(results: dict[str, Any], case: str, recs: list[dict[str, Any]]) -> list[str]:
+    notes = ([recs[0]["note"]] if recs[0].get("note") else []) + [
+        f"{r['contender']} at {r['size_label']}: {r['launches_per_step']} kernel launches per step"
+        for r in recs if r.get("launches_per_step") is not None]
+    measured = recs[0]["kind"] == "allreduce"
+    if measured:
+        head, unit = ("size", "processes", "what", "median", "p10", "p90", "vs 1 process"), "s"
+        recs = sorted(recs, key=lambda r: (r.get("what", ""), r["size"].get("P", 0), r["contender"]))
+        rows = [_measured_row(r, r["size_label"]) for r in recs]
+    else:
+        head, unit, sizes = COLUMNS, recs[0]["unit"], {r["size_label"]: tuple(r["size"].values()) for r in recs}
+        recs = sorted(recs, key=lambda r: (sizes[r["size_label"]], CONTENDER_NAMES.index(r["contender"])
+                                           if r["contender"] in CONTENDER_NAMES else 99))
+        rows = [_row(r, "" if k and r["size_label"] == recs[k - 1]["size_label"] else r["size_label"],
+                     results["primary"]) for k, r in enumerate(recs)]
+    return [f"{case}: {recs[0]['title']}  [{'times' if measured else 'thrpt'} in {unit}]"] + [
+        f"  ({n})" for n in notes] + _align([head, *rows])
+
+
+def table(results: dict[str, Any]) -> str:
+    out = [LEGEND.format(p=results["primary"])]
+    for case, recs in _by_case(results).items():
+        out += ["", *case_block(results, case, recs)]
+    return "\n".join(out + ["", "not measured:"] + [
+        f"  {n['case']}{'' if n['contender'] == '*' else ' ' + n['contender']}: {n['reason']}"
+        for n in results["not_measured"]] if results["not_measured"] else out)
+
+
+def headline_text(results: dict[str, Any]) -> str:
+    """For each case and contender, the geometric-mean ratio to the primary (range, sizes)."""
+    p = results["primary"]
+    if not results["headline"]:
+        return f"headline: no contender was measured beside {p or 'anything'} at the same sizes"
+    return "\n".join([f"headline: {p} against each contender: median-time ratio, geometric mean over sizes (range, "
+                      f"sizes); above 1: {p} is faster"] + [
+        f"  {h['case']:<22} vs {h['contender']:<14} {h['geomean']:.2f}x ({h['min']:.2f}-{h['max']:.2f}, {h['sizes']})"
+        for h in results["headline"]])
+
+
+def report_text(results: dict[str, Any]) -> str:
+    return f"{header(results)}\n\n{table(results)}\n\n{headline_text(results)}"
+
+
+def plot_case(results: dict[str, Any], case: str, path: Path) -> Path | None:
+    """Throughput against size, a line per contender and fixed size parameter, log axes."""
+    from matplotlib.figure import Figure
+
+    recs = [r for r in results["records"] if r["case"] == case and r["status"] == "ok" and "throughput" in r]
+    if not recs:
+        return None
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in recs:
+        lines.setdefault(f"{r['contender']} {r['plot'][0]}".strip(), []).append((r["plot"][1], r["throughput"]))
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax, unit = fig.subplots(), recs[0]["unit"]
+    for label, pts in lines.items():
+        ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel=recs[0]["plot"][2], ylabel=unit, title=f"{case}: {where(results)}")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-ready: NumPy scalars to Python, non-finite floats to strings, tuples to lists."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    obj = obj.item() if hasattr(obj, "item") and not isinstance(obj, (str, bytes)) else obj
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj if isinstance(obj, (str, int, float, bool)) or obj is None else str(obj)
+
+
+def write_all(results: dict[str, Any], folder: Path, plots: bool = True) -> dict[str, Path]:
+    """results.json, summary.md (the printed report and the plots) and one PNG per case into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        results["plots_skipped"], plots = "matplotlib is not installed (pip install 'gpubp[bench]')", False
+    pngs = {case: plot_case(results, case, folder / f"{slug(case)}.png") for case in (_by_case(results) if plots else ())}
+    results["plots"] = {case: p.name for case, p in pngs.items() if p is not None}
+    written = {f"plot:{case}": folder / name for case, name in results["plots"].items()}
+    written["json"], written["markdown"] = folder / "results.json", folder / "summary.md"
+    written["json"].write_text(json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
+    written["markdown"].write_text("\n".join([f"# gpubp bench: {where(results)}, {results['environment']['date'][:10]}",
+                                              "", "```", report_text(results), "```", ""] + [
+        f"![{case}]({name})" for case, name in results["plots"].items()]) + "\n")
+    return written

@@ -1,29 +1,31 @@
-"""Timing: statistics of repeats, host timing (perf_counter), GPU timing (cupyx.profiler.benchmark), input
-rotation, ceilings.
-
-Warm-up calls come first and are not counted; the figure is the median of the repeats, kept with min,
-max, mean, count and every sample. A ceiling is a peak, so it is taken from the fastest repeat.
+"""Timing and the machine: statistics of repeats, host timing (perf_counter), GPU timing
+(cupyx.profiler.benchmark), input rotation, the environment of a run. Warm-up calls are not counted; the
+figure is the median of the repeats, kept with min, max, count and every sample.
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import itertools
 import math
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 NOISY = 1.5  # median / min above this marks a figure as noisy
 
 
 def summarize(samples: Sequence[float], warmup: int = 0, wall: Sequence[float] | None = None) -> dict[str, Any]:
-    """median_s, min_s, max_s, mean_s, count, warmup, samples_s, noisy (the median is over 1.5x the fastest
-    repeat: something else was competing for the machine) and, on a GPU, wall_median_s: the host time per
-    call (enqueue), where a launch-bound step shows."""
+    """median_s, min_s, max_s, mean_s, count, warmup, samples_s, noisy (median over 1.5x the fastest repeat:
+    the machine was busy) and, on a GPU, wall_median_s: the host time per call, where a launch-bound step shows."""
     xs = [float(s) for s in samples]
     if not xs:
         raise ValueError("samples: expected at least one timing")
@@ -35,9 +37,8 @@ def summarize(samples: Sequence[float], warmup: int = 0, wall: Sequence[float] |
 
 @dataclass(frozen=True)
 class Settings:
-    """At least ``warmup`` calls and ``warmup_time`` s untimed, then repeats until both ``min_repeats``
-    and ``min_time`` s are reached, never more than ``max_repeats``. The warm-up time matters on the
-    CPU: OpenBLAS's threads keep spinning ~0.1 s after a call and slow whatever runs next."""
+    """At least ``warmup`` calls and ``warmup_time`` s untimed (OpenBLAS threads spin ~0.1 s after a call and
+    slow what runs next), then repeats until both ``min_repeats`` and ``min_time`` s, at most ``max_repeats``."""
 
     warmup: int
     min_repeats: int
@@ -70,8 +71,8 @@ def time_host(step: Callable[[int], Any], s: Settings, clock: Callable[[], float
 
 
 def time_gpu(step: Callable[[int], Any], s: Settings, benchmark: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """Time ``step(i)`` with ``cupyx.profiler.benchmark``: CUDA events on the current stream around each
-    call (where gpubp, CuPy and PyTorch launch by default), ``s.warmup`` untimed calls first."""
+    """Time ``step(i)`` with ``cupyx.profiler.benchmark``: CUDA events on the current stream around each call
+    (where gpubp, CuPy and PyTorch launch), ``s.warmup`` untimed calls first."""
     if benchmark is None:
         from cupyx.profiler import benchmark
     counter = itertools.count()
@@ -88,41 +89,60 @@ def time_gpu(step: Callable[[int], Any], s: Settings, benchmark: Callable[..., A
 
 
 def rotation(device: str, input_bytes: int, l2_bytes: int | None) -> int:
-    """Input copies a step rotates over: enough to span 64 MiB on the host (at most 4), or twice the L2
-    size on a GPU (at most 256; 1 when L2 is unknown), so no repeat finds its inputs in cache."""
+    """Input copies a step rotates over: enough to span 64 MiB on the host (at most 4), or twice the L2 size on
+    a GPU (at most 256; 1 when L2 is unknown), so no repeat finds its inputs in cache."""
     span, cap = ((64 << 20), 4) if device == "cpu" else (2 * (l2_bytes or 0), 256)
     return int(min(cap, max(1, math.ceil(span / max(input_bytes, 1)))))
 
 
-CEILING_SIZES = {  # (device, tier) -> (bytes copied, matmul n)
-    ("cpu", "smoke"): (16 << 20, 256), ("cpu", "quick"): (256 << 20, 2048), ("cpu", "full"): (1 << 30, 4096),
-    ("cuda", "smoke"): (64 << 20, 2048), ("cuda", "quick"): (1 << 30, 8192), ("cuda", "full"): (4 << 30, 8192),
-}
-CEILING_SETTINGS = {"cpu": Settings(1, 5, 20, 0.2, 0.1), "cuda": Settings(2, 5, 50, 0.2)}
+DISTS = ("numpy", "numba", "numba-cuda", "cupy-cuda13x", "cupy-cuda12x", "torch", "triton", "matplotlib",
+         "threadpoolctl")
 
 
-def ceilings(device: str, tier: str, dtype: str, tf32: bool = False) -> dict[str, Any]:
-    """Copy bandwidth (bytes read + written per second) and matmul FLOP/s: numpy.copyto and numpy.matmul on
-    the CPU; cudaMemcpyAsync device to device and cupy.matmul (cuBLAS, the run's TF32 setting) on a GPU."""
-    nbytes, n = CEILING_SIZES[(device, tier)]
-    xp, timer, out = np, time_host, {"device": device, "statistic": "fastest repeat (a ceiling is a peak)"}
-    what = ("numpy.copyto", f"numpy.matmul {dtype}")
-    if device == "cuda":
-        import cupy as xp
+def version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
-        timer, dev = time_gpu, xp.cuda.Device()
-        nbytes = min(nbytes, int(dev.mem_info[0] * 0.15) // 256 * 256)
-        out["l2_bytes"] = dev.attributes.get("L2CacheSize", 0)
-        what = ("cudaMemcpyAsync device to device", f"cupy.matmul (cuBLAS) {dtype}, TF32 {'on' if tf32 else 'off'}")
-    src = xp.ones(nbytes // 4, dtype=np.float32)
-    dst = xp.empty_like(src)
-    copy = timer((lambda i: np.copyto(dst, src)) if xp is np else (lambda i: dst.data.copy_from_device_async(
-        src.data, nbytes)), CEILING_SETTINGS[device])
-    rng = np.random.default_rng(0)
-    a, b = (xp.asarray(rng.standard_normal((n, n), dtype=np.float32).astype(dtype)) for _ in range(2))
-    c = xp.empty_like(a)
-    mm = timer(lambda i: xp.matmul(a, b, out=c), CEILING_SETTINGS[device])
-    return out | {"bandwidth_Bps": 2 * nbytes / copy["min_s"], "flops": 2 * n**3 / mm["min_s"],
-                  "copy": {"what": f"{what[0]} of {nbytes >> 20} MiB (counted as {2 * nbytes >> 20} MiB moved)",
-                           **copy},
-                  "matmul": {"what": f"{what[1]} {n}x{n}x{n} ({2 * n**3 / 1e9:.3g} GFLOP)", **mm}}
+
+def _git(*args: str) -> str | None:
+    try:
+        r = subprocess.run(["git", *args], capture_output=True, text=True, timeout=20, cwd=Path(__file__).parents[2])
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(tf32: bool = False) -> dict[str, Any]:
+    """Where a run ran: GPU 0 (or why none), CPU, BLAS threads (threadpoolctl), versions, git commit.
+    ``gpubp info`` and nvidia-smi say the rest (drivers, compilers, every GPU)."""
+    from threadpoolctl import threadpool_info
+
+    import gpubp
+    from gpubp.device import cuda_status
+
+    n, why = cuda_status()
+    gpu: dict[str, Any] = {"available": False, "reason": why}
+    if n:
+        import cupy
+
+        p = cupy.cuda.runtime.getDeviceProperties(0)
+        gpu = {"available": True, "count": n, "name": p["name"].decode() if isinstance(p["name"], bytes) else p["name"],
+               "compute_capability": f"{p['major']}.{p['minor']}", "memory_GiB": round(p["totalGlobalMem"] / 2**30, 1),
+               "l2_bytes": p.get("l2CacheSize")}
+    model = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):  # platform.processor() says only "x86_64" on Linux
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith("model name")), model)
+    blas = next((p for p in threadpool_info() if p.get("user_api") == "blas"), {})
+    torch, commit = sys.modules.get("torch"), _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu,
+            "cpu": {"model": model or platform.machine(), "logical_cpus": os.cpu_count(),
+                    "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None},
+            "blas": {"name": blas.get("internal_api", "unknown"), "threads": blas.get("num_threads", "unknown"),
+                     "threads_source": "threadpoolctl"},
+            "torch_cpu_threads": torch.get_num_threads() if torch else None, "tf32": {"requested": tf32},
+            "versions": {"python": platform.python_version(), "gpubp": gpubp.__version__, **{d: version(d) for d in DISTS}},
+            "argv": list(sys.argv), "git": {"commit": commit or "unknown", "dirty": None if dirty is None else bool(dirty)}}

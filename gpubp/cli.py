@@ -37,6 +37,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     for lib, where in compiler_libraries().items():  # what Numba compiles kernels with
         print(f"{lib:<11} {where}")
+    from gpubp import threads
+
+    for key, value in threads.describe().items():  # how BLAS and Numba share the cores
+        print(f"{'cpu ' + key:<11} {value}")
     from gpubp.tools import nvrtc_check
 
     print(f"NVRTC CuPy  {nvrtc_check.cupy_nvrtc()}")  # compiles kernels/*.cu at run time

@@ -62,13 +62,15 @@ SOURCE = hashlib.sha256(
     b"".join((Path(__file__).parent.parent / p).read_bytes() for p in ("backends/scalar_math.py", "activations.py"))
 ).hexdigest()[:16]
 
+# error_model="numpy": x / 0 gives inf or NaN as NumPy does, where Python's model raises, and its
+# check in every loop that divides stops the loop vectorising.
 # Plain njit, not inline="always": Numba compiles each scalar function once per signature and
 # LLVM inlines it into every kernel (constants folded, loops vectorised); Numba's IR-level
 # inlining gave the same code at 3-10x the compile time.
-_inline = numba.njit
+_inline = numba.njit(error_model="numpy")
 # The fast float32 functions and the element wrappers below are inlined by Numba itself: LLVM's
 # inliner refuses a function as large as erf, and a call left in a loop stops it vectorising.
-_always = numba.njit(inline="always")
+_always = numba.njit(inline="always", error_model="numpy")
 
 #: scalar_math compiled for the CPU.
 dm = scalar_math.build(_inline)
@@ -224,6 +226,8 @@ def _exp(approx, x):
 
 
 # Numba's float() keeps a float32 a float32: float64 values are made with np.float64().
+# Flat kernels index a slice per chunk from 0 (an index LLVM knows is >= 0 needs no negative-index
+# wraparound, which would otherwise stop the loop vectorising).
 
 # --- kernel factories ----------------------------------------------------------------------------
 # Each returns a kernel compiled for its closure's constants; ``source`` and ``parallel`` are
@@ -231,13 +235,13 @@ def _exp(approx, x):
 
 
 def _jit(parallel: bool) -> Callable:
-    return numba.njit(parallel=parallel, cache=True, nogil=True)
+    return numba.njit(parallel=parallel, cache=True, nogil=True, error_model="numpy")
 
 
 @functools.lru_cache(maxsize=None)
 def bias_act(act_id: int, approx: bool, keep_z: bool, parallel: bool) -> Callable:
     """kernel(z, b, p0, p1, a, rows): z (N, M) + b (M,) -> a = f(z + b); z keeps z + b when ``keep_z``
-    (a separate array), else ``a`` may be ``z`` itself."""
+    (``a`` a separate array), else a = f(z + b) is written over z (``a`` unused)."""
     source = SOURCE
 
     @_jit(parallel)
@@ -250,7 +254,9 @@ def bias_act(act_id: int, approx: bool, keep_z: bool, parallel: bool) -> Callabl
                     v = z[i, j] + b[j]
                     if keep_z:
                         z[i, j] = v
-                    a[i, j] = _act(act_id, approx, v, p0, p1)
+                        a[i, j] = _act(act_id, approx, v, p0, p1)
+                    else:  # in place, through z only: a store through a second name for the same
+                        z[i, j] = _act(act_id, approx, v, p0, p1)  # memory fails LLVM's overlap check
 
     return kernel
 
@@ -293,12 +299,13 @@ def mse(parallel: bool) -> Callable:
     @_jit(parallel)
     def kernel(p, t, g2, grad, partial, chunk):
         source, parallel  # noqa: B018 - cache key
-        n = p.shape[0]
         for c in numba.prange(partial.shape[0]):
+            lo, hi = c * chunk, c * chunk + chunk
+            pc, tc, gc = p[lo:hi], t[lo:hi], grad[lo:hi]
             acc = 0.0
-            for i in range(c * chunk, min(n, c * chunk + chunk)):
-                gi, vi = dm.mse_term(p[i], t[i], g2)
-                grad[i] = gi
+            for i in range(pc.shape[0]):
+                gi, vi = dm.mse_term(pc[i], tc[i], g2)
+                gc[i] = gi
                 acc += vi
             partial[c] = acc
         total = 0.0
@@ -317,12 +324,13 @@ def bce(parallel: bool) -> Callable:
     @_jit(parallel)
     def kernel(x, y, gscale, grad, partial, chunk):
         source, parallel  # noqa: B018 - cache key
-        n = x.shape[0]
         for c in numba.prange(partial.shape[0]):
+            lo, hi = c * chunk, c * chunk + chunk
+            xc, yc, gc = x[lo:hi], y[lo:hi], grad[lo:hi]
             acc = 0.0
-            for i in range(c * chunk, min(n, c * chunk + chunk)):
-                gi, vi = dm.bce_term(x[i], y[i], gscale)
-                grad[i] = gi
+            for i in range(xc.shape[0]):
+                gi, vi = dm.bce_term(xc[i], yc[i], gscale)
+                gc[i] = gi
                 acc += vi
             partial[c] = acc
         total = 0.0
@@ -416,15 +424,17 @@ def sgd(has_wd: bool, use_momentum: bool, first: bool, damped: bool, nesterov: b
         source, parallel  # noqa: B018 - cache key
         n = p.shape[0]
         for c in numba.prange((n + chunk - 1) // chunk):
-            for i in range(c * chunk, min(n, c * chunk + chunk)):
-                b = g[i]
+            lo, hi = c * chunk, c * chunk + chunk
+            pc, gc, bc = p[lo:hi], g[lo:hi], buf[lo:hi]
+            for i in range(pc.shape[0]):
+                b = gc[i]
                 if use_momentum and not first:
-                    b = buf[i]
-                pi, b = dm.sgd_step(p[i], g[i], b, lr, momentum, one_minus_dampening, wd,
+                    b = bc[i]
+                pi, b = dm.sgd_step(pc[i], gc[i], b, lr, momentum, one_minus_dampening, wd,
                                     has_wd, use_momentum, first, damped, nesterov)
                 if use_momentum:
-                    buf[i] = b
-                p[i] = pi
+                    bc[i] = b
+                pc[i] = pi
 
     return kernel
 
@@ -441,18 +451,20 @@ def adam(wd_mode: int, lerp_high: bool, amsgrad: bool, parallel: bool) -> Callab
         decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bc2, eps = hp
         n = p.shape[0]
         for c in numba.prange((n + chunk - 1) // chunk):
-            for i in range(c * chunk, min(n, c * chunk + chunk)):
-                vi = v[i]
+            lo, hi = c * chunk, c * chunk + chunk
+            pc, gc, mc, vc, xc = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], vmax[lo:hi]
+            for i in range(pc.shape[0]):
+                vi = vc[i]
                 vm = vi
                 if amsgrad:
-                    vm = vmax[i]
-                pi, mi, vi, vm = dm.adam_step(p[i], g[i], m[i], vi, vm, decay, wd, w1, one_minus_w1, beta2,
+                    vm = xc[i]
+                pi, mi, vi, vm = dm.adam_step(pc[i], gc[i], mc[i], vi, vm, decay, wd, w1, one_minus_w1, beta2,
                                               one_minus_beta2, step_size, bc2, eps, wd_mode, lerp_high, amsgrad)
-                m[i] = mi
-                v[i] = vi
+                mc[i] = mi
+                vc[i] = vi
                 if amsgrad:
-                    vmax[i] = vm
-                p[i] = pi
+                    xc[i] = vm
+                pc[i] = pi
 
     return kernel
 
@@ -469,22 +481,24 @@ def rmsprop(has_wd: bool, centered: bool, lerp_high: bool, use_momentum: bool, p
         lr, alpha, w, one_minus_w, eps, wd, momentum = hp
         n = p.shape[0]
         for c in numba.prange((n + chunk - 1) // chunk):
-            for i in range(c * chunk, min(n, c * chunk + chunk)):
-                vi = v[i]
+            lo, hi = c * chunk, c * chunk + chunk
+            pc, gc, vc, ac, bc = p[lo:hi], g[lo:hi], v[lo:hi], a[lo:hi], b[lo:hi]
+            for i in range(pc.shape[0]):
+                vi = vc[i]
                 ai = vi
                 if centered:
-                    ai = a[i]
+                    ai = ac[i]
                 bi = vi
                 if use_momentum:
-                    bi = b[i]
-                pi, vi, ai, bi = dm.rmsprop_step(p[i], g[i], vi, ai, bi, lr, alpha, w, one_minus_w, eps, wd,
+                    bi = bc[i]
+                pi, vi, ai, bi = dm.rmsprop_step(pc[i], gc[i], vi, ai, bi, lr, alpha, w, one_minus_w, eps, wd,
                                                  momentum, has_wd, centered, lerp_high, use_momentum)
-                v[i] = vi
+                vc[i] = vi
                 if centered:
-                    a[i] = ai
+                    ac[i] = ai
                 if use_momentum:
-                    b[i] = bi
-                p[i] = pi
+                    bc[i] = bi
+                pc[i] = pi
 
     return kernel
 
@@ -499,10 +513,12 @@ def adagrad(has_wd: bool, parallel: bool) -> Callable:
         source, parallel  # noqa: B018 - cache key
         n = p.shape[0]
         for c in numba.prange((n + chunk - 1) // chunk):
-            for i in range(c * chunk, min(n, c * chunk + chunk)):
-                pi, si = dm.adagrad_step(p[i], g[i], s[i], clr, eps, wd, has_wd)
-                s[i] = si
-                p[i] = pi
+            lo, hi = c * chunk, c * chunk + chunk
+            pc, gc, sc = p[lo:hi], g[lo:hi], s[lo:hi]
+            for i in range(pc.shape[0]):
+                pi, si = dm.adagrad_step(pc[i], gc[i], sc[i], clr, eps, wd, has_wd)
+                sc[i] = si
+                pc[i] = pi
 
     return kernel
 

@@ -238,7 +238,7 @@ def _jit(parallel: bool) -> Callable:
     return numba.njit(parallel=parallel, cache=True, nogil=True, error_model="numpy")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bias_act(act_id: int, approx: bool, keep_z: bool, parallel: bool) -> Callable:
     """kernel(z, b, p0, p1, a, rows): z (N, M) + b (M,) -> a = f(z + b); z keeps z + b when ``keep_z``
     (``a`` a separate array), else a = f(z + b) is written over z (``a`` unused)."""
@@ -261,7 +261,7 @@ def bias_act(act_id: int, approx: bool, keep_z: bool, parallel: bool) -> Callabl
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def act_bias_grad(act_id: int, approx: bool, parallel: bool) -> Callable:
     """kernel(da, s, p0, p1, dz, partial, db, rows): dz = da f'(s) (N, M) (not written for identity,
     where dz is da); db = sum over rows of dz: chunk c's rows summed in order into partial[c] (nch, M),
@@ -291,7 +291,7 @@ def act_bias_grad(act_id: int, approx: bool, parallel: bool) -> Callable:
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mse(parallel: bool) -> Callable:
     """kernel(p, t, g2, grad, partial, chunk) -> sum (p - t)^2 in float64; grad = (p - t) g2 (flat)."""
     source = SOURCE
@@ -316,7 +316,7 @@ def mse(parallel: bool) -> Callable:
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bce(parallel: bool) -> Callable:
     """kernel(x, y, gscale, grad, partial, chunk) -> sum of the BCE terms in float64; grad (flat)."""
     source = SOURCE
@@ -341,7 +341,7 @@ def bce(parallel: bool) -> Callable:
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cross_entropy(labels: bool, approx: bool, parallel: bool) -> Callable:
     """kernel(z, y, t, scale, grad, partial, rows) -> the loss before scaling, in float64.
 
@@ -414,7 +414,7 @@ def cross_entropy(labels: bool, approx: bool, parallel: bool) -> Callable:
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sgd(has_wd: bool, use_momentum: bool, first: bool, damped: bool, nesterov: bool, parallel: bool) -> Callable:
     """kernel(p, g, buf, lr, momentum, one_minus_dampening, wd, chunk): scalar_math.sgd_step per element."""
     source = SOURCE
@@ -439,7 +439,7 @@ def sgd(has_wd: bool, use_momentum: bool, first: bool, damped: bool, nesterov: b
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def adam(wd_mode: int, lerp_high: bool, amsgrad: bool, parallel: bool) -> Callable:
     """kernel(p, g, m, v, vmax, hp, chunk): scalar_math.adam_step per element; hp = (decay, wd, w1,
     1 - w1, beta2, 1 - beta2, step_size, sqrt(bias correction 2), eps) in the data dtype."""
@@ -469,7 +469,7 @@ def adam(wd_mode: int, lerp_high: bool, amsgrad: bool, parallel: bool) -> Callab
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rmsprop(has_wd: bool, centered: bool, lerp_high: bool, use_momentum: bool, parallel: bool) -> Callable:
     """kernel(p, g, v, a, b, hp, chunk): scalar_math.rmsprop_step per element; hp = (lr, alpha, w,
     1 - w, eps, wd, momentum) in the data dtype."""
@@ -503,7 +503,7 @@ def rmsprop(has_wd: bool, centered: bool, lerp_high: bool, use_momentum: bool, p
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def adagrad(has_wd: bool, parallel: bool) -> Callable:
     """kernel(p, g, s, clr, eps, wd, chunk): scalar_math.adagrad_step per element."""
     source = SOURCE
@@ -523,7 +523,7 @@ def adagrad(has_wd: bool, parallel: bool) -> Callable:
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sum_of_squares(parallel: bool) -> Callable:
     """kernel(g, partial, chunk) -> sum g^2 in float64: 8 fixed lanes per chunk, lanes then chunks in order."""
     source = SOURCE

@@ -165,6 +165,8 @@ def test_the_gpu_grid_runs_when_a_gpu_contender_can_run():
     assert res["target"] == "gpu"
     assert [r["size_label"] for r in res["records"]] == ["N=4096 C=10", "N=4096 C=1000"]
     assert all(r["status"] == "ok" and r["stats"]["wall_median_s"] > 0 for r in res["records"]), res["records"]
+    if cuda_status()[0] == 0:  # the GPU ceilings cannot be measured: said, not fatal
+        assert "error" in res["ceilings"]["cuda"]
 
 
 def test_a_backend_that_counts_launches_gives_launches_per_step(monkeypatch):
@@ -252,7 +254,7 @@ def test_the_gate_checks_a_reduced_batch_when_the_reference_costs_too_much():
 
 
 def test_a_relu_kink_flipped_by_rounding_is_accepted_but_other_errors_are_not():
-    case = bc.LayerCase("fwd_bwd", "relu")
+    case = bc.layer_case("fwd_bwd", "relu")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 4)).astype(np.float32)
     w = rng.standard_normal((4, 3)).astype(np.float32)
@@ -274,7 +276,7 @@ def test_a_relu_kink_flipped_by_rounding_is_accepted_but_other_errors_are_not():
 
 
 def test_step_and_optimizer_gates_see_a_wrong_update():
-    case = bc.StepCase("deep_narrow")
+    case = bc.step_case("deep_narrow")
     inputs = case.restrict(case.inputs({"N": 64}, 0), {"N": 64})
     ref = case.reference(inputs)
     good = {"loss": ref["loss"], "grads": ref["grads"], "params": ref["params"].astype(np.float32)}
@@ -284,7 +286,7 @@ def test_step_and_optimizer_gates_see_a_wrong_update():
     g = case.compare(wrong, ref, 1e-3)
     assert not g.ok and g.worst.startswith("update ")
 
-    opt = bc.OptimCase("adam")
+    opt = bc.optim_case("adam")
     inp = opt.inputs({"P": 5000}, 0)
     ref = opt.reference(inp)
     p = inp["p"].astype(np.float64)
@@ -312,24 +314,24 @@ def test_case_selection_by_group_name_and_glob():
 
 
 def test_work_counts_follow_the_stated_formulas():
-    fwd, both = bc.LayerCase("fwd", "relu"), bc.LayerCase("fwd_bwd", "relu")
+    fwd, both = bc.layer_case("fwd", "relu"), bc.layer_case("fwd_bwd", "relu")
     size = {"N": 256, "W": 64}
     assert fwd.work(size).flops == 2 * 256 * 64 * 64 and both.work(size).flops == 6 * 256 * 64 * 64
     assert fwd.throughput(size, 1e-3) == pytest.approx(2 * 256 * 64 * 64 / 1e-3 / 1e9)
-    assert bc.OptimCase("adam").work({"P": 10}).bytes == 7 * 4 * 10
-    assert bc.OptimCase("sgd_momentum").work({"P": 10}).bytes == 5 * 4 * 10
-    assert bc.OptimCase("adam").throughput({"P": 10}, 1e-3) == pytest.approx(7 * 4 * 10 / 1e-3 / 1e9)
-    mnist = bc.StepCase("mnist_mlp")
+    assert bc.optim_case("adam").work({"P": 10}).bytes == 7 * 4 * 10
+    assert bc.optim_case("sgd_momentum").work({"P": 10}).bytes == 5 * 4 * 10
+    assert bc.optim_case("adam").throughput({"P": 10}, 1e-3) == pytest.approx(7 * 4 * 10 / 1e-3 / 1e9)
+    mnist = bc.step_case("mnist_mlp")
     assert mnist.work({"N": 1}).flops == 4 * 784 * 1024 + 6 * 1024 * 1024 + 6 * 1024 * 10
     assert mnist.throughput({"N": 4096}, 0.5) == 8192  # samples/s
     sizes, note = mnist.grid("quick", "cpu")
     assert sizes == [{"N": 256}] and note.startswith("reduced")
     assert mnist.grid("quick", "gpu") == ([{"N": 4096}], "")
-    assert bc.StepCase("wide").grid("quick", "cpu")[0] == []
-    assert bc.StepCase("wide").grid("quick", "gpu")[0] == [{"N": 8192}]
-    assert bc.StepCase("deep_narrow").grid("quick", "gpu")[0] == [{"N": 2**18}]
-    assert bc.OptimCase("adam").grid("quick", "gpu")[0] == [{"P": 100_000_000}]
-    assert bc.OptimCase("adam").label({"P": 100_000_000}) == "P=100M"
+    assert bc.step_case("wide").grid("quick", "cpu")[0] == []
+    assert bc.step_case("wide").grid("quick", "gpu")[0] == [{"N": 8192}]
+    assert bc.step_case("deep_narrow").grid("quick", "gpu")[0] == [{"N": 2**18}]
+    assert bc.optim_case("adam").grid("quick", "gpu")[0] == [{"P": 100_000_000}]
+    assert bc.optim_case("adam").label({"P": 100_000_000}) == "P=100M"
 
 
 def test_big_inputs_repeat_a_prime_length_block(monkeypatch):
@@ -383,6 +385,7 @@ def test_bench_command_runs_the_cpu_cases_and_prints_a_table(smoke_run):
     code, text, out = smoke_run
     assert code == 0, text
     assert "median" in text and "thrpt" in text and "ratio" in text and "headline:" in text
+    assert "floor" in text and "of floor" in text and "ceilings CPU: copy " in text
     for case in ("dense_fwd:relu", "dense_fwd_bwd:relu", "step:mnist_mlp", "optim:adam", "loss:cross_entropy"):
         assert f"\n{case}: " in text
     assert "step:wide: not run in the smoke suite" in text
@@ -396,7 +399,7 @@ def test_results_json_has_every_field(smoke_run):
     _, _, out = smoke_run
     res = json.loads((out / "results.json").read_text())
     for key in ("schema", "tier", "target", "dtype", "primary", "options", "timing", "contenders", "environment",
-                "cases", "records", "not_measured", "headline", "plots"):
+                "cases", "ceilings", "records", "not_measured", "headline", "plots"):
         assert key in res, key
     env = res["environment"]
     assert env["cpu"]["model"] and env["cpu"]["logical_cpus"] >= 1
@@ -407,6 +410,8 @@ def test_results_json_has_every_field(smoke_run):
         assert dist in env["versions"]
     assert "available" in env["gpu"] and (env["gpu"]["available"] or env["gpu"]["reason"])
     assert res["timing"]["tolerances"] == accuracy.GATE
+    cpu = res["ceilings"]["cpu"]
+    assert cpu["bandwidth_Bps"] > 0 and cpu["flops"] > 0 and cpu["copy"]["count"] >= 3
     assert {c["name"] for c in res["contenders"]} == set(bk.CONTENDER_NAMES)
     ok = [r for r in res["records"] if r["status"] == "ok"]
     assert ok and all(r["status"] in ("ok", "skipped") for r in res["records"]), [
@@ -415,8 +420,13 @@ def test_results_json_has_every_field(smoke_run):
         st = r["stats"]
         assert st["min_s"] <= st["median_s"] <= st["max_s"] and st["count"] == len(st["samples_s"]) >= 3
         assert r["gate"]["ok"] and r["gate"]["max_err"] <= r["gate"]["tol"]
-        assert r["throughput"] > 0 and r["speedup_of_primary"] > 0
+        assert r["throughput"] > 0 and r["floor_s"] > 0 and r["speedup_of_primary"] > 0
+        assert "of_peak_flops" in r["fraction"] and "of_bandwidth" in r["fraction"]
+        assert 0 < r["fraction"]["of_floor"] == pytest.approx(r["floor_s"] / st["median_s"])
+        if r["work"]["gemms"]:  # the case's GEMMs timed alone on the same device, and the ratio to them
+            assert r["gemm"]["median_s"] > 0 and r["over_gemm"] == pytest.approx(st["median_s"] / r["gemm"]["median_s"])
         assert r["work"]["items"] > 0 and r["size_label"] and r["unit"] and isinstance(r["vs"], dict)
+    assert any(r["case"].startswith("step:") and r["over_gemm"] > 0 for r in ok)
     if any(r["contender"] == "torch-cpu" for r in ok):
         assert any(h["contender"] == "torch-cpu" for h in res["headline"])
 
@@ -430,6 +440,7 @@ def test_plots_and_summary_are_written(smoke_run):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     md = (out / "summary.md").read_text()
     assert md.startswith("# gpubp bench: ") and "headline:" in md and "\ndense_fwd:relu: " in md
+    assert "ceilings CPU: copy " in md and "of floor" in md and "x GEMMs" in md
     assert "![dense_fwd:relu](dense-fwd-relu.png)" in md
 
 
@@ -541,7 +552,7 @@ def test_bench_modules_form_a_one_way_layering():
 
 def test_fraction_formatting_and_times():
     assert br.fmt_time(1.5e-6) == "1.5us" and br.fmt_time(0.25) == "250ms" and br.fmt_time(2.0) == "2s"
-    assert br.fmt_si(65536) == "65.5k"
+    assert br.fmt_si(65536) == "65.5k" and br.fmt_pct(0.5) == "50%" and br.fmt_pct(0.012) == "1.2%"
 
 
 # --- allreduce: measured by gpubp.distributed.benchmark ------------------------------------------

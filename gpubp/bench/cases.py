@@ -1,6 +1,8 @@
-"""The cases: sizes (N batch or rows, W width, C classes, P parameters) per tier and target (GPU grid, or a
-scaled-down CPU grid), work, inputs, and the float64 reference and gate of each kind. References run the
-project's float64 spec (numpy_ref, gpubp's optimizers on the NumPy backend); tolerances from gpubp.accuracy.
+"""The table of cases. A case is data: its grid (sizes per tier and target, the GPU grid or a scaled-down CPU
+grid; N batch or rows, W width, C classes, P parameters), its work (FLOPs, compulsory bytes, items, and the
+GEMMs (m, k, n) it contains), its input builder, its float64 reference and its gate. References run the project's
+float64 spec (numpy_ref, gpubp's optimizers on the NumPy backend); tolerances come from gpubp.accuracy. How each
+contender runs a kind is in contenders.OPS.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ import fnmatch
 import functools
 import importlib.util
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -40,7 +42,8 @@ MODELS = {
              {"smoke": ([], []), "quick": ([], [8192]), "full": ([256], [2048, 8192, 32768])}),
 }
 HYPER = {"adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}, "sgd_momentum": {"lr": 0.01, "momentum": 0.9}}
-STEP_OPTIM = "sgd_momentum"  # the training step's optimizer (see StepCase)
+ACCESSES = {"adam": 7, "sgd_momentum": 5}  # Adam reads p g m v, writes p m v; SGD reads p g b, writes p b
+STEP_OPTIM = "sgd_momentum"  # the training step's optimizer (see step_case)
 OPTIM_STATED, LOSS_STATED_ROWS = 100_000_000, 65536
 OPTIM_GRID = {"smoke": ([2**16], [2**20]), "quick": ([2**22], [OPTIM_STATED]),
               "full": ([2**22, OPTIM_STATED], [2**20, 2**24, OPTIM_STATED])}  # tier -> (CPU, GPU)
@@ -146,23 +149,45 @@ def chain(acts: list[Activation], ws: list, bs: list, x: np.ndarray, dout: Any, 
     return {"hs": hs, "value": value, "grads": grads, "dx": da, "slack": slack, "s_dx": s_da}
 
 
-class Work(NamedTuple):  # one step: FLOPs (None: not counted), compulsory bytes, items (samples, parameters, rows)
+class Work(NamedTuple):
+    """One call's work: FLOPs (None: not counted), compulsory bytes (each array read or written once), items
+    (samples, parameters, rows) and the GEMMs it contains, (m, k, n) each: 2 m k n of the FLOPs."""
+
     flops: float | None
     bytes: float
     items: float
+    gemms: tuple[tuple[int, int, int], ...] = ()
 
 
+Grid = Callable[[str, str], tuple[list[dict[str, int]], str]]  # (tier, target) -> (sizes, note)
+
+
+@dataclass(eq=False)
 class Case:
-    """One row of the table of cases: what a kind runs is in its subclass (grid, work, inputs, reference,
-    compare); how each contender runs it is in contenders.OPS, under the same ``kind``."""
+    """One row of the table. ``spec`` holds what the operations read (``act``, ``mode``, ``key``, ``pairs``,
+    ``slices``, ``which``); ``check`` replaces the default gate (every array of the reference, its ``slack`` as
+    allowances); ``measure`` marks a case that times itself (allreduce) instead of running contenders."""
 
-    name = group = kind = title = unit = ""
-    x_key = "N"  # the size key plotted on the x axis; the others name the line
+    name: str
+    kind: str  # the OPS row: layer, step, optimizer, loss, allreduce
+    title: str
+    unit: str
+    grid: Grid
+    work: Callable[[dict[str, int]], Work] = lambda size: Work(None, 0.0, 0.0)
+    inputs: Callable[[dict[str, int], int], dict[str, np.ndarray]] | None = None
+    reference: Callable[..., dict[str, Any]] | None = None
+    check: Callable[[dict[str, Any], dict[str, Any], float], Gate] | None = None
+    measure: Callable[[list[dict[str, int]], str], list[dict[str, Any]]] | None = None
+    x_key: str = "N"  # the size key plotted on the x axis; the others name the line
     batched: tuple[str, ...] = ()  # inputs with N rows: cut for a reduced gate, rotated between repeats
-    gate_floor = 64
+    row_cost: Callable[[dict[str, int]], float] | None = None  # reference cost of one row (default: FLOPs)
+    gate_budget: float | None = None  # the budget of that cost (default: --gate-flops)
+    dtype: str = "float32"
+    spec: dict[str, Any] = field(default_factory=dict)
 
-    def __init__(self, dtype: str = "float32") -> None:
-        self.dtype, self.itemsize = np.dtype(dtype).name, np.dtype(dtype).itemsize
+    @property
+    def group(self) -> str:
+        return self.name.split(":")[0]
 
     def label(self, size: dict[str, int]) -> str:
         return " ".join(f"{k}={fmt_count(v)}" for k, v in size.items())
@@ -178,57 +203,27 @@ class Case:
         return {k: (v[: gsize["N"]] if k in self.batched else v) for k, v in inputs.items()}
 
     def gate_size(self, size: dict[str, int], budget_flops: float) -> dict[str, int]:
-        """The largest power-of-two batch (at least ``gate_floor``) whose reference costs at most the budget."""
-        n, (budget, per_row) = size.get("N", 0), ((budget_flops, (self.work(size).flops or 0) / max(size.get(
-            "N", 1), 1)) if self.kind != "loss" else (float(1 << 24), size["C"]))  # loss: under 2^24 elements
+        """The largest power-of-two batch (at least 64, 16 for the loss) whose reference costs at most the budget."""
+        n = size.get("N", 0)
+        budget = self.gate_budget or budget_flops
+        per_row = self.row_cost(size) if self.row_cost else (self.work(size).flops or 0) / max(n, 1)
         if not self.batched or n * per_row <= budget:
             return size
-        return {**size, "N": min(n, max(1 << max(int(math.log2(max(budget / per_row, 1.0))), 0), self.gate_floor))}
+        floor = 16 if self.kind == "loss" else 64
+        return {**size, "N": min(n, max(1 << max(int(math.log2(max(budget / per_row, 1.0))), 0), floor))}
 
     def compare(self, result: dict[str, Any], expected: dict[str, Any], tol: float) -> Gate:
+        if self.check:
+            return self.check(result, expected, tol)
         return compare(result, {k: v for k, v in expected.items() if k != "slack"}, tol, expected.get("slack"))
 
-    def _note(self, what: str, stated: int, sizes: list[int], target: str) -> str:
-        return "" if stated in sizes else (f"reduced: {what} {', '.join(map(fmt_count, sizes))} instead of "
-                                           f"the stated {fmt_count(stated)} ({target} grid)")
+
+def _note(what: str, stated: int, sizes: list[int], target: str) -> str:
+    return "" if stated in sizes else (f"reduced: {what} {', '.join(map(fmt_count, sizes))} instead of "
+                                       f"the stated {fmt_count(stated)} ({target} grid)")
 
 
-class LayerCase(Case):
-    kind, unit = "layer", "GFLOP/s"
-
-    def __init__(self, mode: str, activation: str, dtype: str = "float32") -> None:
-        super().__init__(dtype)
-        if mode not in ("fwd", "fwd_bwd"):
-            raise ValueError(f"mode: expected 'fwd' or 'fwd_bwd', got {mode!r}")
-        self.mode, self.activation = mode, Activation(activation)
-        self.group, self.batched = f"dense_{mode}", ("x",) if mode == "fwd" else ("x", "da")
-        self.name = f"{self.group}:{self.activation.name}"
-        self.title = f"dense layer {'forward' if mode == 'fwd' else 'forward+backward'}, {activation}, {self.dtype}"
-
-    def grid(self, tier: str, target: str) -> tuple[list[dict[str, int]], str]:
-        widths, batches = LAYER_GRID[(tier, target)]
-        return [{"N": n, "W": w} for w in widths for n in batches], ""
-
-    def work(self, size: dict[str, int]) -> Work:
-        n, w, s = size["N"], size["W"], self.itemsize
-        if self.mode == "fwd":
-            return Work(2.0 * n * w * w, s * (2.0 * n * w + w * w + w), n)
-        return Work(6.0 * n * w * w, s * (7.0 * n * w + 3.0 * w * w + 2.0 * w), n)
-
-    def inputs(self, size: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-        x, da = _layer_data(size["N"], size["W"], self.dtype, seed)
-        rng = np.random.default_rng([seed, size["W"], self.activation.id, 2])
-        w = gp.Dense(size["W"], size["W"], self.activation).initial_weight(rng).astype(self.dtype)
-        out = {"x": x, "w": w, "b": (0.1 * rng.standard_normal(size["W"])).astype(self.dtype)}
-        return out | ({"da": da} if self.mode == "fwd_bwd" else {})
-
-    def reference(self, inputs: dict[str, np.ndarray], u: float = 2.0**-24) -> dict[str, Any]:
-        x, w, b = _f64(inputs["x"]), _f64(inputs["w"]), _f64(inputs["b"])
-        if self.mode == "fwd":
-            return {"a": numpy_ref.dense_forward(x, w, b, self.activation, False)[0]}
-        c = chain([self.activation], [w], [b], x, _f64(inputs["da"]), u, True)
-        [(dw, db)], [(s_dw, s_db)] = c["grads"], c["slack"]
-        return {"a": c["hs"][-1], "dx": c["dx"], "dW": dw, "db": db, "slack": {"dx": c["s_dx"], "dW": s_dw, "db": s_db}}
+# --- the kinds: each function gives one row of the table -------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1)
@@ -237,10 +232,47 @@ def _layer_data(n: int, w: int, dtype: str, seed: int) -> tuple[np.ndarray, np.n
     return fill(rng, (n, w), dtype), fill(rng, (n, w), dtype)
 
 
+def layer_case(mode: str, activation: str, dtype: str = "float32") -> Case:
+    """One Dense(W, W): a = f(x W + b) with x (N, W). Forward: 2 N W^2 FLOPs; x, W, b read, a written.
+    Forward+backward also writes the saved tensor, then reads da, it, x, W and writes dx, dW, db: 6 N W^2."""
+    if mode not in ("fwd", "fwd_bwd"):
+        raise ValueError(f"mode: expected 'fwd' or 'fwd_bwd', got {mode!r}")
+    act, fwd, s = Activation(activation), mode == "fwd", np.dtype(dtype).itemsize
+
+    def work(size: dict[str, int]) -> Work:
+        n, w = size["N"], size["W"]
+        if fwd:
+            return Work(2.0 * n * w * w, s * (2.0 * n * w + w * w + w), n, ((n, w, w),))
+        return Work(6.0 * n * w * w, s * (7.0 * n * w + 3.0 * w * w + 2.0 * w), n, ((n, w, w), (w, n, w), (n, w, w)))
+
+    def inputs(size: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+        x, da = _layer_data(size["N"], size["W"], dtype, seed)
+        rng = np.random.default_rng([seed, size["W"], act.id, 2])
+        w = gp.Dense(size["W"], size["W"], act).initial_weight(rng).astype(dtype)
+        out = {"x": x, "w": w, "b": (0.1 * rng.standard_normal(size["W"])).astype(dtype)}
+        return out | ({} if fwd else {"da": da})
+
+    def reference(inp: dict[str, np.ndarray], u: float = 2.0**-24) -> dict[str, Any]:
+        x, w, b = _f64(inp["x"]), _f64(inp["w"]), _f64(inp["b"])
+        if fwd:
+            return {"a": numpy_ref.dense_forward(x, w, b, act, False)[0]}
+        c = chain([act], [w], [b], x, _f64(inp["da"]), u, True)
+        [(dw, db)], [(s_dw, s_db)] = c["grads"], c["slack"]
+        return {"a": c["hs"][-1], "dx": c["dx"], "dW": dw, "db": db, "slack": {"dx": c["s_dx"], "dW": s_dw, "db": s_db}}
+
+    def grid(tier: str, target: str) -> tuple[list[dict[str, int]], str]:
+        widths, batches = LAYER_GRID[(tier, target)]
+        return [{"N": n, "W": w} for w in widths for n in batches], ""
+
+    title = f"dense layer {'forward' if fwd else 'forward+backward'}, {activation}, {np.dtype(dtype).name}"
+    return Case(f"dense_{mode}:{act.name}", "layer", title, "GFLOP/s", grid, work, inputs, reference,
+                batched=("x",) if fwd else ("x", "da"), dtype=np.dtype(dtype).name, spec={"act": act, "mode": mode})
+
+
 def model_layers(key: str) -> list[gp.Dense]:
     widths = MODELS[key][1]
-    return [gp.Dense(a, b, "relu" if i < len(widths) - 2 else None) for i, (a, b) in enumerate(
-        zip(widths[:-1], widths[1:], strict=True))]
+    pairs = zip(widths[:-1], widths[1:], strict=True)
+    return [gp.Dense(a, b, "relu" if i < len(widths) - 2 else None) for i, (a, b) in enumerate(pairs)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -248,62 +280,52 @@ def _initial_params(key: str, dtype: str, seed: int) -> np.ndarray:
     return np.asarray(gp.Sequential(*model_layers(key), dtype="float64", seed=seed).arena.data, dtype=dtype)
 
 
-class StepCase(Case):
-    """A training step with SGD momentum 0.9 (lr 0.01), not Adam: its first update is linear in the gradient,
-    so the gate on the new parameters checks the gradients. Adam's first update is lr sign(g), which float32
-    legitimately flips for gradients near 0; Adam is gated alone in optim:adam."""
+def step_case(key: str, dtype: str = "float32") -> Case:
+    """A training step: forward, cross-entropy, backward, SGD momentum 0.9 (lr 0.01), not Adam: its first update
+    is linear in the gradient, so the gate on the new parameters checks the gradients (Adam's first update is
+    lr sign(g), which float32 legitimately flips for gradients near 0; Adam is gated alone in optim:adam).
+    GEMMs per layer (in a, out b): x W (N, a, b), dW = x^T dz (a, N, b) and, but for the first, dx = dz W^T
+    (N, b, a). Bytes: each layer's x, W, b, a, saved z, da, dx, dW, db once, 5 accesses per parameter for SGD
+    momentum, the logits read and their gradient written, the int64 labels."""
+    desc, widths, stated, grids = MODELS[key]
+    pairs, s, dtype = list(zip(widths[:-1], widths[1:], strict=True)), np.dtype(dtype).itemsize, np.dtype(dtype).name
+    params, slices, off = sum(a * b + b for a, b in pairs), [], 0
+    for i, (a, b) in enumerate(pairs):  # (name, slice) of each weight (in, out) and bias: gpubp's arena layout
+        slices += [(f"{i}.weight", slice(off, off + a * b)), (f"{i}.bias", slice(off + a * b, off + a * b + b))]
+        off += a * b + b
 
-    kind = group = "step"
-    unit, batched = "samples/s", ("x", "y")
-
-    def __init__(self, key: str, dtype: str = "float32") -> None:
-        super().__init__(dtype)
-        self.key, self.name = key, f"step:{key}"
-        desc, self.widths, self.stated, self.grids = MODELS[key]
-        self.pairs = list(zip(self.widths[:-1], self.widths[1:], strict=True))
-        self.params = sum(a * b + b for a, b in self.pairs)
-        self.title = f"training step, {desc}, {self.dtype}"
-
-    def grid(self, tier: str, target: str) -> tuple[list[dict[str, int]], str]:
-        sizes = self.grids[tier][target == "gpu"]
+    def grid(tier: str, target: str) -> tuple[list[dict[str, int]], str]:
+        sizes = grids[tier][target == "gpu"]
         if not sizes:
-            return [], (f"not run in the {tier} suite on the {target.upper()}: {self.params / 1e6:.0f}M parameters "
-                        f"at batch {self.stated} is a GPU-sized step (--full runs it)")
-        return [{"N": b} for b in sizes], self._note("batch", self.stated, sizes, target)
+            return [], (f"not run in the {tier} suite on the {target.upper()}: {params / 1e6:.0f}M parameters "
+                        f"at batch {stated} is a GPU-sized step (--full runs it)")
+        return [{"N": b} for b in sizes], _note("batch", stated, sizes, target)
 
-    def work(self, size: dict[str, int]) -> Work:
-        n, s = size["N"], self.itemsize
-        flops = sum((4.0 if i == 0 else 6.0) * n * a * b for i, (a, b) in enumerate(self.pairs))
+    def work(size: dict[str, int]) -> Work:
+        n = size["N"]
+        gemms = tuple(g for i, (a, b) in enumerate(pairs) for g in [(n, a, b), (a, n, b)] + [(n, b, a)] * (i > 0))
         traffic = sum(3.0 * n * a - (n * a if i == 0 else 0) + 4.0 * n * b + 3.0 * a * b + 2.0 * b
-                      for i, (a, b) in enumerate(self.pairs))
-        return Work(flops, s * (traffic + 5.0 * self.params + 2.0 * n * self.widths[-1]) + 8.0 * n, n)
+                      for i, (a, b) in enumerate(pairs))
+        flops = sum(2.0 * m * k * q for m, k, q in gemms)
+        return Work(flops, s * (traffic + 5.0 * params + 2.0 * n * widths[-1]) + 8.0 * n, n, gemms)
 
-    def inputs(self, size: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    def inputs(size: dict[str, int], seed: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, size["N"], 3])
-        return {"x": fill(rng, (size["N"], self.widths[0]), self.dtype),
-                "y": rng.integers(0, self.widths[-1], size=size["N"], dtype=np.int64),
-                "params": _initial_params(self.key, self.dtype, seed)}
+        return {"x": fill(rng, (size["N"], widths[0]), dtype), "params": _initial_params(key, dtype, seed),
+                "y": rng.integers(0, widths[-1], size=size["N"], dtype=np.int64)}
 
-    def param_slices(self) -> list[tuple[str, slice]]:
-        """(name, slice) of each weight (in, out) and bias in the flat vector (gpubp's arena layout)."""
-        out, off = [], 0
-        for i, (a, b) in enumerate(self.pairs):
-            out += [(f"{i}.weight", slice(off, off + a * b)), (f"{i}.bias", slice(off + a * b, off + a * b + b))]
-            off += a * b + b
-        return out
-
-    def reference(self, inputs: dict[str, np.ndarray], u: float = 2.0**-24) -> dict[str, Any]:
-        p0, sl, x = _f64(inputs["params"]), self.param_slices(), _f64(inputs["x"])
-        ws = [p0[s].reshape(a, b) for (_, s), (a, b) in zip(sl[::2], self.pairs, strict=True)]
-        c = chain([layer.activation for layer in model_layers(self.key)], ws, [p0[s] for _, s in sl[1::2]], x,
-                  lambda out: numpy_ref.cross_entropy(out, inputs["y"], 1.0 / x.shape[0]), u, False)
+    def reference(inp: dict[str, np.ndarray], u: float = 2.0**-24) -> dict[str, Any]:
+        p0, x = _f64(inp["params"]), _f64(inp["x"])
+        ws = [p0[sl].reshape(a, b) for (_, sl), (a, b) in zip(slices[::2], pairs, strict=True)]
+        c = chain([layer.activation for layer in model_layers(key)], ws, [p0[sl] for _, sl in slices[1::2]], x,
+                  lambda out: numpy_ref.cross_entropy(out, inp["y"], 1.0 / x.shape[0]), u, False)
         g = np.concatenate([t for dw, db in c["grads"] for t in (dw.ravel(), db)])
-        s_g = {name: s.ravel() for (name, _), s in zip(sl, [s for pair in c["slack"] for s in pair], strict=True)
-               if s is not None}
+        flat = [sl for pair in c["slack"] for sl in pair]
+        s_g = {name: sg.ravel() for (name, _), sg in zip(slices, flat, strict=True) if sg is not None}
         return {"loss": np.float64(c["value"]), "grads": g, "params": spec_update(STEP_OPTIM, p0, g), "params0": p0,
                 "slack": s_g}
 
-    def compare(self, result: dict[str, Any], expected: dict[str, Any], tol: float) -> Gate:
+    def check(result: dict[str, Any], expected: dict[str, Any], tol: float) -> Gate:
         """Loss; each parameter's gradient (with its kink allowance); each update (new - old) within one ulp plus
         lr times that allowance (the first SGD-momentum update is -lr g)."""
         missing = [k for k in ("loss", "grads", "params") if k not in result]
@@ -311,88 +333,82 @@ class StepCase(Case):
             return Gate(False, math.inf, missing[0], tol, f"no {missing[0]!r} in the result")
         got, want, slack = {"loss": result["loss"]}, {"loss": expected["loss"]}, {}
         p0, new, grads, lr = expected["params0"], _f64(result["params"]), _f64(result["grads"]), HYPER[STEP_OPTIM]["lr"]
-        for name, s in self.param_slices():
+        for name, sl in slices:
             s_g = expected["slack"].get(name)
-            got[f"grad {name}"], want[f"grad {name}"], slack[f"grad {name}"] = grads[s], expected["grads"][s], s_g
-            got[f"update {name}"], want[f"update {name}"] = new[s] - p0[s], expected["params"][s] - p0[s]
-            slack[f"update {name}"] = _ulp(expected["params"][s], self.dtype) + (0 if s_g is None else lr * s_g)
+            got[f"grad {name}"], want[f"grad {name}"], slack[f"grad {name}"] = grads[sl], expected["grads"][sl], s_g
+            got[f"update {name}"], want[f"update {name}"] = new[sl] - p0[sl], expected["params"][sl] - p0[sl]
+            slack[f"update {name}"] = _ulp(expected["params"][sl], dtype) + (0 if s_g is None else lr * s_g)
         return compare(got, want, tol, slack)
 
+    return Case(f"step:{key}", "step", f"training step, {desc}, {dtype}", "samples/s", grid, work, inputs, reference,
+                check, batched=("x", "y"), dtype=dtype, spec={"key": key, "pairs": pairs, "slices": slices})
 
-class OptimCase(Case):
-    kind, group, unit, x_key = "optimizer", "optim", "GB/s", "P"
-    HYPER = HYPER
-    ACCESSES = {"adam": 7, "sgd_momentum": 5}  # Adam reads p g m v, writes p m v; SGD reads p g b, writes p b
 
-    def __init__(self, which: str, dtype: str = "float32") -> None:
-        super().__init__(dtype)
-        self.which, self.name = which, f"optim:{which}"
-        self.title = f"optimizer step alone, {'Adam' if which == 'adam' else 'SGD, momentum 0.9'}, {self.dtype}"
+def optim_case(which: str, dtype: str = "float32") -> Case:
+    """One optimizer update of a flat array of P parameters: ACCESSES[which] x itemsize bytes per parameter."""
+    dtype = np.dtype(dtype).name
 
-    def grid(self, tier: str, target: str) -> tuple[list[dict[str, int]], str]:
-        sizes = OPTIM_GRID[tier][target == "gpu"]
-        return [{"P": n} for n in sizes], self._note("parameters", OPTIM_STATED, sizes, target)
-
-    def work(self, size: dict[str, int]) -> Work:
-        return Work(None, float(self.ACCESSES[self.which] * self.itemsize * size["P"]), size["P"])
-
-    def inputs(self, size: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    def inputs(size: dict[str, int], seed: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, size["P"], 4])
-        return {"p": fill(rng, (size["P"],), self.dtype, 0.1), "g": fill(rng, (size["P"],), self.dtype)}
+        return {"p": fill(rng, (size["P"],), dtype, 0.1), "g": fill(rng, (size["P"],), dtype)}
 
-    def reference(self, inputs: dict[str, np.ndarray], u: float = 2.0**-24) -> dict[str, np.ndarray]:
-        """The update of a sample (elements are independent): the first and last 4096 and 65536 random ones. The
-        contender still updates every element."""
-        n = inputs["p"].shape[0]
+    def reference(inp: dict[str, np.ndarray], u: float = 2.0**-24) -> dict[str, np.ndarray]:
+        """The update of a sample (elements are independent): the first and last 4096 and 65536 random ones.
+        The contender still updates every element."""
+        n = inp["p"].shape[0]
         idx = np.unique(np.concatenate([np.arange(min(n, 4096)), np.arange(max(n - 4096, 0), n),
                                         np.random.default_rng([n, 5]).integers(0, n, size=min(n, 65536))]))
-        p0 = _f64(inputs["p"][idx])
-        return {"index": idx, "p0": p0, "p": spec_update(self.which, p0, _f64(inputs["g"][idx]))}
+        p0 = _f64(inp["p"][idx])
+        return {"index": idx, "p0": p0, "p": spec_update(which, p0, _f64(inp["g"][idx]))}
 
-    def compare(self, result: dict[str, Any], expected: dict[str, Any], tol: float) -> Gate:
+    def check(result: dict[str, Any], expected: dict[str, Any], tol: float) -> Gate:
+        """The update (new - old) of the sampled elements, within one ulp of the stored parameter."""
         if "p" not in result:
             return Gate(False, math.inf, "p", tol, "no 'p' in the result")
-        got, p0, ulp = _f64(np.asarray(result["p"])[expected["index"]]), expected["p0"], _ulp(expected["p"], self.dtype)
+        got, p0, ulp = _f64(np.asarray(result["p"])[expected["index"]]), expected["p0"], _ulp(expected["p"], dtype)
         return compare({"update": got - p0}, {"update": expected["p"] - p0}, tol, {"update": ulp})
 
+    def grid(tier: str, target: str) -> tuple[list[dict[str, int]], str]:
+        sizes = OPTIM_GRID[tier][target == "gpu"]
+        return [{"P": n} for n in sizes], _note("parameters", OPTIM_STATED, sizes, target)
 
-class LossCase(Case):
-    kind = group = "loss"
-    name, unit, x_key, batched, gate_floor = "loss:cross_entropy", "rows/s", "C", ("logits", "y"), 16
+    title = f"optimizer step alone, {'Adam' if which == 'adam' else 'SGD, momentum 0.9'}, {dtype}"
+    work = lambda size: Work(None, float(ACCESSES[which] * np.dtype(dtype).itemsize * size["P"]), size["P"])  # noqa: E731
+    return Case(f"optim:{which}", "optimizer", title, "GB/s", grid, work, inputs, reference, check, x_key="P",
+                dtype=dtype, spec={"which": which})
 
-    def __init__(self, dtype: str = "float32") -> None:
-        super().__init__(dtype)
-        self.title = f"softmax cross-entropy value + gradient, {self.dtype}"
-        self.formula = "bytes: logits read and gradient written once, int64 labels read; FLOPs not counted"
 
-    def grid(self, tier: str, target: str) -> tuple[list[dict[str, int]], str]:
-        rows, classes = LOSS_GRID[tier][target == "gpu"]
-        return [{"N": rows, "C": c} for c in classes], self._note("rows", LOSS_STATED_ROWS, [rows], target)
+def loss_case(dtype: str = "float32") -> Case:
+    """Softmax cross-entropy value and gradient of (N, C) logits and N int64 labels: logits read and gradient
+    written once, labels read. The gate keeps the float64 reference under 2^24 elements."""
+    dtype = np.dtype(dtype).name
 
-    def work(self, size: dict[str, int]) -> Work:
-        return Work(None, 2.0 * size["N"] * size["C"] * self.itemsize + 8.0 * size["N"], size["N"])
-
-    def inputs(self, size: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    def inputs(size: dict[str, int], seed: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, size["N"], size["C"], 6])
-        return {"logits": fill(rng, (size["N"], size["C"]), self.dtype, 3.0),
+        return {"logits": fill(rng, (size["N"], size["C"]), dtype, 3.0),
                 "y": rng.integers(0, size["C"], size=size["N"], dtype=np.int64)}
 
-    def reference(self, inputs: dict[str, np.ndarray], u: float = 2.0**-24) -> dict[str, np.ndarray]:
-        value, grad = numpy_ref.cross_entropy(_f64(inputs["logits"]), inputs["y"], 1.0 / inputs["y"].shape[0])
+    def reference(inp: dict[str, np.ndarray], u: float = 2.0**-24) -> dict[str, np.ndarray]:
+        value, grad = numpy_ref.cross_entropy(_f64(inp["logits"]), inp["y"], 1.0 / inp["y"].shape[0])
         return {"value": np.float64(value), "grad": grad}
 
+    def grid(tier: str, target: str) -> tuple[list[dict[str, int]], str]:
+        rows, classes = LOSS_GRID[tier][target == "gpu"]
+        return [{"N": rows, "C": c} for c in classes], _note("rows", LOSS_STATED_ROWS, [rows], target)
 
-class AllreduceCase(Case):
+    work = lambda size: Work(None, 2.0 * size["N"] * size["C"] * np.dtype(dtype).itemsize + 8.0 * size["N"], size["N"])  # noqa: E731
+    return Case("loss:cross_entropy", "loss", f"softmax cross-entropy value + gradient, {dtype}", "rows/s", grid,
+                work, inputs, reference, x_key="C", batched=("logits", "y"), row_cost=lambda size: size["C"],
+                gate_budget=float(1 << 24), dtype=dtype)
+
+
+def allreduce_case(dtype: str = "float32") -> Case:
     """The all-reduce of a gradient arena of P elements and a data-parallel training step (global batch N) over
     1, 2 processes on the CPU (MPI) and 1..N GPUs where there are several (NCCL), launched with mpiexec and
     timed by gpubp.distributed.benchmark (median, p10, p90 of the slowest rank). Each median is also given
     over the same measurement's with 1 process: the scaling."""
 
-    kind = group = name = "allreduce"
-    unit, x_key = "s", "P"
-    title = "all-reduce of the arena and data-parallel training step, by processes"
-
-    def grid(self, tier: str, target: str) -> tuple[list[dict[str, int]], str]:
+    def grid(tier: str, target: str) -> tuple[list[dict[str, int]], str]:
         if importlib.util.find_spec("gpubp.distributed.benchmark") is None:
             return [], "gpubp.distributed.benchmark is not in this installation"
         from gpubp.distributed.benchmark import mpiexec
@@ -401,26 +417,33 @@ class AllreduceCase(Case):
             return [], "needs mpiexec and mpi4py: pip install 'gpubp[mpi]'"
         return [{"P": p} for p in ALLREDUCE[tier][0]], ""
 
-    def measure(self, sizes: list[dict[str, int]], tier: str) -> list[dict[str, Any]]:
-        """The records of gpubp.distributed.benchmark.measure, each with ``vs_1_process``."""
+    def measure(sizes: list[dict[str, int]], tier: str) -> list[dict[str, Any]]:
         from gpubp.device import cuda_status
         from gpubp.distributed.benchmark import measure
 
         gpus, out = cuda_status()[0], []
         for device, procs in [("cpu", (1, 2))] + ([("cuda", tuple(range(1, gpus + 1)))] if gpus > 1 else []):
-            out += measure(procs, [s["P"] for s in sizes], device, ALLREDUCE[tier][1], dtype=self.dtype)
+            out += measure(procs, [s["P"] for s in sizes], device, ALLREDUCE[tier][1], dtype=dtype)
         one = {(r["what"], r["device"], r["size"]): r["median_s"] for r in out if r["procs"] == 1}
         return [r | {"vs_1_process": r["median_s"] / one[k] if one.get(k := (r["what"], r["device"], r["size"]))
                      else None} for r in out]
+
+    return Case("allreduce", "allreduce", "all-reduce of the arena and data-parallel training step, by processes",
+                "s", grid, measure=measure, x_key="P", dtype=np.dtype(dtype).name)
+
+
+def all_cases(dtype: str = "float32") -> list[Case]:
+    """Every case, in table order."""
+    return ([layer_case(m, a, dtype) for m in ("fwd", "fwd_bwd") for a in ACTIVATIONS]
+            + [step_case(k, dtype) for k in MODELS] + [optim_case(w, dtype) for w in HYPER]
+            + [loss_case(dtype), allreduce_case(dtype)])
 
 
 def select_cases(tier: str, dtype: str = "float32", patterns: Sequence[str] | None = None) -> list[Case]:
     """The tier's cases, or those matching ``patterns``: names (``dense_fwd:silu``), groups (``step``) or globs
     (``dense_*:relu``). Groups and the default take the tier's activations (and allreduce with --full only)."""
-    cases = [LayerCase(m, a, dtype) for m in ("fwd", "fwd_bwd") for a in ACTIVATIONS] + [
-        StepCase(k, dtype) for k in MODELS] + [OptimCase(w, dtype) for w in HYPER] + [LossCase(dtype),
-                                                                                     AllreduceCase(dtype)]
-    in_tier = [c for c in cases if (c.activation.name in TIER_ACTIVATIONS[tier] if isinstance(c, LayerCase) else
+    cases = all_cases(dtype)
+    in_tier = [c for c in cases if (c.spec["act"].name in TIER_ACTIVATIONS[tier] if "act" in c.spec else
                                     tier == "full" or c.kind != "allreduce")]
     if not patterns:
         return in_tier

@@ -48,7 +48,7 @@ def short(e: BaseException) -> str:
 
 
 def gpubp_layer(c: Any, case: Any, inp: dict, A: dict) -> Callable:
-    fwd, layer = case.mode == "fwd", gp.Dense(*inp["w"].shape, case.activation)
+    fwd, layer = case.spec["mode"] == "fwd", gp.Dense(*inp["w"].shape, case.spec["act"])
     model = c.model([layer], case.dtype, np.concatenate([inp["w"].ravel(), inp["b"]]))
 
     def call(i: int) -> dict:
@@ -59,7 +59,7 @@ def gpubp_layer(c: Any, case: Any, inp: dict, A: dict) -> Callable:
 
 
 def gpubp_step(c: Any, case: Any, inp: dict, A: dict) -> Callable:
-    model = c.model(model_layers(case.key), case.dtype, inp["params"])
+    model = c.model(model_layers(case.spec["key"]), case.dtype, inp["params"])
     be, loss, opt = model.arena.backend, gp.losses.CrossEntropy(), gp.optim.SGD(model.parameters(), **HYPER[STEP_OPTIM])
 
     def call(i: int) -> dict:
@@ -78,7 +78,8 @@ def gpubp_optimizer(c: Any, case: Any, inp: dict, A: dict) -> Callable:
     p = arena.carve("p", inp["p"].shape)
     arena.backend.assign_(arena.data, inp["p"])
     arena.backend.assign_(arena.grad, inp["g"])
-    opt = (gp.optim.Adam if case.which == "adam" else gp.optim.SGD)([p], **HYPER[case.which])
+    which = case.spec["which"]
+    opt = (gp.optim.Adam if which == "adam" else gp.optim.SGD)([p], **HYPER[which])
     return lambda i: opt.step() or {"p": arena.data}
 
 
@@ -91,11 +92,11 @@ def torch_layer(c: Any, case: Any, inp: dict, A: dict) -> Callable:
     import torch
     import torch.nn.functional as F
 
-    p, fwd = case.activation.params, case.mode == "fwd"
+    p, fwd = case.spec["act"].params, case.spec["mode"] == "fwd"
     act = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, p.get("slope")),
            "elu": lambda z: F.elu(z, p.get("alpha")), "sigmoid": torch.sigmoid, "tanh": torch.tanh,
            "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu,
-           "softplus": lambda z: F.softplus(z, p.get("beta"), p.get("threshold"))}[case.activation.name]
+           "softplus": lambda z: F.softplus(z, p.get("beta"), p.get("threshold"))}[case.spec["act"].name]
     wt, b = A["w"][0].T.contiguous().requires_grad_(not fwd), A["b"][0].requires_grad_(not fwd)  # nn.Linear layout
     fn = c.compiled(case.name, lambda x, w, bias: act(F.linear(x, w, bias)))
     for x in A["x"]:
@@ -115,13 +116,13 @@ def torch_step(c: Any, case: Any, inp: dict, A: dict) -> Callable:
     import torch
     import torch.nn.functional as F
 
-    flat, sl, mods = A["params"][0], case.param_slices(), []
-    for i, ((a, b), (_, sw), (_, sb)) in enumerate(zip(case.pairs, sl[::2], sl[1::2], strict=True)):
+    flat, sl, pairs, mods = A["params"][0], case.spec["slices"], case.spec["pairs"], []
+    for i, ((a, b), (_, sw), (_, sb)) in enumerate(zip(pairs, sl[::2], sl[1::2], strict=True)):
         lin = torch.nn.Linear(a, b, dtype=flat.dtype, device=flat.device)
         with torch.no_grad():
             lin.weight.copy_(flat[sw].reshape(a, b).T)
             lin.bias.copy_(flat[sb])
-        mods += [lin, torch.nn.ReLU()] if i < len(case.pairs) - 1 else [lin]
+        mods += [lin, torch.nn.ReLU()] if i < len(pairs) - 1 else [lin]
     net = torch.nn.Sequential(*mods)
     opt, fn = torch.optim.SGD(net.parameters(), **HYPER[STEP_OPTIM]), c.compiled(None, lambda x, y: F.cross_entropy(
         net(x), y))
@@ -144,7 +145,7 @@ def torch_optimizer(c: Any, case: Any, inp: dict, A: dict) -> Callable:
 
     p = torch.nn.Parameter(A["p"][0])
     p.grad = A["g"][0]
-    opt = (torch.optim.Adam if case.which == "adam" else torch.optim.SGD)([p], **HYPER[case.which])
+    opt = (torch.optim.Adam if case.spec["which"] == "adam" else torch.optim.SGD)([p], **HYPER[case.spec["which"]])
     return lambda i: opt.step() or {"p": p}
 
 

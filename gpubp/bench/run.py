@@ -1,6 +1,9 @@
-"""The runner and its report. For every (case, size, contender): the correctness gate (the first result
-against the float64 reference, accuracy.gate_tolerance; a wrong or non-finite one is refused and never
-timed), the CPU budget, then the timing; ratios, the headline, the text table, results.json, summary.md, plots.
+"""The runner and its report. First the ceilings of each device in use (copy bandwidth, GEMM FLOP/s); then for
+every (case, size, contender): the correctness gate (the first result against the float64 reference,
+accuracy.gate_tolerance; a wrong or non-finite one is refused and never timed), the CPU budget, the timing, the
+floor max(bytes / bandwidth, FLOPs / peak) and the fraction of it reached, and the case's GEMMs timed alone on
+the same device (GEMM time and median / GEMM time). Then ratios, the headline, the text table, results.json,
+summary.md, plots.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 from gpubp.accuracy import GATE, gate_tolerance, unit_roundoff
 from gpubp.bench.contenders import CONTENDER_NAMES, Contender, short
-from gpubp.bench.timing import SETTINGS, Settings, environment, rotation
+from gpubp.bench.timing import SETTINGS, Settings, ceilings, environment, rotation, time_gemms
 
 SCHEMA = 3
 METHOD = {"cpu": "time.perf_counter around each call; inputs rotate over up to 4 copies (64 MiB)",
@@ -59,6 +62,8 @@ class Runner:
         self.records: list[dict[str, Any]] = []
         self.not_measured: list[dict[str, str]] = []
         self.env: dict[str, Any] = {}
+        self.ceilings: dict[str, Any] = {}
+        self._gemm: dict[tuple, dict[str, Any] | None] = {}  # (case, size, device) -> stats of the GEMMs alone
         self.tasks: list[tuple] | None = None
         self._data: tuple[Any, dict, dict] = (None, {}, {})  # (case, size), inputs, references by (gate size, u)
 
@@ -78,7 +83,7 @@ class Runner:
         for case in self.cases:
             sizes, note = case.grid(self.opt.tier, self.target)
             self.not_measured += [] if sizes else [{"case": case.name, "contender": "*", "reason": note}]
-            if hasattr(case, "measure"):
+            if case.measure:
                 self.tasks += [(case, sizes, None)] if sizes else []
                 continue
             groups.setdefault(case.group, []).append((case, sizes))
@@ -156,7 +161,28 @@ class Runner:
             prepared = None
             c.release()
         return record("ok", gate=asdict(gate), stats=stats, copies=copies, work=case.work(size)._asdict(),
-                      throughput=case.throughput(size, stats["median_s"]), **extra)
+                      throughput=case.throughput(size, stats["median_s"]), **self.floor(case, size, c.device, stats),
+                      **extra)
+
+    def floor(self, case: Any, size: dict, device: str, stats: dict) -> dict[str, Any]:
+        """``floor_s`` = max(bytes / bandwidth, FLOPs / peak) at the device's ceilings; ``fraction``: of_peak_flops,
+        of_bandwidth (work rate over the ceiling) and of_floor (floor over median: 1 is the roofline); with GEMMs,
+        ``gemm`` (their time alone, on the same device, timed once per size) and ``over_gemm`` (median over it)."""
+        w, t, ceil = case.work(size), stats["median_s"], self.ceilings.get(device, {})
+        peak, bw = ceil.get("flops"), ceil.get("bandwidth_Bps")
+        floors = ([w.flops / peak] if w.flops and peak else []) + ([w.bytes / bw] if w.bytes and bw else [])
+        floor = max(floors, default=None)
+        out = {"floor_s": floor, "fraction": {"of_peak_flops": w.flops / t / peak if w.flops and peak else None,
+                                              "of_bandwidth": w.bytes / t / bw if w.bytes and bw else None,
+                                              "of_floor": floor / t if floor else None}}
+        key = (case.name, case.label(size), device)
+        if w.gemms and key not in self._gemm:
+            try:
+                self._gemm[key] = time_gemms(device, w.gemms, self.opt.dtype, self.opt.settings(device))
+            except Exception as e:  # no CuPy for a GPU stand-in, or out of memory: said, not fatal
+                self._gemm[key] = {"error": short(e)}
+        g = self._gemm.get(key) or {}
+        return out | ({"gemm": g, "over_gemm": t / g["median_s"] if "median_s" in g else None} if w.gemms else {})
 
     def run(self) -> dict[str, Any]:
         """Every task: the results dict that the report reads."""
@@ -165,6 +191,11 @@ class Runner:
         if self.tasks is None:
             self.prepare()
         t0, self.env = time.perf_counter(), environment(self.opt.tf32)
+        for dev in sorted({c.device for c in self.contenders if c.usable}):
+            try:
+                self.ceilings[dev] = ceilings(dev, self.opt.tier, self.opt.dtype, self.opt.tf32)
+            except Exception as e:  # no GPU for a stand-in contender, or a broken install: said, not fatal
+                self.ceilings[dev] = {"device": dev, "error": short(e)}
         with tqdm(total=len(self.tasks), desc="gpubp bench", unit="run", disable=not self.opt.progress,
                   file=sys.stderr, dynamic_ncols=True) as bar:
             for case, size, c in self.tasks:
@@ -175,7 +206,7 @@ class Runner:
                     if rec["status"] in ("refused", "error"):
                         bar.write(f"{rec['status']}: {case.name} {rec['size_label']} {rec['contender']}: {rec['reason']}")
                 bar.update(1)
-        self._data = (None, {}, {})
+        self._data, self._gemm = (None, {}, {}), {}
         names = [c.name for c in self.contenders if c.usable]  # the primary: gpubp on the GPU, else on the CPU
         primary = next((n for n in ("gpubp", "numpy") if n in names), names[0] if names else "")
         add_ratios(self.records, primary)
@@ -186,7 +217,7 @@ class Runner:
                 "contenders": self.available, "environment": self.env,
                 "cases": [{"name": c.name, "kind": c.kind, "title": c.title, "unit": c.unit}
                           for c in self.cases],
-                "records": self.records, "not_measured": self.not_measured,
+                "ceilings": self.ceilings, "records": self.records, "not_measured": self.not_measured,
                 "headline": headline(self.records, primary), "elapsed_s": time.perf_counter() - t0}
 
 
@@ -216,9 +247,9 @@ def headline(records: list[dict[str, Any]], primary: str) -> list[dict[str, Any]
 
 # --- the report -------------------------------------------------------------------------------------------
 
-COLUMNS = ("size", "contender", "median", "min", "max", "n", "thrpt", "ratio")
 LEGEND = ("ratio = contender median / {p} median at the same size (above 1: {p} is faster); ! = median over 1.5x "
-          "the min (the machine was busy)")
+          "the min (the machine was busy); floor = max(bytes / bandwidth, FLOPs / peak) at the device's ceilings, "
+          "of floor = floor / median; GEMMs = the case's GEMMs alone on the same device, x GEMMs = median / that")
 
 
 def _scaled(v: float | None, steps: tuple[tuple[str, float], ...]) -> str:
@@ -235,6 +266,10 @@ def fmt_time(s: float | None) -> str:
 def fmt_si(v: float | None) -> str:
     """3 significant digits with an SI prefix: 1.23M, 456k, 7.89G."""
     return _scaled(v, (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0)))
+
+
+def fmt_pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.3g}%" if v < 10 else f"{100 * v:,.0f}%"
 
 
 def slug(text: str) -> str:
@@ -254,7 +289,7 @@ def _by_case(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def header(results: dict[str, Any]) -> str:
-    """Where it ran, which contenders ran and why the others did not."""
+    """Where it ran, the ceilings measured, which contenders ran and why the others did not."""
     env, gpu, cpu = results["environment"], results["environment"]["gpu"], results["environment"]["cpu"]
     lines = [f"GPU: {gpu['name']} (sm_{gpu['compute_capability'].replace('.', '')}, {gpu['memory_GiB']} GiB)"
              if gpu.get("available") else f"GPU: none: {gpu.get('reason', 'unknown')}",
@@ -263,6 +298,10 @@ def header(results: dict[str, Any]) -> str:
              f"suite: {results['tier']}, {results['target'].upper()} grid, dtype {results['dtype']}, TF32 "
              f"{'on' if env['tf32']['requested'] else 'off'}; commit {env['git']['commit'][:12]}"
              f"{' (local changes)' if env['git'].get('dirty') else ''}"]
+    for dev, c in results.get("ceilings", {}).items():
+        lines.append(f"ceilings {dev.upper()}: " + (f"not measured: {c['error']}" if "error" in c else
+                     f"copy {c['bandwidth_Bps'] / 1e9:,.1f} GB/s ({c['copy']['what']}), GEMM {c['flops'] / 1e9:,.1f} "
+                     f"GFLOP/s ({c['matmul']['what']}), fastest repeats"))
     lines.append(f"contenders: {', '.join(c['name'] for c in results['contenders'] if c['available']) or 'none'}")
     off = [c for c in results["contenders"] if not c["available"]]
     gpu_off = [c["name"] for c in off if c["device"] == "cuda"]
@@ -272,21 +311,23 @@ def header(results: dict[str, Any]) -> str:
     return "\n".join(lines + [f"  {c['name']}: not run: {c['reason']}" for c in off])
 
 
-def _row(r: dict[str, Any], size: str, primary: str) -> tuple[str, ...]:
-    if r["status"] != "ok":
-        return size, r["contender"], f"{r['status']}: {r['reason']}"
-    st, thr, sp = r["stats"], r["throughput"], r.get("speedup_of_primary")
-    return (size + (f" (gate at {r['gate']['size']})" if r["gate"].get("reduced") and size else ""), r["contender"],
-            fmt_time(st["median_s"]) + ("!" if st.get("noisy") else ""), fmt_time(st["min_s"]), fmt_time(st["max_s"]),
-            str(st["count"]), f"{thr:,.1f}" if r["unit"] in ("GFLOP/s", "GB/s") else fmt_si(thr), "1" if r["contender"] == primary else f"{sp:.2f}x" if sp else "-")
+def _ratio(r: dict[str, Any], primary: str) -> str:
+    sp = r.get("speedup_of_primary")
+    return "1" if r["contender"] == primary else f"{sp:.2f}x" if sp else "-"
 
 
-def _measured_row(r: dict[str, Any], size: str) -> tuple[str, ...]:
-    if r["status"] != "ok":
-        return size, r["contender"], f"{r['status']}: {r['reason']}"
-    st, vs = r["stats"], r.get("vs_1_process")
-    return (size, r["contender"], r["what"], *(fmt_time(st[k]) for k in ("median_s", "p10_s", "p90_s")),
-            "-" if vs is None else f"{vs:.2f}")
+# (header, cell of an "ok" record); the GEMM columns only in blocks whose case has GEMMs
+COLUMNS: list[tuple[str, Any]] = [
+    ("median", lambda r, p: fmt_time(r["stats"]["median_s"]) + ("!" if r["stats"].get("noisy") else "")),
+    ("min", lambda r, p: fmt_time(r["stats"]["min_s"])), ("max", lambda r, p: fmt_time(r["stats"]["max_s"])),
+    ("n", lambda r, p: str(r["stats"]["count"])),
+    ("thrpt", lambda r, p: f"{r['throughput']:,.1f}" if r["unit"] in ("GFLOP/s", "GB/s") else fmt_si(r["throughput"])),
+    ("floor", lambda r, p: fmt_time(r.get("floor_s"))), ("of floor", lambda r, p: fmt_pct(r["fraction"]["of_floor"])),
+    ("GEMMs", lambda r, p: fmt_time(r["gemm"].get("median_s"))),
+    ("x GEMMs", lambda r, p: "-" if r["over_gemm"] is None else f"{r['over_gemm']:.2f}"), ("ratio", _ratio)]
+MEASURED = [("what", lambda r, p: r["what"])] + [
+    (k[:-2], lambda r, p, k=k: fmt_time(r["stats"][k])) for k in ("median_s", "p10_s", "p90_s")] + [
+    ("vs 1 process", lambda r, p: "-" if r["vs_1_process"] is None else f"{r['vs_1_process']:.2f}")]
 
 
 def _align(rows: list[tuple[str, ...]]) -> list[str]:
@@ -299,22 +340,30 @@ def _align(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def case_block(results: dict[str, Any], case: str, recs: list[dict[str, Any]]) -> list[str]:
+    """One case: its title, notes (reduced sizes, kernel launches per step), then a row per size and contender."""
     notes = ([recs[0]["note"]] if recs[0].get("note") else []) + [
         f"{r['contender']} at {r['size_label']}: {r['launches_per_step']} kernel launches per step"
         for r in recs if r.get("launches_per_step") is not None]
     measured = recs[0]["kind"] == "allreduce"
     if measured:
-        head, unit = ("size", "processes", "what", "median", "p10", "p90", "vs 1 process"), "s"
+        cols, second = MEASURED, "processes"
         recs = sorted(recs, key=lambda r: (r.get("what", ""), r["size"].get("P", 0), r["contender"]))
-        rows = [_measured_row(r, r["size_label"]) for r in recs]
     else:
-        head, unit, sizes = COLUMNS, recs[0]["unit"], {r["size_label"]: tuple(r["size"].values()) for r in recs}
-        recs = sorted(recs, key=lambda r: (sizes[r["size_label"]], CONTENDER_NAMES.index(r["contender"])
+        gemms = any("gemm" in r for r in recs)
+        cols, second = [c for c in COLUMNS if gemms or "GEMM" not in c[0]], "contender"
+        order = {r["size_label"]: tuple(r["size"].values()) for r in recs}
+        recs = sorted(recs, key=lambda r: (order[r["size_label"]], CONTENDER_NAMES.index(r["contender"])
                                            if r["contender"] in CONTENDER_NAMES else 99))
-        rows = [_row(r, "" if k and r["size_label"] == recs[k - 1]["size_label"] else r["size_label"],
-                     results["primary"]) for k, r in enumerate(recs)]
-    return [f"{case}: {recs[0]['title']}  [{'times' if measured else 'thrpt'} in {unit}]"] + [
-        f"  ({n})" for n in notes] + _align([head, *rows])
+    rows = [("size", second, *(h for h, _ in cols))]
+    for k, r in enumerate(recs):
+        size = "" if k and r["size_label"] == recs[k - 1]["size_label"] and not measured else r["size_label"]
+        if r["status"] != "ok":
+            rows.append((size, r["contender"], f"{r['status']}: {r['reason']}"))
+            continue
+        size += f" (gate at {r['gate']['size']})" if r.get("gate", {}).get("reduced") and size else ""
+        rows.append((size, r["contender"], *(cell(r, results["primary"]) for _, cell in cols)))
+    return [f"{case}: {recs[0]['title']}  [{'times in s' if measured else 'thrpt in ' + recs[0]['unit']}]"] + [
+        f"  ({n})" for n in notes] + _align(rows)
 
 
 def table(results: dict[str, Any]) -> str:

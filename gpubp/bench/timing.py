@@ -1,6 +1,7 @@
 """Timing and the machine: statistics of repeats, host timing (perf_counter), GPU timing
-(cupyx.profiler.benchmark), input rotation, the environment of a run. Warm-up calls are not counted; the
-figure is the median of the repeats, kept with min, max, count and every sample.
+(cupyx.profiler.benchmark), input rotation, the ceilings (copy bandwidth, GEMM FLOP/s) and the GEMMs alone, the
+environment of a run. Warm-up calls are not counted; a figure is the median of the repeats, kept with min, max,
+count and every sample; a ceiling is a peak, so it is taken from the fastest repeat.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 NOISY = 1.5  # median / min above this marks a figure as noisy
 
@@ -93,6 +96,48 @@ def rotation(device: str, input_bytes: int, l2_bytes: int | None) -> int:
     a GPU (at most 256; 1 when L2 is unknown), so no repeat finds its inputs in cache."""
     span, cap = ((64 << 20), 4) if device == "cpu" else (2 * (l2_bytes or 0), 256)
     return int(min(cap, max(1, math.ceil(span / max(input_bytes, 1)))))
+
+
+def timer(device: str) -> Callable[[Callable[[int], Any], Settings], dict[str, Any]]:
+    return time_host if device == "cpu" else time_gpu
+
+
+def _xp(device: str) -> Any:
+    if device == "cpu":
+        return np
+    import cupy
+
+    return cupy
+
+
+def time_gemms(device: str, gemms: Sequence[tuple[int, int, int]], dtype: str, s: Settings) -> dict[str, Any]:
+    """One call runs every GEMM (m, k, n) of ``gemms`` once, (m, k) @ (k, n) into a preallocated output, with
+    numpy.matmul (the BLAS) on the CPU or cupy.matmul (cuBLAS) on a GPU: the time of a case's GEMMs alone."""
+    xp = _xp(device)
+    ops = [(xp.full((m, k), 0.5, dtype), xp.full((k, n), 0.5, dtype), xp.empty((m, n), dtype)) for m, k, n in gemms]
+    return timer(device)(lambda i: [xp.matmul(a, b, out=c) for a, b, c in ops], s)
+
+
+CEILING_SIZES = {  # (device, tier) -> (bytes copied, GEMM n)
+    ("cpu", "smoke"): (16 << 20, 256), ("cpu", "quick"): (256 << 20, 1024), ("cpu", "full"): (1 << 30, 4096),
+    ("cuda", "smoke"): (64 << 20, 2048), ("cuda", "quick"): (1 << 30, 8192), ("cuda", "full"): (4 << 30, 8192),
+}
+CEILING_SETTINGS = {"cpu": Settings(1, 5, 20, 0.2, 0.1), "cuda": Settings(2, 5, 50, 0.2)}
+
+
+def ceilings(device: str, tier: str, dtype: str, tf32: bool = False) -> dict[str, Any]:
+    """Copy bandwidth (bytes read + written per second: xp.copyto of B bytes moves 2 B) and GEMM FLOP/s
+    (2 n^3 per n x n x n matmul, in the run's dtype and TF32 setting) of ``device``, from the fastest repeats."""
+    (nbytes, n), xp, s = CEILING_SIZES[(device, tier)], _xp(device), CEILING_SETTINGS[device]
+    src = xp.ones(nbytes // 4, dtype=np.float32)
+    dst = xp.empty_like(src)
+    copy = timer(device)(lambda i: xp.copyto(dst, src), s)
+    mm = time_gemms(device, [(n, n, n)], dtype, s)
+    lib = "numpy" if device == "cpu" else "cupy"
+    return {"device": device, "statistic": "fastest repeat (a ceiling is a peak)",
+            "bandwidth_Bps": 2 * nbytes / copy["min_s"], "flops": 2 * n**3 / mm["min_s"],
+            "copy": {"what": f"{lib}.copyto of {nbytes >> 20} MiB (counted as {2 * nbytes >> 20} MiB moved)", **copy},
+            "matmul": {"what": f"{lib}.matmul {dtype} {n}x{n}x{n}, TF32 {'on' if tf32 else 'off'}", **mm}}
 
 
 DISTS = ("numpy", "numba", "numba-cuda", "cupy-cuda13x", "cupy-cuda12x", "torch", "triton", "matplotlib",

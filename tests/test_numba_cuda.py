@@ -495,6 +495,12 @@ def test_scalar_loss_terms_compile_with_njit(njit_math):
     assert g == np.float32(2.5) and v == 1.5625
     g, v = njit_math.bce_term(np.float64(0.0), np.float64(1.0), np.float64(1.0))
     assert g == -0.5 and v == pytest.approx(math.log(2.0), rel=1e-15)
+    # The value terms are float64 even for float32 data: d = float32(1.1) squared in float64.
+    d = np.float32(1.1)
+    _, v = njit_math.mse_term(d, np.float32(0.0), np.float32(2.0))
+    assert v == float(d) ** 2 and v != float(d * d)
+    _, v = njit_math.bce_term(np.float32(0.3), np.float32(1.0), np.float32(1.0))
+    assert isinstance(v, float) and type(v) is not np.float32
 
 
 # --- 6. launches: counted, shaped by the caller, streams wrapped once ---------------------

@@ -5,7 +5,7 @@ with their parameters p0/p1), the stable sigmoid, the per-element terms of the
 MSE and BCE losses, and the optimizer updates (SGD, Adam/AdamW, RMSprop,
 Adagrad). They take and return scalars, in the dtype of their inputs, and use
 only what plain Python, ``numba.njit`` and ``numba.cuda.jit(device=True)`` all
-compile: ``math`` functions, ``min``/``max``/``abs``, ``float()`` and
+compile: ``math`` functions, ``min``/``max``/``abs``, ``np.float64()`` and
 ``type(x)(value)`` (a constant in x's dtype, so float32 maths stays float32).
 
 :func:`build` compiles them for a target, as minitorch compiles its scalar
@@ -38,6 +38,8 @@ import math
 import types
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from gpubp.activations import TABLE
 
@@ -197,14 +199,14 @@ def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None) -> type
     def mse_term(p, t, g2):
         """d = p - t: (d * dtype(2 scale), float64(d)^2)."""
         d = p - t
-        dd = float(d)
+        dd = np.float64(d)  # not float(): Numba compiles float() of a float32 to a float32
         return d * g2, dd * dd
 
     @jit
     def bce_term(x, y, gscale):
         """((sigmoid(x) - y) * dtype(scale), float64(max(x, 0) - x y + log1p(e^-|x|)))."""
         elem = max(x, cst(x, 0.0)) - x * y + math.log1p(math.exp(-abs(x)))
-        return (sigmoid(x) - y) * gscale, float(elem)
+        return (sigmoid(x) - y) * gscale, np.float64(elem)
 
     # --- optimizer maths (numpy_optim, operation by operation; every product is mul) -----
     # Hyper-parameters arrive rounded to the data dtype; flags are integers.

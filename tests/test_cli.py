@@ -102,7 +102,19 @@ def test_gradcheck_exits_1_on_a_wrong_gradient(capsys, monkeypatch):
     spec = activations.TABLE["tanh"]
     wrong = lambda da, z, a, p: spec.backward(da, z, a, p) * 1.01  # noqa: E731
     monkeypatch.setitem(activations.TABLE, "tanh", spec.__class__(**{**spec.__dict__, "backward": wrong}))
-    # The patch breaks the reference (CPU) backward alone; a GPU runs its own kernels.
+    from gpubp.backends.cpu import CpuBackend
+
+    fast = CpuBackend.dense_backward
+
+    def wrong_fast(self, da, saved, w, act, dw, db, need_dx):
+        dx = fast(self, da, saved, w, act, dw, db, need_dx)
+        if act.name == "tanh":
+            dw *= 1.01
+        return dx
+
+    monkeypatch.setattr(CpuBackend, "dense_backward", wrong_fast)
+    # The patches break the CPU's tanh backward (the reference's and the fast backend's) alone; a GPU runs
+    # its own kernels.
     code = cli.main(["gradcheck", "--device", "cpu", "--activations", "tanh", "--losses", "mse", "--depths", "1",
                      "--dtypes", "float64"])
     out = capsys.readouterr().out

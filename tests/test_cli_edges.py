@@ -66,6 +66,14 @@ WRONG_TANH = textwrap.dedent("""
     spec = activations.TABLE["tanh"]
     wrong = lambda da, z, a, p: spec.backward(da, z, a, p) * 1.01
     activations.TABLE["tanh"] = spec.__class__(**{**spec.__dict__, "backward": wrong})
+    from gpubp.backends.cpu import CpuBackend
+    fast = CpuBackend.dense_backward
+    def wrong_fast(self, da, saved, w, act, dw, db, need_dx):
+        dx = fast(self, da, saved, w, act, dw, db, need_dx)
+        if act.name == "tanh":
+            dw *= 1.01
+        return dx
+    CpuBackend.dense_backward = wrong_fast
     sys.exit(cli.main(["gradcheck", "--device", "cpu", "--activations", "relu,sigmoid,tanh",
                        "--losses", "all", "--depths", "1,2,3"]))
 """)

@@ -122,7 +122,7 @@ def _product_rn() -> Any:
 #: scalar_math compiled for the kernels (``dm.act_f(...)`` and so on). This is the one place
 #: where the simulator and a GPU differ: the simulator's device code is Python, whose product
 #: is already unfused; a GPU needs the intrinsic.
-dm = scalar_math.build(_device, mul=None if SIMULATOR else _product_rn())
+dm = scalar_math.build(_device, mul=None if SIMULATOR else _product_rn(), wide=float if SIMULATOR else None)
 
 
 class Launches:

@@ -5,7 +5,7 @@ with their parameters p0/p1), the stable sigmoid, the per-element terms of the
 MSE and BCE losses, and the optimizer updates (SGD, Adam/AdamW, RMSprop,
 Adagrad). They take and return scalars, in the dtype of their inputs, and use
 only what plain Python, ``numba.njit`` and ``numba.cuda.jit(device=True)`` all
-compile: ``math`` functions, ``min``/``max``/``abs``, ``np.float64()`` and
+compile: ``math`` functions, ``min``/``max``/``abs``, ``np.float64()`` (see ``wide``) and
 ``type(x)(value)`` (a constant in x's dtype, so float32 maths stays float32).
 
 :func:`build` compiles them for a target, as minitorch compiles its scalar
@@ -78,11 +78,17 @@ def product(a: Any, b: Any) -> Any:
     return a * b
 
 
-def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None) -> types.ModuleType:
+def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None, wide: Any = None) -> types.ModuleType:
     """The scalar functions compiled with ``jit`` (None: plain Python), as a module-like namespace.
 
     ``mul(a, b)``: the unfused product for the optimizer maths; None compiles :func:`product`.
+    ``wide(x)``: x as a float64, for the loss value terms. None: ``float`` in plain Python
+    (the Numba CUDA simulator passes it too: its kernels run as Python threads, where NumPy
+    scalars would warn on overflow outside the caller's ``np.errstate``, unlike a GPU) and
+    ``np.float64`` when compiled (Numba compiles ``float()`` of a float32 to a float32).
     """
+    if wide is None:
+        wide = float if jit is None else np.float64
     if jit is None:
 
         def jit(fn: Callable) -> Callable:
@@ -199,14 +205,14 @@ def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None) -> type
     def mse_term(p, t, g2):
         """d = p - t: (d * dtype(2 scale), float64(d)^2)."""
         d = p - t
-        dd = np.float64(d)  # not float(): Numba compiles float() of a float32 to a float32
+        dd = wide(d)
         return d * g2, dd * dd
 
     @jit
     def bce_term(x, y, gscale):
         """((sigmoid(x) - y) * dtype(scale), float64(max(x, 0) - x y + log1p(e^-|x|)))."""
         elem = max(x, cst(x, 0.0)) - x * y + math.log1p(math.exp(-abs(x)))
-        return (sigmoid(x) - y) * gscale, np.float64(elem)
+        return (sigmoid(x) - y) * gscale, wide(elem)
 
     # --- optimizer maths (numpy_optim, operation by operation; every product is mul) -----
     # Hyper-parameters arrive rounded to the data dtype; flags are integers.

@@ -45,6 +45,8 @@ from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.extending import intrinsic
 
 from gpubp import threads
 from gpubp.backends import scalar_math
@@ -109,21 +111,48 @@ ERF32_SMALL_MAX_REL_ERR = 2.0 * 2.0**-23
 EXP32_MAX_REL_ERR = 1.5 * 2.0**-23
 
 
+@intrinsic
+def _pow2_neg(typingctx, like, m):
+    """2^-m in like's float type (0 <= m <= 126 for float32, normal), from its exponent bits: one
+    integer subtract, shift and bitcast, which vectorise, where a libm ldexp is a call."""
+    if not isinstance(like, numba.types.Float) or not isinstance(m, numba.types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        lty = context.get_value_type(like)
+        bits, bias = (32, 127 - 23) if like.bitwidth == 32 else (64, 1023 - 52)
+        ity = ir.IntType(bits)
+        mi = context.cast(builder, args[1], m, numba.types.int32)
+        mi = builder.sext(mi, ity) if bits == 64 else mi
+        e = builder.sub(ir.Constant(ity, bias + (23 if bits == 32 else 52)), mi)
+        return builder.bitcast(builder.shl(e, ir.Constant(ity, 23 if bits == 32 else 52)), lty)
+
+    return like(like, m), codegen
+
+
+def _pow2_neg_plain(like, m):
+    """The plain-Python twin of _pow2_neg (exact)."""
+    return type(like)(math.ldexp(1.0, -int(m)))
+
+
 def build_fast(jit: Callable[[Callable], Any] | None = None) -> types.ModuleType:
     """``exp_neg`` (e^x, x <= 0), ``erf``, ``gelu_f`` and ``gelu_df`` made of polynomials and selects,
     in the dtype of their argument (accurate to float32 rounding; meant for float32), compiled with
     ``jit`` (None: plain Python). No libm call, so a loop over them vectorises."""
     if jit is None:
         jit = _identity
-    cst = scalar_math.PLAIN.cst if jit is _identity else dm.cst
+    compiled = jit is not _identity
+    cst = dm.cst if compiled else scalar_math.PLAIN.cst
+    pow2_neg = _pow2_neg if compiled else _pow2_neg_plain
 
     @jit
     def exp_neg(x):
         """e^x for x <= 0: e^x = 2^k e^r, k = -floor(1/2 - x log2 e) (x log2 e rounded), r = x - k ln2
-        (Cody-Waite, two parts), e^r a polynomial, 2^k (k in [-150, 0]) a product of exact powers of two."""
+        (Cody-Waite, two parts), e^r a polynomial, 2^k (k in [-151, 0]) as two normal powers of two
+        made from their exponent bits (2^-(m//2) and 2^-(m - m//2), m = -k), so that p 2^k rounds once."""
         one = cst(x, 1.0)
         x = max(x, cst(x, _EXP_MIN))
-        m = int(cst(x, 0.5) - x * cst(x, _LOG2E))  # m = -k >= 0: truncation is floor here (no libm floor)
+        m = np.int32(cst(x, 0.5) - x * cst(x, _LOG2E))  # m = -k >= 0: truncation is floor here (no libm floor)
         kf = -cst(x, m)
         r = (x - kf * cst(x, _LN2_HI)) - kf * cst(x, _LN2_LO)
         e = cst(x, _EXP_E[5])
@@ -133,16 +162,8 @@ def build_fast(jit: Callable[[Callable], Any] | None = None) -> types.ModuleType
         e = e * r + cst(x, _EXP_E[1])
         e = e * r + cst(x, _EXP_E[0])
         p = one + r + r * r * e
-        s = one
-        s = s * (cst(x, 2.0**-1) if m & 1 else one)
-        s = s * (cst(x, 2.0**-2) if m & 2 else one)
-        s = s * (cst(x, 2.0**-4) if m & 4 else one)
-        s = s * (cst(x, 2.0**-8) if m & 8 else one)
-        s = s * (cst(x, 2.0**-16) if m & 16 else one)
-        s = s * (cst(x, 2.0**-32) if m & 32 else one)
-        s = s * (cst(x, 2.0**-64) if m & 64 else one)
-        s = s * (cst(x, 2.0**-128) if m & 128 else one)
-        return p * s
+        half = m >> 1
+        return p * pow2_neg(x, half) * pow2_neg(x, m - half)
 
     @jit
     def erf(x):
@@ -250,13 +271,16 @@ def bias_act(act_id: int, approx: bool, keep_z: bool, parallel: bool) -> Callabl
         n, m = z.shape
         for c in numba.prange((n + rows - 1) // rows):
             for i in range(c * rows, min(n, c * rows + rows)):
-                for j in range(m):
-                    v = z[i, j] + b[j]
-                    if keep_z:
-                        z[i, j] = v
-                        a[i, j] = _act(act_id, approx, v, p0, p1)
-                    else:  # in place, through z only: a store through a second name for the same
-                        z[i, j] = _act(act_id, approx, v, p0, p1)  # memory fails LLVM's overlap check
+                zr = z[i]  # row views: 1-D contiguous loops (2-D indexing ran 2x slower at M = 64)
+                if keep_z:
+                    ar = a[i]
+                    for j in range(m):
+                        v = zr[j] + b[j]
+                        zr[j] = v
+                        ar[j] = _act(act_id, approx, v, p0, p1)
+                else:  # in place, through z only: a store through a second name for the same
+                    for j in range(m):  # memory fails LLVM's overlap check
+                        zr[j] = _act(act_id, approx, zr[j] + b[j], p0, p1)
 
     return kernel
 
@@ -274,14 +298,16 @@ def act_bias_grad(act_id: int, approx: bool, parallel: bool) -> Callable:
         n, m = da.shape
         nch = partial.shape[0]
         for c in numba.prange(nch):
+            pc = partial[c]  # row views: 1-D contiguous loops
             for j in range(m):
-                partial[c, j] = 0
+                pc[j] = 0
             for i in range(c * rows, min(n, c * rows + rows)):
+                dar, sr, dzr = da[i], s[i], dz[i]
                 for j in range(m):
-                    g = _grad(act_id, approx, da[i, j], s[i, j], p0, p1)
+                    g = _grad(act_id, approx, dar[j], sr[j], p0, p1)
                     if act_id != IDENTITY:
-                        dz[i, j] = g
-                    partial[c, j] += g
+                        dzr[j] = g
+                    pc[j] += g
         for j in range(m):
             db[j] = partial[0, j]
         for c in range(1, nch):

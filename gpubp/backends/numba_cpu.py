@@ -318,19 +318,25 @@ def act_bias_grad(act_id: int, approx: bool, parallel: bool) -> Callable:
 
 
 @functools.cache
-def mse(parallel: bool) -> Callable:
-    """kernel(p, t, g2, grad, partial, chunk) -> sum (p - t)^2 in float64; grad = (p - t) g2 (flat)."""
+def _elementwise_loss(kind: str, parallel: bool) -> Callable:
+    """kernel(p, t, scale, grad, partial, chunk) -> the sum of ``kind``'s value terms in float64;
+    grad[i] from the same term (flat arrays). Chunk c of ``chunk`` elements is summed in order
+    into partial[c], then the chunks in order: the same bits on any number of threads."""
     source = SOURCE
+    is_mse = kind == "mse"  # a constant, not the function itself: a closure over a function defeats the cache
 
     @_jit(parallel)
-    def kernel(p, t, g2, grad, partial, chunk):
+    def kernel(p, t, scale, grad, partial, chunk):
         source, parallel  # noqa: B018 - cache key
         for c in numba.prange(partial.shape[0]):
             lo, hi = c * chunk, c * chunk + chunk
             pc, tc, gc = p[lo:hi], t[lo:hi], grad[lo:hi]
             acc = 0.0
             for i in range(pc.shape[0]):
-                gi, vi = dm.mse_term(pc[i], tc[i], g2)
+                if is_mse:
+                    gi, vi = dm.mse_term(pc[i], tc[i], scale)
+                else:
+                    gi, vi = dm.bce_term(pc[i], tc[i], scale)
                 gc[i] = gi
                 acc += vi
             partial[c] = acc
@@ -342,29 +348,14 @@ def mse(parallel: bool) -> Callable:
     return kernel
 
 
-@functools.cache
+def mse(parallel: bool) -> Callable:
+    """kernel(p, t, g2, grad, partial, chunk) -> sum (p - t)^2 in float64; grad = (p - t) g2 (flat)."""
+    return _elementwise_loss("mse", parallel)
+
+
 def bce(parallel: bool) -> Callable:
     """kernel(x, y, gscale, grad, partial, chunk) -> sum of the BCE terms in float64; grad (flat)."""
-    source = SOURCE
-
-    @_jit(parallel)
-    def kernel(x, y, gscale, grad, partial, chunk):
-        source, parallel  # noqa: B018 - cache key
-        for c in numba.prange(partial.shape[0]):
-            lo, hi = c * chunk, c * chunk + chunk
-            xc, yc, gc = x[lo:hi], y[lo:hi], grad[lo:hi]
-            acc = 0.0
-            for i in range(xc.shape[0]):
-                gi, vi = dm.bce_term(xc[i], yc[i], gscale)
-                gc[i] = gi
-                acc += vi
-            partial[c] = acc
-        total = 0.0
-        for c in range(partial.shape[0]):
-            total += partial[c]
-        return total
-
-    return kernel
+    return _elementwise_loss("bce", parallel)
 
 
 @functools.cache

@@ -123,7 +123,7 @@ def test_inputs_rotate_past_the_caches():
     assert timing.rotation("cpu", 1 << 20, None) == 4 and timing.rotation("cpu", 64 << 20, None) == 1
 
 
-class FakeCudaContender(bk.GpubpContender):
+class FakeCudaContender(bk.Contender):
     """gpubp's NumPy path dressed as a GPU contender, to run the GPU-target flow on the CPU."""
 
     def __init__(self):
@@ -207,7 +207,7 @@ def test_compare_refuses_missing_wrong_and_misshapen_results():
     assert not bc.compare({"a": np.ones(4), "b": np.full(2, 2.0)}, want, 1e-3).ok
 
 
-class WrongContender(bk.GpubpContender):
+class WrongContender(bk.Contender):
     """gpubp's NumPy path with a 1% error (or NaN) put into what the gate sees; counts its steps."""
 
     def __init__(self, how: str = "scale") -> None:

@@ -1,8 +1,9 @@
 """The table of cases. A case is data: its grid (sizes per tier and target, the GPU grid or a scaled-down CPU
 grid; N batch or rows, W width, C classes, P parameters), its work (FLOPs, compulsory bytes, items, and the
 GEMMs (m, k, n) it contains), its input builder, its float64 reference and its gate. References run the project's
-float64 spec (numpy_ref, gpubp's optimizers on the NumPy backend); tolerances come from gpubp.accuracy. How each
-contender runs a kind is in contenders.OPS.
+float64 spec (numpy_ref, gpubp's optimizers on the NumPy backend); tolerances come from gpubp.accuracy. A row also
+holds its operation per contender family (``ops``: "gpubp", "torch"), built from a contender, the host inputs and
+their device copies; each returns call(i) -> {name: array, or a function giving it when the gate reads it}.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def _ulp(values: np.ndarray, dtype: str) -> np.ndarray:
     return np.spacing(np.abs(values).astype(dtype)).astype(np.float64)
 
 
+def _optimizer(which: str, params: list, torch: bool = False) -> Any:
+    """gpubp's (or PyTorch's) optimizer ``which`` with the HYPER settings."""
+    mod = __import__("torch").optim if torch else gp.optim
+    return (mod.Adam if which == "adam" else mod.SGD)(params, **HYPER[which])
+
+
 def spec_update(which: str, p0: np.ndarray, g: np.ndarray) -> np.ndarray:
     """The first update of gpubp's optimizer ``which`` (HYPER) run in float64 on the NumPy reference backend."""
     from gpubp.parameter import Arena
@@ -87,7 +94,7 @@ def spec_update(which: str, p0: np.ndarray, g: np.ndarray) -> np.ndarray:
     arena = Arena(p0.size, np.float64)
     p = arena.carve("p", p0.shape)
     arena.data[:], arena.grad[:] = p0, g
-    (gp.optim.Adam if which == "adam" else gp.optim.SGD)([p], **HYPER[which]).step()
+    _optimizer(which, [p]).step()
     return arena.data.copy()
 
 
@@ -164,12 +171,12 @@ Grid = Callable[[str, str], tuple[list[dict[str, int]], str]]  # (tier, target) 
 
 @dataclass(eq=False)
 class Case:
-    """One row of the table. ``spec`` holds what the operations read (``act``, ``mode``, ``key``, ``pairs``,
-    ``slices``, ``which``); ``check`` replaces the default gate (every array of the reference, its ``slack`` as
-    allowances); ``measure`` marks a case that times itself (allreduce) instead of running contenders."""
+    """One row of the table. ``ops``: contender family -> operation; ``check`` replaces the default gate (every
+    array of the reference, its ``slack`` as allowances); ``measure`` marks a case that times itself (allreduce)
+    instead of running contenders."""
 
     name: str
-    kind: str  # the OPS row: layer, step, optimizer, loss, allreduce
+    kind: str  # layer, step, optimizer, loss, allreduce
     title: str
     unit: str
     grid: Grid
@@ -183,7 +190,8 @@ class Case:
     row_cost: Callable[[dict[str, int]], float] | None = None  # reference cost of one row (default: FLOPs)
     gate_budget: float | None = None  # the budget of that cost (default: --gate-flops)
     dtype: str = "float32"
-    spec: dict[str, Any] = field(default_factory=dict)
+    act: str | None = None  # the activation of a layer case
+    ops: dict[str, Callable[..., Callable[[int], dict]]] = field(default_factory=dict)
 
     @property
     def group(self) -> str:
@@ -218,12 +226,17 @@ class Case:
         return compare(result, {k: v for k, v in expected.items() if k != "slack"}, tol, expected.get("slack"))
 
 
+def pick(A: dict[str, list], key: str, i: int) -> Any:
+    """Input ``key``'s copy for call ``i``: the copies rotate."""
+    return A[key][i % len(A[key])]
+
+
 def _note(what: str, stated: int, sizes: list[int], target: str) -> str:
     return "" if stated in sizes else (f"reduced: {what} {', '.join(map(fmt_count, sizes))} instead of "
                                        f"the stated {fmt_count(stated)} ({target} grid)")
 
 
-# --- the kinds: each function gives one row of the table -------------------------------------------------
+# --- the kinds: each function gives one row of the table, its operations included ------------------------
 
 
 @functools.lru_cache(maxsize=1)
@@ -232,12 +245,24 @@ def _layer_data(n: int, w: int, dtype: str, seed: int) -> tuple[np.ndarray, np.n
     return fill(rng, (n, w), dtype), fill(rng, (n, w), dtype)
 
 
+def torch_activation(act: Activation) -> Callable:
+    import torch
+    import torch.nn.functional as F
+
+    p = act.params
+    return {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, p.get("slope")),
+            "elu": lambda z: F.elu(z, p.get("alpha")), "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+            "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu,
+            "softplus": lambda z: F.softplus(z, p.get("beta"), p.get("threshold"))}[act.name]
+
+
 def layer_case(mode: str, activation: str, dtype: str = "float32") -> Case:
     """One Dense(W, W): a = f(x W + b) with x (N, W). Forward: 2 N W^2 FLOPs; x, W, b read, a written.
     Forward+backward also writes the saved tensor, then reads da, it, x, W and writes dx, dW, db: 6 N W^2."""
     if mode not in ("fwd", "fwd_bwd"):
         raise ValueError(f"mode: expected 'fwd' or 'fwd_bwd', got {mode!r}")
     act, fwd, s = Activation(activation), mode == "fwd", np.dtype(dtype).itemsize
+    name = f"dense_{mode}:{act.name}"
 
     def work(size: dict[str, int]) -> Work:
         n, w = size["N"], size["W"]
@@ -264,9 +289,38 @@ def layer_case(mode: str, activation: str, dtype: str = "float32") -> Case:
         widths, batches = LAYER_GRID[(tier, target)]
         return [{"N": n, "W": w} for w in widths for n in batches], ""
 
+    def gpubp_op(c: Any, inp: dict, A: dict) -> Callable:
+        layer = gp.Dense(*inp["w"].shape, act)
+        model = c.model([layer], dtype, np.concatenate([inp["w"].ravel(), inp["b"]]))
+
+        def call(i: int) -> dict:
+            a = model.forward(pick(A, "x", i), training=not fwd)
+            return {"a": a} if fwd else {"a": a, "dx": model.backward(pick(A, "da", i), input_grad=True),
+                                         "dW": layer.weight.grad, "db": layer.bias.grad}
+        return call
+
+    def torch_op(c: Any, inp: dict, A: dict) -> Callable:
+        import torch
+        import torch.nn.functional as F
+
+        f = torch_activation(act)
+        wt, b = A["w"][0].T.contiguous().requires_grad_(not fwd), A["b"][0].requires_grad_(not fwd)  # nn.Linear's
+        fn = c.compiled(name, lambda x, w, bias: f(F.linear(x, w, bias)))  # layout: weight (out, in)
+        for x in A["x"]:
+            x.requires_grad_(not fwd)
+
+        def call(i: int) -> dict:
+            with torch.set_grad_enabled(not fwd):
+                a = fn(pick(A, "x", i), wt, b)
+            if fwd:
+                return {"a": a}
+            g = torch.autograd.grad(a, (pick(A, "x", i), wt, b), grad_outputs=pick(A, "da", i))
+            return {"a": a, "dx": g[0], "dW": g[1].T, "db": g[2]}
+        return call
+
     title = f"dense layer {'forward' if fwd else 'forward+backward'}, {activation}, {np.dtype(dtype).name}"
-    return Case(f"dense_{mode}:{act.name}", "layer", title, "GFLOP/s", grid, work, inputs, reference,
-                batched=("x",) if fwd else ("x", "da"), dtype=np.dtype(dtype).name, spec={"act": act, "mode": mode})
+    return Case(name, "layer", title, "GFLOP/s", grid, work, inputs, reference, batched=("x",) if fwd else ("x", "da"),
+                dtype=np.dtype(dtype).name, act=act.name, ops={"gpubp": gpubp_op, "torch": torch_op})
 
 
 def model_layers(key: str) -> list[gp.Dense]:
@@ -340,8 +394,49 @@ def step_case(key: str, dtype: str = "float32") -> Case:
             slack[f"update {name}"] = _ulp(expected["params"][sl], dtype) + (0 if s_g is None else lr * s_g)
         return compare(got, want, tol, slack)
 
+    def gpubp_op(c: Any, inp: dict, A: dict) -> Callable:
+        """Driven as fit drives it: inputs on the device, loss.compute (value left there), backward, step()."""
+        model = c.model(model_layers(key), dtype, inp["params"])
+        be, loss, opt = model.arena.backend, gp.losses.CrossEntropy(), gp.optim.SGD(model.parameters(),
+                                                                                    **HYPER[STEP_OPTIM])
+
+        def call(i: int) -> dict:
+            value, dout = loss.compute(model.forward(pick(A, "x", i), training=True), pick(A, "y", i), be)
+            model.backward(dout)
+            opt.step()
+            return {"loss": value, "grads": model.arena.grad, "params": model.arena.data}
+        call.launch_count = getattr(be, "launch_count", None)
+        return call
+
+    def torch_op(c: Any, inp: dict, A: dict) -> Callable:
+        import torch
+        import torch.nn.functional as F
+
+        flat, mods = A["params"][0], []
+        for i, ((a, b), (_, sw), (_, sb)) in enumerate(zip(pairs, slices[::2], slices[1::2], strict=True)):
+            lin = torch.nn.Linear(a, b, dtype=flat.dtype, device=flat.device)
+            with torch.no_grad():
+                lin.weight.copy_(flat[sw].reshape(a, b).T)
+                lin.bias.copy_(flat[sb])
+            mods += [lin, torch.nn.ReLU()] if i < len(pairs) - 1 else [lin]
+        net = torch.nn.Sequential(*mods)
+        opt, fn = torch.optim.SGD(net.parameters(), **HYPER[STEP_OPTIM]), c.compiled(None, lambda x, y: F.cross_entropy(
+            net(x), y))
+        lins = [m for m in net if isinstance(m, torch.nn.Linear)]
+
+        def flat_of(get: Callable) -> Any:  # gpubp's arena layout: weight (in, out), then bias, per layer
+            return torch.cat([t for m in lins for t in (get(m.weight).T.reshape(-1), get(m.bias))])
+
+        def call(i: int) -> dict:
+            opt.zero_grad(set_to_none=True)
+            loss = fn(pick(A, "x", i), pick(A, "y", i))
+            loss.backward()
+            opt.step()
+            return {"loss": loss, "grads": lambda: flat_of(lambda t: t.grad), "params": lambda: flat_of(lambda t: t)}
+        return call
+
     return Case(f"step:{key}", "step", f"training step, {desc}, {dtype}", "samples/s", grid, work, inputs, reference,
-                check, batched=("x", "y"), dtype=dtype, spec={"key": key, "pairs": pairs, "slices": slices})
+                check, batched=("x", "y"), dtype=dtype, ops={"gpubp": gpubp_op, "torch": torch_op})
 
 
 def optim_case(which: str, dtype: str = "float32") -> Case:
@@ -372,10 +467,25 @@ def optim_case(which: str, dtype: str = "float32") -> Case:
         sizes = OPTIM_GRID[tier][target == "gpu"]
         return [{"P": n} for n in sizes], _note("parameters", OPTIM_STATED, sizes, target)
 
+    def gpubp_op(c: Any, inp: dict, A: dict) -> Callable:
+        from gpubp.parameter import Arena
+
+        arena = Arena(inp["p"].size, dtype, c.backend())
+        p = arena.carve("p", inp["p"].shape)
+        arena.backend.assign_(arena.data, inp["p"])
+        arena.backend.assign_(arena.grad, inp["g"])
+        opt = _optimizer(which, [p])
+        return lambda i: opt.step() or {"p": arena.data}
+
+    def torch_op(c: Any, inp: dict, A: dict) -> Callable:
+        p = __import__("torch").nn.Parameter(A["p"][0])
+        p.grad, opt = A["g"][0], _optimizer(which, [p], torch=True)
+        return lambda i: opt.step() or {"p": p}
+
     title = f"optimizer step alone, {'Adam' if which == 'adam' else 'SGD, momentum 0.9'}, {dtype}"
     work = lambda size: Work(None, float(ACCESSES[which] * np.dtype(dtype).itemsize * size["P"]), size["P"])  # noqa: E731
     return Case(f"optim:{which}", "optimizer", title, "GB/s", grid, work, inputs, reference, check, x_key="P",
-                dtype=dtype, spec={"which": which})
+                dtype=dtype, ops={"gpubp": gpubp_op, "torch": torch_op})
 
 
 def loss_case(dtype: str = "float32") -> Case:
@@ -396,10 +506,27 @@ def loss_case(dtype: str = "float32") -> Case:
         rows, classes = LOSS_GRID[tier][target == "gpu"]
         return [{"N": rows, "C": c} for c in classes], _note("rows", LOSS_STATED_ROWS, [rows], target)
 
+    def gpubp_op(c: Any, inp: dict, A: dict) -> Callable:
+        be, loss = c.backend(), gp.losses.CrossEntropy()
+        return lambda i: dict(zip(("value", "grad"), loss.compute(pick(A, "logits", i), pick(A, "y", i), be),
+                                  strict=True))
+
+    def torch_op(c: Any, inp: dict, A: dict) -> Callable:
+        import torch
+
+        fn = c.compiled("loss:cross_entropy", torch.nn.functional.cross_entropy)
+        for z in A["logits"]:
+            z.requires_grad_(True)
+
+        def call(i: int) -> dict:
+            value = fn(pick(A, "logits", i), pick(A, "y", i))
+            return {"value": value, "grad": torch.autograd.grad(value, pick(A, "logits", i))[0]}
+        return call
+
     work = lambda size: Work(None, 2.0 * size["N"] * size["C"] * np.dtype(dtype).itemsize + 8.0 * size["N"], size["N"])  # noqa: E731
     return Case("loss:cross_entropy", "loss", f"softmax cross-entropy value + gradient, {dtype}", "rows/s", grid,
                 work, inputs, reference, x_key="C", batched=("logits", "y"), row_cost=lambda size: size["C"],
-                gate_budget=float(1 << 24), dtype=dtype)
+                gate_budget=float(1 << 24), dtype=dtype, ops={"gpubp": gpubp_op, "torch": torch_op})
 
 
 def allreduce_case(dtype: str = "float32") -> Case:
@@ -443,8 +570,7 @@ def select_cases(tier: str, dtype: str = "float32", patterns: Sequence[str] | No
     """The tier's cases, or those matching ``patterns``: names (``dense_fwd:silu``), groups (``step``) or globs
     (``dense_*:relu``). Groups and the default take the tier's activations (and allreduce with --full only)."""
     cases = all_cases(dtype)
-    in_tier = [c for c in cases if (c.spec["act"].name in TIER_ACTIVATIONS[tier] if "act" in c.spec else
-                                    tier == "full" or c.kind != "allreduce")]
+    in_tier = [c for c in cases if (c.act in TIER_ACTIVATIONS[tier] if c.act else tier == "full" or c.kind != "allreduce")]
     if not patterns:
         return in_tier
     hits = {p: [c for c in cases if c.name == p or fnmatch.fnmatch(c.name, p) or (c.group == p and c in in_tier)]

@@ -11,51 +11,36 @@ from pathlib import Path
 from typing import Any
 
 DESCRIPTION = """\
-Benchmark gpubp against its unfused path, NumPy and PyTorch on this machine. Every result is first
-checked against the float64 NumPy reference (a wrong one is refused, never timed); GPU work is timed
-with CUDA events, CPU work with perf_counter; copy bandwidth and matmul FLOP/s are measured in the
-same run. Without a GPU the CPU cases run. Results go to a new folder under $GPUBP_BENCH_DIR, else
-$XDG_DATA_HOME/gpubp/bench (~/.local/share/gpubp/bench), unless --out says otherwise.
-"""
-EPILOG = """\
-cases: dense_fwd:<act>, dense_fwd_bwd:<act>, step:mnist_mlp, step:deep_narrow, step:wide,
-       optim:adam, optim:sgd_momentum, loss:cross_entropy, allreduce (names, groups or globs)
-contenders: gpubp, gpubp-unfused, torch-cuda, torch-compile, numpy, torch-cpu
-"""
+Benchmark gpubp against its unfused path, NumPy and PyTorch on this machine; every result is checked
+against the float64 reference before it is timed. bench/README.md says how to read a run."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench`` to the ``gpubp`` subcommands (``subparsers`` from ``add_subparsers``)."""
-    p = subparsers.add_parser("bench", help="benchmark gpubp against NumPy and PyTorch on this machine", epilog=EPILOG,
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("bench", help="benchmark gpubp against NumPy and PyTorch on this machine",
+                              description=DESCRIPTION, epilog="gpubp bench --list: the cases and contenders")
     p.set_defaults(tier="quick", func=run)
     tier, comp = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
-    tier.add_argument("--full", dest="tier", action="store_const", const="full",
-                      help="the full grid: every width, batch and activation, allreduce; torch.compile on (long)")
-    tier.add_argument("--smoke", dest="tier", action="store_const", const="smoke",
-                      help="tiny sizes and few repeats: checks that the suite runs (seconds)")
-    p.add_argument("--cases", default=None, help="comma-separated case names, groups, prefixes or globs")
-    p.add_argument("--contenders", default=None, help="comma-separated contender names (default: all that can run)")
-    p.add_argument("--out", default=None, help="folder for results.json, summary.md and the plots "
-                   "(default: a new folder under $GPUBP_BENCH_DIR or the user data folder, outside the checkout)")
-    p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+    tier.add_argument("--full", dest="tier", action="store_const", const="full", help="the full grid (long)")
+    tier.add_argument("--smoke", dest="tier", action="store_const", const="smoke", help="tiny sizes, few repeats")
+    p.add_argument("--cases", help="comma-separated case names, groups or globs")
+    p.add_argument("--contenders", help="comma-separated contender names (default: all that can run)")
+    p.add_argument("--out", help="results folder (default: a new one outside the checkout)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--tf32", action="store_true",
-                   help="let float32 GEMMs use TF32 tensor cores (CUPY_TF32=1, torch allow_tf32); default off")
+    p.add_argument("--tf32", action="store_true", help="let float32 GEMMs use TF32")
     comp.add_argument("--compile", dest="compile", action="store_true", default=None,
-                      help="include torch.compile (on by default only with --full)")
+                      help="include torch.compile (default: with --full)")
     comp.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--cpu-budget", type=float, default=None, metavar="SECONDS",
-                   help="CPU contenders skip sizes estimated to take longer per step (default 0.25, 5 with --full)")
-    p.add_argument("--gate-flops", type=float, default=2e10, metavar="FLOPS",
-                   help="above this float64 reference cost the gate checks a reduced batch (default 2e10)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
-    p.add_argument("--warmup-time", type=float, default=None, metavar="SECONDS",
-                   help="untimed seconds before CPU timing (default 0.15: lets other threads settle)")
-    p.add_argument("--repeats", type=int, default=None, help="minimum timed repeats per figure")
-    p.add_argument("--min-time", type=float, default=None, metavar="SECONDS", help="minimum timed seconds per figure")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--list", action="store_true", help="list the cases and contenders this run would use, and exit")
+    for flag, kind, default, what in [("--cpu-budget", float, None, "CPU contenders skip sizes estimated slower (s)"),
+                                      ("--gate-flops", float, 2e10, "reference FLOPs above which the gate checks a "
+                                       "reduced batch"), ("--warmup", int, None, "untimed calls"),
+                                      ("--warmup-time", float, None, "untimed seconds before CPU timing"),
+                                      ("--repeats", int, None, "minimum timed repeats"),
+                                      ("--min-time", float, None, "minimum timed seconds"),
+                                      ("--seed", int, 0, "input seed")]:
+        p.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper(), help=what)
+    p.add_argument("--list", action="store_true", help="list the cases and contenders a run would use, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -65,8 +50,8 @@ def default_folder(results: dict[str, Any]) -> Path:
     (~/.local/share/gpubp/bench): outside the checkout. A -2, -3, ... suffix keeps an earlier run of the day."""
     from gpubp.bench.run import slug, where
 
-    base = Path(os.environ.get("GPUBP_BENCH_DIR") or Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local"
-                                                              / "share") / "gpubp" / "bench")
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    base = Path(os.environ.get("GPUBP_BENCH_DIR") or Path(data) / "gpubp" / "bench")
     name = f"{results['environment']['date'][:10]}-{slug(where(results))}"
     folder, k = base / name, 2
     while folder.exists():
@@ -101,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if not any(c["available"] for c in plan["contenders"]) and not any(c is None for *_, c in runner.tasks):
         print("gpubp bench: no contender can run here")
         return 1
-    started = time.perf_counter()
-    results = runner.run()
+    started, results = time.perf_counter(), runner.run()
     print(f"\n{report_text(results)}")
     folder = Path(args.out) if args.out else default_folder(results)
     try:

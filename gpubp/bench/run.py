@@ -30,6 +30,7 @@ SCHEMA = 3
 METHOD = {"cpu": "time.perf_counter around each call; inputs rotate over up to 4 copies (64 MiB)",
           "cuda": "cupyx.profiler.benchmark: CUDA events on the current stream around each call; inputs rotate "
           "over copies spanning twice the L2 size", "statistic": "median of the repeats; warm-up not counted"}
+OVERRIDES = ("warmup", "warmup_time", "min_repeats", "min_time")
 
 
 @dataclass
@@ -47,10 +48,8 @@ class Options:
     progress: bool = True
 
     def settings(self, device: str) -> Settings:
-        s = SETTINGS[(self.tier, device)]
-        kw = {k: getattr(self, k) for k in ("warmup", "warmup_time", "min_repeats", "min_time")}
-        return dataclasses.replace(s, **{k: v for k, v in kw.items() if v is not None},
-                                   max_repeats=max(s.max_repeats, self.min_repeats or 0))
+        s, kw = SETTINGS[(self.tier, device)], {k: getattr(self, k) for k in OVERRIDES if getattr(self, k) is not None}
+        return dataclasses.replace(s, **kw, max_repeats=max(s.max_repeats, self.min_repeats or 0))
 
     def budget(self) -> float:
         return self.cpu_budget if self.cpu_budget is not None else {"smoke": 0.5, "quick": 0.25, "full": 5.0}[self.tier]
@@ -63,7 +62,7 @@ class Runner:
         self.not_measured: list[dict[str, str]] = []
         self.env: dict[str, Any] = {}
         self.ceilings: dict[str, Any] = {}
-        self._gemm: dict[tuple, dict[str, Any] | None] = {}  # (case, size, device) -> stats of the GEMMs alone
+        self._gemm: dict[tuple, dict[str, Any]] = {}  # (case, size, device) -> stats of the GEMMs alone
         self.tasks: list[tuple] | None = None
         self._data: tuple[Any, dict, dict] = (None, {}, {})  # (case, size), inputs, references by (gate size, u)
 
@@ -98,8 +97,8 @@ class Runner:
     def _record(self, case: Any, size: dict, who: str, device: str, status: str, reason: str = "", **extra: Any) -> dict:
         rec = {"case": case.name, "group": case.group, "kind": case.kind, "title": case.title, "unit": case.unit,
                "size": dict(size), "size_label": case.label(size), "note": case.grid(self.opt.tier, self.target)[1],
-               "plot": list(case.plot_key(size)) if case.x_key in size else [], "contender": who, "device": device, "status": status,
-               "reason": reason, **extra}
+               "plot": list(case.plot_key(size)) if case.x_key in size else [], "contender": who, "device": device,
+               "status": status, "reason": reason, **extra}
         self.records.append(rec)
         return rec
 
@@ -169,20 +168,21 @@ class Runner:
         of_bandwidth (work rate over the ceiling) and of_floor (floor over median: 1 is the roofline); with GEMMs,
         ``gemm`` (their time alone, on the same device, timed once per size) and ``over_gemm`` (median over it)."""
         w, t, ceil = case.work(size), stats["median_s"], self.ceilings.get(device, {})
-        peak, bw = ceil.get("flops"), ceil.get("bandwidth_Bps")
-        floors = ([w.flops / peak] if w.flops and peak else []) + ([w.bytes / bw] if w.bytes and bw else [])
-        floor = max(floors, default=None)
-        out = {"floor_s": floor, "fraction": {"of_peak_flops": w.flops / t / peak if w.flops and peak else None,
-                                              "of_bandwidth": w.bytes / t / bw if w.bytes and bw else None,
-                                              "of_floor": floor / t if floor else None}}
+        flops = w.flops / ceil["flops"] if w.flops and ceil.get("flops") else None  # seconds at the peaks
+        moved = w.bytes / ceil["bandwidth_Bps"] if w.bytes and ceil.get("bandwidth_Bps") else None
+        floor = max((f for f in (flops, moved) if f), default=None)
+        out = {"floor_s": floor, "fraction": {"of_peak_flops": flops and flops / t, "of_bandwidth": moved and moved / t,
+                                              "of_floor": floor and floor / t}}
+        if not w.gemms:
+            return out
         key = (case.name, case.label(size), device)
-        if w.gemms and key not in self._gemm:
+        if key not in self._gemm:
             try:
                 self._gemm[key] = time_gemms(device, w.gemms, self.opt.dtype, self.opt.settings(device))
             except Exception as e:  # no CuPy for a GPU stand-in, or out of memory: said, not fatal
                 self._gemm[key] = {"error": short(e)}
-        g = self._gemm.get(key) or {}
-        return out | ({"gemm": g, "over_gemm": t / g["median_s"] if "median_s" in g else None} if w.gemms else {})
+        g = self._gemm[key]
+        return out | {"gemm": g, "over_gemm": t / g["median_s"] if "median_s" in g else None}
 
     def run(self) -> dict[str, Any]:
         """Every task: the results dict that the report reads."""
@@ -200,8 +200,7 @@ class Runner:
                   file=sys.stderr, dynamic_ncols=True) as bar:
             for case, size, c in self.tasks:
                 t_task = time.perf_counter()
-                recs = self.run_measured(case, size) if c is None else [self.run_one(case, size, c)]
-                for rec in recs:
+                for rec in self.run_measured(case, size) if c is None else [self.run_one(case, size, c)]:
                     rec["task_s"] = time.perf_counter() - t_task
                     if rec["status"] in ("refused", "error"):
                         bar.write(f"{rec['status']}: {case.name} {rec['size_label']} {rec['contender']}: {rec['reason']}")
@@ -215,8 +214,7 @@ class Runner:
                 "timing": {"cpu": asdict(self.opt.settings("cpu")), "cuda": asdict(self.opt.settings("cuda")),
                            "method": METHOD, "tolerances": dict(GATE), "gate_flops": self.opt.gate_flops},
                 "contenders": self.available, "environment": self.env,
-                "cases": [{"name": c.name, "kind": c.kind, "title": c.title, "unit": c.unit}
-                          for c in self.cases],
+                "cases": [{"name": c.name, "kind": c.kind, "title": c.title, "unit": c.unit} for c in self.cases],
                 "ceilings": self.ceilings, "records": self.records, "not_measured": self.not_measured,
                 "headline": headline(self.records, primary), "elapsed_s": time.perf_counter() - t0}
 
@@ -281,13 +279,6 @@ def where(results: dict[str, Any]) -> str:
     return env["gpu"]["name"] if env["gpu"].get("available") else env["cpu"]["model"]
 
 
-def _by_case(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in results["records"]:
-        out.setdefault(r["case"], []).append(r)
-    return out
-
-
 def header(results: dict[str, Any]) -> str:
     """Where it ran, the ceilings measured, which contenders ran and why the others did not."""
     env, gpu, cpu = results["environment"], results["environment"]["gpu"], results["environment"]["cpu"]
@@ -311,12 +302,7 @@ def header(results: dict[str, Any]) -> str:
     return "\n".join(lines + [f"  {c['name']}: not run: {c['reason']}" for c in off])
 
 
-def _ratio(r: dict[str, Any], primary: str) -> str:
-    sp = r.get("speedup_of_primary")
-    return "1" if r["contender"] == primary else f"{sp:.2f}x" if sp else "-"
-
-
-# (header, cell of an "ok" record); the GEMM columns only in blocks whose case has GEMMs
+# (header, cell of an "ok" record given the primary); the GEMM columns only in blocks whose case has GEMMs
 COLUMNS: list[tuple[str, Any]] = [
     ("median", lambda r, p: fmt_time(r["stats"]["median_s"]) + ("!" if r["stats"].get("noisy") else "")),
     ("min", lambda r, p: fmt_time(r["stats"]["min_s"])), ("max", lambda r, p: fmt_time(r["stats"]["max_s"])),
@@ -324,23 +310,16 @@ COLUMNS: list[tuple[str, Any]] = [
     ("thrpt", lambda r, p: f"{r['throughput']:,.1f}" if r["unit"] in ("GFLOP/s", "GB/s") else fmt_si(r["throughput"])),
     ("floor", lambda r, p: fmt_time(r.get("floor_s"))), ("of floor", lambda r, p: fmt_pct(r["fraction"]["of_floor"])),
     ("GEMMs", lambda r, p: fmt_time(r["gemm"].get("median_s"))),
-    ("x GEMMs", lambda r, p: "-" if r["over_gemm"] is None else f"{r['over_gemm']:.2f}"), ("ratio", _ratio)]
+    ("x GEMMs", lambda r, p: "-" if r["over_gemm"] is None else f"{r['over_gemm']:.2f}"),
+    ("ratio", lambda r, p: "1" if r["contender"] == p else f"{sp:.2f}x" if (sp := r["speedup_of_primary"]) else "-")]
 MEASURED = [("what", lambda r, p: r["what"])] + [
     (k[:-2], lambda r, p, k=k: fmt_time(r["stats"][k])) for k in ("median_s", "p10_s", "p90_s")] + [
     ("vs 1 process", lambda r, p: "-" if r["vs_1_process"] is None else f"{r['vs_1_process']:.2f}")]
 
 
-def _align(rows: list[tuple[str, ...]]) -> list[str]:
-    """Columns padded to width (numbers right-aligned); a 3-cell row (not timed: why) runs on."""
-    full = [r for r in rows if len(r) == len(rows[0])]
-    widths = [max(len(r[i]) for r in full) for i in range(len(rows[0]))]
-    return ["  " + "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])] + (
-        [v.rjust(w) for v, w in zip(r[2:], widths[2:], strict=True)] if len(r) == len(rows[0]) else [r[2]])).rstrip()
-        for r in rows]
-
-
 def case_block(results: dict[str, Any], case: str, recs: list[dict[str, Any]]) -> list[str]:
-    """One case: its title, notes (reduced sizes, kernel launches per step), then a row per size and contender."""
+    """One case: its title, notes (reduced sizes, kernel launches per step), then a row per size and contender,
+    columns padded to width (numbers right-aligned); a row that was not timed says why and runs on."""
     notes = ([recs[0]["note"]] if recs[0].get("note") else []) + [
         f"{r['contender']} at {r['size_label']}: {r['launches_per_step']} kernel launches per step"
         for r in recs if r.get("launches_per_step") is not None]
@@ -362,32 +341,39 @@ def case_block(results: dict[str, Any], case: str, recs: list[dict[str, Any]]) -
             continue
         size += f" (gate at {r['gate']['size']})" if r.get("gate", {}).get("reduced") and size else ""
         rows.append((size, r["contender"], *(cell(r, results["primary"]) for _, cell in cols)))
+    widths = [max(len(r[i]) for r in rows if len(r) == len(rows[0])) for i in range(len(rows[0]))]
     return [f"{case}: {recs[0]['title']}  [{'times in s' if measured else 'thrpt in ' + recs[0]['unit']}]"] + [
-        f"  ({n})" for n in notes] + _align(rows)
+        f"  ({n})" for n in notes] + ["  " + "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])] + (
+            [v.rjust(w) for v, w in zip(r[2:], widths[2:], strict=True)] if len(r) == len(rows[0]) else [r[2]])).rstrip()
+        for r in rows]
+
+
+def by_case(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in results["records"]:
+        out.setdefault(r["case"], []).append(r)
+    return out
 
 
 def table(results: dict[str, Any]) -> str:
     out = [LEGEND.format(p=results["primary"])]
-    for case, recs in _by_case(results).items():
+    for case, recs in by_case(results).items():
         out += ["", *case_block(results, case, recs)]
     return "\n".join(out + ["", "not measured:"] + [
         f"  {n['case']}{'' if n['contender'] == '*' else ' ' + n['contender']}: {n['reason']}"
         for n in results["not_measured"]] if results["not_measured"] else out)
 
 
-def headline_text(results: dict[str, Any]) -> str:
-    """For each case and contender, the geometric-mean ratio to the primary (range, sizes)."""
-    p = results["primary"]
-    if not results["headline"]:
-        return f"headline: no contender was measured beside {p or 'anything'} at the same sizes"
-    return "\n".join([f"headline: {p} against each contender: median-time ratio, geometric mean over sizes (range, "
-                      f"sizes); above 1: {p} is faster"] + [
-        f"  {h['case']:<22} vs {h['contender']:<14} {h['geomean']:.2f}x ({h['min']:.2f}-{h['max']:.2f}, {h['sizes']})"
-        for h in results["headline"]])
-
-
 def report_text(results: dict[str, Any]) -> str:
-    return f"{header(results)}\n\n{table(results)}\n\n{headline_text(results)}"
+    """The header, the table and the headline: for each case and contender, the geometric-mean ratio to the
+    primary (range, sizes)."""
+    p = results["primary"]
+    head = [f"headline: {p} against each contender: median-time ratio, geometric mean over sizes (range, sizes); "
+            f"above 1: {p} is faster"] + [f"  {h['case']:<22} vs {h['contender']:<14} {h['geomean']:.2f}x "
+                                          f"({h['min']:.2f}-{h['max']:.2f}, {h['sizes']})" for h in results["headline"]]
+    if not results["headline"]:
+        head = [f"headline: no contender was measured beside {p or 'anything'} at the same sizes"]
+    return "\n\n".join([header(results), table(results), "\n".join(head)])
 
 
 def plot_case(results: dict[str, Any], case: str, path: Path) -> Path | None:
@@ -401,10 +387,10 @@ def plot_case(results: dict[str, Any], case: str, path: Path) -> Path | None:
     for r in recs:
         lines.setdefault(f"{r['contender']} {r['plot'][0]}".strip(), []).append((r["plot"][1], r["throughput"]))
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax, unit = fig.subplots(), recs[0]["unit"]
+    ax = fig.subplots()
     for label, pts in lines.items():
         ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=label)
-    ax.set(xscale="log", yscale="log", xlabel=recs[0]["plot"][2], ylabel=unit, title=f"{case}: {where(results)}")
+    ax.set(xscale="log", yscale="log", xlabel=recs[0]["plot"][2], ylabel=recs[0]["unit"], title=f"{case}: {where(results)}")
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=100)
     return path
@@ -427,7 +413,7 @@ def write_all(results: dict[str, Any], folder: Path, plots: bool = True) -> dict
     folder.mkdir(parents=True, exist_ok=True)
     if plots and importlib.util.find_spec("matplotlib") is None:
         results["plots_skipped"], plots = "matplotlib is not installed (pip install 'gpubp[bench]')", False
-    pngs = {case: plot_case(results, case, folder / f"{slug(case)}.png") for case in (_by_case(results) if plots else ())}
+    pngs = {case: plot_case(results, case, folder / f"{slug(case)}.png") for case in (by_case(results) if plots else ())}
     results["plots"] = {case: p.name for case, p in pngs.items() if p is not None}
     written = {f"plot:{case}": folder / name for case, name in results["plots"].items()}
     written["json"], written["markdown"] = folder / "results.json", folder / "summary.md"

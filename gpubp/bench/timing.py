@@ -102,20 +102,17 @@ def timer(device: str) -> Callable[[Callable[[int], Any], Settings], dict[str, A
     return time_host if device == "cpu" else time_gpu
 
 
-def _xp(device: str) -> Any:
-    if device == "cpu":
-        return np
-    import cupy
-
-    return cupy
+def xp(device: str) -> Any:
+    """numpy on the CPU, cupy on a GPU."""
+    return np if device == "cpu" else __import__("cupy")
 
 
 def time_gemms(device: str, gemms: Sequence[tuple[int, int, int]], dtype: str, s: Settings) -> dict[str, Any]:
     """One call runs every GEMM (m, k, n) of ``gemms`` once, (m, k) @ (k, n) into a preallocated output, with
     numpy.matmul (the BLAS) on the CPU or cupy.matmul (cuBLAS) on a GPU: the time of a case's GEMMs alone."""
-    xp = _xp(device)
-    ops = [(xp.full((m, k), 0.5, dtype), xp.full((k, n), 0.5, dtype), xp.empty((m, n), dtype)) for m, k, n in gemms]
-    return timer(device)(lambda i: [xp.matmul(a, b, out=c) for a, b, c in ops], s)
+    m_ = xp(device)
+    ops = [(m_.full((m, k), 0.5, dtype), m_.full((k, n), 0.5, dtype), m_.empty((m, n), dtype)) for m, k, n in gemms]
+    return timer(device)(lambda i: [m_.matmul(a, b, out=c) for a, b, c in ops], s)
 
 
 CEILING_SIZES = {  # (device, tier) -> (bytes copied, GEMM n)
@@ -128,12 +125,11 @@ CEILING_SETTINGS = {"cpu": Settings(1, 5, 20, 0.2, 0.1), "cuda": Settings(2, 5, 
 def ceilings(device: str, tier: str, dtype: str, tf32: bool = False) -> dict[str, Any]:
     """Copy bandwidth (bytes read + written per second: xp.copyto of B bytes moves 2 B) and GEMM FLOP/s
     (2 n^3 per n x n x n matmul, in the run's dtype and TF32 setting) of ``device``, from the fastest repeats."""
-    (nbytes, n), xp, s = CEILING_SIZES[(device, tier)], _xp(device), CEILING_SETTINGS[device]
-    src = xp.ones(nbytes // 4, dtype=np.float32)
-    dst = xp.empty_like(src)
-    copy = timer(device)(lambda i: xp.copyto(dst, src), s)
-    mm = time_gemms(device, [(n, n, n)], dtype, s)
-    lib = "numpy" if device == "cpu" else "cupy"
+    (nbytes, n), m_, s = CEILING_SIZES[(device, tier)], xp(device), CEILING_SETTINGS[device]
+    src = m_.ones(nbytes // 4, dtype=np.float32)
+    dst = m_.empty_like(src)
+    copy, mm = timer(device)(lambda i: m_.copyto(dst, src), s), time_gemms(device, [(n, n, n)], dtype, s)
+    lib = m_.__name__
     return {"device": device, "statistic": "fastest repeat (a ceiling is a peak)",
             "bandwidth_Bps": 2 * nbytes / copy["min_s"], "flops": 2 * n**3 / mm["min_s"],
             "copy": {"what": f"{lib}.copyto of {nbytes >> 20} MiB (counted as {2 * nbytes >> 20} MiB moved)", **copy},
@@ -160,8 +156,8 @@ def _git(*args: str) -> str | None:
 
 
 def environment(tf32: bool = False) -> dict[str, Any]:
-    """Where a run ran: GPU 0 (or why none), CPU, BLAS threads (threadpoolctl), versions, git commit.
-    ``gpubp info`` and nvidia-smi say the rest (drivers, compilers, every GPU)."""
+    """What results.json and the report header say of a run: GPU 0 (or why none), CPU, BLAS threads
+    (threadpoolctl), versions, git commit. ``gpubp info`` and nvidia-smi say the rest."""
     from threadpoolctl import threadpool_info
 
     import gpubp
@@ -170,14 +166,12 @@ def environment(tf32: bool = False) -> dict[str, Any]:
     n, why = cuda_status()
     gpu: dict[str, Any] = {"available": False, "reason": why}
     if n:
-        import cupy
-
-        p = cupy.cuda.runtime.getDeviceProperties(0)
+        p = __import__("cupy").cuda.runtime.getDeviceProperties(0)
         gpu = {"available": True, "count": n, "name": p["name"].decode() if isinstance(p["name"], bytes) else p["name"],
                "compute_capability": f"{p['major']}.{p['minor']}", "memory_GiB": round(p["totalGlobalMem"] / 2**30, 1),
                "l2_bytes": p.get("l2CacheSize")}
-    model = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):  # platform.processor() says only "x86_64" on Linux
+    model = platform.processor()  # says only "x86_64" on Linux: /proc/cpuinfo names the model
+    if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             model = next((ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith("model name")), model)
     blas = next((p for p in threadpool_info() if p.get("user_api") == "blas"), {})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import importlib.util
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ from gpubp.activations import NAMES as ACTIVATIONS
 from gpubp.activations import Activation
 from gpubp.backends import numpy_ref
 
-GROUPS = ("dense_fwd", "dense_fwd_bwd", "step", "optim", "loss", "allreduce")
 TIER_ACTIVATIONS = {"smoke": ("relu",), "quick": ("relu", "gelu"), "full": ACTIVATIONS}
 LAYER_GRID = {  # (tier, target) -> (widths, batches), in = out = width
     ("smoke", "cpu"): ([32, 64], [64, 256]), ("smoke", "gpu"): ([64, 1024], [256, 4096]),
@@ -231,9 +231,10 @@ def pick(A: dict[str, list], key: str, i: int) -> Any:
     return A[key][i % len(A[key])]
 
 
-def _note(what: str, stated: int, sizes: list[int], target: str) -> str:
-    return "" if stated in sizes else (f"reduced: {what} {', '.join(map(fmt_count, sizes))} instead of "
-                                       f"the stated {fmt_count(stated)} ({target} grid)")
+def _sized(key: str, sizes: list[int], what: str, stated: int, target: str) -> tuple[list[dict[str, int]], str]:
+    """One size per value of ``key``, and a note when the stated size is not among them."""
+    return [{key: n} for n in sizes], "" if stated in sizes else (
+        f"reduced: {what} {', '.join(map(fmt_count, sizes))} instead of the stated {fmt_count(stated)} ({target} grid)")
 
 
 # --- the kinds: each function gives one row of the table, its operations included ------------------------
@@ -285,10 +286,6 @@ def layer_case(mode: str, activation: str, dtype: str = "float32") -> Case:
         [(dw, db)], [(s_dw, s_db)] = c["grads"], c["slack"]
         return {"a": c["hs"][-1], "dx": c["dx"], "dW": dw, "db": db, "slack": {"dx": c["s_dx"], "dW": s_dw, "db": s_db}}
 
-    def grid(tier: str, target: str) -> tuple[list[dict[str, int]], str]:
-        widths, batches = LAYER_GRID[(tier, target)]
-        return [{"N": n, "W": w} for w in widths for n in batches], ""
-
     def gpubp_op(c: Any, inp: dict, A: dict) -> Callable:
         layer = gp.Dense(*inp["w"].shape, act)
         model = c.model([layer], dtype, np.concatenate([inp["w"].ravel(), inp["b"]]))
@@ -319,6 +316,7 @@ def layer_case(mode: str, activation: str, dtype: str = "float32") -> Case:
         return call
 
     title = f"dense layer {'forward' if fwd else 'forward+backward'}, {activation}, {np.dtype(dtype).name}"
+    grid = lambda tier, target: ([{"N": n, "W": w} for w, n in itertools.product(*LAYER_GRID[(tier, target)])], "")  # noqa: E731
     return Case(name, "layer", title, "GFLOP/s", grid, work, inputs, reference, batched=("x",) if fwd else ("x", "da"),
                 dtype=np.dtype(dtype).name, act=act.name, ops={"gpubp": gpubp_op, "torch": torch_op})
 
@@ -353,7 +351,7 @@ def step_case(key: str, dtype: str = "float32") -> Case:
         if not sizes:
             return [], (f"not run in the {tier} suite on the {target.upper()}: {params / 1e6:.0f}M parameters "
                         f"at batch {stated} is a GPU-sized step (--full runs it)")
-        return [{"N": b} for b in sizes], _note("batch", stated, sizes, target)
+        return _sized("N", sizes, "batch", stated, target)
 
     def work(size: dict[str, int]) -> Work:
         n = size["N"]
@@ -463,10 +461,6 @@ def optim_case(which: str, dtype: str = "float32") -> Case:
         got, p0, ulp = _f64(np.asarray(result["p"])[expected["index"]]), expected["p0"], _ulp(expected["p"], dtype)
         return compare({"update": got - p0}, {"update": expected["p"] - p0}, tol, {"update": ulp})
 
-    def grid(tier: str, target: str) -> tuple[list[dict[str, int]], str]:
-        sizes = OPTIM_GRID[tier][target == "gpu"]
-        return [{"P": n} for n in sizes], _note("parameters", OPTIM_STATED, sizes, target)
-
     def gpubp_op(c: Any, inp: dict, A: dict) -> Callable:
         from gpubp.parameter import Arena
 
@@ -484,6 +478,7 @@ def optim_case(which: str, dtype: str = "float32") -> Case:
 
     title = f"optimizer step alone, {'Adam' if which == 'adam' else 'SGD, momentum 0.9'}, {dtype}"
     work = lambda size: Work(None, float(ACCESSES[which] * np.dtype(dtype).itemsize * size["P"]), size["P"])  # noqa: E731
+    grid = lambda tier, target: _sized("P", OPTIM_GRID[tier][target == "gpu"], "parameters", OPTIM_STATED, target)  # noqa: E731
     return Case(f"optim:{which}", "optimizer", title, "GB/s", grid, work, inputs, reference, check, x_key="P",
                 dtype=dtype, ops={"gpubp": gpubp_op, "torch": torch_op})
 
@@ -504,7 +499,7 @@ def loss_case(dtype: str = "float32") -> Case:
 
     def grid(tier: str, target: str) -> tuple[list[dict[str, int]], str]:
         rows, classes = LOSS_GRID[tier][target == "gpu"]
-        return [{"N": rows, "C": c} for c in classes], _note("rows", LOSS_STATED_ROWS, [rows], target)
+        return [{"N": rows, "C": c} for c in classes], _sized("N", [rows], "rows", LOSS_STATED_ROWS, target)[1]
 
     def gpubp_op(c: Any, inp: dict, A: dict) -> Callable:
         be, loss = c.backend(), gp.losses.CrossEntropy()
@@ -578,5 +573,5 @@ def select_cases(tier: str, dtype: str = "float32", patterns: Sequence[str] | No
     unmatched = [p for p, h in hits.items() if not h]
     if unmatched:
         raise ValueError(f"--cases: no case matches {', '.join(map(repr, unmatched))}; groups are "
-                         f"{', '.join(GROUPS)} (gpubp bench --list shows every case)")
+                         f"{', '.join(dict.fromkeys(c.group for c in cases))} (gpubp bench --list shows every case)")
     return [c for c in cases if any(c in h for h in hits.values())]

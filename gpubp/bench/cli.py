@@ -4,6 +4,7 @@ status: 0, or 1 when a gpubp contender gave a wrong result (refused by the gate)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -32,14 +33,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     comp.add_argument("--compile", dest="compile", action="store_true", default=None,
                       help="include torch.compile (default: with --full)")
     comp.add_argument("--no-compile", dest="compile", action="store_false")
-    for flag, kind, default, what in [("--cpu-budget", float, None, "CPU contenders skip sizes estimated slower (s)"),
-                                      ("--gate-flops", float, 2e10, "reference FLOPs above which the gate checks a "
-                                       "reduced batch"), ("--warmup", int, None, "untimed calls"),
-                                      ("--warmup-time", float, None, "untimed seconds before CPU timing"),
-                                      ("--repeats", int, None, "minimum timed repeats"),
-                                      ("--min-time", float, None, "minimum timed seconds"),
-                                      ("--seed", int, 0, "input seed")]:
-        p.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper(), help=what)
+    for flag, dest, kind, default, what in [  # dest: the field of run.Options
+            ("--cpu-budget", "cpu_budget", float, None, "CPU contenders skip sizes estimated slower (s)"),
+            ("--gate-flops", "gate_flops", float, 2e10, "reference FLOPs above which the gate checks a reduced batch"),
+            ("--warmup", "warmup", int, None, "untimed calls"),
+            ("--warmup-time", "warmup_time", float, None, "untimed seconds before CPU timing"),
+            ("--repeats", "min_repeats", int, None, "minimum timed repeats"),
+            ("--min-time", "min_time", float, None, "minimum timed seconds"), ("--seed", "seed", int, 0, "input seed")]:
+        p.add_argument(flag, dest=dest, type=kind, default=default, metavar=kind.__name__.upper(), help=what)
     p.add_argument("--list", action="store_true", help="list the cases and contenders a run would use, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -76,10 +77,8 @@ def run(args: argparse.Namespace) -> int:
         print("cases:\n" + "\n".join(f"  {c.name:<24} {c.title}" for c in cases))
         print("contenders:\n" + "\n".join(f"  {c.name:<24} {c.description}" for c in contenders))
         return 0
-    runner = Runner(cases, contenders, Options(
-        tier=tier, dtype=args.dtype, tf32=args.tf32, seed=args.seed, cpu_budget=args.cpu_budget,
-        gate_flops=args.gate_flops, warmup=args.warmup, warmup_time=args.warmup_time, min_repeats=args.repeats,
-        min_time=args.min_time, progress=not args.quiet))
+    fields = {f.name for f in dataclasses.fields(Options)} - {"progress"}
+    runner = Runner(cases, contenders, Options(**{k: getattr(args, k) for k in fields}, progress=not args.quiet))
     plan = runner.prepare()
     print(f"gpubp bench ({tier}): {len(cases)} cases, {plan['runs']} runs on the {plan['target'].upper()} grid",
           flush=True)

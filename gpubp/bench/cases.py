@@ -1,9 +1,8 @@
 """The table of cases. A case is data: its grid (sizes per tier and target, the GPU grid or a scaled-down CPU
 grid; N batch or rows, W width, C classes, P parameters), its work (FLOPs, compulsory bytes, items, and the
 GEMMs (m, k, n) it contains), its input builder, its float64 reference and its gate. References run the project's
-float64 spec (numpy_ref, gpubp's optimizers on the NumPy backend); tolerances come from gpubp.accuracy. A row also
-holds its operation per contender family (``ops``: "gpubp", "torch"), built from a contender, the host inputs and
-their device copies; each returns call(i) -> {name: array, or a function giving it when the gate reads it}.
+float64 spec (numpy_ref, gpubp's optimizers on the NumPy backend); tolerances come from gpubp.accuracy. ``ops``:
+contender family -> op(contender, host inputs, device copies) -> call(i) -> {name: array, or a function giving it}.
 """
 
 from __future__ import annotations
@@ -395,8 +394,7 @@ def step_case(key: str, dtype: str = "float32") -> Case:
     def gpubp_op(c: Any, inp: dict, A: dict) -> Callable:
         """Driven as fit drives it: inputs on the device, loss.compute (value left there), backward, step()."""
         model = c.model(model_layers(key), dtype, inp["params"])
-        be, loss, opt = model.arena.backend, gp.losses.CrossEntropy(), gp.optim.SGD(model.parameters(),
-                                                                                    **HYPER[STEP_OPTIM])
+        be, loss, opt = model.arena.backend, gp.losses.CrossEntropy(), _optimizer(STEP_OPTIM, model.parameters())
 
         def call(i: int) -> dict:
             value, dout = loss.compute(model.forward(pick(A, "x", i), training=True), pick(A, "y", i), be)
@@ -410,17 +408,15 @@ def step_case(key: str, dtype: str = "float32") -> Case:
         import torch
         import torch.nn.functional as F
 
-        flat, mods = A["params"][0], []
-        for i, ((a, b), (_, sw), (_, sb)) in enumerate(zip(pairs, slices[::2], slices[1::2], strict=True)):
-            lin = torch.nn.Linear(a, b, dtype=flat.dtype, device=flat.device)
-            with torch.no_grad():
+        flat = A["params"][0]
+        lins = [torch.nn.Linear(a, b, dtype=flat.dtype, device=flat.device) for a, b in pairs]
+        with torch.no_grad():
+            for lin, (a, b), (_, sw), (_, sb) in zip(lins, pairs, slices[::2], slices[1::2], strict=True):
                 lin.weight.copy_(flat[sw].reshape(a, b).T)
                 lin.bias.copy_(flat[sb])
-            mods += [lin, torch.nn.ReLU()] if i < len(pairs) - 1 else [lin]
-        net = torch.nn.Sequential(*mods)
-        opt, fn = torch.optim.SGD(net.parameters(), **HYPER[STEP_OPTIM]), c.compiled(None, lambda x, y: F.cross_entropy(
-            net(x), y))
-        lins = [m for m in net if isinstance(m, torch.nn.Linear)]
+        net = torch.nn.Sequential(*[m for lin in lins for m in (lin, torch.nn.ReLU())][:-1])  # relu between layers
+        opt = _optimizer(STEP_OPTIM, net.parameters(), torch=True)
+        fn = c.compiled(None, lambda x, y: F.cross_entropy(net(x), y))
 
         def flat_of(get: Callable) -> Any:  # gpubp's arena layout: weight (in, out), then bias, per layer
             return torch.cat([t for m in lins for t in (get(m.weight).T.reshape(-1), get(m.bias))])

@@ -1,11 +1,6 @@
-"""The contenders, at the same shapes, dtype and TF32 setting: gpubp (fused kernels) and gpubp-unfused
-(cupy.matmul + separate kernels) on the GPU, gpubp on the CPU (numpy), PyTorch eager on the GPU and the CPU,
-torch.compile(dynamic=True) on the GPU.
-
-A contender is a row of ``make_contenders``' table: name, device, family (the case's ``ops`` column it runs:
-"gpubp", gpubp's public API driven as fit drives it, or "torch", nn.Linear's layout), and the case kinds it skips
-and why. Its one ``setup`` moves the inputs to its device (batched ones in ``copies`` copies that steps rotate
-over) and wraps the case's operation in a :class:`Prepared`.
+"""The contenders, one row each of ``make_contenders``' table (name, device, family: which of a case's ``ops``
+it runs, the case kinds it skips and why), at the same shapes, dtype and TF32 setting. ``setup`` moves the inputs
+to the device (batched ones in ``copies`` copies that steps rotate over) and wraps the case's operation.
 """
 
 from __future__ import annotations

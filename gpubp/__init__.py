@@ -6,12 +6,23 @@
     model.backward(dlogits)
 """
 
-from gpubp import accuracy, activations, callbacks, datasets, diagnostics, gradcheck, losses, optim, plot, schedules
-from gpubp import distributed
+from gpubp import (
+    accuracy,
+    activations,
+    callbacks,
+    datasets,
+    diagnostics,
+    distributed,
+    gradcheck,
+    losses,
+    optim,
+    plot,
+    schedules,
+)
 from gpubp._resources import kernel_dir
 from gpubp.activations import Activation
-from gpubp.io import load, save
 from gpubp.diagnostics import GradientWarning
+from gpubp.io import load, save
 from gpubp.layers import Dense, Dropout
 from gpubp.lr_find import LRFindResult, lr_find
 from gpubp.model import NonFiniteError, Sequential

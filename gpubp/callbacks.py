@@ -164,7 +164,7 @@ class ModelCheckpoint(_Monitor):
             raise FileNotFoundError(f"path: folder {folder!r} does not exist (ModelCheckpoint {self.path!r})")
 
     def _save(self, epoch: int) -> None:
-        from gpubp.io import save
+        from gpubp.checkpoint_file import save
 
         target = self.path.format(epoch=epoch)
         save(target, self.run.model, self.run.optimizer, self.run.scheduler)

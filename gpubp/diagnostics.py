@@ -30,6 +30,11 @@ VANISH_ABS = 1e-8  # ... or below this, absolutely
 EXPLODE = 1e3  # a gradient norm above this, and growing from the last epoch
 
 
+class NonFiniteError(ValueError):
+    """A NaN or Inf appeared in a layer's output or gradient, or in the loss (``check_finite=True``,
+    or fit's non-finite guard)."""
+
+
 class GradientWarning(UserWarning):
     """Gradients vanish or explode (issued once per fit, with ``gradient_stats=True``)."""
 

@@ -28,7 +28,8 @@ import numpy as np
 from gpubp import losses as losses_mod
 from gpubp import optim as optim_mod
 from gpubp._validate import as_float_array, check_2d, check_finite, nonneg_int, positive_int, real
-from gpubp.model import NonFiniteError, Sequential
+from gpubp.diagnostics import NonFiniteError
+from gpubp.model import Sequential
 
 
 @dataclass(frozen=True)

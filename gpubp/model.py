@@ -16,15 +16,12 @@ from gpubp._random import _GOLDEN, _MASK64
 from gpubp._validate import as_float_array, check_2d, check_finite, positive_int
 from gpubp.backends import DENSE_IMPLS, Backend, get_backend
 from gpubp.device import Device, parse_device
+from gpubp.diagnostics import NonFiniteError
 from gpubp.layers import Dense, Dropout, Layer
 from gpubp.layers import from_config as layer_from_config
 from gpubp.parameter import Arena, Parameter
 
 DTYPES = ("float32", "float64")
-
-
-class NonFiniteError(ValueError):
-    """A NaN or Inf appeared in a layer's output or gradient, or in the loss (``check_finite=True``)."""
 
 
 def _dtype(dtype: Any) -> np.dtype:

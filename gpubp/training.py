@@ -125,7 +125,7 @@ def fit(
         finally:
             model._row0 = 0
     from gpubp import optim
-    from gpubp.model import NonFiniteError
+    from gpubp.diagnostics import NonFiniteError
 
     loss = losses_mod.get(loss)
     optimizer = model._resolve_optimizer(optimizer)

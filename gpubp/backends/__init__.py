@@ -15,8 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from gpubp.backends import numba_compat
 from gpubp.backends.base import Backend
 from gpubp.device import Device
+
+# Before any Numba CUDA kernel is compiled: NumPy 2.5 with numba-cuda <= 0.30.4 (numba_compat says why).
+numba_compat.install()
 
 __all__ = ["Backend", "get_backend", "backend_of", "host_backend"]
 

@@ -393,37 +393,39 @@ def test_loss_rejects_bad_arguments():
 
 # --- 4. PTX compile check ---------------------------------------------------------------
 
-PTX_SCRIPT = textwrap.dedent(
-    """
-    from numba import cuda
-    from gpubp.backends import numba_cuda as nk
-
-    targets = nk.ptx_targets()
-    assert not nk.SIMULATOR
-    done = 0
-    for name, func, sig in targets:
-        for cc in ((8, 0), (9, 0)):
-            ptx, _ = cuda.compile_ptx(func, sig, cc=cc)
-            assert ".entry" in ptx, name
-            print(f"compiled {name} for sm_{cc[0]}{cc[1]}: {len(ptx)} chars of PTX")
-        done += 1
-    print(f"TOTAL {done} {len(targets)}")
-    """
-)
-
-
 def test_every_kernel_compiles_to_ptx():
+    """Every kernel of both Numba modules, with each signature its launchers use, for sm_80 and
+    sm_90 (gpubp.tools.numba_ptx, in its own process: the simulator compiles nothing); the
+    optimizer kernels without fused multiply-adds."""
+    from gpubp.backends import numba_cuda_optim as nbo
+
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-c", PTX_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([sys.executable, "-m", "gpubp.tools.numba_ptx", "--cc", "80,90", "--quiet"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
     print(proc.stdout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    total = [line.split() for line in proc.stdout.splitlines() if line.startswith("TOTAL")]
-    expected = len(nk.ptx_targets())
-    assert total == [["TOTAL", str(expected), str(expected)]], proc.stdout[-2000:]
-    assert expected == 19  # 9 kernels x (float32, float64) + the final reduction
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert len(nk.ptx_targets()) == 19  # 9 kernels x (float32, float64) + the final reduction
+    expected = 2 * (len(nk.ptx_targets()) + len(nbo.ptx_targets()))
+    assert f"TOTAL compiled {expected} of {expected}" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_ptx_tool_compiles_one_kernel_per_module_and_refuses_the_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "gpubp.tools.numba_ptx", "--cc", "90", "--first"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "TOTAL compiled 2 of 2" in proc.stdout
+    assert "ok   numba_cuda." in proc.stdout and "ok   numba_cuda_optim." in proc.stdout
+    bad = subprocess.run(cmd[:3] + ["--cc", "nine"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--cc" in bad.stderr
+    from gpubp.tools import numba_ptx
+
+    with pytest.raises(RuntimeError, match="simulator"):  # this process runs the simulator
+        if not nk.SIMULATOR:
+            pytest.skip("the kernels run on a GPU in this process")
+        numba_ptx.targets()
 
 
 # --- 5. one source, several targets: the scalar maths under numba.njit ---------------------

@@ -283,19 +283,53 @@ def test_a_guarded_optimizer_step_does_not_wait_for_the_device(monkeypatch):
     assert not np.array_equal(host(model, model.arena.data), before)
 
 
-def test_kernel_launches_of_one_training_step():
-    """One Adam step of a 3-layer relu MLP with cross-entropy and the non-finite guard, counted
-    launch by launch: per layer forward GEMM + bias/activation (2 each: 6), the loss (2),
-    backward per layer activation' (relu layers: 2), bias gradient (2 each: 6), dW GEMM (3) and
-    dx GEMM (not the first layer: 2), the guard (3), one optimizer update over the arena (1)."""
+def _step_launches(dense_impl: str) -> float:
+    """Launches per training step of a 6-8-8-3 relu MLP (batch 16, Adam, cross-entropy), warmed up."""
     model = gp.Sequential(gp.Dense(6, 8, "relu"), gp.Dense(8, 8, "relu"), gp.Dense(8, 3), device=DEVICE,
-                          dtype="float32", seed=0)
+                          dtype="float32", seed=0, dense_impl=dense_impl)
     b = model.arena.backend
+    assert b.fused == (dense_impl == "fused")
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((64, 6)).astype(np.float32), rng.integers(0, 3, 64)
     opt = gp.optim.Adam(model.parameters(), lr=1e-3)
     model.fit(x, y, "cross_entropy", opt, epochs=1, batch_size=16, shuffle=False, verbose=0)  # compile, warm
     before = b.launch_count()
     model.fit(x, y, "cross_entropy", opt, epochs=1, batch_size=16, shuffle=False, verbose=0)  # 4 steps
-    per_step = (b.launch_count() - before) / 4
-    assert per_step == 6 + 2 + 2 + 6 + 3 + 2 + 3 + 1, per_step
+    return (b.launch_count() - before) / 4
+
+
+def test_kernel_launches_of_one_training_step():
+    """One Adam step of a 3-layer relu MLP with cross-entropy and the non-finite guard, counted
+    launch by launch: per layer forward GEMM + bias/activation (2 each: 6), the loss (2),
+    backward per layer activation' (relu layers: 2), bias gradient (2 each: 6), dW GEMM (3) and
+    dx GEMM (not the first layer: 2), the guard (3), one optimizer update over the arena (1)."""
+    assert _step_launches("unfused") == 6 + 2 + 2 + 6 + 3 + 2 + 3 + 1
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the fused CUDA C kernels run on a GPU only (CI runs them in the host emulation)")
+def test_kernel_launches_of_one_fused_training_step():
+    """The same step on the fused CUDA C kernels: per layer one forward kernel (GEMM + bias +
+    activation: 3), the loss (2), per layer one dW + db kernel (activation' fused in; plus a
+    split-K reduction where split_plan cuts the batch), dx (not the first layer: 2), the guard (3),
+    the update (1)."""
+    from gpubp.backends import cuda_fused
+
+    dw = sum(1 + (cuda_fused.split_plan(16, i, o)[0] > 1) for i, o in ((6, 8), (8, 8), (8, 3)))
+    assert _step_launches("fused") == 3 + 2 + dw + 2 + 3 + 1
+
+
+def test_fused_launches_are_counted(monkeypatch):
+    """Every kernel the fused launcher queues adds one to cuda_fused.launch_count() (no GPU needed:
+    the compiled kernel is replaced by a recorder)."""
+    from gpubp.activations import Activation
+    from gpubp.backends import cuda_fused
+
+    queued = []
+    monkeypatch.setattr(cuda_fused, "get_kernel", lambda spec, act_id: lambda *a: queued.append(spec.name))
+    act = Activation("relu")
+    launch = cuda_fused._cupy_launcher(act)
+    spec = cuda_fused.kernel_specs()[0]
+    before = cuda_fused.launch_count()
+    for _ in range(3):
+        launch(spec, (1, 1, 1), (1, 1, 1), ())
+    assert cuda_fused.launch_count() - before == 3 and queued == [spec.name] * 3

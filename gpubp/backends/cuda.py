@@ -110,7 +110,7 @@ class CudaBackend(Backend):
         cuBLAS GEMM calls. CuPy's own elementwise kernels (dropout masks, row gathers, dtype
         conversions) are not counted. ``gpubp bench`` and the GPU check report the difference
         over one training step."""
-        fused = self._fused.launch_count() if self.fused and hasattr(self._fused, "launch_count") else 0
+        fused = self._fused.launch_count() if self.fused else 0
         return self.nk.launch_count() + self.nbo.launch_count() + fused + self._gemms
 
     def __repr__(self) -> str:

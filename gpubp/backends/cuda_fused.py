@@ -456,9 +456,20 @@ def queue_backward(
         launch(_find_spec("dense_dx_v2", act.id, src, vec), grid, V2_BLOCK, (da, sv, mk, w, dx, *ints, p0, p1))
 
 
+_launches = 0  # CUDA C kernels queued on a GPU by this process (see launch_count)
+
+
+def launch_count() -> int:
+    """Fused CUDA C kernels queued on a GPU so far by this process (dense_forward / dense_backward;
+    the host emulation's calls are not counted). ``CudaBackend.launch_count`` adds it in."""
+    return _launches
+
+
 def _cupy_launcher(act: Activation) -> LaunchFn:
     def launch(spec: KernelSpec, grid: tuple, block: tuple, args: tuple) -> None:
+        global _launches
         get_kernel(spec, act.id)(grid, block, args)
+        _launches += 1
 
     return launch
 

@@ -1,8 +1,11 @@
 """NCCL between GPUs, through CuPy's ``cupy.cuda.nccl``; MPI for the rest.
 
 Rank 0 draws NCCL's unique id and broadcasts it over MPI; each process uses GPU
-``local_rank % (GPUs on the node)``. Device arrays are reduced by ``ncclAllReduce`` on
-CuPy's current stream (the stream the CUDA backend launches on), so the host does not wait.
+``local_rank % (GPUs on the node)``. The NCCL initialisation is bounded by the timeout: the
+ranks first meet in a polled MPI barrier, then the NCCL communicator is created within the
+time left, so a rank that never comes is reported (:class:`DistributedError`), not waited
+for. Device arrays are reduced by ``ncclAllReduce`` on CuPy's current stream (the stream the
+CUDA backend launches on), so the host does not wait.
 Host arrays and Python objects go through MPI (:class:`~gpubp.distributed.comm.MPICommunicator`).
 
 Before each NCCL collective the ranks meet in a polled MPI barrier: a rank that has
@@ -27,12 +30,14 @@ and unbucketed results may differ by rounding (still the same bits on every rank
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import warnings
 from typing import Any
 
 import numpy as np
 
-from gpubp.distributed.comm import MPICommunicator, Pending, _check_array, _check_op
+from gpubp.distributed.comm import DistributedError, MPICommunicator, Pending, _check_array, _check_op
 
 
 class _StreamPending(Pending):
@@ -88,14 +93,53 @@ class NCCLCommunicator(MPICommunicator):
         self._cupy, self._nccl_mod = cupy, nccl
         self.device_index = self.local_rank % cupy.cuda.runtime.getDeviceCount()
         cupy.cuda.Device(self.device_index).use()
-        uid = nccl.get_unique_id() if self.rank == 0 else None
-        uid = self.bcast(uid, 0)
-        with cupy.cuda.Device(self.device_index):
-            self._nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
+        start = time.monotonic()
+        uid = nccl.get_unique_id() if self.rank == 0 else None  # local: needs no other rank
+        if self.size > 1:  # every rank is here: NCCL's own rendezvous would wait for a missing one for ever
+            self._wait(self._comm.Ibarrier(), "the rendezvous of the NCCL initialisation")
+        uid = self.bcast(uid, 0)  # polled like every collective: bounded by the timeout too
+        left = None if self.timeout is None else self.timeout - (time.monotonic() - start)
+        self._nccl = self._create_nccl(nccl, uid, left)
         self._types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
                        "int32": nccl.NCCL_INT32, "int64": nccl.NCCL_INT64}
         self._ops = {"sum": nccl.NCCL_SUM, "mean": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
         self._side: dict[int, Any] = {}  # device id -> the stream bucket all-reduces run on
+
+    def _create_nccl(self, nccl: Any, uid: Any, seconds: float | None) -> Any:
+        """``nccl.NcclCommunicator(size, uid, rank)`` on this rank's GPU, within ``seconds`` (None: no limit).
+
+        CuPy exposes no non-blocking ``ncclCommInitRankConfig`` (its ``NcclConfig`` has only
+        ``split_share``), and the blocking call waits inside NCCL for every rank. So it runs on
+        a daemon thread (CuPy releases the GIL during the call) that this one joins with a
+        limit; on expiry the thread is left blocked in NCCL and the communicator is broken.
+        """
+        def create() -> Any:
+            with self._cupy.cuda.Device(self.device_index):  # the current device is per thread
+                return nccl.NcclCommunicator(self.size, uid, self.rank)
+
+        if seconds is None:
+            return create()
+        outcome: list[tuple[bool, Any]] = []
+
+        def run() -> None:
+            try:
+                outcome.append((True, create()))
+            except BaseException as e:  # raised again below, in the calling thread
+                outcome.append((False, e))
+
+        thread = threading.Thread(target=run, name=f"gpubp-nccl-init-rank{self.rank}", daemon=True)
+        thread.start()
+        thread.join(max(seconds, 0.0))
+        if not outcome:
+            self.broken = "NCCL initialisation timed out"
+            raise DistributedError(
+                f"rank {self.rank}: the NCCL initialisation (ncclCommInitRank) did not complete within "
+                f"{self.timeout:g} s: another rank is stuck or gone (gp.distributed.init(timeout=...) sets the "
+                "limit)", cause="NCCL initialisation timed out")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     def _on_device(self, array: Any) -> bool:
         return not isinstance(array, np.ndarray) and isinstance(array, self._cupy.ndarray)

@@ -8,57 +8,62 @@
 # Runs the project from the tree (PYTHONPATH=<repo>; no install, no build tools needed) with
 # python3 (or $PYTHON). OUT_DIR must be new or empty (default bench/results/<date>-<gpu>/).
 #
-# Stages, in the order of what they teach per minute. Time on an H200 machine (16 cores) is an
-# estimate, nothing here has been timed there yet; the limit is the stage's hard `timeout`.
+# Stages, in the order of what they teach per minute. Times on an H200 machine (16 cores) are
+# estimates (no stage has been timed there yet), built from what each stage does and from the
+# same work timed on a 2-core machine without a GPU; the limit is the stage's hard `timeout`.
 #   stage  what                                                    estimate   limit
 #   0      environment: nvidia-smi, versions (python, numpy, numba,    ~30 s    75 s
 #          numba-cuda, cupy, torch, CUDA runtime/driver, CuPy's NVRTC),
-#          where Numba found NVVM, commit; bench/gpu_smoke.py: a Numba
-#          kernel on CuPy arrays on a CuPy stream, one fused RawModule
-#          kernel vs the float64 reference; the test suite's header
-#          must say "GPU" (FAIL if it says simulator)
-#          [imports ~10 s, NVVM + NVRTC first compiles ~5 s, pytest collection ~5 s]
+#          libNVVM found as gpubp finds it, commit; bench/gpu_smoke.py:
+#          one kernel of each Numba module compiled to PTX for sm_90
+#          (2.3 s here with imports), a Numba kernel on CuPy arrays on a
+#          CuPy stream, one fused RawModule kernel vs the float64
+#          reference, launches per step; the test suite's header must
+#          say "GPU" (FAIL if it says simulator)
 #   1      CUDA C kernels on the GPU, tests/test_cuda_fused_gpu.py:    ~90 s   150 s
 #          small and odd shapes first, then 1x4096x4096 and 65536x64x64
-#          [152 tests; NVRTC builds ~40 modules once, ~30 s on one core; the float64 host
-#          references of the big shapes ~1 s each x 40]
-#   2      Numba kernels and the CUDA backend on the GPU:              ~75 s   120 s
-#          test_numba_cuda.py, test_numba_cuda_optim.py, test_cuda_backend.py, test_conformance.py
-#          (when present), without the PTX-only tests CI runs
+#          [152 tests; NVRTC builds ~40 modules once, ~30 s on one core]
+#   2      Numba kernels and the CUDA backend on the GPU:              ~80 s   150 s
+#          test_numba_cuda.py, test_numba_cuda_optim.py, test_cuda_backend.py without
+#          the PTX-only tests CI runs, then test_conformance.py's GPU backends only
+#          (cuda, cuda-fused: CI covers the CPU backends, whose cold Numba compile alone
+#          took 164 s on 2 cores)
 #          [~400 tests; NVVM compiles ~100 kernel specializations at ~0.3-0.5 s each]
 #   3      CLI and benchmark tests on the GPU (test_cli.py,            ~50 s    90 s
 #          test_bench.py), then every test marked `large`
-#          [gradcheck's 24 cases again on cuda:0 ~15 s, demo ~5 s, the bench's own smoke run with
-#          torch ~20 s; collecting the whole suite for `-m large` ~5 s]
-#   4      kernel compile report for sm_90: `gpubp kernels check`      ~10 s    40 s
-#          (under the NVRTC found there; `gpubp info` in stage 0 names it)
-#          [130 instantiations, 26 s on 2 cores here, NVRTC threads over 16 cores]
+#   4      OFF unless asked for (GPUBP_CHECK_STAGES="... 4 ..."):       ~30 s    60 s
+#          `gpubp kernels check --arch sm_90`, the compile report. CI compiles every
+#          instantiation under NVRTC 13.0 and the newest; NVRTC runs one program per
+#          (file, arch), so 16 cores barely help (it hit 40 s on 2 cores)
 #   5      short benchmark: dense_fwd_bwd:relu and step:mnist_mlp,     ~40 s    75 s
 #          fused vs unfused (cupy.matmul + kernels) vs torch, plots off
-#          [torch import ~5 s, ceilings ~3 s, 6 layer sizes + 1 step, each gated then timed]
-#   total                                                             ~4.9 min  7.75 min
-# A stage never starts past the budget (GPUBP_CHECK_BUDGET, default 465 s): later stages keep
-# a reserve, so the script ends within 8 minutes even when every stage runs to its limit.
-# Each pytest run has a per-test limit (pytest-timeout, thread method, where installed), so
-# a hang loses the rest of that pytest run, never the logs already written.
+#   total (stages 0 1 2 3 5)                                          ~5 min   7.5 min
+# A stage never starts past the budget (GPUBP_CHECK_BUDGET, default 450 s): later stages keep
+# a reserve, so the script ends within 8 minutes even when every stage runs to its limit, and
+# two runs fit 15 minutes of device time with the machine's start.
+# Hangs leave a stack: each pytest run gets a per-test limit (pytest-timeout, thread method,
+# where installed: it prints every thread's stack, then ends that pytest run) kept below the
+# time the stage has left, and pytest's faulthandler_timeout prints the stacks earlier still
+# without stopping anything; the stage's own `timeout` (no stack) is the last resort.
 #
 # Writes to OUT_DIR (8 files, no folders):
-#   summary.txt                one line per stage: status (ok, FAIL, TIMEOUT, SKIP, xfail), seconds, log, notes
-#   0-environment.txt ... 5-bench.txt   each stage's log
+#   summary.txt                one line per stage: status (ok, FAIL, TIMEOUT, SKIP, xfail, off), seconds, log, notes
+#   0-environment.txt ... 5-bench.txt   each stage's log (a stage that is off says so)
 #   raw.tgz                    the benchmark folder (results.json, summary.md) and the pytest JUnit XML files
-# Exit status 0 when every stage is ok, 1 otherwise.
+# Exit status 0 when every stage is ok (or off), 1 otherwise.
 #
 # Environment: PYTHON (default python3); GPUBP_COMMIT (the commit where the tree has no .git);
-# GPUBP_CHECK_STAGES (e.g. "0 2": run only these stages); GPUBP_CHECK_BUDGET (seconds);
-# GPUBP_CHECK_LIMITS (six per-stage limits in seconds, default "75 150 120 90 40 75");
+# GPUBP_CHECK_STAGES (default "0 1 2 3 5"; e.g. "0 2": run only these); GPUBP_CHECK_BUDGET (seconds);
+# GPUBP_CHECK_LIMITS (six per-stage limits in seconds, default "75 150 150 90 60 75");
 # GPUBP_REHEARSE_FULL=1 (a rehearsal with the full test selections and the full compile report).
 #
 # --rehearse: every stage runs what it can without a GPU, through the same code: the Numba
-# kernels in the simulator, the CUDA C GPU tests skipped, the benchmark's CPU grid. Test
-# selections are cut down (unless GPUBP_REHEARSE_FULL=1) and stage 4 lists the kernels instead
-# of compiling them (CI compiles them). Stage 0's "suite header says GPU" check is reported as
-# xfail (expected in a rehearsal) instead of failing, after checking that GPUBP_REQUIRE_GPU=1
-# makes the suite refuse to start.
+# kernels in the simulator (and one of each module compiled to PTX), the CUDA C GPU tests
+# skipped, the benchmark's CPU grid. Test selections are cut down (unless
+# GPUBP_REHEARSE_FULL=1) and stage 4, when asked for, lists the kernels instead of compiling
+# them (CI compiles them). Stage 0's "suite header says GPU" check is reported as xfail
+# (expected in a rehearsal) instead of failing, after checking that GPUBP_REQUIRE_GPU=1 makes
+# the suite refuse to start.
 set -u
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
@@ -69,24 +74,33 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDO
 STAGE_NAMES=(environment fused-kernels numba-backend large-cli-bench kernels-check bench)
 STAGE_LOGS=(0-environment.txt 1-fused-kernels.txt 2-numba-backend.txt 3-large-cli-bench.txt 4-kernels-check.txt
             5-bench.txt)
-STAGE_LIMITS=(${GPUBP_CHECK_LIMITS:-75 150 120 90 40 75})
+STAGE_LIMITS=(${GPUBP_CHECK_LIMITS:-75 150 150 90 60 75})
 STAGE_RESERVE=(20 30 30 20 15 25)   # kept for a stage while earlier ones run
 XFAIL=10                             # a stage's exit status for "failed as a rehearsal must"
 
 rehearsing() { [ "${GPUBP_CHECK_REHEARSE:-0}" = 1 ]; }
 reduced() { rehearsing && [ "${GPUBP_REHEARSE_FULL:-0}" != 1 ]; }
 
-# pytest with the common options; $1 names the JUnit file. Returns 0 (passed), 5 (nothing
-# selected) or 1 (anything else: failures, errors, aborts, a per-test timeout).
+# pytest with the common options; $1 names the JUnit file, $2 is the per-test limit (seconds),
+# cut to the time the stage has left. Returns 0 (passed), 5 (nothing selected) or 1 (anything
+# else: failures, errors, aborts, a per-test timeout, no time left).
 run_pytest() {
   local tag=$1 per_test=$2
   shift 2
+  local now; now=$(date +%s)
+  local left=$((${GPUBP_STAGE_DEADLINE:-$((now + 3600))} - now - 10))
+  [ "$per_test" -gt "$left" ] && per_test=$left
+  if [ "$per_test" -lt 5 ]; then
+    echo "(no time left in this stage for pytest run $tag)"
+    return 1
+  fi
+  local dump=$((per_test * 3 / 4))
   local args=(-p no:cacheprovider -v --tb=short -rfEs --durations=10 --junitxml="$GPUBP_CHECK_WORK/junit/$tag.xml"
-              --basetemp="$GPUBP_CHECK_WORK/tmp/$tag")
+              --basetemp="$GPUBP_CHECK_WORK/tmp/$tag" -o "faulthandler_timeout=$dump")
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then
     args+=(-p timeout --timeout "$per_test" --timeout-method thread)
   else
-    echo "(pytest-timeout not installed: no per-test limit, the stage limit alone)"
+    echo "(pytest-timeout not installed: stacks at $dump s per test, then the stage limit alone)"
   fi
   echo "\$ $PY -m pytest $(printf '%q ' "${args[@]}" "$@")"
   (cd "$REPO" && "$PY" -m pytest "${args[@]}" "$@")
@@ -159,17 +173,24 @@ stage1() {
 }
 
 stage2() {
-  local files=() f
-  for f in tests/test_numba_cuda.py tests/test_numba_cuda_optim.py tests/test_cuda_backend.py tests/test_conformance.py; do
+  local files=() f rc=0
+  for f in tests/test_numba_cuda.py tests/test_numba_cuda_optim.py tests/test_cuda_backend.py; do
     if [ -f "$REPO/$f" ]; then files+=("$f"); else echo "($f not in this tree: skipped)"; fi
   done
-  local k="not ptx"
+  local k="not ptx" kc="cuda"
   if reduced; then
     k="mode_agrees or (test_bias_grad_matches_reference and f32 and 3) or test_missing_buffers_are_refused"
     k="$k or test_check_finite_on_the_device"
+    kc="cuda and test_reductions and 130"
     echo "(rehearsal: a few quick tests of each file)"
   fi
-  run_pytest 2-numba-backend 90 "${files[@]}" -m "not large" -k "$k"
+  echo "== Numba kernels and the CUDA backend"
+  run_pytest 2-numba-backend 90 "${files[@]}" -m "not large" -k "$k" || rc=1
+  if [ -f "$REPO/tests/test_conformance.py" ]; then
+    echo "== conformance of the GPU backends (cuda, cuda-fused; CI covers the CPU backends)"
+    run_pytest 2-conformance 60 tests/test_conformance.py -m "not large" -k "$kc" || rc=1
+  fi
+  return $rc
 }
 
 stage3() {
@@ -193,8 +214,8 @@ stage4() {
     echo "\$ ${cmd[*]} list"
     (cd "$REPO" && "${cmd[@]}" list)
   else
-    echo "\$ ${cmd[*]} check --arch sm_90"
-    (cd "$REPO" && "${cmd[@]}" check --arch sm_90)
+    echo "\$ ${cmd[*]} check --arch sm_90 --jobs $(nproc)"
+    (cd "$REPO" && "${cmd[@]}" check --arch sm_90 --jobs "$(nproc)")
   fi
 }
 
@@ -268,8 +289,8 @@ if [ $REHEARSE = 1 ]; then
 else
   export GPUBP_REQUIRE_GPU=1   # tests/conftest.py: no silent fall-back to the simulator
 fi
-BUDGET=${GPUBP_CHECK_BUDGET:-465}
-STAGES=${GPUBP_CHECK_STAGES:-0 1 2 3 4 5}
+BUDGET=${GPUBP_CHECK_BUDGET:-450}
+STAGES=${GPUBP_CHECK_STAGES:-0 1 2 3 5}
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 {
@@ -286,7 +307,15 @@ SUMMARY="$OUT/summary.txt"
 overall=0
 for n in 0 1 2 3 4 5; do
   name=${STAGE_NAMES[$n]} log="$OUT/${STAGE_LOGS[$n]}"
-  [[ " $STAGES " == *" $n "* ]] || continue
+  if [[ " $STAGES " != *" $n "* ]]; then
+    notes="not in GPUBP_CHECK_STAGES (\"$STAGES\")"
+    [ "$n" = 4 ] && [ -z "${GPUBP_CHECK_STAGES:-}" ] && notes="off by default: CI compiles every kernel; GPUBP_CHECK_STAGES=\"0 1 2 3 4 5\" runs it"
+    echo "stage $n not run: $notes" >"$log"
+    line=$(printf '%-5s %-16s %-7s %6s  %-22s %s' "$n" "$name" off 0 "${STAGE_LOGS[$n]}" "$notes")
+    echo "$line" >>"$SUMMARY"
+    echo "$line"
+    continue
+  fi
   now=$(date +%s)
   reserve=0
   for m in $(seq $((n + 1)) 5); do [[ " $STAGES " == *" $m "* ]] && reserve=$((reserve + STAGE_RESERVE[m])); done
@@ -302,7 +331,7 @@ for n in 0 1 2 3 4 5; do
   else
     echo "== stage $n: $name (limit $limit s) $(date -u +%H:%M:%S)" >"$log"
     t0=$(date +%s)
-    timeout -k 15 "$limit" bash "$SELF" --run-stage "$n" >>"$log" 2>&1
+    GPUBP_STAGE_DEADLINE=$((t0 + limit)) timeout -k 15 "$limit" bash "$SELF" --run-stage "$n" >>"$log" 2>&1
     rc=$?
     secs=$(($(date +%s) - t0))
     case $rc in

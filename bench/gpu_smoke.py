@@ -6,6 +6,8 @@ Prints the versions that decide whether gpubp runs (Python, NumPy, Numba, numba-
 the CUDA runtime and driver, the NVRTC that CuPy compiles with and the one the offline check uses,
 where Numba found NVVM, libdevice and NVRTC), then runs:
 
+  numba-ptx        the first kernel of each Numba kernel module compiled to PTX for sm_90, in a
+                   process of its own with the simulator off (also in a rehearsal).
   numba-on-cupy    one Numba CUDA kernel (y = a x + y) on CuPy arrays, launched on a non-blocking
                    CuPy stream (numba.cuda.external_stream), against NumPy: exact in float32.
   fused-rawmodule  one fused CUDA C kernel (kernels/dense_forward.cu through CuPy RawModule / NVRTC)
@@ -99,6 +101,9 @@ def numba_report() -> None:
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         print("(simulator: Numba compiles nothing, NVVM is not looked for)")
         return
+    # libNVVM found the way gpubp finds it (Numba's own search misses a toolkit-only libNVVM
+    # when CUDA_HOME is unset): before anything below asks Numba for it.
+    _try("NVVM (gpubp's search)", lambda: "{0.path} (via {0.via})".format(_ensure_nvvm()))
     _try("numba driver version", lambda: cuda.cudadrv.driver.driver.get_version())
     try:
         from numba.cuda.cuda_paths import get_cuda_paths
@@ -122,6 +127,12 @@ def _loaded(fragment: str) -> list[str]:
     except OSError:
         return []
     return sorted({line.split()[-1] for line in maps.splitlines() if fragment in line and "/" in line})
+
+
+def _ensure_nvvm():
+    from gpubp.backends import numba_setup
+
+    return numba_setup.ensure_nvvm()
 
 
 cuda = None  # numba.cuda, imported by check_numba_on_cupy once the simulator choice is made
@@ -155,6 +166,7 @@ def check_numba_on_cupy(rehearse: bool) -> tuple[str, str]:
         return ("ok" if ok else "FAIL"), f"simulator, host arrays (rehearsal), n={n_sim}, max |err| {err:.2e}"
     import cupy as cp
 
+    _ensure_nvvm()  # as the CUDA backend does before its first compile
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         x = cp.asarray(x_h)
@@ -168,6 +180,24 @@ def check_numba_on_cupy(rehearse: bool) -> tuple[str, str]:
     err = float(np.max(np.abs(got - want)))
     ok = np.all(np.isfinite(got)) and np.allclose(got, want, rtol=2e-7, atol=2e-7 * np.abs(want).max())
     return ("ok" if ok else "FAIL"), f"n={n}, stream {stream.ptr:#x}, compile+run {took:.2f} s, max |err| {err:.2e}"
+
+
+def check_numba_ptx(rehearse: bool) -> tuple[str, str]:
+    """The first kernel of each Numba kernel module compiled to PTX for sm_90 in a process of its own
+    with the simulator off (python -m gpubp.tools.numba_ptx --first): an import- or compile-time break
+    of numba-cuda (NumPy 2.5's missing row_stack, say) shows here even in a rehearsal without a GPU."""
+    import subprocess
+
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "gpubp.tools.numba_ptx", "--cc", "90", "--first"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    took = time.perf_counter() - t0
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("ok", "FAIL", "TOTAL"))]
+    if r.returncode != 0:
+        return "FAIL", f"exit {r.returncode} after {took:.1f} s\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
+    return "ok", f"{took:.1f} s with imports; " + "; ".join(lines)
 
 
 def check_fused_rawmodule(rehearse: bool) -> tuple[str, str]:
@@ -251,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     numba_report()
     print("== checks")
     counts = {"ok": 0, "FAIL": 0, "skipped": 0}
-    checks = (("numba-on-cupy", check_numba_on_cupy), ("fused-rawmodule", check_fused_rawmodule),
+    checks = (("numba-ptx", check_numba_ptx), ("numba-on-cupy", check_numba_on_cupy),
+              ("fused-rawmodule", check_fused_rawmodule),
               ("step-launches", check_step_launches))
     for name, fn in checks:
         try:

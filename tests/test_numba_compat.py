@@ -9,13 +9,16 @@ in its own process: the shim acts at import time, and the simulator must be off 
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gpubp.backends import numba_compat
 
@@ -84,3 +87,42 @@ def test_the_shim_only_acts_where_numpy_lacks_row_stack():
     # the hook leaves every other module alone
     assert numba_compat._FINDER.find_spec("numba.cuda.np.npyimpl") is None
     assert numba_compat._FINDER.find_spec("json") is None
+
+
+# --- the numba-cuda floor ----------------------------------------------------------------------
+
+
+def _installed(monkeypatch, version):
+    def fake(name):
+        assert name == "numba-cuda"
+        if version is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version
+
+    monkeypatch.setattr(importlib.metadata, "version", fake)
+
+
+@pytest.mark.parametrize("version", ["0.24.0", "0.30.4", "0.30.4.post1", "1.0rc1"])
+def test_numba_cuda_at_or_above_the_floor_is_accepted(monkeypatch, version):
+    _installed(monkeypatch, version)
+    assert numba_compat.check_numba_cuda() == version
+
+
+@pytest.mark.parametrize("version", ["0.23.9", "0.11.0", "0.9"])
+def test_an_older_numba_cuda_is_refused_naming_the_fix(monkeypatch, version):
+    _installed(monkeypatch, version)
+    with pytest.raises(ImportError, match=rf"numba-cuda {re.escape(version)} is older than 0\.24.*pip install -U "):
+        numba_compat.check_numba_cuda()
+
+
+def test_a_missing_numba_cuda_is_refused_naming_the_fix(monkeypatch):
+    _installed(monkeypatch, None)
+    with pytest.raises(ImportError, match="numba-cuda package >= 0.24.*pip install"):
+        numba_compat.check_numba_cuda()
+
+
+def test_the_floor_matches_pyproject():
+    text = (REPO / "pyproject.toml").read_text()
+    floor = ".".join(map(str, numba_compat.NUMBA_CUDA_FLOOR))
+    pins = re.findall(r'"numba-cuda(?:\[cu1\d\])?>=([\d.]+)"', text)
+    assert pins and set(pins) == {floor}, pins

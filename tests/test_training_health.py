@@ -348,7 +348,7 @@ def test_ctrl_c_leaves_a_loadable_checkpoint_and_exit_status_0(tmp_path):
 
 
 def test_dropout_mask_statistics_and_scaling():
-    from gpubp._random import dropout_key, dropout_keep
+    from gpubp._random import dropout_keep, dropout_key
 
     keep = dropout_keep(np, dropout_key(0, 0, 0, 1), (400, 500), 0.3)
     assert abs(keep.mean() - 0.7) < 0.005

@@ -1,5 +1,11 @@
-"""Compatibility shims for the Numba CUDA target, applied once by ``import gpubp``.
+"""Compatibility with the Numba CUDA target: the version floor, and a shim applied by ``import gpubp``.
 
+Floor. numba-cuda >= 0.24 (:data:`NUMBA_CUDA_FLOOR`): older releases cannot type CuPy
+arrays inside a tuple argument, and the elementwise and optimizer kernels take
+``(n, args)``. :func:`check_numba_cuda` raises ImportError naming the fix; the Numba
+CUDA kernel modules call it before they import ``numba.cuda``.
+
+Shim.
 NumPy 2.5 and numba-cuda <= 0.30.4 (NVIDIA/numba-cuda#907; the fix, PR #916, was
 not merged: numba-cuda is in maintenance mode). numba-cuda's
 ``numba/cuda/np/arrayobj.py`` runs ``overload(np.row_stack)(impl_np_vstack)``
@@ -24,13 +30,43 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.metadata
+import re
 import sys
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ROW_STACK_MODULE", "install", "needed"]
+__all__ = ["NUMBA_CUDA_FLOOR", "ROW_STACK_MODULE", "check_numba_cuda", "install", "needed"]
+
+#: The oldest numba-cuda the CUDA backend works with (tuple arguments holding CuPy arrays).
+NUMBA_CUDA_FLOOR = (0, 24)
+_FIX = "pip install -U 'numba-cuda>=0.24' (or pip install 'gpubp[cuda13]', 'gpubp[cuda12]')"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(0, 30, 4) from "0.30.4", "0.30.4.post1", "0.31.0rc1"; the leading numbers only."""
+    numbers = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(n) for n in numbers.group(0).split(".")) if numbers else ()
+
+
+def check_numba_cuda() -> str:
+    """The installed numba-cuda's version; ImportError naming the fix where it is missing or too old."""
+    floor = ".".join(map(str, NUMBA_CUDA_FLOOR))
+    try:
+        version = importlib.metadata.version("numba-cuda")
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            f"gpubp's Numba CUDA kernels need the numba-cuda package >= {floor} (numba's own bundled "
+            f"numba.cuda is deprecated and not supported): {_FIX}"
+        ) from None
+    if _release(version) < NUMBA_CUDA_FLOOR:
+        raise ImportError(
+            f"numba-cuda {version} is older than {floor}, the oldest gpubp's Numba CUDA kernels work with "
+            f"(older releases cannot type CuPy arrays inside the kernels' tuple arguments): {_FIX}"
+        )
+    return version
 
 #: The module that registers the overload (numba-cuda's copy of Numba's array functions).
 ROW_STACK_MODULE = "numba.cuda.np.arrayobj"

@@ -46,11 +46,16 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numba import cuda, float32, float64, int64, types
 
-from gpubp.activations import Activation
-from gpubp.activations import get as get_activation
-from gpubp.backends import _cudasim, numba_setup, scalar_math
+from gpubp.backends import numba_compat
+
+numba_compat.check_numba_cuda()  # the floor, with the fix named, before numba.cuda is imported
+
+from numba import cuda, float32, float64, int64, types  # noqa: E402
+
+from gpubp.activations import Activation  # noqa: E402
+from gpubp.activations import get as get_activation  # noqa: E402
+from gpubp.backends import _cudasim, numba_setup, scalar_math  # noqa: E402
 
 #: True when the kernels run under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
 SIMULATOR: bool = _cudasim.active()

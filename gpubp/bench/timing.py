@@ -177,7 +177,7 @@ def environment(tf32: bool = False) -> dict[str, Any]:
     blas = next((p for p in threadpool_info() if p.get("user_api") == "blas"), {})
     torch, commit = sys.modules.get("torch"), _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu,
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "gpu": gpu,
             "cpu": {"model": model or platform.machine(), "logical_cpus": os.cpu_count(),
                     "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None},
             "blas": {"name": blas.get("internal_api", "unknown"), "threads": blas.get("num_threads", "unknown"),

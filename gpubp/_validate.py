@@ -56,6 +56,13 @@ def check_finite(x: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: contains NaN or Inf (first at index {idx}: {x[idx]})")
 
 
+def boolean(v: Any, name: str) -> bool:
+    """True or False (a NumPy bool too); anything else raises TypeError."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {type(v).__name__}")
+    return bool(v)
+
+
 def positive_int(v: Any, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -65,6 +72,14 @@ def positive_int(v: Any, name: str) -> int:
 def nonneg_int(v: Any, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
         raise ValueError(f"{name}: expected an integer >= 0, got {v!r}")
+    return int(v)
+
+
+def int_in(v: Any, name: str, lo: int, hi: int | None = None) -> int:
+    """An integer in [lo, hi] (hi None: no upper bound); anything else raises ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        want = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected {want}, got {v!r}")
     return int(v)
 
 

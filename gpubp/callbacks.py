@@ -11,7 +11,9 @@ The hooks, in order: ``on_train_begin()``, then per epoch ``on_epoch_begin(epoch
 with the epoch's record (``loss``, ``accuracy``, ``val_loss``, ``lr``, ...), and
 ``on_train_end(logs)`` (also after an interruption or early stop). ``epoch`` counts
 from 1 over the model's life. A callback reaches the model, the optimizer, the schedule
-and the history through ``self.run`` and stops training with ``self.run.stop(reason)``.
+and the history through ``self.run`` and stops training with ``self.run.stop(reason)``;
+a KeyboardInterrupt it raises stops training as Ctrl-C does. The record keys a callback
+reads (:meth:`Callback.reads`: the monitored key) are checked before the first step.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class Callback:
     def set_run(self, run: Run) -> None:
         self.run = run
 
+    def reads(self) -> tuple[str, ...]:
+        """The keys of the epoch record this callback needs (e.g. its monitored ``"val_loss"``):
+        fit refuses, before any step, a key its records will not have. Default: none."""
+        return ()
+
     def on_train_begin(self) -> None:
         pass
 
@@ -93,6 +100,9 @@ class _Monitor(Callback):
         self.min_delta = float(min_delta)
         self.best = math.inf if self.mode == "min" else -math.inf
 
+    def reads(self) -> tuple[str, ...]:
+        return (self.monitor,)
+
     def _improved(self, value: float) -> bool:
         if self.mode == "min":
             return value < self.best - self.min_delta
@@ -109,8 +119,11 @@ class EarlyStopping(_Monitor):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
 
     With ``restore_best`` the parameters of the best epoch are put back when training
-    ends (for any reason); ``history["stopped"]`` is ``"early_stopping"`` when it stopped
-    training, and ``best_epoch`` / ``best`` say where the best was.
+    ends, except after Ctrl-C: an interrupted run keeps its parameters, so that it can go on
+    where it stopped (and ModelCheckpoint's save on Ctrl-C holds them, whatever the order of
+    the callbacks); :meth:`restore` puts the best back by hand. ``history["stopped"]`` is
+    ``"early_stopping"`` when it stopped training, and ``best_epoch`` / ``best`` say where
+    the best was.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0,
@@ -134,19 +147,30 @@ class EarlyStopping(_Monitor):
         if self._wait >= self.patience:
             self.run.stop("early_stopping")
 
+    def restore(self) -> bool:
+        """Put the best epoch's parameters back (kept with ``restore_best``); False when there are none.
+
+        The model's position inside an epoch, if any, is dropped: it described other parameters.
+        """
+        if self._best_params is None:
+            return False
+        model = self.run.model
+        model.arena.backend.assign_(model.arena.data, self._best_params)
+        model.load_progress(None)
+        return True
+
     def on_train_end(self, logs: dict[str, Any]) -> None:
-        if self.restore_best and self._best_params is not None:
-            arena = self.run.model.arena
-            arena.backend.assign_(arena.data, self._best_params)
+        if self.restore_best and self.run.stopped != "interrupted":
+            self.restore()
 
 
 class ModelCheckpoint(_Monitor):
     """Save the model, optimizer and schedule (gp.save: atomic) after each epoch.
 
-    ``path`` may hold ``{epoch}`` (e.g. ``"ckpt-{epoch:03d}.safetensors"``). With
-    ``save_best_only`` only an epoch that improves ``monitor`` is saved. When training
-    is interrupted (Ctrl-C) it saves once more, so that nothing is lost. The folder must
-    exist (checked when training begins).
+    ``path`` may hold ``{epoch}`` (e.g. ``"ckpt-{epoch:03d}.safetensors"``, the epochs
+    completed). With ``save_best_only`` only an epoch that improves ``monitor`` is saved.
+    When training is interrupted (Ctrl-C) it saves once more, so that nothing is lost. The
+    folder must exist (checked when training begins).
     """
 
     def __init__(self, path: str | os.PathLike[str], monitor: str = "val_loss", save_best_only: bool = False,
@@ -157,6 +181,9 @@ class ModelCheckpoint(_Monitor):
         self.path = os.fspath(path)
         self.save_best_only = bool(save_best_only)
         self.saved: list[str] = []
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.monitor,) if self.save_best_only else ()
 
     def on_train_begin(self) -> None:
         folder = os.path.dirname(os.path.abspath(self.path))

@@ -13,7 +13,7 @@ import numpy as np
 
 from gpubp import losses as losses_mod
 from gpubp._random import _GOLDEN, _MASK64
-from gpubp._validate import as_float_array, check_2d, check_finite, positive_int
+from gpubp._validate import as_float_array, boolean, check_2d, check_finite, positive_int
 from gpubp.backends import DENSE_IMPLS, Backend, get_backend
 from gpubp.device import Device, parse_device
 from gpubp.diagnostics import NonFiniteError
@@ -102,6 +102,7 @@ class Sequential:
         self.dense_impl = dense_impl
         self.device: Device = parse_device(device)
         self.epoch = 0  # epochs trained by fit so far (drives the per-epoch shuffle)
+        self._progress: Any = None  # training.EpochProgress inside an epoch (fit stopped there), else None
         self.optimizer: Any = None  # the optimizer fit last used
         self._out_shape: tuple[int, ...] | None = None  # output shape of the last training forward
         self._bind(get_backend(self.device, self.dense_impl, self.dtype))
@@ -177,6 +178,36 @@ class Sequential:
     def zero_grad(self) -> None:
         self.arena.grad[...] = 0
 
+    def progress(self) -> dict[str, Any] | None:
+        """Where training stands inside epoch ``epoch + 1``, JSON-serialisable (checkpoints store it);
+        None at an epoch boundary.
+
+        Set while ``fit`` runs an epoch and kept when it stops inside one (Ctrl-C, an error):
+        ``{"epoch": epochs done, "step": steps of the next epoch already in the parameters,
+        "steps", "samples", "batch_size", "shuffle", "world": processes, "applied": rows trained
+        so far, "skipped", "sums": [[loss sum, correct, counted]] per process}``. The next ``fit``
+        (with the same batch_size, data and shuffle) first takes the rest of that epoch, as an
+        uninterrupted run would, bit for bit.
+        """
+        if self._progress is None or self._progress.step == 0:
+            return None
+        return self._progress.to_dict()
+
+    def load_progress(self, progress: dict[str, Any] | None) -> None:
+        """Set where the next ``fit`` starts: a dict from :meth:`progress` (e.g. read back from a
+        checkpoint written mid-epoch, whose ``"epoch"`` must equal ``self.epoch``), or None: at
+        the first step of epoch ``epoch + 1`` (the steps of a partial epoch are then run again)."""
+        from gpubp.training import EpochProgress
+
+        if progress is None:
+            self._progress = None
+            return
+        pos = EpochProgress.from_dict(progress)
+        if pos.epoch != self.epoch:
+            raise ValueError(f"progress['epoch']: the position is inside epoch {pos.epoch + 1}, but this model has "
+                             f"trained {self.epoch} epochs (set model.epoch first, as gp.load does)")
+        self._progress = pos if pos.step else None
+
     def config(self) -> dict[str, Any]:
         """The architecture and settings, JSON-serialisable (saved in checkpoints)."""
         return {
@@ -206,6 +237,7 @@ class Sequential:
         twin = Sequential.from_config(cfg, device=self.device if device is None else device, initialise=False)
         twin._backend.assign_(twin.arena.data, self._backend.to_numpy(self.arena.data).astype(twin.dtype))
         twin.epoch, twin._step, twin.training = self.epoch, self._step, self.training
+        twin.load_progress(self.progress())
         return twin
 
     def to(self, device: str | Device) -> Sequential:
@@ -345,13 +377,12 @@ class Sequential:
 
     # -- training loop ---------------------------------------------------------------------
 
-    def _dataset(self, x: Any, y: Any, loss: losses_mod.Loss, name: str) -> tuple[Any, Any]:
-        """Validate a whole (x, y) once: shapes, lengths, finiteness, labels.
-
-        x stays where it is (host arrays are copied to the device batch by batch);
-        y is validated and kept on the host, as labels are small.
+    def _dataset(self, x: Any, y: Any, loss: losses_mod.Loss, name: str, finite: bool = True) -> tuple[Any, Any]:
+        """Validate a whole (x, y) once: shapes, lengths, finiteness of x (unless ``finite`` is
+        False), labels. x stays where it is (host arrays are copied to the device batch by
+        batch); y is validated and kept on the host, as labels are small.
         """
-        x = self._checked(x, f"{name}x", self.in_features, finite=True)
+        x = self._checked(x, f"{name}x", self.in_features, finite=finite)
         if self._backend.is_device_array(y):
             y = self._backend.to_numpy(y)  # labels and targets are validated on the host
         n_y = np.shape(y)[0] if np.ndim(y) >= 1 else None
@@ -404,11 +435,22 @@ class Sequential:
         non-finite guard, optional global-norm clipping, optimizer step, callbacks.
         ``scheduler.step()`` runs after each epoch.
 
+        A model that stopped inside an epoch (Ctrl-C, an error, or loaded from a checkpoint
+        written mid-epoch: see :meth:`progress`) first takes the rest of that epoch, which
+        counts as one of ``epochs``; the parameters and that epoch's record are those of
+        an uninterrupted run. It needs the same batch_size, data and shuffle (else
+        ValueError; ``model.load_progress(None)`` starts the epoch again instead).
+
         Args:
             validation_data: ``(x_val, y_val)`` evaluated after each epoch; or
             validation_split: the last fraction of (x, y), before shuffling, held out for it.
+            scheduler: a gpubp.schedules schedule built from ``optimizer`` (one built for
+                another optimizer is refused), stepped after each epoch.
             callbacks: gpubp.callbacks.Callback objects (EarlyStopping, ModelCheckpoint,
-                ReduceLROnPlateau, CSVLogger, your own).
+                ReduceLROnPlateau, CSVLogger, your own). A monitored key the epoch record
+                will not have (``val_loss`` without validation data) is refused before
+                any step. A KeyboardInterrupt raised in a callback stops training as
+                Ctrl-C does.
             on_nonfinite: ``"raise"`` (default: stop at the first non-finite loss or
                 gradient with a NonFiniteError naming epoch, step and layer, the model
                 left as before that step), ``"skip"`` (drop that step's update, count it
@@ -436,17 +478,26 @@ class Sequential:
                    clip_grad_norm=clip_grad_norm, callbacks=callbacks, validation_split=validation_split,
                    on_nonfinite=on_nonfinite, gradient_stats=gradient_stats, comm=comm)
 
-    def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
-        """Outputs (N, out) for x (N, in) as a NumPy array, without keeping anything for backward."""
-        x = self._input(x)
+    def predict(self, x: Any, batch_size: int | None = None, check_finite: bool = True) -> np.ndarray:
+        """Outputs (N, out) for x (N, in) as a NumPy array, without keeping anything for backward.
+
+        ``check_finite``: refuse x holding NaN or Inf, as fit does (ValueError naming the first
+        such element); False skips that pass over x.
+        """
+        x = self._input(x, finite=boolean(check_finite, "check_finite"))
         bs = x.shape[0] if batch_size is None else positive_int(batch_size, "batch_size")
         outs = [self._backend.to_numpy(self._forward(x[i : i + bs], training=False)) for i in range(0, x.shape[0], bs)]
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
-    def evaluate(self, x: Any, y: Any, loss: str | losses_mod.Loss, batch_size: int = 1024) -> dict[str, float]:
-        """``{"loss": ..., "accuracy": ...}`` over (x, y); accuracy for classification losses only."""
+    def evaluate(self, x: Any, y: Any, loss: str | losses_mod.Loss, batch_size: int = 1024,
+                 check_finite: bool = True) -> dict[str, float]:
+        """``{"loss": ..., "accuracy": ...}`` over (x, y); accuracy for classification losses only.
+
+        ``check_finite``: refuse x holding NaN or Inf, as fit does (ValueError naming the first
+        such element); False skips that pass over x (targets are always checked).
+        """
         loss = losses_mod.get(loss)
-        x, y = self._dataset(x, y, loss, "")
+        x, y = self._dataset(x, y, loss, "", finite=boolean(check_finite, "check_finite"))
         bs = positive_int(batch_size, "batch_size")
         classifies = loss.classifies
         total, correct, counted = 0.0, 0, 0

@@ -17,9 +17,18 @@ Divergence (``on_nonfinite``):
   reads the flag every step); ``history["skipped"]`` counts them per epoch.
 - ``"ignore"``: train on regardless.
 
-Ctrl-C during fit ends the current step, then training: callbacks see
-``history["stopped"] == "interrupted"`` (ModelCheckpoint saves), and fit returns the
-history. A second Ctrl-C interrupts at once.
+Ctrl-C during fit (or a KeyboardInterrupt raised by a callback) ends the current step,
+then training: callbacks see ``history["stopped"] == "interrupted"`` (ModelCheckpoint
+saves), and fit returns the history. A second Ctrl-C interrupts at once.
+
+Mid-epoch resume: the model keeps an :class:`EpochProgress` while an epoch runs (the
+steps taken and the epoch's running sums), and keeps it when fit stops inside an epoch;
+``model.progress()`` is its JSON form, which checkpoints store. The next fit takes the
+rest of that epoch first. Everything else an epoch depends on follows from the epoch and
+the step: the batch order is drawn from Generator([seed, epoch]), the dropout masks are
+keyed by (seed, epoch, step, layer), the schedule steps once per epoch and the optimizer's
+state and step count are in the checkpoint. So an interrupted and resumed run gives the
+parameters and the epoch records of an uninterrupted one, bit for bit.
 
 With ``comm`` (a communicator of :mod:`gpubp.distributed` with more than one process) the
 loop is data-parallel: each global batch is split across the ranks, the gradient arena is
@@ -30,6 +39,7 @@ summed across them after backward, and the steps are identical on every rank; se
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -41,7 +51,7 @@ from tqdm.auto import tqdm
 
 from gpubp import diagnostics
 from gpubp import losses as losses_mod
-from gpubp._validate import positive_int
+from gpubp._validate import int_in, positive_int
 from gpubp.callbacks import Callback, Run
 
 ON_NONFINITE = ("raise", "skip", "ignore")
@@ -50,14 +60,19 @@ READ_EVERY = 16  # steps between host reads of the loss (progress bar) and the g
 
 @contextlib.contextmanager
 def _deferred_interrupt() -> Iterator[dict[str, bool]]:
-    """Turn the first Ctrl-C into a flag the loop checks between steps (main thread only)."""
-    state = {"hit": False}
+    """Turn the first Ctrl-C into a flag the loop checks between steps (main thread only).
+
+    ``state["hit"]``: stop after the current step; ``state["forced"]``: a second Ctrl-C
+    raised KeyboardInterrupt where the program was (it must not be taken for a callback's).
+    """
+    state = {"hit": False, "forced": False}
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
 
     def handler(signum: int, frame: Any) -> None:
         if state["hit"]:
+            state["forced"] = True
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         state["hit"] = True
 
@@ -66,6 +81,183 @@ def _deferred_interrupt() -> Iterator[dict[str, bool]]:
         yield state
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+def _call(callbacks: list[Callback], hook: str, interrupt: dict[str, bool], *args: Any) -> None:
+    """Every callback's ``hook(*args)``, in order. A KeyboardInterrupt a callback raises is taken
+    as Ctrl-C (the remaining callbacks still run, then training stops cleanly); one from a
+    second Ctrl-C goes on up."""
+    for cb in callbacks:
+        try:
+            getattr(cb, hook)(*args)
+        except KeyboardInterrupt:
+            if interrupt["forced"]:
+                raise
+            interrupt["hit"] = True
+
+
+_NONFINITE = ("nan", "inf", "-inf")  # how a loss sum that is not finite (on_nonfinite="ignore") is written
+
+
+def _json_float(v: Any) -> float | str:
+    """A float for JSON, whose readers may refuse NaN and Inf: those as "nan", "inf", "-inf"."""
+    f = float(v)
+    return f if math.isfinite(f) else repr(f)
+
+
+class EpochProgress:
+    """Where training stands inside epoch ``epoch + 1``: enough for fit to take the rest of
+    that epoch as an uninterrupted run would.
+
+    ``step`` optimizer steps of the epoch are in the parameters (0 <= step <= steps, where
+    steps = ceil(samples / batch_size)); ``applied`` rows and ``skipped`` steps (on_nonfinite
+    "skip") so far. The running sums behind the epoch's record stay where the loop keeps them
+    (on a GPU: device scalars) until :meth:`to_dict` reads them: ``loss_sum`` (sum over the
+    applied steps of loss x rows for reduction "mean", of the loss for "sum"), ``correct`` and
+    ``counted``. Data-parallel, each rank's sums are its own: ``rank_sums`` holds every rank's
+    ``[loss_sum, correct, counted]`` once gathered (fit does when it stops inside an epoch).
+    ``sums_known`` False: the sums were lost (a diverged step); the resumed epoch's record
+    then covers only the steps run after the resume.
+    """
+
+    KEYS = ("epoch", "step", "steps", "samples", "batch_size", "shuffle", "world", "applied", "skipped", "sums")
+
+    def __init__(self, epoch: int, step: int, samples: int, batch_size: int, shuffle: bool, world: int) -> None:
+        self.epoch, self.step, self.samples, self.batch_size = epoch, step, samples, batch_size
+        self.shuffle, self.world = shuffle, world
+        self.applied, self.skipped = 0, 0
+        self.loss_sum: Any = 0.0
+        self.correct: Any = 0
+        self.counted = 0
+        self.rank_sums: list[list[Any]] | None = None
+        self.sums_known = True
+
+    @property
+    def steps(self) -> int:
+        return -(-self.samples // self.batch_size)
+
+    def forget_sums(self) -> None:
+        self.applied, self.loss_sum, self.correct, self.counted, self.rank_sums = 0, 0.0, 0, 0, None
+        self.sums_known = False
+
+    def to_host(self) -> None:
+        """Read the running sums into Python numbers (one device read on a GPU)."""
+        self.loss_sum, self.correct, self.counted = float(self.loss_sum), int(self.correct), int(self.counted)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: the KEYS; ``"sums"`` is ``[[loss_sum, correct, counted]]``, one per rank, or None."""
+        if not self.sums_known or (self.world > 1 and self.rank_sums is None):
+            sums, applied = None, 0  # another rank's sums are not here: the record restarts
+        elif self.rank_sums is not None:
+            sums, applied = [[_json_float(r[0]), r[1], r[2]] for r in self.rank_sums], self.applied
+        else:
+            sums, applied = [[_json_float(self.loss_sum), int(self.correct), int(self.counted)]], self.applied
+        return {"epoch": self.epoch, "step": self.step, "steps": self.steps, "samples": self.samples,
+                "batch_size": self.batch_size, "shuffle": self.shuffle, "world": self.world, "applied": applied,
+                "skipped": self.skipped, "sums": sums}
+
+    @classmethod
+    def from_dict(cls, d: Any, name: str = "progress") -> EpochProgress:
+        """Check ``d`` (from :meth:`to_dict`, e.g. read back from a checkpoint) key by key."""
+        if not isinstance(d, dict):
+            raise TypeError(f"{name}: expected a dict from model.progress(), got {type(d).__name__}")
+        missing = [k for k in cls.KEYS if k not in d]
+        if missing:
+            raise ValueError(f"{name}: missing keys {missing} (expected those of model.progress())")
+        samples = int_in(d["samples"], f"{name}['samples']", 1)
+        batch_size = int_in(d["batch_size"], f"{name}['batch_size']", 1)
+        if not isinstance(d["shuffle"], bool):
+            raise ValueError(f"{name}['shuffle']: expected True or False, got {d['shuffle']!r}")
+        p = cls(int_in(d["epoch"], f"{name}['epoch']", 0), 0, samples, batch_size, d["shuffle"],
+                int_in(d["world"], f"{name}['world']", 1))
+        p.step = int_in(d["step"], f"{name}['step']", 0, p.steps)
+        if d["steps"] != p.steps:
+            raise ValueError(f"{name}['steps']: {d['steps']!r} steps do not fit {samples} samples in batches of "
+                             f"{batch_size} ({p.steps})")
+        p.applied = int_in(d["applied"], f"{name}['applied']", 0, samples)
+        p.skipped = int_in(d["skipped"], f"{name}['skipped']", 0, p.step)
+        sums = d["sums"]
+        if sums is None:
+            p.forget_sums()
+            return p
+        if not isinstance(sums, list) or not sums or not all(
+                isinstance(r, list) and len(r) == 3 and (r[0] in _NONFINITE or isinstance(r[0], (int, float))
+                                                         and not isinstance(r[0], bool))
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in r[1:]) for r in sums):
+            raise ValueError(f"{name}['sums']: expected None or a list of [loss_sum, correct, counted] per rank, "
+                             f"got {sums!r}")
+        if len(sums) != p.world:
+            raise ValueError(f"{name}['sums']: expected one [loss_sum, correct, counted] per rank of the world of "
+                             f"{p.world}, got {len(sums)}")
+        if len(sums) == 1:
+            p.loss_sum, p.correct, p.counted = float(sums[0][0]), sums[0][1], sums[0][2]
+        else:
+            p.rank_sums = [[float(r[0]), r[1], r[2]] for r in sums]
+        return p
+
+    def sums_for(self, rank: int, world: int) -> tuple[float, int, int]:
+        """This rank's starting sums. Saved by a world of another size: the totals on rank 0 (the
+        epoch's record then equals the uninterrupted one to rounding, as data-parallel runs do)."""
+        rows = self.rank_sums if self.rank_sums is not None else [[self.loss_sum, self.correct, self.counted]]
+        if len(rows) == world:
+            return float(rows[rank][0]), int(rows[rank][1]), int(rows[rank][2])
+        if rank:
+            return 0.0, 0, 0
+        return float(sum(float(r[0]) for r in rows)), sum(int(r[1]) for r in rows), sum(int(r[2]) for r in rows)
+
+    def describe(self) -> str:
+        return (f"after step {self.step} of {self.steps} of epoch {self.epoch + 1} (batch_size {self.batch_size}, "
+                f"{self.samples} training samples, shuffle={self.shuffle})")
+
+
+def _resume_point(model: Any, n: int, batch_size: int, shuffle: bool) -> EpochProgress | None:
+    """The model's mid-epoch position, checked against this fit; None at an epoch boundary."""
+    pos = model._progress
+    if pos is None or pos.step == 0:
+        return None
+    fix = ("; fit with the batch_size, data and shuffle it stopped with to finish that epoch, or call "
+           "model.load_progress(None) to start the epoch again from its first step")
+    if pos.epoch != model.epoch:
+        raise ValueError(f"model: it stopped {pos.describe()}, but model.epoch is now {model.epoch}{fix}")
+    for what, mine, now in (("batch_size", pos.batch_size, batch_size), ("training samples", pos.samples, n),
+                            ("shuffle", pos.shuffle, shuffle)):
+        if mine != now:
+            raise ValueError(f"model: it stopped {pos.describe()}; this fit has {what} {now}{fix}")
+    return pos
+
+
+def _record_keys(loss: Any, validating: bool) -> list[str]:
+    """The keys of every epoch's record, in order (what a callback may monitor)."""
+    metrics = ["loss", "accuracy"] if loss.classifies else ["loss"]
+    return metrics + [f"val_{k}" for k in metrics if validating] + ["lr", "time"]
+
+
+def _check_callback_keys(callbacks: list[Callback], keys: list[str], validating: bool) -> None:
+    """Before any step: every key a callback reads must be one the epoch record will have."""
+    for i, cb in enumerate(callbacks):
+        for key in cb.reads():
+            if key not in keys:
+                hint = (" (pass validation_data or validation_split, or monitor='loss')"
+                        if key.startswith("val_") and not validating else "")
+                raise ValueError(f"callbacks[{i}]: {type(cb).__name__} monitors {key!r}, which the epoch record "
+                                 f"will not have (it has {', '.join(keys)}){hint}")
+
+
+def _check_scheduler(scheduler: Any, optimizer: Any, named: bool) -> None:
+    if scheduler is None:
+        return
+    if not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"scheduler: expected a gpubp.schedules.LRSchedule (with step()) or None, "
+                        f"got {type(scheduler).__name__}")
+    own = getattr(scheduler, "optimizer", optimizer)
+    if own is not optimizer:
+        how = (f"fit built a new {type(optimizer).__name__} from its name, so no schedule can be built for it; "
+               "build the optimizer first, the schedule from it, and pass both" if named else
+               f"build the schedule from the optimizer passed to fit ({type(optimizer).__name__} "
+               f"at {id(optimizer):#x})")
+        raise ValueError(f"scheduler: {type(scheduler).__name__} was built for another optimizer "
+                         f"({type(own).__name__} at {id(own):#x}), whose lr it would set while fit steps this one; "
+                         f"{how}")
 
 
 def _check_args(epochs: Any, batch_size: Any, clip_grad_norm: Any, on_nonfinite: Any, validation_data: Any,
@@ -128,9 +320,11 @@ def fit(
     from gpubp.diagnostics import NonFiniteError
 
     loss = losses_mod.get(loss)
+    named = isinstance(optimizer, str)
     optimizer = model._resolve_optimizer(optimizer)
     epochs, batch_size, callbacks = _check_args(epochs, batch_size, clip_grad_norm, on_nonfinite, validation_data,
                                                 validation_split, callbacks)
+    _check_scheduler(scheduler, optimizer, named)
     x, y = model._dataset(x, y, loss, "")
     if validation_split is not None:
         n_val = int(round(x.shape[0] * validation_split))
@@ -144,6 +338,7 @@ def fit(
             raise TypeError("validation_data: expected a tuple (x_val, y_val)")
         xv, yv = model._dataset(validation_data[0], validation_data[1], loss, "validation_data ")
     validating = validation_split is not None or validation_data is not None
+    _check_callback_keys(callbacks, _record_keys(loss, validating), validating)
     model.optimizer = optimizer
     backend = model.arena.backend
     n = x.shape[0]
@@ -158,6 +353,12 @@ def fit(
             "on_nonfinite": on_nonfinite, "scheduler": type(scheduler).__name__})
         verbose = verbose if comm.rank == 0 else 0  # one progress bar, one log
         callbacks = [cb for cb in callbacks if dp.runs_here(cb)]
+    rank, world = (0, 1) if dp is None else (dp.rank, dp.size)
+    try:
+        resume = _resume_point(model, n, batch_size, shuffle)  # after the broadcast: rank 0's position
+    except ValueError as e:
+        e.all_ranks = dp is not None  # the same position on every rank: all raise it together
+        raise
     history: dict[str, Any] = {}
     run = Run(model, optimizer, scheduler, history)
     for cb in callbacks:
@@ -176,6 +377,8 @@ def fit(
         tag = int(backend.to_numpy(flag)[0])
         optimizer.step_count = step_count0 + tag - 1
         s = tag - 1 - epoch_tag0
+        model._progress.step = s  # the parameters are those from before step s; the sums took later steps
+        model._progress.forget_sums()
         rows = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
         model._step = s
         if dp is None:
@@ -192,24 +395,42 @@ def fit(
         err.all_ranks = dp is not None  # the flag is the same on every rank: all raise it together
         return err
 
+    def interrupted() -> bool:
+        return interrupt["hit"] if dp is None else dp.interrupted
+
     # NaN/Inf are the guard's to report (on_nonfinite), not NumPy's floating-point warnings.
     with _deferred_interrupt() as interrupt, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for cb in callbacks:
-            cb.on_train_begin()
+        _call(callbacks, "on_train_begin", interrupt)
         try:
             for _ in range(epochs):
                 if run.stop_reason is not None:
                     break
+                if interrupted():  # during the last epoch's end, or on_train_begin
+                    stopped = "interrupted"
+                    break
                 t0 = time.perf_counter()
-                for cb in callbacks:
-                    cb.on_epoch_begin(model.epoch + 1)
+                _call(callbacks, "on_epoch_begin", interrupt, model.epoch + 1)
+                if dp is None and interrupt["hit"]:
+                    stopped = "interrupted"  # before any step (data-parallel: agreed at the first step)
+                    break
                 order = np.random.default_rng([model.seed, model.epoch]).permutation(n) if shuffle else None
-                total, correct, counted, skipped, applied = 0.0, 0, 0, 0, 0
-                epoch_tag0 = tag0
+                pos = EpochProgress(model.epoch, 0, n, batch_size, shuffle, world)
+                if resume is not None:  # the rest of the epoch the model stopped in
+                    pos.step, pos.applied, pos.skipped = resume.step, resume.applied, resume.skipped
+                    if resume.sums_known:
+                        pos.loss_sum, pos.correct, pos.counted = resume.sums_for(rank, world)
+                    else:
+                        pos.forget_sums()
+                    resume = None
+                model._progress = pos
+                s0 = pos.step
+                total, correct, counted = pos.loss_sum, pos.correct, pos.counted
+                skipped, applied = pos.skipped, pos.applied
+                epoch_tag0 = tag0 - s0  # step s of this epoch has tag epoch_tag0 + s + 1
                 stats = diagnostics.StepStats(model) if gradient_stats else None
-                bar = tqdm(total=steps, desc=f"epoch {model.epoch + 1}", disable=verbose == 0, leave=False,
-                           unit="batch")
-                for s in range(steps):
+                bar = tqdm(total=steps, initial=s0, desc=f"epoch {model.epoch + 1}", disable=verbose == 0,
+                           leave=False, unit="batch")
+                for s in range(s0, steps):
                     rows = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
                     if dp is not None:  # this rank's share of the global batch
                         rows, model._row0, nb = dp.split(rows, n)
@@ -252,6 +473,8 @@ def fit(
                         if loss.classifies and out is not None:
                             c, k = loss.correct(out, yb)
                             correct, counted = correct + c, counted + k
+                    pos.step, pos.applied, pos.skipped = s + 1, applied, skipped
+                    pos.loss_sum, pos.correct, pos.counted = total, correct, counted
                     bar.update(1)
                     if s % READ_EVERY == 0 or last:
                         if on_nonfinite == "raise" and int(backend.to_numpy(flag)[0]):
@@ -260,22 +483,25 @@ def fit(
                         shown = value if dp is None else dp.sync(value, interrupt["hit"])
                         if verbose:
                             bar.set_postfix(loss=f"{float(shown):.4f}")
-                    for cb in callbacks:
-                        cb.on_batch_end(s + 1, {"loss": value, "size": int(xb.shape[0])})
-                    if interrupt["hit"] if dp is None else dp.interrupted:
+                    _call(callbacks, "on_batch_end", interrupt, s + 1, {"loss": value, "size": int(xb.shape[0])})
+                    if interrupted():
                         break
                 bar.close()
-                if interrupt["hit"] if dp is None else dp.interrupted:
+                if interrupted():
+                    if dp is not None:  # every rank's own sums, for a checkpoint of this position
+                        pos.rank_sums = dp.gather_sums(total, correct, counted)
                     stopped = "interrupted"
                     break
                 model.epoch += 1
+                model._progress = None
                 if dp is not None:
                     total, correct, counted = dp.sums(total, correct, counted)
                 record: dict[str, float] = {"loss": float(total) / applied if applied else float("nan")}
                 if loss.classifies:
                     record["accuracy"] = float(correct) / max(counted, 1)
                 if validating:
-                    for k, v in model.evaluate(xv, yv, loss, batch_size=max(batch_size, 1024)).items():
+                    for k, v in model.evaluate(xv, yv, loss, batch_size=max(batch_size, 1024),
+                                               check_finite=False).items():  # checked once, above
                         record[f"val_{k}"] = v
                 record["lr"] = float(optimizer.lr)
                 if scheduler is not None:
@@ -291,20 +517,22 @@ def fit(
                 if verbose:
                     shown = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("lr", "time"))
                     print(f"epoch {model.epoch:3d}  {shown}  ({record['time']:.2f}s, {model.device})", flush=True)
-                for cb in callbacks:
-                    cb.on_epoch_end(model.epoch, record)
+                _call(callbacks, "on_epoch_end", interrupt, model.epoch, record)
                 if dp is not None:
-                    dp.agree(run, optimizer)
+                    dp.agree(run, optimizer, interrupt["hit"])
         except NonFiniteError:
             history["stopped"] = "nonfinite"
-            for cb in callbacks:
-                cb.on_train_end(history)
+            _call(callbacks, "on_train_end", interrupt, history)
             raise
+        finally:
+            if model._progress is not None:
+                model._progress.to_host()  # no device scalars kept past fit
         if run.stop_reason is not None and stopped == "completed":
             stopped = run.stop_reason
         history["stopped"] = stopped
         if stopped == "interrupted" and verbose:
-            print(f"interrupted at epoch {model.epoch + 1}: training stopped after the current step", flush=True)
-        for cb in callbacks:
-            cb.on_train_end(history)
+            where = f"epoch {model.epoch + 1}" if model._progress is None else \
+                f"epoch {model.epoch + 1}, step {model._progress.step} of {steps}"
+            print(f"interrupted at {where}: training stopped after the current step", flush=True)
+        _call(callbacks, "on_train_end", interrupt, history)
     return history

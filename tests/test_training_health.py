@@ -285,7 +285,8 @@ def test_model_checkpoint_and_csv_logger_and_reduce_lr(tmp_path):
 
 def test_callback_errors_are_clear(tmp_path):
     x, y = blobs(16)
-    with pytest.raises(ValueError, match="monitor: 'val_loss' is not in the epoch's record.*validation_split"):
+    with pytest.raises(ValueError, match=r"callbacks\[0\]: EarlyStopping monitors 'val_loss', which the epoch "
+                                         r"record will not have \(it has loss, accuracy, lr, time\).*validation_split"):
         small().fit(x, y, "cross_entropy", "sgd", epochs=1, verbose=0, callbacks=[gp.callbacks.EarlyStopping()])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         small().fit(x, y, "cross_entropy", "sgd", epochs=1, verbose=0,

@@ -23,7 +23,10 @@ all-reduce of the whole arena on the MPI path (see :mod:`gpubp.distributed.comm`
 
 The non-finite guard reads the reduced gradients only (the same bits on every rank), so
 all ranks take the same decision; metrics are summed across ranks once per epoch, and
-the progress value and Ctrl-C are agreed every ``READ_EVERY`` steps.
+the progress value and Ctrl-C are agreed every ``READ_EVERY`` steps and at each epoch's end.
+A fit that stops inside an epoch gathers every rank's running sums into the model's
+position (``model.progress()``), so that a checkpoint of it resumes on a world of the same
+size bit for bit (on another size: to rounding, as any change of world size).
 """
 
 from __future__ import annotations
@@ -137,14 +140,16 @@ class DataParallel:
                     raise err
 
     def _broadcast_state(self, model: Any, optimizer: Any) -> None:
-        """Rank 0's parameters, optimizer state, step count, learning rate and epoch, on every rank."""
+        """Rank 0's parameters, optimizer state, step count, learning rate, epoch and position
+        inside the epoch (``model.progress()``), on every rank."""
         comm = self.comm
         comm.broadcast_(model.arena.data, 0)
         for state in optimizer._state:
             for name in sorted(state):
                 comm.broadcast_(state[name], 0)
-        optimizer.step_count, optimizer.lr, model.epoch = comm.bcast(
-            (optimizer.step_count, optimizer.lr, model.epoch), 0)
+        optimizer.step_count, optimizer.lr, model.epoch, progress = comm.bcast(
+            (optimizer.step_count, optimizer.lr, model.epoch, model.progress()), 0)
+        model.load_progress(progress)
 
     # -- per step -----------------------------------------------------------------------
 
@@ -207,9 +212,17 @@ class DataParallel:
         arr = np.array([float(v) for v in values], dtype=np.float64)
         return [float(v) for v in self.comm.allreduce_(arr, op="sum")]
 
-    def agree(self, run: Any, optimizer: Any) -> None:
-        """After the epoch's callbacks: rank 0's stop decision and learning rate on every rank."""
-        run.stop_reason, optimizer.lr = self.comm.bcast((run.stop_reason, optimizer.lr), 0)
+    def gather_sums(self, total: Any, correct: Any, counted: Any) -> list[list[Any]]:
+        """Every rank's running epoch sums ``[loss_sum, correct, counted]``, in rank order (fit stopping
+        inside an epoch keeps them, so that a checkpoint resumes each rank's own sums)."""
+        return [list(r) for r in self.comm.allgather((float(total), int(correct), int(counted)))]
+
+    def agree(self, run: Any, optimizer: Any, hit: bool = False) -> None:
+        """After the epoch's callbacks: rank 0's stop decision and learning rate on every rank, and
+        whether any rank saw Ctrl-C (``hit``) since the last agreement (one all-gather)."""
+        everyone = self.comm.allgather((run.stop_reason, optimizer.lr, bool(hit)))
+        run.stop_reason, optimizer.lr = everyone[0][0], everyone[0][1]
+        self.interrupted = self.interrupted or any(h for _, _, h in everyone)
 
     def runs_here(self, callback: Any) -> bool:
         """Whether ``callback`` runs on this rank: the file writers (ModelCheckpoint, CSVLogger, and any

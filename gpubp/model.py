@@ -184,9 +184,10 @@ class Sequential:
 
         Set while ``fit`` runs an epoch and kept when it stops inside one (Ctrl-C, an error):
         ``{"epoch": epochs done, "step": steps of the next epoch already in the parameters,
-        "steps", "samples", "batch_size", "shuffle", "world": processes, "applied": rows trained
-        so far, "skipped", "sums": [[loss sum, correct, counted]] per process}``. The next ``fit``
-        (with the same batch_size, data and shuffle) first takes the rest of that epoch, as an
+        "steps", "samples", "batch_size", "shuffle", "world": processes, "optimizer_steps": the
+        optimizer's step count, "applied": rows trained so far, "skipped", "sums": [[loss sum,
+        correct, counted]] per process}``. The next ``fit`` (with the same batch_size, data and
+        shuffle, and an optimizer at that step count) first takes the rest of that epoch, as an
         uninterrupted run would, bit for bit.
         """
         if self._progress is None or self._progress.step == 0:

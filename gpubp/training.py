@@ -117,10 +117,13 @@ class EpochProgress:
     ``counted``. Data-parallel, each rank's sums are its own: ``rank_sums`` holds every rank's
     ``[loss_sum, correct, counted]`` once gathered (fit does when it stops inside an epoch).
     ``sums_known`` False: the sums were lost (a diverged step); the resumed epoch's record
-    then covers only the steps run after the resume.
+    then covers only the steps run after the resume. ``optimizer_steps``: the optimizer's
+    step count there, which the resuming optimizer must have (a checkpoint of other
+    parameters loaded since, or a new optimizer, would not continue this run).
     """
 
-    KEYS = ("epoch", "step", "steps", "samples", "batch_size", "shuffle", "world", "applied", "skipped", "sums")
+    KEYS = ("epoch", "step", "steps", "samples", "batch_size", "shuffle", "world", "optimizer_steps", "applied",
+            "skipped", "sums")
 
     def __init__(self, epoch: int, step: int, samples: int, batch_size: int, shuffle: bool, world: int) -> None:
         self.epoch, self.step, self.samples, self.batch_size = epoch, step, samples, batch_size
@@ -131,6 +134,7 @@ class EpochProgress:
         self.counted = 0
         self.rank_sums: list[list[Any]] | None = None
         self.sums_known = True
+        self.optimizer_steps: int | None = None  # the optimizer's step_count there (None: not checked)
 
     @property
     def steps(self) -> int:
@@ -154,7 +158,7 @@ class EpochProgress:
             sums, applied = [[_json_float(self.loss_sum), int(self.correct), int(self.counted)]], self.applied
         return {"epoch": self.epoch, "step": self.step, "steps": self.steps, "samples": self.samples,
                 "batch_size": self.batch_size, "shuffle": self.shuffle, "world": self.world, "applied": applied,
-                "skipped": self.skipped, "sums": sums}
+                "optimizer_steps": self.optimizer_steps, "skipped": self.skipped, "sums": sums}
 
     @classmethod
     def from_dict(cls, d: Any, name: str = "progress") -> EpochProgress:
@@ -174,6 +178,8 @@ class EpochProgress:
         if d["steps"] != p.steps:
             raise ValueError(f"{name}['steps']: {d['steps']!r} steps do not fit {samples} samples in batches of "
                              f"{batch_size} ({p.steps})")
+        if d["optimizer_steps"] is not None:
+            p.optimizer_steps = int_in(d["optimizer_steps"], f"{name}['optimizer_steps']", 0)
         p.applied = int_in(d["applied"], f"{name}['applied']", 0, samples)
         p.skipped = int_in(d["skipped"], f"{name}['skipped']", 0, p.step)
         sums = d["sums"]
@@ -210,7 +216,7 @@ class EpochProgress:
                 f"{self.samples} training samples, shuffle={self.shuffle})")
 
 
-def _resume_point(model: Any, n: int, batch_size: int, shuffle: bool) -> EpochProgress | None:
+def _resume_point(model: Any, optimizer: Any, n: int, batch_size: int, shuffle: bool) -> EpochProgress | None:
     """The model's mid-epoch position, checked against this fit; None at an epoch boundary."""
     pos = model._progress
     if pos is None or pos.step == 0:
@@ -223,6 +229,11 @@ def _resume_point(model: Any, n: int, batch_size: int, shuffle: bool) -> EpochPr
                             ("shuffle", pos.shuffle, shuffle)):
         if mine != now:
             raise ValueError(f"model: it stopped {pos.describe()}; this fit has {what} {now}{fix}")
+    if pos.optimizer_steps is not None and optimizer.step_count != pos.optimizer_steps:
+        raise ValueError(f"optimizer: it has taken {optimizer.step_count} steps, but the model stopped "
+                         f"{pos.describe()} after its optimizer's step {pos.optimizer_steps} (another optimizer, "
+                         f"or parameters loaded since?); pass that optimizer (e.g. gp.load(path).optimizer), or "
+                         f"call model.load_progress(None) to start the epoch again from its first step")
     return pos
 
 
@@ -355,7 +366,7 @@ def fit(
         callbacks = [cb for cb in callbacks if dp.runs_here(cb)]
     rank, world = (0, 1) if dp is None else (dp.rank, dp.size)
     try:
-        resume = _resume_point(model, n, batch_size, shuffle)  # after the broadcast: rank 0's position
+        resume = _resume_point(model, optimizer, n, batch_size, shuffle)  # after the broadcast: rank 0's position
     except ValueError as e:
         e.all_ranks = dp is not None  # the same position on every rank: all raise it together
         raise
@@ -379,6 +390,7 @@ def fit(
         s = tag - 1 - epoch_tag0
         model._progress.step = s  # the parameters are those from before step s; the sums took later steps
         model._progress.forget_sums()
+        model._progress.optimizer_steps = optimizer.step_count
         rows = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
         model._step = s
         if dp is None:
@@ -474,6 +486,7 @@ def fit(
                             c, k = loss.correct(out, yb)
                             correct, counted = correct + c, counted + k
                     pos.step, pos.applied, pos.skipped = s + 1, applied, skipped
+                    pos.optimizer_steps = optimizer.step_count
                     pos.loss_sum, pos.correct, pos.counted = total, correct, counted
                     bar.update(1)
                     if s % READ_EVERY == 0 or last:

@@ -32,7 +32,7 @@ would be rounded), and ONNX Runtime's CPU provider has no float64 kernel for Lea
 Erf (so none for Gelu either) or Softplus (onnxruntime 1.20 to 1.32), and up to 1.26 at
 least it fuses z Sigmoid(z) into a QuickGelu that has none either. The float64 graph
 therefore uses only operators that have one (Gemm, Relu, Sigmoid, Tanh, Exp, Log, Abs, Neg,
-Add, Sub, Mul, Div, Min, Max, Less, Greater, Where), with every constant a float64 scalar.
+Add, Sub, Mul, Div, Min, Max, Equal, Less, Greater, Where), every constant a float64 scalar.
 expm1 and log1p, which ONNX lacks, are built from Exp and Log with the usual compensation
 (see :meth:`_Graph.expm1`, :meth:`_Graph.log1p`), so they keep their relative accuracy near 0.
 

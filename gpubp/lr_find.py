@@ -12,8 +12,28 @@ The curve is smoothed with an exponential moving average, bias-corrected as in A
 The test stops early when the smoothed loss exceeds ``diverge`` times the lowest seen so
 far, or when the loss is NaN or Inf.
 
-Afterwards the model's parameters and gradients, and the optimizer's state, step count and
-learning rate, are exactly what they were before (bit for bit), whatever happened in between.
+For a model with ReLU-family layers (``relu``, ``leaky_relu``) each step also records the
+fraction of that layer's units that output <= 0 on every row of the batch (``dead``, as in
+``fit(..., gradient_stats=True)``), the largest over those layers.
+
+The suggestion is the smaller of two learning rates:
+
+- a tenth of ``best_lr``, the lr at the minimum of the smoothed loss (the classic rule: the
+  minimum sits just below where the loss blows up, so a factor of 10 keeps clear of it);
+- half of ``dead_lr``, where ReLU units start to die: the lr from which the dead fraction
+  stays more than 0.05 above its level over the first 10% of the steps until the end.
+
+Why the second: the loss of a few hundred steps does not see dead units. On the demo
+(spirals, 2-128-128-4, Adam, cosine over 30 epochs) the smoothed loss is flat, within its
+noise, from about 5e-3 to 0.3, so its minimum (and a tenth of it, 0.03) lands anywhere in
+that range; training at 0.033 left 88% of the second layer's units dead. The dead fraction
+in the test starts rising at 3.5e-3 to 1.1e-2 (seeds 0-5). Training at 1e-2 (about that lr,
+the demo's default) left 74-83% dead (seeds 0-2); at 5e-3 49-53%, with the same accuracy
+(0.937-0.953 against 0.934-0.957); at 3e-3 34-38%, 0.007-0.017 less accurate. No lr gave both
+fewer than 20% dead units and the accuracy of 1e-2 in 30 epochs there, so the factor is 2.
+On scikit-learn's digits (64-128-128-10), whose loss falls steadily to a sharp minimum at
+about 0.1, units start dying at 0.04-0.07, so a tenth of the minimum's lr is the smaller and
+decides. The README gives the measured figures.
 """
 
 from __future__ import annotations
@@ -31,6 +51,12 @@ from gpubp._validate import as_float_array, check_2d, check_finite, nonneg_int, 
 from gpubp.diagnostics import NonFiniteError
 from gpubp.model import Sequential
 
+#: Activations whose units can die (fit's gradient_stats reports "dead" for the same ones).
+DEAD_ACTIVATIONS = ("relu", "leaky_relu")
+BEST_FACTOR = 10.0  # suggestion <= best_lr / 10
+DEAD_FACTOR = 2.0  # suggestion <= dead_lr / 2 (measured on the demo: see the module docstring)
+DEAD_RISE = 0.05  # the dead fraction's rise above its starting level that marks units dying
+
 
 @dataclass(frozen=True)
 class LRFindResult:
@@ -40,19 +66,20 @@ class LRFindResult:
         lrs: the learning rate of each step taken (ascending).
         losses: the smoothed, bias-corrected loss at each of those learning rates.
         raw_losses: the loss of each step's mini-batch, before smoothing.
-        suggestion: a learning rate to train with: one tenth of the edge of the valley.
-            The edge is the largest learning rate up to which the smoothed loss, from its
-            minimum on, stays within 20% of its fall above that minimum (the fall: from the
-            highest smoothed loss before the minimum down to it), where the loss starts to
-            rise for good. The edge rather than the minimum: on a flat-bottomed curve (a
-            hard problem, where a few hundred steps learn little more than the class
-            balance) the minimum lands anywhere in the flat part, the edge does not.
+        suggestion: a learning rate to train with: ``min(best_lr / 10, dead_lr / 2)``
+            (``best_lr / 10`` when ``dead_lr`` is None); see the module docstring for why.
         best_lr: the learning rate at the minimum of the smoothed loss (the first 10% of the
             steps, while the average holds few batches, are not considered).
         steepest_lr: the learning rate where the smoothed loss falls fastest per unit of
             log(lr), up to its minimum (the rule of Smith 2017 and fastai's ``steep``); None
-            when it never falls. Often too low on problems that learn slowly.
+            when it never falls. Often far too low on problems that learn slowly.
         stopped_early: True when the loss diverged before ``steps`` were taken.
+        dead: per step, the largest fraction of dead units over the ReLU-family layers
+            (units whose output is <= 0 on every row of the step's batch); empty when the
+            model has no such layer.
+        dead_lr: the learning rate from which ``dead`` stays more than 0.05 above its mean
+            over the first 10% of the steps, to the last step; None when it never does (or
+            the model has no ReLU-family layer).
     """
 
     lrs: list[float]
@@ -62,11 +89,14 @@ class LRFindResult:
     best_lr: float
     steepest_lr: float | None
     stopped_early: bool
+    dead: list[float] = field(default_factory=list, repr=False)
+    dead_lr: float | None = None
 
     def __str__(self) -> str:
         end = "stopped early: the loss diverged" if self.stopped_early else "ran every step"
+        dying = "" if self.dead_lr is None else f"; units start dying at lr {self.dead_lr:.3g}"
         return (f"lr_find: {len(self.lrs)} steps, lr {self.lrs[0]:.3g} to {self.lrs[-1]:.3g} ({end}); "
-                f"lowest smoothed loss at lr {self.best_lr:.3g}; suggestion {self.suggestion:.3g}")
+                f"lowest smoothed loss at lr {self.best_lr:.3g}{dying}; suggestion {self.suggestion:.3g}")
 
 
 def lr_find(
@@ -102,10 +132,9 @@ def lr_find(
         seed: seeds the batch order.
 
     Returns:
-        an :class:`LRFindResult`. Its ``suggestion`` is a tenth of the edge of the valley,
-        the largest lr before the smoothed loss climbs out of its minimum by more than 20%
-        of its fall (see :class:`LRFindResult`; ``steepest_lr`` holds the steepest-descent
-        rule, ``best_lr`` the minimum).
+        an :class:`LRFindResult`. Its ``suggestion`` is the smaller of a tenth of the lr at
+        the smoothed loss's minimum and half the lr at which ReLU units start dying (see the
+        module docstring; ``steepest_lr`` holds the steepest-descent rule).
 
     The model and the optimizer are restored afterwards, even on an exception: parameters,
     gradients, optimizer state, step count and learning rate, bit for bit. A schedule
@@ -150,14 +179,18 @@ def lr_find(
 
     saved_data = np.array(backend.to_numpy(model.arena.data), copy=True)
     saved_grad = np.array(backend.to_numpy(model.arena.grad), copy=True)
-    saved_meta, saved_state = optimizer.state_dict()
+    saved_meta, saved_state = _state(optimizer)
     saved_meta = copy.deepcopy(saved_meta)
     saved_state = {k: np.array(v, copy=True) for k, v in saved_state.items()}
     saved_lr = optimizer.lr
 
+    # Dense layers whose units can die: their outputs give the dead fraction of each step.
+    relu = [i for i, layer in enumerate(model.layers)
+            if getattr(getattr(layer, "activation", None), "name", None) in DEAD_ACTIVATIONS]
     lrs: list[float] = []
     raw: list[float] = []
     smooth: list[float] = []
+    dead: list[float] = []
     stopped = False
     ratio = max_lr / min_lr
     try:
@@ -173,8 +206,9 @@ def lr_find(
                 pos += batch_size
                 lr = min_lr * ratio ** (i / (steps - 1))
                 optimizer.lr = lr
+                outputs: list[Any] | None = [] if relu else None
                 try:
-                    out = model.forward(backend.take_rows(x, idx))
+                    out = model._forward(model._input(backend.take_rows(x, idx)), True, outputs=outputs)
                     value, grad = loss_fn(out, y[idx])
                 except NonFiniteError:  # check_finite=True: a NaN/Inf output is divergence here
                     value = math.nan
@@ -186,6 +220,8 @@ def lr_find(
                 lrs.append(lr)
                 raw.append(float(value))
                 smooth.append(float(smoothed))
+                if outputs is not None:  # (N, units) each: a unit is dead on this batch when every row is <= 0
+                    dead.append(max(float((outputs[k] <= 0).all(axis=0).mean()) for k in relu))
                 lowest = min(lowest, smoothed)
                 if smoothed > diverge * lowest:
                     stopped = True
@@ -204,8 +240,23 @@ def lr_find(
     if not lrs:
         raise ValueError(f"min_lr: the loss was not finite at the first step (lr {min_lr:g}); check the data and model")
     best = _best(smooth)
-    return LRFindResult(lrs=lrs, losses=smooth, raw_losses=raw, suggestion=lrs[_edge(smooth, best)] / 10,
-                        best_lr=lrs[best], steepest_lr=_steepest(lrs, smooth, best), stopped_early=stopped)
+    onset = _dead_onset(dead)
+    dead_lr = None if onset is None else lrs[onset]
+    return LRFindResult(lrs=lrs, losses=smooth, raw_losses=raw, suggestion=suggest(lrs[best], dead_lr),
+                        best_lr=lrs[best], steepest_lr=_steepest(lrs, smooth, best), stopped_early=stopped,
+                        dead=dead, dead_lr=dead_lr)
+
+
+def suggest(best_lr: float, dead_lr: float | None) -> float:
+    """The rule: a tenth of the lr at the loss's minimum, and at most half the lr where units start dying."""
+    lr = best_lr / BEST_FACTOR
+    return lr if dead_lr is None else min(lr, dead_lr / DEAD_FACTOR)
+
+
+def _state(optimizer: optim_mod.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(meta, tensors) of the optimizer's state_dict, whether it returns {"meta", "state"} or the pair."""
+    sd = optimizer.state_dict()
+    return (sd["meta"], sd["state"]) if isinstance(sd, dict) else sd
 
 
 def _rows(x: Any, name: str, model: Sequential, backend: Any) -> Any:
@@ -225,16 +276,21 @@ def _best(losses: list[float]) -> int:
     return skip + int(np.argmin(losses[skip:]))
 
 
-def _edge(losses: list[float], best: int, frac: float = 0.2) -> int:
-    """The last index of the run from ``best`` on which the loss stays below its minimum plus
-    ``frac`` of its fall (from the highest point before the minimum, the first 10% aside)."""
-    skip = min(len(losses) // 10 if len(losses) >= 10 else 0, best)
-    low = losses[best]
-    bound = low + max(frac * (max(losses[skip : best + 1]) - low), 1e-6 * abs(low))
-    end = best
-    while end + 1 < len(losses) and losses[end + 1] <= bound:
-        end += 1
-    return end
+def _dead_onset(dead: list[float], rise: float = DEAD_RISE) -> int | None:
+    """The first index from which ``dead`` stays above its mean over the first 10% of the steps
+    (at least one) plus ``rise`` to the end; None when the last one does not.
+
+    "To the end" makes a batch that happens to miss a live unit's inputs (a blip) no onset:
+    units that die stay dead, so the fraction rises for good."""
+    if not dead:
+        return None
+    base = float(np.mean(dead[: max(1, len(dead) // 10)]))
+    onset = None
+    for i in range(len(dead) - 1, -1, -1):
+        if dead[i] <= base + rise:
+            break
+        onset = i
+    return onset
 
 
 def _steepest(lrs: list[float], losses: list[float], best: int) -> float | None:

@@ -77,9 +77,9 @@ def save(path: str | os.PathLike[str], model: Any, optimizer: Any = None, schedu
     if optimizer is not None:
         if not isinstance(optimizer, optim_mod.Optimizer):
             raise TypeError(f"optimizer: expected a gpubp.optim.Optimizer, got {type(optimizer).__name__}")
-        meta, state = optimizer.state_dict()
-        metadata["optimizer"] = json.dumps(meta)
-        tensors.update({f"optim.{k}": np.ascontiguousarray(v) for k, v in state.items()})
+        sd = optimizer.state_dict()
+        metadata["optimizer"] = json.dumps(sd["meta"])
+        tensors.update({f"optim.{k}": np.ascontiguousarray(v) for k, v in sd["state"].items()})
     if scheduler is not None:
         metadata["scheduler"] = json.dumps(scheduler.state_dict())
     _write_atomic(path, st_save(tensors, metadata=metadata))

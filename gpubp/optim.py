@@ -73,6 +73,30 @@ def _beta(v: Any, name: str) -> float:
     return b
 
 
+def _split_state(state_dict: Any, tensors: Any) -> tuple[dict[str, Any], dict[str, Any], str, str]:
+    """``(meta, tensors, name of meta, name of tensors)`` from any accepted form of
+    :meth:`Optimizer.load_state_dict`'s arguments; TypeError naming the argument otherwise."""
+    if tensors is not None:  # load_state_dict(meta, tensors), as in earlier releases
+        meta, mname, tname = state_dict, "meta", "tensors"
+    elif isinstance(state_dict, dict):
+        if set(state_dict) != {"meta", "state"}:
+            raise TypeError(
+                f"state_dict: expected optimizer.state_dict()'s dict with keys 'meta' and 'state', "
+                f"got keys {sorted(map(str, state_dict))}"
+            )
+        meta, tensors = state_dict["meta"], state_dict["state"]
+        mname, tname = "state_dict['meta']", "state_dict['state']"
+    elif isinstance(state_dict, (tuple, list)) and len(state_dict) == 2:  # the (meta, tensors) pair
+        (meta, tensors), mname, tname = state_dict, "state_dict[0]", "state_dict[1]"
+    else:
+        raise TypeError(f"state_dict: expected optimizer.state_dict()'s dict, got {type(state_dict).__name__}")
+    if not isinstance(meta, dict):
+        raise TypeError(f"{mname}: expected a dict, got {type(meta).__name__}")
+    if not isinstance(tensors, dict):
+        raise TypeError(f"{tname}: expected a dict, got {type(tensors).__name__}")
+    return meta, tensors, mname, tname
+
+
 class Optimizer(ABC):
     """Base class: parameters, contiguous runs, state buffers, ``step`` dispatch and checkpoints.
 
@@ -159,12 +183,13 @@ class Optimizer(ABC):
         for arena, lo, hi in self._runs:
             arena.grad[lo:hi].fill(0)
 
-    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """``(meta, tensors)``: a JSON-serialisable description and host copies of the state.
+    def state_dict(self) -> dict[str, Any]:
+        """``{"meta": meta, "state": tensors}``: a JSON-serialisable description and host copies of the state.
 
-        ``meta`` holds ``"type"`` (the class name), every hyper-parameter,
-        ``"step"`` and ``"param_names"``. ``tensors`` maps
-        ``"{param name}.{buffer}"`` to an array shaped like the parameter.
+        As torch.optim's, a dict; :meth:`load_state_dict` takes it back. ``meta`` holds
+        ``"type"`` (the class name), every hyper-parameter, ``"step"`` and
+        ``"param_names"``. ``state`` maps ``"{param name}.{buffer}"`` to an array shaped
+        like the parameter, e.g. ``"0.weight.exp_avg"`` (in, out).
         """
         meta: dict[str, Any] = {"type": type(self).__name__, **self._hparams()}
         meta["step"] = self.step_count
@@ -174,52 +199,53 @@ class Optimizer(ABC):
             ops = _ops(p.arena)
             for buf, arr in self._state[r].items():
                 tensors[f"{p.name}.{buf}"] = ops.to_numpy(arr[off : off + p.size]).reshape(p.shape)
-        return meta, tensors
+        return {"meta": meta, "state": tensors}
 
-    def load_state_dict(self, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    def load_state_dict(self, state_dict: Any, tensors: dict[str, np.ndarray] | None = None) -> None:
         """Restore hyper-parameters, step count and state from :meth:`state_dict`'s output.
+
+        ``state_dict`` is that dict, ``{"meta": ..., "state": ...}``. The form of earlier
+        releases is accepted too: ``load_state_dict(meta, tensors)``, or the pair
+        ``(meta, tensors)`` as one argument.
 
         Everything is checked before anything changes; a mismatch in type,
         parameter names, hyper-parameters or tensor names, shapes or dtypes
         raises ValueError naming it.
         """
-        if not isinstance(meta, dict):
-            raise TypeError(f"meta: expected a dict, got {type(meta).__name__}")
-        if not isinstance(tensors, dict):
-            raise TypeError(f"tensors: expected a dict, got {type(tensors).__name__}")
+        meta, tensors, mname, tname = _split_state(state_dict, tensors)
         kind = type(self).__name__
         if meta.get("type") != kind:
-            raise ValueError(f"meta['type']: state is for optimizer {meta.get('type')!r}, this is {kind!r}")
+            raise ValueError(f"{mname}['type']: state is for optimizer {meta.get('type')!r}, this is {kind!r}")
         names = [p.name for p in self.params]
         saved = meta.get("param_names")
         if saved != names:
             if not isinstance(saved, list):
-                raise ValueError(f"meta['param_names']: expected a list of names, got {saved!r}")
+                raise ValueError(f"{mname}['param_names']: expected a list of names, got {saved!r}")
             missing = [n for n in names if n not in saved]
             extra = [n for n in saved if n not in names]
             why = f"missing {missing}, unexpected {extra}" if missing or extra else "different order"
-            raise ValueError(f"meta['param_names']: do not match this optimizer's parameters ({why})")
+            raise ValueError(f"{mname}['param_names']: do not match this optimizer's parameters ({why})")
         absent = [k for k in (*self._hparam_names, "step") if k not in meta]
         if absent:
-            raise ValueError(f"meta: missing keys {absent}")
+            raise ValueError(f"{mname}: missing keys {absent}")
         hp = self._check({k: meta[k] for k in self._hparam_names})
         step = meta["step"]
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"meta['step']: expected an integer >= 0, got {step!r}")
+            raise ValueError(f"{mname}['step']: expected an integer >= 0, got {step!r}")
 
         bufs = self._buffers(hp)
         want = {f"{p.name}.{b}": p for p in self.params for b in bufs}
         missing = [k for k in want if k not in tensors]
         extra = sorted(k for k in tensors if k not in want)
         if missing or extra:
-            raise ValueError(f"tensors: missing {missing}, unexpected {extra}")
+            raise ValueError(f"{tname}: missing {missing}, unexpected {extra}")
         for key, p in want.items():
             t = tensors[key]
             shape = tuple(getattr(t, "shape", ()))
             if shape != p.shape:
-                raise ValueError(f"tensors[{key!r}]: expected shape {p.shape}, got {shape}")
+                raise ValueError(f"{tname}[{key!r}]: expected shape {p.shape}, got {shape}")
             if np.dtype(getattr(t, "dtype", object)) != p.arena.dtype:
-                raise ValueError(f"tensors[{key!r}]: expected dtype {p.arena.dtype}, got {getattr(t, 'dtype', None)}")
+                raise ValueError(f"{tname}[{key!r}]: expected dtype {p.arena.dtype}, got {getattr(t, 'dtype', None)}")
 
         self._set_hparams(hp)
         self.step_count = int(step)

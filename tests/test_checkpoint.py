@@ -63,8 +63,8 @@ def test_round_trip_restores_everything(tmp_path):
     assert ck.model.layers[0].activation.params["slope"] == 0.2
     assert isinstance(ck.optimizer, gp.optim.Adam) and ck.optimizer.betas == (0.8, 0.99)
     assert ck.scheduler is None
-    m_meta, m_state = ck.optimizer.state_dict()
-    o_meta, o_state = opt.state_dict()
+    m_sd, o_sd = ck.optimizer.state_dict(), opt.state_dict()
+    m_meta, m_state, o_meta, o_state = m_sd["meta"], m_sd["state"], o_sd["meta"], o_sd["state"]
     assert m_meta == o_meta and all(np.array_equal(m_state[k], o_state[k]) for k in o_state)
     assert json.loads(ck.metadata["model"])["seed"] == 11
 

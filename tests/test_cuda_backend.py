@@ -96,7 +96,7 @@ def test_forward_gradients_and_steps_match_reference(act, loss, seed):
             np.testing.assert_allclose(host(dev, p_d.grad), p_r.grad, **TOL, err_msg=f"{p_d.name} grad, {msg}")
         same.arena.data[...] = dev.arena.backend.to_numpy(dev.arena.data)
         same.arena.grad[...] = dev.arena.backend.to_numpy(dev.arena.grad)
-        opt_s.load_state_dict(*opt_d.state_dict())
+        opt_s.load_state_dict(opt_d.state_dict())
         opt_d.step()
         opt_s.step()
         want = same.arena.data.astype(np.float64)

@@ -189,7 +189,7 @@ def test_three_steps_match_scalar_reference(case, dtype, rtol, atol):
         np.testing.assert_allclose(arena.data, expected[k], rtol=rtol, atol=atol, err_msg=f"step {k + 1}")
         np.testing.assert_array_equal(arena.grad, g_before)  # gradients are only read
         assert arena.data.dtype == dtype
-    for t in opt.state_dict()[1].values():
+    for t in opt.state_dict()["state"].values():
         assert t.dtype == dtype
 
 
@@ -390,7 +390,7 @@ def test_state_dict_round_trip_is_bit_identical(case, dtype):
     a1, p1 = make_params(dtype, p0)
     o1 = cls(p1, **kw)
     run_steps(o1, a1, grads[:2])
-    meta, tensors = o1.state_dict()
+    meta, tensors = o1.state_dict().values()
     meta = json.loads(json.dumps(meta))  # meta survives JSON exactly
     tensors = {k: v.copy() for k, v in tensors.items()}
 
@@ -401,8 +401,8 @@ def test_state_dict_round_trip_is_bit_identical(case, dtype):
     run_steps(o1, a1, grads[2:])
     run_steps(o2, a2, grads[2:])
     np.testing.assert_array_equal(a1.data, a2.data)
-    m1, t1 = o1.state_dict()
-    m2, t2 = o2.state_dict()
+    m1, t1 = o1.state_dict().values()
+    m2, t2 = o2.state_dict().values()
     assert m1 == m2
     assert t1.keys() == t2.keys()
     for k in t1:
@@ -414,7 +414,7 @@ def test_state_dict_contents():
     a.grad[:] = np.arange(N)
     opt = optim.Adam(params, lr=0.1, amsgrad=True)
     opt.step()
-    meta, tensors = opt.state_dict()
+    meta, tensors = opt.state_dict().values()
     assert meta == {
         "type": "Adam",
         "lr": 0.1,
@@ -433,16 +433,16 @@ def test_state_dict_contents():
     assert tensors["0.bias.exp_avg"].dtype == np.float32
     np.testing.assert_allclose(tensors["0.bias.exp_avg"], [0.6, 0.7], rtol=1e-6)
     tensors["0.bias.exp_avg"][:] = 99.0  # a copy, not the live state
-    assert opt.state_dict()[1]["0.bias.exp_avg"][0] != 99.0
+    assert opt.state_dict()["state"]["0.bias.exp_avg"][0] != 99.0
 
-    assert set(optim.SGD(params).state_dict()[1]) == set()
-    assert set(optim.SGD(params, momentum=0.9).state_dict()[1]) == {
+    assert set(optim.SGD(params).state_dict()["state"]) == set()
+    assert set(optim.SGD(params, momentum=0.9).state_dict()["state"]) == {
         "0.weight.momentum_buffer",
         "0.bias.momentum_buffer",
     }
-    rms = optim.RMSprop(params, momentum=0.5, centered=True).state_dict()[1]
+    rms = optim.RMSprop(params, momentum=0.5, centered=True).state_dict()["state"]
     assert {k.split(".", 2)[2] for k in rms} == {"square_avg", "grad_avg", "momentum_buffer"}
-    ada = optim.Adagrad(params, initial_accumulator_value=0.25).state_dict()[1]
+    ada = optim.Adagrad(params, initial_accumulator_value=0.25).state_dict()["state"]
     assert set(ada) == {"0.weight.sum", "0.bias.sum"} and np.all(ada["0.bias.sum"] == 0.25)
 
 
@@ -451,7 +451,7 @@ def test_load_state_dict_errors():
     a.grad[:] = 0.5
     src = optim.Adam(params, lr=0.1)
     src.step()
-    meta, tensors = src.state_dict()
+    meta, tensors = src.state_dict().values()
 
     dst_arena, dst_params = make_params(np.float64, 1.0)
     dst = optim.Adam(dst_params, lr=0.3)

@@ -136,10 +136,14 @@ def _demo(args: argparse.Namespace, comm) -> int:
     fit = dict(loss="cross_entropy", optimizer=opt, epochs=args.epochs, batch_size=args.batch_size,
                validation_data=(xv, yv), scheduler=sched, verbose=0 if args.quiet else 1, comm=comm)
     t0 = time.perf_counter()
-    hist = model.fit(xt, yt, gradient_stats=bool(args.plot), **fit)  # the statistics feed gradient_flow.png
+    # Gradient statistics (one step's, once an epoch) feed gradient_flow.png and the dead-unit line.
+    hist = model.fit(xt, yt, gradient_stats=True, **fit)
     took = time.perf_counter() - t0
     print(f"done in {took:.1f}s on {device}: loss {hist['loss'][0]:.4f} -> {hist['loss'][-1]:.4f}, "
           f"validation accuracy {hist['val_accuracy'][-1]:.3f}")
+    dead = [f"{r['name'].split('.')[0]}: {r['dead']:.0%}" for r in hist["gradient_stats"][-1] if "dead" in r]
+    if dead:  # units whose ReLU output was 0 on every row of the last batch: they no longer learn
+        print(f"dead ReLU units (last batch), layer {', layer '.join(dead)}")
     if args.save and (comm is None or comm.rank == 0):
         gp.save(args.save, model, opt, sched)
         print(f"saved checkpoint to {args.save}")

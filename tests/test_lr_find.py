@@ -296,3 +296,12 @@ def test_overflow_is_the_stopping_signal_not_a_numpy_warning():
     opt = gp.optim.SGD(model.parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="not finite at the first step"):
         gp.lr_find(model, x, y, "cross_entropy", opt, steps=10)
+
+
+def test_demo_reports_its_dead_units(capsys):
+    from gpubp import cli
+
+    assert cli.main(["demo", "--device", "cpu", "--epochs", "2", "--samples", "400", "--quiet", "--lr-find"]) == 0
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("dead ReLU units")]
+    assert len(line) == 1 and "layer 0: " in line[0] and "layer 1: " in line[0] and "layer 2" not in line[0], out

@@ -182,7 +182,8 @@ class Sequential:
         """Where training stands inside epoch ``epoch + 1``, JSON-serialisable (checkpoints store it);
         None at an epoch boundary.
 
-        Set while ``fit`` runs an epoch and kept when it stops inside one (Ctrl-C, an error):
+        Set while ``fit`` runs an epoch and kept when it stops inside one (Ctrl-C, an error
+        other than NonFiniteError, after which the epoch starts again):
         ``{"epoch": epochs done, "step": steps of the next epoch already in the parameters,
         "steps", "samples", "batch_size", "shuffle", "world": processes, "optimizer_steps": the
         optimizer's step count, "applied": rows trained so far, "skipped", "sums": [[loss sum,
@@ -436,11 +437,12 @@ class Sequential:
         non-finite guard, optional global-norm clipping, optimizer step, callbacks.
         ``scheduler.step()`` runs after each epoch.
 
-        A model that stopped inside an epoch (Ctrl-C, an error, or loaded from a checkpoint
-        written mid-epoch: see :meth:`progress`) first takes the rest of that epoch, which
+        A model that stopped inside an epoch (Ctrl-C, or loaded from a checkpoint written
+        mid-epoch: see :meth:`progress`) first takes the rest of that epoch, which
         counts as one of ``epochs``; the parameters and that epoch's record are those of
         an uninterrupted run. It needs the same batch_size, data and shuffle (else
-        ValueError; ``model.load_progress(None)`` starts the epoch again instead).
+        ValueError; ``model.load_progress(None)`` starts the epoch again instead), and an
+        optimizer at the step count it stopped at.
 
         Args:
             validation_data: ``(x_val, y_val)`` evaluated after each epoch; or

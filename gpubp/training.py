@@ -116,8 +116,9 @@ class EpochProgress:
     applied steps of loss x rows for reduction "mean", of the loss for "sum"), ``correct`` and
     ``counted``. Data-parallel, each rank's sums are its own: ``rank_sums`` holds every rank's
     ``[loss_sum, correct, counted]`` once gathered (fit does when it stops inside an epoch).
-    ``sums_known`` False: the sums were lost (a diverged step); the resumed epoch's record
-    then covers only the steps run after the resume. ``optimizer_steps``: the optimizer's
+    ``sums_known`` False: the sums are not known here (a data-parallel position taken
+    outside a stop, where the other ranks' sums are); the resumed epoch's record then
+    covers only the steps run after the resume. ``optimizer_steps``: the optimizer's
     step count there, which the resuming optimizer must have (a checkpoint of other
     parameters loaded since, or a new optimizer, would not continue this run).
     """
@@ -388,9 +389,6 @@ def fit(
         tag = int(backend.to_numpy(flag)[0])
         optimizer.step_count = step_count0 + tag - 1
         s = tag - 1 - epoch_tag0
-        model._progress.step = s  # the parameters are those from before step s; the sums took later steps
-        model._progress.forget_sums()
-        model._progress.optimizer_steps = optimizer.step_count
         rows = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
         model._step = s
         if dp is None:
@@ -534,6 +532,8 @@ def fit(
                 if dp is not None:
                     dp.agree(run, optimizer, interrupt["hit"])
         except NonFiniteError:
+            # No position kept: the next fit (with a lower lr, other data, ...) starts this epoch again.
+            model._progress = None
             history["stopped"] = "nonfinite"
             _call(callbacks, "on_train_end", interrupt, history)
             raise

@@ -169,8 +169,11 @@ class ModelCheckpoint(_Monitor):
 
     ``path`` may hold ``{epoch}`` (e.g. ``"ckpt-{epoch:03d}.safetensors"``, the epochs
     completed). With ``save_best_only`` only an epoch that improves ``monitor`` is saved.
-    When training is interrupted (Ctrl-C) it saves once more, so that nothing is lost. The
-    folder must exist (checked when training begins).
+    When training is interrupted (Ctrl-C) it saves once more, so that nothing is lost:
+    stopped inside an epoch, the checkpoint holds the position there (``model.progress()``,
+    read back as ``gp.load(path).progress``), and ``model.load_progress(ck.progress)``
+    before ``fit`` takes the rest of that epoch as an uninterrupted run would. The folder
+    must exist (checked when training begins).
     """
 
     def __init__(self, path: str | os.PathLike[str], monitor: str = "val_loss", save_best_only: bool = False,
@@ -194,7 +197,8 @@ class ModelCheckpoint(_Monitor):
         from gpubp.checkpoint_file import save
 
         target = self.path.format(epoch=epoch)
-        save(target, self.run.model, self.run.optimizer, self.run.scheduler)
+        model = self.run.model  # inside an epoch (Ctrl-C), its position goes with it: see model.progress()
+        save(target, model, self.run.optimizer, self.run.scheduler, progress=model.progress())
         self.saved.append(target)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:

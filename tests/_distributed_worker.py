@@ -196,6 +196,40 @@ def interrupt(comm, out, arg):
     return {"stopped": hist["stopped"], "epoch": model.epoch, "params": model.arena.data.tobytes().hex()}
 
 
+class RaiseOnRank1(gp.callbacks.Callback):
+    """A KeyboardInterrupt from a callback on rank 1 only, after step 3 of epoch 1 (agreed at step 17)."""
+
+    def on_batch_end(self, step, logs):
+        if self.run.model.epoch == 0 and step == 3:
+            raise KeyboardInterrupt
+
+
+def resume_mid_epoch(comm, out, arg):
+    """2 epochs of 20 steps straight; then the same interrupted inside epoch 1, saved by rank 0's
+    ModelCheckpoint, loaded by every rank and resumed: the parameters and records of both."""
+    loss, make_opt, _, opts = CASES["dropout"]
+    x, y = data(48, loss)
+    kw = dict(epochs=2, batch_size=2, verbose=0, comm=comm, validation_split=1 / 6)  # 40 training rows
+
+    def records(hist):
+        return {k: v for k, v in hist.items() if k not in ("time", "stopped")}
+
+    model = model_for(opts)
+    straight = records(model.fit(x, y, loss, make_opt(model.parameters()), **kw))
+    want = model.arena.data.tobytes().hex()
+    path = os.path.join(out, "mid-epoch.safetensors")
+    model = model_for(opts)
+    cbs = [gp.callbacks.ModelCheckpoint(path, monitor="loss")] + ([RaiseOnRank1()] if comm.rank == 1 else [])
+    first = model.fit(x, y, loss, make_opt(model.parameters()), callbacks=cbs, **kw)
+    comm.barrier()  # rank 0's checkpoint is written
+    ck = gp.load(path)
+    ck.model.load_progress(ck.progress)
+    rest = ck.model.fit(x, y, loss, ck.optimizer, **{**kw, "epochs": 2 - ck.model.epoch})
+    resumed = {k: records(first).get(k, []) + v for k, v in records(rest).items()}
+    return {"stopped": first["stopped"], "progress": ck.progress, "want": want,
+            "got": ck.model.arena.data.tobytes().hex(), "straight": straight, "resumed": resumed}
+
+
 def mismatch(comm, out, arg):
     if arg == "architecture":
         width = 9 if comm.rank == comm.size - 1 else 7
@@ -335,7 +369,8 @@ def buckets(comm, out, arg):
             np.savez(os.path.join(out, f"buckets-{dtype}-{size}-rank{comm.rank}.npz"), steps=np.stack(rec.steps))
     return res
 
-SCENARIOS = {f.__name__: f for f in (equivalence, api, bad_data, raise_midway, hang, nan_one_rank, interrupt, mismatch,
+SCENARIOS = {f.__name__: f for f in (equivalence, api, bad_data, raise_midway, hang, nan_one_rank, interrupt,
+                                     resume_mid_epoch, mismatch,
                                      seeds_differ, callbacks, checkpoint, device_api, device_equivalence,
                                      buckets, device_buckets)}
 

@@ -413,6 +413,18 @@ def test_ctrl_c_on_one_rank_ends_training_on_every_rank_at_the_same_step(tmp_pat
     assert len({rep["params"] for rep in reports}) == 1
 
 
+def test_interrupted_inside_an_epoch_and_resumed_from_its_checkpoint_equals_uninterrupted(tmp_path):
+    reports = launch(2, "resume_mid_epoch", tmp_path)
+    _ok(reports)
+    for rep in reports:
+        assert rep["stopped"] == "interrupted"
+        pos = rep["progress"]
+        assert (pos["epoch"], pos["step"], pos["steps"], pos["world"]) == (0, 17, 20, 2)  # agreed at step 17
+        assert len(pos["sums"]) == 2  # each rank's own running sums
+        assert rep["got"] == rep["want"]
+        assert rep["resumed"] == rep["straight"]
+
+
 def test_nan_on_one_rank_with_check_finite_stops_every_rank_naming_it(tmp_path):
     _stopped_by(launch(3, "nan_one_rank", tmp_path, "check_finite"), 1, "NonFiniteError", "layer 0")
 

@@ -65,7 +65,7 @@ def test_divergence_raises_and_leaves_the_model_as_before_the_bad_step(device):
     opt = gp.optim.Adam(model.parameters(), lr=0.01)
     model.fit(x, y, "mse", opt, epochs=1, batch_size=16, verbose=0)
     before, steps_before = host(model).copy(), opt.step_count
-    state_before = opt.state_dict()[1]
+    state_before = opt.state_dict()["state"]
     with pytest.raises(gp.NonFiniteError) as info:
         # row 20 is in step 2 of the unshuffled order
         model.fit(x, overflowing(y), "mse", opt, epochs=1, batch_size=16, shuffle=False, verbose=0)
@@ -80,12 +80,12 @@ def test_divergence_raises_and_leaves_the_model_as_before_the_bad_step(device):
     ref = small("cpu")
     ref.arena.data[...] = before
     ref_opt = gp.optim.Adam(ref.parameters(), lr=0.01)
-    ref_opt.load_state_dict(opt.state_dict()[0] | {"step": steps_before}, state_before)
+    ref_opt.load_state_dict(opt.state_dict()["meta"] | {"step": steps_before}, state_before)
     ref.fit(x[:16], y[:16], "mse", ref_opt, epochs=1, batch_size=16, shuffle=False, verbose=0)
     after = host(model)
     np.testing.assert_allclose(after, ref.arena.data, rtol=1e-12, atol=1e-15)
-    for k, v in opt.state_dict()[1].items():
-        np.testing.assert_allclose(np.asarray(v), ref_opt.state_dict()[1][k], rtol=1e-12, atol=1e-15, err_msg=k)
+    for k, v in opt.state_dict()["state"].items():
+        np.testing.assert_allclose(np.asarray(v), ref_opt.state_dict()["state"][k], rtol=1e-12, atol=1e-15, err_msg=k)
     # Still usable and savable.
     model.fit(x, y, "mse", opt, epochs=1, batch_size=16, verbose=0)
     assert np.isfinite(host(model)).all()

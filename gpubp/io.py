@@ -45,6 +45,7 @@ from gpubp.checkpoint_file import (
 from gpubp.layers import Dense
 from gpubp.layers import from_config as layer_from_config
 from gpubp.model import DTYPES, Sequential
+from gpubp.training import EpochProgress
 
 __all__ = ["Checkpoint", "UnverifiedCheckpointWarning", "check_save_path", "load", "save"]
 
@@ -150,6 +151,14 @@ def load(
             target._backend.assign_(p.data, tensors[f"param.{p.name}"])
         target.epoch = int(cfg.get("epoch", 0))
         target.optimizer = optimizer
+        # A position inside an epoch (model.progress(), as ModelCheckpoint saves it) is where the
+        # next fit starts; any other progress dict is the caller's own, and a given model's stale
+        # position is dropped either way.
+        position = progress if progress is not None and set(EpochProgress.KEYS) <= set(progress) else None
+        try:
+            target.load_progress(position)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: the 'progress' entry is not a position inside an epoch: {e}") from None
         return Checkpoint(target, optimizer, scheduler, md, progress)
 
 

@@ -222,8 +222,7 @@ def resume_mid_epoch(comm, out, arg):
     cbs = [gp.callbacks.ModelCheckpoint(path, monitor="loss")] + ([RaiseOnRank1()] if comm.rank == 1 else [])
     first = model.fit(x, y, loss, make_opt(model.parameters()), callbacks=cbs, **kw)
     comm.barrier()  # rank 0's checkpoint is written
-    ck = gp.load(path)
-    ck.model.load_progress(ck.progress)
+    ck = gp.load(path)  # sets the position inside the epoch
     rest = ck.model.fit(x, y, loss, ck.optimizer, **{**kw, "epochs": 2 - ck.model.epoch})
     resumed = {k: records(first).get(k, []) + v for k, v in records(rest).items()}
     return {"stopped": first["stopped"], "progress": ck.progress, "want": want,

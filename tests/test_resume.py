@@ -82,7 +82,7 @@ def train(device, impl, dtype, n, batch, epochs, stops, tmp_path=None, **fit_kw)
         if tmp_path is not None:
             ck = gp.load(tmp_path / "ck.safetensors", device=device)
             assert ck.progress == model.progress()
-            ck.model.load_progress(ck.progress)
+            assert ck.model.progress() == ck.progress  # gp.load sets the position: the next fit continues there
             assert host(ck.model) == host(model)
             model, opt, sched = ck.model, ck.optimizer, ck.scheduler
     return host(model), records, seen
@@ -180,10 +180,17 @@ def test_resume_with_another_optimizer_or_parameters_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"optimizer: it has taken 0 steps, but the model stopped after step 2 of 3 "
                                          r"of epoch 2 .* after its optimizer's step 5"):
         model.fit(x, y, "cross_entropy", gp.optim.Adam(model.parameters()), epochs=1, batch_size=8, verbose=0)
-    gp.load(tmp_path / "epoch1.safetensors", model, opt)  # the end of epoch 1 again, into the same objects
+    # The optimizer put back to another step by hand, behind the position's back: refused.
+    model.load_progress(None)
+    gp.load(tmp_path / "epoch1.safetensors", model, opt)
+    model.fit(x, y, "cross_entropy", opt, epochs=1, batch_size=8, verbose=0, callbacks=[InterruptAt(5, "raise")])
+    state = opt.state_dict()
+    opt.load_state_dict({"meta": {**state["meta"], "step": 3}, "state": state["state"]})
     with pytest.raises(ValueError, match="optimizer: it has taken 3 steps"):
         model.fit(x, y, "cross_entropy", opt, epochs=1, batch_size=8, verbose=0)
-    model.load_progress(None)
+    # gp.load of a checkpoint taken at an epoch's end drops the stale position: the epoch starts at step 1
+    gp.load(tmp_path / "epoch1.safetensors", model, opt)
+    assert model.progress() is None
     model.fit(x, y, "cross_entropy", opt, epochs=1, batch_size=8, verbose=0)
     assert opt.step_count == 6 and model.epoch == 2
 
@@ -225,3 +232,30 @@ def test_after_divergence_the_next_fit_starts_the_epoch_again():
     assert model.progress() is None and opt.step_count == 4 + 1  # step 1 of epoch 2 applied, no position kept
     hist = model.fit(x, y, "cross_entropy", opt, epochs=1, batch_size=8, verbose=0)  # other settings: fine
     assert opt.step_count == 4 + 1 + 4 and model.epoch == 2 and np.isfinite(hist["loss"][0])
+
+
+def test_load_sets_a_saved_position_and_drops_a_stale_one(tmp_path):
+    """gp.load applies a position saved mid-epoch to the model it returns or fills; a checkpoint
+    without one (or with a progress dict of the caller's own) leaves the model at an epoch boundary."""
+    x, y = gp.datasets.spirals(64, 2, seed=0)
+    model = gp.Sequential(gp.Dense(2, 8, "relu"), gp.Dense(8, 2), seed=0)
+    opt = gp.optim.SGD(model.parameters(), lr=0.1)
+
+    class Stop(gp.callbacks.Callback):
+        def on_batch_end(self, step, logs):
+            if step == 2:
+                raise KeyboardInterrupt
+
+    path = tmp_path / "ck.safetensors"
+    hist = model.fit(x, y, "cross_entropy", opt, epochs=1, batch_size=8, verbose=0,
+                     callbacks=[Stop(), gp.callbacks.ModelCheckpoint(path, monitor="loss")])
+    assert hist["stopped"] == "interrupted" and model.progress() is not None
+    ck = gp.load(path)
+    assert ck.model.progress() == model.progress() == ck.progress
+    other = gp.Sequential(gp.Dense(2, 8, "relu"), gp.Dense(8, 2), seed=1)
+    gp.load(path, model=other)
+    assert other.progress() == ck.progress
+    plain = tmp_path / "plain.safetensors"
+    gp.save(plain, gp.Sequential(gp.Dense(2, 8, "relu"), gp.Dense(8, 2), seed=2), progress={"note": 1})
+    gp.load(plain, model=other)  # a stale position is dropped; the caller's own dict is not a position
+    assert other.progress() is None

@@ -116,6 +116,7 @@ def _demo(args: argparse.Namespace, comm) -> int:
         device=str(device),
         dtype="float32",
         seed=args.seed,
+        dense_impl=args.dense_impl,
     )
     print(model)
     print(f"data: spirals, {args.classes} classes, {len(xt)} training / {len(xv)} validation samples")
@@ -329,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train an MLP on generated spirals")
     d.add_argument("--device", type=_device(False), default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    d.add_argument("--dense-impl", choices=("auto", "reference", "unfused", "fused"), default="auto",
+                   help="auto (default); reference: the NumPy spec for every operation; unfused/fused: on a GPU")
     d.add_argument("--epochs", type=_int_at_least(1), default=30)
     d.add_argument("--batch-size", type=_int_at_least(1), default=64)
     d.add_argument("--lr", type=_positive_float, default=None,

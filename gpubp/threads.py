@@ -24,9 +24,9 @@ The policy gpubp applies (once, when the CPU backend is first created):
 
 Several processes on one machine (``mpiexec -n 2``, ``srun --ntasks-per-node=4``): each
 would otherwise take every core, and P processes x N threads on N cores fight over them
-(measured on a shared 2-core machine: ``mpiexec -n 2 gpubp demo --distributed --epochs 10``
-with 2 threads per process trained for 21-25 s; with 1 thread each the 30-epoch demo took
-2.0 s, one process 1.6 s; medians of 13 runs). So the default is ``max(1, usable cores // P)`` threads,
+(measured on a shared 2-core machine: ``GPUBP_CPU_THREADS=2 mpiexec -n 2 gpubp demo
+--distributed`` spent 64.8 s in ``fit``, with 1 thread each 1.2 s, one process 0.8 s; the last
+two medians of 13 runs). So the default is ``max(1, usable cores // P)`` threads,
 with P the processes the launcher says it started on this machine: ``MPI_LOCALNRANKS``
 (MPICH's and Intel MPI's Hydra mpiexec), ``OMPI_COMM_WORLD_LOCAL_SIZE`` (Open MPI),
 ``MV2_COMM_WORLD_LOCAL_SIZE`` (MVAPICH), this node's entry of ``SLURM_STEP_TASKS_PER_NODE``

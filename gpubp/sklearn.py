@@ -104,7 +104,31 @@ class DeviceFallbackWarning(UserWarning):
 # -- losses -------------------------------------------------------------------------------------
 
 
-class _RowMeanBCE(losses_mod.BCEWithLogits):
+class _Recording:
+    """Mixin for a Loss: remembers the rows and the weight total of the batch it last computed, which
+    the solver's L2 penalty of that batch divides by (``Sequential.fit`` computes the loss of a batch
+    before the optimizer steps on it)."""
+
+    last_rows = 0
+    last_total: float | None = None  # the batch's sum of sample weights; None without weights
+
+    def compute(self, pred: Any, target: Any, backend: Any, weight: Any = None,
+                weight_total: float | None = None) -> tuple[Any, Any]:
+        self.last_rows, self.last_total = int(pred.shape[0]), weight_total
+        if weight is None:
+            return super().compute(pred, target, backend)  # type: ignore[misc]
+        return super().compute(pred, target, backend, weight, weight_total)  # type: ignore[misc]
+
+    def batch_weight(self) -> float:
+        """The batch's sum of weights, or its rows without weights."""
+        return float(self.last_rows if self.last_total is None else self.last_total)
+
+
+class _CrossEntropy(_Recording, losses_mod.CrossEntropy):
+    """Softmax cross-entropy, averaged over the rows (multi-class)."""
+
+
+class _RowMeanBCE(_Recording, losses_mod.BCEWithLogits):
     """Binary cross-entropy on logits summed over the outputs, averaged over the rows (scikit-learn's
     multi-label loss; for one output it is BCEWithLogits). Gradient (sigmoid(z) - t) / N, z (N, K)."""
 
@@ -112,7 +136,7 @@ class _RowMeanBCE(losses_mod.BCEWithLogits):
         return int(pred.shape[0])
 
 
-class _HalfSquaredError(losses_mod.MSE):
+class _HalfSquaredError(_Recording, losses_mod.MSE):
     """Half the squared error summed over the outputs, averaged over the rows: sum (p - y)^2 / (2N)
     for p, y (N, K); gradient (p - y) / N, scikit-learn's regression gradient."""
 
@@ -154,16 +178,16 @@ class _Solver(optim_mod.Optimizer):
 
     Holds a gpubp optimizer over the weights and one over the biases (one over all the
     parameters when ``alpha`` is 0). Before each step it sets the weights' ``weight_decay`` to
-    ``alpha / w_sum`` of the batch (L2, coupled) or ``alpha`` ("adamw": decoupled), Adam's
-    ``eps`` to ``epsilon / sqrt(1 - beta_2 ** t)`` (scikit-learn's epsilon), and, when asked,
-    adds each weight's ||W||^2 into a per-step slot (for ``loss_``). Setting ``lr`` rescales
-    SGD's momentum buffer by old / new lr, so that it holds scikit-learn's velocity / -lr.
-
-    ``batch_weight_sums``: per step of the epoch, the batch's sum of weights (its rows
-    without sample weights); set by the training callback at the start of every epoch.
+    ``alpha / w_sum``, w_sum the batch's sum of weights (its rows without sample weights) as
+    ``loss`` recorded it computing that batch (L2, coupled), or ``alpha`` ("adamw": decoupled);
+    Adam's ``eps`` to ``epsilon / sqrt(1 - beta_2 ** t)`` (scikit-learn's epsilon); and, when
+    ``penalty_slots`` is set, adds ||W||^2 of the weights into the step's slot and the step's
+    rows / w_sum to ``shares`` (``loss_``'s penalty term). Setting ``lr`` rescales SGD's
+    momentum buffer by old / new lr, so that it holds scikit-learn's velocity / -lr.
     """
 
-    def __init__(self, model: Sequential, kind: str, lr: float, hp: dict[str, Any], alpha: float) -> None:
+    def __init__(self, model: Sequential, kind: str, lr: float, hp: dict[str, Any], alpha: float,
+                 loss: _Recording) -> None:
         self._groups: list[optim_mod.Optimizer] = []
         params = model.parameters()
         super().__init__(params, lr=lr)
@@ -181,8 +205,9 @@ class _Solver(optim_mod.Optimizer):
                 self._groups[0].weight_decay = self.alpha
         else:
             self._groups = [cls(params, lr=lr, **hp, **extra)]
-        self.batch_weight_sums: np.ndarray = np.ones(1)
+        self.loss = loss
         self.penalty_slots: Any = None  # a float64 device array, one slot per step of the epoch, or None
+        self.shares: list[float] = []  # per step of the epoch: rows / w_sum of its batch
         self.k = 0  # the step of the epoch
 
     @property
@@ -207,14 +232,15 @@ class _Solver(optim_mod.Optimizer):
         self.step_count += 1
         k = self.k
         self.k += 1
+        w_sum = self.loss.batch_weight()
         if self.penalty_slots is not None and k < self.penalty_slots.shape[0]:
             for p in self._weights:
                 arena = p.arena
                 arena.backend.sum_of_squares_into(arena.data[p.offset : p.offset + p.size],
                                                   self.penalty_slots[k : k + 1], accumulate=True)
+            self.shares.append(self.loss.last_rows / w_sum if w_sum > 0 else 0.0)
         if self.alpha > 0 and self.kind != "adamw":
-            w_sum = float(self.batch_weight_sums[min(k, len(self.batch_weight_sums) - 1)])
-            self._groups[0].weight_decay = self.alpha / w_sum if w_sum > 0 else 0.0
+            self._groups[0].weight_decay = self.alpha / w_sum if w_sum > 0 else 0.0  # no rows count: no penalty
         for g in self._groups:
             if self.kind in _ADAMS:
                 g.eps = self._epsilon / math.sqrt(1.0 - self._beta2 ** (g.step_count + 1))
@@ -241,28 +267,20 @@ class _Loop(Callback):
     """scikit-learn's per-epoch logic inside ``Sequential.fit``: ``loss_``, ``loss_curve_``,
     ``t_``, ``n_iter_``, the learning-rate schedule, the stopping rule and early stopping."""
 
-    def __init__(self, est: _BaseMLP, solver: _Solver, n: int, batch_size: int, shuffle: bool,
-                 sample_weight: np.ndarray | None, validation: tuple[Any, Any, Any] | None, incremental: bool) -> None:
-        self.est, self.solver, self.n, self.batch_size, self.shuffle = est, solver, n, batch_size, shuffle
-        self.sample_weight, self.validation, self.incremental = sample_weight, validation, incremental
-        starts = np.arange(0, n, batch_size)
-        self.rows = np.minimum(starts + batch_size, n) - starts  # rows of each step's batch
-        self.starts = starts
+    def __init__(self, est: _BaseMLP, solver: _Solver, n: int, batch_size: int,
+                 validation: tuple[Any, Any, Any] | None) -> None:
+        self.est, self.solver, self.n, self.validation = est, solver, n, validation
+        self.steps = -(-n // batch_size)
         self.converged = False
         self.epochs = 0
         self._sum: Any = 0.0
 
     def on_epoch_begin(self, epoch: int) -> None:
-        model, solver = self.run.model, self.solver
+        solver = self.solver
         solver.k = 0
-        if self.sample_weight is None:
-            solver.batch_weight_sums = self.rows.astype(np.float64)
-        else:  # the batches fit will take: Sequential.fit's documented order, Generator([seed, epoch])
-            order = np.random.default_rng([model.seed, model.epoch]).permutation(self.n) if self.shuffle else None
-            w = self.sample_weight if order is None else self.sample_weight[order]
-            solver.batch_weight_sums = np.add.reduceat(w, self.starts)
-        if solver.alpha > 0:
-            solver.penalty_slots = model.arena.backend.full(len(self.rows), 0.0, np.float64)
+        solver.shares = []
+        if solver.alpha > 0 and solver.kind != "adamw":  # the L2 penalty is part of loss_
+            solver.penalty_slots = self.run.model.arena.backend.full(self.steps, 0.0, np.float64)
         self._sum = 0.0
 
     def on_batch_end(self, step: int, logs: dict[str, Any]) -> None:
@@ -273,10 +291,8 @@ class _Loop(Callback):
         data = float(self._sum) / est._loss_outputs
         penalty = 0.0
         if solver.penalty_slots is not None:
-            squares = self.run.model.arena.backend.to_numpy(solver.penalty_slots)
-            sums = solver.batch_weight_sums
-            share = np.divide(self.rows, sums, out=np.zeros(len(self.rows)), where=sums > 0)
-            penalty = 0.5 * solver.alpha * float(squares @ share)
+            squares = self.run.model.arena.backend.to_numpy(solver.penalty_slots)[: len(solver.shares)]
+            penalty = 0.5 * solver.alpha * float(squares @ np.asarray(solver.shares))
         est.loss_ = (data + penalty) / self.n
         est.n_iter_ += 1
         est.t_ += self.n
@@ -547,7 +563,7 @@ class _BaseMLP(BaseEstimator):
             hp = {"betas": (float(self.beta_1), float(self.beta_2)), "eps": float(self.epsilon)}
         else:
             hp = {"eps": float(self.epsilon)}
-        return _Solver(self._network, kind, float(self.learning_rate_init), hp, float(self.alpha))
+        return _Solver(self._network, kind, float(self.learning_rate_init), hp, float(self.alpha), self._loss())
 
     def _fit(self, X: Any, y: Any, sample_weight: Any, incremental: bool) -> _BaseMLP:
         self._check_params()
@@ -584,6 +600,7 @@ class _BaseMLP(BaseEstimator):
         self._network = None  # built once the validation split has drawn from random_state
         self._sizes = sizes
         self._solver = None
+        self._best_parameters = None
         if self.solver in _STOCHASTIC:
             self.loss_curve_: list[float] = []
             self._no_improvement_count = 0
@@ -654,9 +671,9 @@ class _BaseMLP(BaseEstimator):
         """What ``loss_`` divides the summed per-sample loss by: the outputs for regression, else 1."""
         return self.n_outputs_ if self._out_kind == "identity" else 1
 
-    def _loss(self) -> losses_mod.Loss:
+    def _loss(self) -> _Recording:
         if self._out_kind == "multiclass":
-            return losses_mod.CrossEntropy()
+            return _CrossEntropy()
         if self._out_kind == "logistic":
             return _RowMeanBCE()
         return _HalfSquaredError()
@@ -687,12 +704,12 @@ class _BaseMLP(BaseEstimator):
                 warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is going to be clipped",
                               stacklevel=3)
             batch_size = int(np.clip(self.batch_size, 1, n))
-        loop = _Loop(self, self._solver, n, batch_size, bool(self.shuffle), sw, validation, incremental)
+        loop = _Loop(self, self._solver, n, batch_size, validation)
         xd = model.arena.backend.asarray(X, model.dtype)
         self.n_iter_ = 0
         epochs = 1 if incremental else int(self.max_iter)
         try:
-            history = model.fit(xd, Y, self._loss(), self._solver, epochs=epochs, batch_size=batch_size,
+            history = model.fit(xd, Y, self._solver.loss, self._solver, epochs=epochs, batch_size=batch_size,
                                 shuffle=bool(self.shuffle), verbose=0, callbacks=[loop],
                                 **self._fit_weights(sw))
         except NonFiniteError as e:
@@ -704,9 +721,8 @@ class _BaseMLP(BaseEstimator):
         elif not incremental and not loop.converged and loop.epochs == self.max_iter:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the optimization "
                           "hasn't converged yet.", ConvergenceWarning, stacklevel=3)
-        if self.early_stopping and self._best_parameters is not None:
+        if self.early_stopping and self._best_parameters is not None:  # kept across warm starts, as scikit-learn's
             model.arena.backend.assign_(model.arena.data, self._best_parameters)
-        self._best_parameters = None
 
     def _fit_weights(self, sw: np.ndarray | None) -> dict[str, Any]:
         """The sample-weight argument of ``Sequential.fit``."""
@@ -735,8 +751,6 @@ class _BaseMLP(BaseEstimator):
                 self._no_improvement_count = 0
             if self.loss_curve_[-1] < self.best_loss_:
                 self.best_loss_ = self.loss_curve_[-1]
-
-    _best_parameters: np.ndarray | None = None
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> _BaseMLP:
         """Train on X (n_samples, n_features) and y; returns self.

@@ -363,8 +363,10 @@ def test_verbose_prints_iterations(iris, capsys):
 
 def test_batch_size_larger_than_the_data_is_clipped(iris):
     X, y = iris
-    with pytest.warns(UserWarning, match="It is going to be clipped"):
-        MLPClassifier(hidden_layer_sizes=(3,), batch_size=1000, max_iter=1, random_state=0).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with pytest.warns(UserWarning, match="It is going to be clipped"):
+            MLPClassifier(hidden_layer_sizes=(3,), batch_size=1000, max_iter=1, random_state=0).fit(X, y)
 
 
 def test_divergence_is_a_value_error():

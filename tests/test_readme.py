@@ -39,6 +39,7 @@ KINDS = {
     "train.py": "# train.py",
     "gradcheck": "from gpubp import gradcheck",
     "digits": "load_digits()",
+    "onnx-export": "gp.export.to_onnx(",
 }
 
 
@@ -160,3 +161,9 @@ def test_digits_example(capsys):
     want = [float(v) for v in re.findall(r": ([0-9.]+)", stated(code, "test loss"))]
     assert all(abs(a - b) <= 0.03 for a, b in zip(losses, want, strict=True)), (losses, want)
     assert losses[0] <= 1.25 * losses[1], "the suggestion's test loss should not be much worse than lr 1e-3's"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+                    reason="onnx and onnxruntime are not installed (pip install 'gpubp[onnx]')")
+def test_onnx_export_example(capsys):
+    run(block("onnx-export"), "onnx-export", capsys)  # asserts its own agreement with predict

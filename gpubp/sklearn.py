@@ -267,8 +267,7 @@ class _Loop(Callback):
     """scikit-learn's per-epoch logic inside ``Sequential.fit``: ``loss_``, ``loss_curve_``,
     ``t_``, ``n_iter_``, the learning-rate schedule, the stopping rule and early stopping."""
 
-    def __init__(self, est: _BaseMLP, solver: _Solver, n: int, batch_size: int,
-                 validation: tuple[Any, Any, Any] | None) -> None:
+    def __init__(self, est: _BaseMLP, solver: _Solver, n: int, batch_size: int, validation: list[Any] | None) -> None:
         self.est, self.solver, self.n, self.validation = est, solver, n, validation
         self.steps = -(-n // batch_size)
         self.converged = False
@@ -692,8 +691,10 @@ class _BaseMLP(BaseEstimator):
             if X_val.shape[0] < 2:
                 raise ValueError("validation_fraction: the validation set is too small (fewer than 2 samples); "
                                  "increase validation_fraction or the size of the data")
-            validation = (X_val, self._decode(Y_val), sw_val)
+            validation = [X_val, self._decode(Y_val), sw_val]
         model = self._ensure_network()
+        if validation is not None:  # scored after every epoch: copied to the device once
+            validation[0] = model.arena.backend.asarray(validation[0], model.dtype)
         if not incremental or self._solver is None:
             self._solver = self._new_solver()
         n = X.shape[0]
@@ -728,7 +729,7 @@ class _BaseMLP(BaseEstimator):
         """The sample-weight argument of ``Sequential.fit``."""
         return {} if sw is None else {"sample_weight": sw}
 
-    def _update_no_improvement_count(self, validation: tuple[Any, Any, Any] | None) -> None:
+    def _update_no_improvement_count(self, validation: list[Any] | None) -> None:
         """scikit-learn's stopping bookkeeping after an epoch (and the best parameters, early stopping)."""
         if validation is not None:
             X_val, y_val, sw_val = validation
@@ -778,8 +779,9 @@ class _BaseMLP(BaseEstimator):
         if check_input:
             X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
         model = self._network
-        return model.predict(np.ascontiguousarray(X, dtype=model.dtype), batch_size=_PREDICT_BATCH,
-                             check_finite=False)
+        if not model.arena.backend.is_device_array(X):
+            X = np.ascontiguousarray(X, dtype=model.dtype)
+        return model.predict(X, batch_size=_PREDICT_BATCH, check_finite=False)
 
     def _score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         y_pred = self._predict(X, check_input=False)

@@ -488,7 +488,8 @@ def test_fitted_on_a_gpu_loads_on_the_cpu(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, batch_size=12, random_state=0, device=_device(),
-                            dtype="float32").fit(X, y)
+                            dtype="float32", early_stopping=True, validation_fraction=0.25).fit(X, y)
+    assert len(clf.validation_scores_) == 2
     assert clf.device_ in ("cudasim", "cuda:0")
     path = tmp_path / "clf.pkl"
     path.write_bytes(pickle.dumps(clf))

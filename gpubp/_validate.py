@@ -93,3 +93,22 @@ def real(v: Any, name: str, *, min: float | None = None, min_open: bool = False)
     if min is not None and (f <= min if min_open else f < min):
         raise ValueError(f"{name}: expected a number {'>' if min_open else '>='} {min}, got {v!r}")
     return f
+
+
+def sample_weights(w: Any, n: int, name: str = "sample_weight") -> np.ndarray:
+    """Per-row weights: a C-contiguous float64 (n,) array, finite, >= 0 and not all zero."""
+    arr = as_float_array(w, name, np.float64)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name}: expected a 1-D array of {n} weights (one per row), got shape {arr.shape}")
+    check_finite(arr, name)
+    neg = np.flatnonzero(arr < 0)
+    if neg.size:
+        raise ValueError(f"{name}: weights must be >= 0, got {arr[neg[0]]} at index {int(neg[0])}")
+    if not (arr > 0).any():
+        raise ValueError(f"{name}: every weight is 0; at least one row must count")
+    return arr
+
+
+def weight_sum(w: np.ndarray) -> float:
+    """sum_i w_i, correctly rounded (math.fsum): the same float whatever the order or the machine."""
+    return math.fsum(w.tolist())

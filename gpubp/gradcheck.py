@@ -253,20 +253,22 @@ def check_layer(layer: Dense, x: Any = None, *, batch: int = 3, mode: str = "bot
 
 
 def check_loss(loss: str | losses_mod.Loss, pred: Any, target: Any, *, mode: str = "both", eps: float = EPS,
-               seed: int = 0, dtype: str = "float64") -> Report:
-    """Check a loss's gradient dL/dpred against finite differences of its value."""
+               seed: int = 0, dtype: str = "float64", sample_weight: Any = None) -> Report:
+    """Check a loss's gradient dL/dpred against finite differences of its value (with row weights
+    ``sample_weight``, the weighted loss)."""
     loss = losses_mod.get(loss)
     pred64 = np.array(pred, dtype=np.float64, order="C")
     inputs64 = {"pred": pred64}
 
     def forward64() -> np.ndarray:
-        return np.array(loss(inputs64["pred"], target)[0])
+        return np.array(loss(inputs64["pred"], target, sample_weight)[0])
 
     def backward(v: np.ndarray) -> dict[str, np.ndarray]:
-        _, g = loss(pred64.astype(dtype), target)
+        _, g = loss(pred64.astype(dtype), target, sample_weight)
         return {"pred": g * float(v)}
 
-    return check_function(forward64, inputs64, backward, (), case=f"{loss!r} pred {pred64.shape}",
+    weighted = "" if sample_weight is None else ", weighted"
+    return check_function(forward64, inputs64, backward, (), case=f"{loss!r} pred {pred64.shape}{weighted}",
                           dtype=np.dtype(dtype).name, mode=mode, eps=eps, seed=seed)
 
 

@@ -266,6 +266,75 @@ def test_losses(name, dtype, kind, shape, seed):
     close(host(b, g), g_want, tol, f"gradient, {msg}")
 
 
+WEIGHTED_SHAPES = [(1, 1), (7, 3), (33, 17), (130, 1)]
+
+
+def _loss_problem(rng, kind: str, shape: tuple[int, int], dtype: str):
+    """(method, pred, target, target dtype) with inputs rounded to ``dtype`` (the spec runs on those values)."""
+    n, c = shape
+    pred = (3 * rng.standard_normal(shape)).astype(dtype).astype(np.float64)
+    if kind == "ce_labels":
+        target = rng.integers(0, c, size=n)
+    elif kind == "ce_probs":
+        t = rng.uniform(size=shape)
+        target = (t / t.sum(axis=1, keepdims=True)).astype(dtype).astype(np.float64)
+    elif kind == "bce":
+        target = rng.uniform(size=shape).astype(dtype).astype(np.float64)
+    else:
+        target = rng.standard_normal(shape).astype(dtype).astype(np.float64)
+    method = {"mse": "mse", "ce_labels": "cross_entropy", "ce_probs": "cross_entropy", "bce": "bce_with_logits"}[kind]
+    return method, pred, target, (np.int64 if kind == "ce_labels" else dtype)
+
+
+@pytest.mark.parametrize("shape", WEIGHTED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["mse", "ce_labels", "ce_probs", "bce"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", _backends())
+def test_weighted_losses(name, dtype, kind, shape, seed):
+    """Row weights (zeros among them): value and gradient against the float64 spec, for the weighted
+    mean (scale 1 / (per-row count x sum w)) and the weighted sum (scale 1); and weights of 1 give
+    the unweighted value and gradient bit for bit."""
+    b = backend_for(name, dtype)
+    rng = np.random.default_rng(seed)
+    if name == "cudasim" and kind.startswith("ce"):
+        shape = (min(shape[0], 5), shape[1])  # the simulator runs a block of Python threads per row
+    n, c = shape
+    method, pred, target, tdt = _loss_problem(rng, kind, shape, dtype)
+    w = rng.uniform(0.0, 3.0, size=n)
+    w[rng.random(n) < 0.3] = 0.0
+    w[rng.integers(n)] = 1.5  # not all zero
+    per_row = 1 if method == "cross_entropy" else c
+    msg = f"{name} {dtype} {kind} {shape} seed {seed}"
+    tol = accuracy.ELEMENTWISE[dtype] if dtype == "float64" else accuracy.MODEL[dtype]
+    pd, td = b.asarray(pred, dtype), b.asarray(target, tdt)
+    for scale in (1.0 / (per_row * float(np.sum(w))), 1.0):
+        v_want, g_want = getattr(numpy_ref, method)(pred, target, scale, w)
+        v, g = getattr(b, method)(pd, td, scale, b.asarray(w, np.float64))
+        close(np.array([float(v)]), np.array([v_want]), tol, f"weighted value scale={scale}, {msg}")
+        close(host(b, g), g_want, tol, f"weighted gradient scale={scale}, {msg}")
+        assert not np.isnan(host(b, g)).any(), f"unwritten gradient, {msg}"
+    scale = 1.0 / (per_row * n)
+    v0, g0 = getattr(b, method)(pd, td, scale)
+    v1, g1 = getattr(b, method)(pd, td, 1.0 / (per_row * float(n)), b.asarray(np.ones(n), np.float64))
+    assert float(v1) == float(v0), f"weights of 1 change the value, {msg}"
+    assert b.to_numpy(g1).tobytes() == b.to_numpy(g0).tobytes(), f"weights of 1 change the gradient, {msg}"
+
+
+def test_weighted_spec_is_the_weighted_sum_of_row_losses(seed):
+    """The spec: the weighted value is sum_i w_i (unweighted loss of row i) and row i's gradient is
+    w_i times its unweighted gradient (float64, every loss)."""
+    rng = np.random.default_rng(seed)
+    for kind in ("mse", "ce_labels", "ce_probs", "bce"):
+        method, pred, target, _ = _loss_problem(rng, kind, (6, 4), "float64")
+        w = rng.uniform(0.0, 2.0, size=6)
+        fn = getattr(numpy_ref, method)
+        value, grad = fn(pred, target, 0.5, w)
+        rows = [fn(pred[i : i + 1], target[i : i + 1], 0.5) for i in range(6)]
+        assert value == pytest.approx(sum(wi * r[0] for wi, r in zip(w, rows, strict=True)), rel=1e-13), kind
+        np.testing.assert_allclose(grad, np.concatenate([wi * r[1] for wi, r in zip(w, rows, strict=True)]),
+                                   rtol=1e-14, atol=1e-16, err_msg=f"{kind} seed {seed}")
+
+
 # --- optimizer updates --------------------------------------------------------------------------------
 
 UPDATES = {

@@ -365,3 +365,91 @@ def test_bad_reduction(reduction):
             cls(reduction=reduction)
     with pytest.raises(ValueError, match="reduction"):
         losses.get("mse", reduction=reduction)
+
+
+# --- row weights (sample_weight) --------------------------------------------------------------
+
+
+def weighted_ref(kind, pred, target, w, reduction):
+    """sum_i w_i l_i / sum_i w_i ("mean"; l_i the row's mean for MSE/BCE) or sum_i w_i l_i ("sum"),
+    from the scalar references, row by row (math.fsum)."""
+    _, _, _, ref = problem(kind)
+    per_row = [ref(pred[i : i + 1], target[i : i + 1], "mean") for i in range(pred.shape[0])]
+    total = math.fsum(float(wi) * li for wi, li in zip(w, per_row, strict=True))
+    if reduction == "mean":
+        return total / math.fsum(float(wi) for wi in w)
+    count = 1 if kind.startswith("ce") else pred.shape[1]
+    return total * count
+
+
+def weights_for(n, seed):
+    w = np.random.default_rng(seed).uniform(0.0, 3.0, n)
+    w[1] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_weighted_value_is_the_weighted_average_of_rows(kind, reduction, dtype):
+    cls, pred, target, _ = problem(kind, n=6, seed=11)
+    pred = pred.astype(dtype)
+    w = weights_for(6, 12)
+    value, grad = cls(reduction=reduction)(pred, target, sample_weight=w)
+    t = target if target.dtype.kind == "i" else target.astype(dtype)
+    want = weighted_ref(kind, pred, t, w, reduction)
+    assert value == pytest.approx(want, rel=1e-12 if dtype == "float64" else 2e-6, abs=1e-12)
+    assert grad.dtype == np.dtype(dtype) and np.all(grad[1] == 0)  # a row of weight 0 gets no gradient
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_weighted_gradient_against_central_differences(kind, reduction, dtype):
+    cls, pred, target, _ = problem(kind, seed=13)
+    report = gradcheck.check_loss(cls(reduction), pred, target, mode="both", dtype=dtype, seed=14,
+                                  sample_weight=weights_for(pred.shape[0], 15))
+    assert report.passed, str(report)
+    assert "weighted" in report.case
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_of_one_change_nothing_bit_for_bit(kind, dtype):
+    cls, pred, target, _ = problem(kind, n=9, c=5, seed=16)
+    pred = pred.astype(dtype)
+    for reduction in REDUCTIONS:
+        v0, g0 = cls(reduction)(pred, target)
+        v1, g1 = cls(reduction)(pred, target, sample_weight=np.ones(9))
+        assert v1 == v0 and g1.tobytes() == g0.tobytes(), (kind, reduction)
+
+
+def test_weights_scale_free_and_rows_repeated():
+    """The weighted mean does not change when every weight is scaled, and an integer weight k counts
+    a row as k copies of it."""
+    cls, pred, target, _ = problem("ce_labels", n=5, seed=17)
+    w = np.array([1.0, 2.0, 0.0, 3.0, 1.0])
+    v, g = cls()(pred, target, sample_weight=w)
+    v10, _ = cls()(pred, target, sample_weight=10 * w)
+    assert v10 == pytest.approx(v, rel=1e-14)
+    rows = np.repeat(np.arange(5), w.astype(int))
+    vr, gr = cls()(pred[rows], target[rows])
+    assert vr == pytest.approx(v, rel=1e-14)
+    summed = np.zeros_like(g)
+    np.add.at(summed, rows, gr)
+    np.testing.assert_allclose(g, summed, rtol=1e-13, atol=1e-16)
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (np.ones(4), ValueError, "1-D array of 5"),
+    (np.ones((5, 1)), ValueError, "1-D array of 5"),
+    (np.array([1.0, np.nan, 1.0, 1.0, 1.0]), ValueError, "NaN"),
+    (np.array([1.0, -0.5, 1.0, 1.0, 1.0]), ValueError, ">= 0"),
+    (np.zeros(5), ValueError, "every weight is 0"),
+    ("heavy", TypeError, "float, integer or boolean"),
+], ids=["short", "2-D", "nan", "negative", "zeros", "str"])
+def test_bad_sample_weight(bad, err, match):
+    cls, pred, target, _ = problem("mse", n=5, seed=18)
+    with pytest.raises(err, match=match) as info:
+        cls()(pred, target, sample_weight=bad)
+    assert str(info.value).startswith("sample_weight")

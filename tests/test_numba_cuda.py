@@ -368,6 +368,34 @@ def test_loss_values_deterministic_whatever_the_launch(rng, dtype):
             assert bits(g) == bits(g0), fn.__name__
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_weighted_losses_match_reference_whatever_the_launch(rng, dtype):
+    """Row weights (some 0) on poisoned outputs and scratch: the reference's value and gradient, the
+    same bits for every launch shape; the (70, 33) elementwise case spans two CHUNKs and cuts rows."""
+    cases = [
+        ("mse", nk.mse, *mse_inputs(rng, (70, 33), dtype)),
+        ("bce_with_logits", nk.bce_with_logits, *bce_inputs(rng, (70, 33), dtype)),
+        ("cross_entropy", nk.cross_entropy, (rng.standard_normal((5, 40)) * 5).astype(dtype), rng.integers(0, 40, 5)),
+        ("cross_entropy", nk.cross_entropy, (rng.standard_normal((5, 40)) * 5).astype(dtype),
+         rng.random((5, 40)).astype(dtype)),
+    ]
+    for name, fn, x, t in cases:
+        w = rng.uniform(0.0, 2.0, x.shape[0])
+        w[::3] = 0.0
+        scale = 1.0 / (w.sum() * (1 if name == "cross_entropy" else x.shape[1]))
+        runs = [run_loss(fn, x, t, scale, weight=dev(w), threads=th, max_blocks=mb)
+                for th, mb in ((16, 64), (5, 1), (32, 2))]
+        check_loss(runs[0], getattr(ref, name)(x, t, scale, w), dtype, f"weighted {name} {x.shape}")
+        for v, g in runs[1:]:
+            assert bits(np.float64(v)) == bits(np.float64(runs[0][0])), name
+            assert bits(g) == bits(runs[0][1]), name
+        with pytest.raises(ValueError, match="weight"):
+            fn(dev(x), dev(t), scale, poisoned(1, np.float64), poisoned(x.shape, x.dtype),
+               weight=dev(w.astype(np.float32)))
+        with pytest.raises(ValueError, match="weight"):
+            fn(dev(x), dev(t), scale, poisoned(1, np.float64), poisoned(x.shape, x.dtype), weight=dev(w[1:]))
+
+
 def test_cross_entropy_single_class_and_bad_labels():
     x = np.array([[3.0], [-2.0]])
     v, g = run_loss(nk.cross_entropy, x, np.array([0, 0]), 0.5, threads=4)
@@ -405,7 +433,7 @@ def test_every_kernel_compiles_to_ptx():
                           env=env, capture_output=True, text=True, timeout=600)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert len(nk.ptx_targets()) == 19  # 9 kernels x (float32, float64) + the final reduction
+    assert len(nk.ptx_targets()) == 27  # 13 kernels x (float32, float64) + the final reduction
     expected = 2 * (len(nk.ptx_targets()) + len(nbo.ptx_targets()))
     assert f"TOTAL compiled {expected} of {expected}" in proc.stdout, proc.stdout[-2000:]
 

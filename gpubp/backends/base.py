@@ -99,18 +99,28 @@ class Backend(ABC):
 
     # --- losses: value and gradient in one call --------------------------------------------
     # ``scale`` is 1/count for reduction="mean" and 1 for "sum"; the value is reduced in float64.
+    # ``weight``: None (the unweighted kernels), or per-row weights w (N,), a float64 array of this
+    # backend (w_i >= 0, finite). Row i's value terms count w_i times (w_i l_i, in float64) and its
+    # gradient is scaled by dtype(g w_i), g the unweighted gradient factor (2 scale for MSE, scale
+    # otherwise), computed in float64 and rounded once: with every w_i = 1 the value and gradient
+    # are those of weight=None, bit for bit. The caller picks ``scale`` (gpubp.losses: the weighted
+    # mean has scale = 1 / (per-row count x sum_i w_i)).
 
     @abstractmethod
-    def mse(self, pred: Array, target: Array, scale: float) -> tuple[Value, Array]:
-        """L = scale * sum (p - t)^2;  dL/dp = 2 scale (p - t)."""
+    def mse(self, pred: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[Value, Array]:
+        """L = scale * sum_i w_i sum_j (p_ij - t_ij)^2;  dL/dp_ij = 2 scale w_i (p_ij - t_ij)."""
 
     @abstractmethod
-    def cross_entropy(self, logits: Array, target: Array, scale: float) -> tuple[Value, Array]:
-        """Softmax cross-entropy over rows; ``target`` int64 labels (N,) or probabilities (N, C)."""
+    def cross_entropy(self, logits: Array, target: Array, scale: float,
+                      weight: Array | None = None) -> tuple[Value, Array]:
+        """Softmax cross-entropy over rows, row i weighted by w_i; ``target`` int64 labels (N,) or
+        probabilities (N, C)."""
 
     @abstractmethod
-    def bce_with_logits(self, logits: Array, target: Array, scale: float) -> tuple[Value, Array]:
-        """Elementwise max(x, 0) - x t + log(1 + e^-|x|);  dL/dx = scale (sigmoid(x) - t)."""
+    def bce_with_logits(self, logits: Array, target: Array, scale: float,
+                        weight: Array | None = None) -> tuple[Value, Array]:
+        """Elementwise max(x, 0) - x t + log(1 + e^-|x|), row i weighted by w_i;
+        dL/dx_ij = scale w_i (sigmoid(x_ij) - t_ij)."""
 
     # --- optimizer updates over flat 1-D runs of the arena (see numpy_optim for the maths) ----
     # ``guard``: None, or a 1-element int64 array of this backend; while guard[0] != 0 an update

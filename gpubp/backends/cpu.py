@@ -57,6 +57,11 @@ def _flat(a: Array) -> Array:
     return _c(a).reshape(-1)
 
 
+def _weights(w: Array) -> Array:
+    """Row weights as the weighted kernels read them: C-contiguous float64 (N,)."""
+    return np.ascontiguousarray(w, dtype=np.float64)
+
+
 def _lerp_factors(dt: np.dtype, weight: float) -> tuple[Any, Any, bool]:
     """(w, 1 - w, high) of numpy_optim's lerp: w rounded to ``dt``, 1 - w computed in ``dt``."""
     w = dt.type(weight)
@@ -117,21 +122,31 @@ class CpuBackend(NumpyBackend):
 
     # --- losses --------------------------------------------------------------------------------
 
-    def mse(self, pred: Array, target: Array, scale: float) -> tuple[float, Array]:
+    def mse(self, pred: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[float, Array]:
         p, t = _flat(pred), _flat(target)
         grad = np.empty_like(p)
         partial = np.empty(K.chunks(p.size, K.FLAT_CHUNK))
-        total = K.mse(K.parallel_for(p.size))(p, t, p.dtype.type(2.0 * scale), grad, partial, K.FLAT_CHUNK)
+        if weight is None:
+            total = K.mse(K.parallel_for(p.size))(p, t, p.dtype.type(2.0 * scale), grad, partial, K.FLAT_CHUNK)
+        else:
+            total = K.mse_weighted(K.parallel_for(p.size))(p, t, 2.0 * scale, _weights(weight), pred.shape[1], grad,
+                                                           partial, K.FLAT_CHUNK)
         return float(total * scale), grad.reshape(pred.shape)
 
-    def bce_with_logits(self, logits: Array, target: Array, scale: float) -> tuple[float, Array]:
+    def bce_with_logits(self, logits: Array, target: Array, scale: float,
+                        weight: Array | None = None) -> tuple[float, Array]:
         x, y = _flat(logits), _flat(target)
         grad = np.empty_like(x)
         partial = np.empty(K.chunks(x.size, K.FLAT_CHUNK))
-        total = K.bce(K.parallel_for(x.size))(x, y, x.dtype.type(scale), grad, partial, K.FLAT_CHUNK)
+        if weight is None:
+            total = K.bce(K.parallel_for(x.size))(x, y, x.dtype.type(scale), grad, partial, K.FLAT_CHUNK)
+        else:
+            total = K.bce_weighted(K.parallel_for(x.size))(x, y, float(scale), _weights(weight), logits.shape[1], grad,
+                                                           partial, K.FLAT_CHUNK)
         return float(total * scale), grad.reshape(logits.shape)
 
-    def cross_entropy(self, logits: Array, target: Array, scale: float) -> tuple[float, Array]:
+    def cross_entropy(self, logits: Array, target: Array, scale: float,
+                      weight: Array | None = None) -> tuple[float, Array]:
         z = _c(logits)
         n, m = z.shape
         labels = target.ndim == 1
@@ -142,8 +157,10 @@ class CpuBackend(NumpyBackend):
         partial = np.empty(K.chunks(n, rows))
         y = _c(target).astype(np.int64, copy=False) if labels else np.zeros(1, np.int64)
         t = z if labels else _c(target)
-        kernel = K.cross_entropy(labels, z.dtype == np.float32, K.parallel_for(z.size))
-        total = kernel(z, y, t, z.dtype.type(scale), grad, partial, rows)
+        weighted = weight is not None
+        w = _weights(weight) if weighted else partial  # not read unweighted
+        kernel = K.cross_entropy(labels, z.dtype == np.float32, weighted, K.parallel_for(z.size))
+        total = kernel(z, y, t, z.dtype.type(scale), grad, partial, rows, w, float(scale))
         return float(total * scale), grad
 
     # --- optimizer updates ----------------------------------------------------------------------

@@ -315,22 +315,25 @@ class CudaBackend(Backend):
 
     # -- losses: value and gradient in one call -----------------------------------------------
 
-    def _loss(self, kernel: Any, pred: Array, target: Array, scale: float, rowwise: bool) -> tuple[Value, Array]:
+    def _loss(self, kernel: Any, pred: Array, target: Array, scale: float, rowwise: bool,
+              weight: Array | None) -> tuple[Value, Array]:
         with self._launching(f"a loss over {tuple(pred.shape)}") as s:
             value = self.xp.empty(1, dtype=np.float64)
             grad = self.xp.empty_like(pred)
             work = self._scratch(self.nk.loss_work_size(tuple(pred.shape), rowwise=rowwise), "loss")
-            kernel(pred, target, scale, value, grad, stream=s, work=work, **self._launch)
+            kernel(pred, target, scale, value, grad, stream=s, work=work, weight=weight, **self._launch)
         return value.reshape(()), grad
 
-    def mse(self, pred: Array, target: Array, scale: float) -> tuple[Value, Array]:
-        return self._loss(self.nk.mse, pred, target, scale, rowwise=False)
+    def mse(self, pred: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[Value, Array]:
+        return self._loss(self.nk.mse, pred, target, scale, False, weight)
 
-    def cross_entropy(self, logits: Array, target: Array, scale: float) -> tuple[Value, Array]:
-        return self._loss(self.nk.cross_entropy, logits, target, scale, rowwise=True)
+    def cross_entropy(self, logits: Array, target: Array, scale: float,
+                      weight: Array | None = None) -> tuple[Value, Array]:
+        return self._loss(self.nk.cross_entropy, logits, target, scale, True, weight)
 
-    def bce_with_logits(self, logits: Array, target: Array, scale: float) -> tuple[Value, Array]:
-        return self._loss(self.nk.bce_with_logits, logits, target, scale, rowwise=False)
+    def bce_with_logits(self, logits: Array, target: Array, scale: float,
+                        weight: Array | None = None) -> tuple[Value, Array]:
+        return self._loss(self.nk.bce_with_logits, logits, target, scale, False, weight)
 
     # -- optimizer updates: one launch over each contiguous run of the arena ---------------------
 

@@ -7,7 +7,7 @@ runs here, each a single pass over memory where NumPy makes several:
 |----------------------|----------------------------------------------------------------|--------------------------|
 | ``bias_act``         | z += b; a = f(z)                 z, a (N, M), b (M,)           | 2-3, a temporary         |
 | ``act_bias_grad``    | dz = da f'(s); db = sum_rows dz  da, s, dz (N, M), db (M,)     | 3-5, temporaries         |
-| ``mse``, ``bce``     | gradient and float64 value       flat                          | 4-8                      |
+| ``mse``, ``bce``     | gradient and float64 value       flat (``*_weighted``: by row)  | 4-8                      |
 | ``cross_entropy``    | softmax, gradient, value by rows logits (N, C)                 | 8, three temporaries     |
 | ``sgd`` ... ``adagrad`` | one optimizer update          flat runs of the arena         | 4-12, 1-3 temporaries    |
 | ``sum_of_squares``   | sum g^2 in float64               flat                          | 2, a float64 temporary   |
@@ -348,9 +348,54 @@ def _elementwise_loss(kind: str, parallel: bool) -> Callable:
     return kernel
 
 
+@functools.cache
+def _weighted_elementwise_loss(kind: str, parallel: bool) -> Callable:
+    """kernel(p, t, g, w, m, grad, partial, chunk) -> sum_i w[i // m] term_i in float64: the flat
+    arrays are rows of ``m`` elements, row r weighted by w[r] (float64). Element i's gradient is
+    ``kind``'s term with the factor dtype(g w[r]) (``g`` float64, rounded once per row). The chunks,
+    and the order within each, are the unweighted kernel's: with w = 1 the same bits."""
+    source = SOURCE
+    is_mse = kind == "mse"
+
+    @_jit(parallel)
+    def kernel(p, t, g, w, m, grad, partial, chunk):
+        source, parallel  # noqa: B018 - cache key
+        n = p.shape[0]
+        for c in numba.prange(partial.shape[0]):
+            i = c * chunk
+            hi = min(n, i + chunk)
+            acc = 0.0
+            while i < hi:  # the part of row r inside this chunk: one weight, one factor
+                r = i // m
+                end = min(hi, (r + 1) * m)
+                wr = w[r]
+                f = dm.cst(p[i], g * wr)
+                for k in range(i, end):
+                    if is_mse:
+                        gk, vk = dm.mse_term(p[k], t[k], f)
+                    else:
+                        gk, vk = dm.bce_term(p[k], t[k], f)
+                    grad[k] = gk
+                    acc += wr * vk
+                i = end
+            partial[c] = acc
+        total = 0.0
+        for c in range(partial.shape[0]):
+            total += partial[c]
+        return total
+
+    return kernel
+
+
 def mse(parallel: bool) -> Callable:
     """kernel(p, t, g2, grad, partial, chunk) -> sum (p - t)^2 in float64; grad = (p - t) g2 (flat)."""
     return _elementwise_loss("mse", parallel)
+
+
+def mse_weighted(parallel: bool) -> Callable:
+    """kernel(p, t, g2, w, m, grad, partial, chunk) -> sum_r w_r sum_row (p - t)^2 in float64;
+    grad = (p - t) dtype(g2 w_r), with g2 = 2 scale in float64."""
+    return _weighted_elementwise_loss("mse", parallel)
 
 
 def bce(parallel: bool) -> Callable:
@@ -358,20 +403,28 @@ def bce(parallel: bool) -> Callable:
     return _elementwise_loss("bce", parallel)
 
 
+def bce_weighted(parallel: bool) -> Callable:
+    """kernel(x, y, g, w, m, grad, partial, chunk) -> sum_r w_r sum_row BCE terms in float64;
+    grad = (sigmoid(x) - y) dtype(g w_r), with g = scale in float64."""
+    return _weighted_elementwise_loss("bce", parallel)
+
+
 @functools.cache
-def cross_entropy(labels: bool, approx: bool, parallel: bool) -> Callable:
-    """kernel(z, y, t, scale, grad, partial, rows) -> the loss before scaling, in float64.
+def cross_entropy(labels: bool, approx: bool, weighted: bool, parallel: bool) -> Callable:
+    """kernel(z, y, t, scale, grad, partial, rows, w, wscale) -> the loss before scaling, in float64.
 
     Per row of z (N, C): mx = max z; e = exp(z - mx) (written to grad); s = sum e (8 fixed lanes,
     then the lanes in a fixed tree); logsumexp = mx + log s.
       labels (y (N,) int64):  value += logsumexp - z[y];            grad = scale (e / s - onehot(y))
       probabilities t (N, C): value += sum_c t (logsumexp - z);    grad = scale (e / s * sum_c t - t)
+    ``weighted``: row i's value terms are multiplied by w[i] (float64) and its gradient factor is
+    dtype(wscale w[i]) in place of ``scale`` (w and wscale are not read otherwise).
     Row values summed in order within a chunk of ``rows`` rows, then chunk partials in order.
     """
     source = SOURCE
 
     @_jit(parallel)
-    def kernel(z, y, t, scale, grad, partial, rows):
+    def kernel(z, y, t, scale, grad, partial, rows, w, wscale):
         source, parallel  # noqa: B018 - cache key
         n, m = z.shape
         m8 = m - m % 8
@@ -407,21 +460,32 @@ def cross_entropy(labels: bool, approx: bool, parallel: bool) -> Callable:
                     s0 += grad[i, j]
                 s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
                 lse = np.float64(mx) + math.log(np.float64(s))
+                wi = 1.0
+                sc = scale
+                if weighted:
+                    wi = w[i]
+                    sc = dm.cst(mx, wscale * wi)
                 if labels:
                     k = y[i]
-                    acc += lse - np.float64(z[i, k])
-                    f = scale / s
+                    if weighted:
+                        acc += wi * (lse - np.float64(z[i, k]))
+                    else:
+                        acc += lse - np.float64(z[i, k])
+                    f = sc / s
                     for j in range(m):
                         grad[i, j] = grad[i, j] * f
-                    grad[i, k] -= scale
+                    grad[i, k] -= sc
                 else:
                     ts = dm.cst(t[i, 0], 0.0)
                     for j in range(m):
                         ts += t[i, j]
-                        acc += np.float64(t[i, j]) * (lse - np.float64(z[i, j]))
-                    f = scale / s * ts
+                        if weighted:
+                            acc += wi * (np.float64(t[i, j]) * (lse - np.float64(z[i, j])))
+                        else:
+                            acc += np.float64(t[i, j]) * (lse - np.float64(z[i, j]))
+                    f = sc / s * ts
                     for j in range(m):
-                        grad[i, j] = grad[i, j] * f - scale * t[i, j]
+                        grad[i, j] = grad[i, j] * f - sc * t[i, j]
             partial[c] = acc
         total = 0.0
         for c in range(partial.shape[0]):

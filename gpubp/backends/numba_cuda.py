@@ -368,6 +368,11 @@ def bias_grad_finish_kernel(partials, db):
 #   stage 2 (reduce_partials_kernel, a single block) sums the partials in the same
 #     lane order and writes value[0] = total * scale.
 #
+# Row weights (the ``*_weighted`` kernels): w (N,) float64, the gradient factor g passed in
+# float64. Row r's value terms are multiplied by w[r] (in float64) and its gradient factor
+# is dtype(g w[r]), rounded once. Everything else, the summation order included, is the
+# unweighted kernel's, so w = 1 gives its bits.
+#
 # Elementwise stage 1 (MSE, BCE): one reduction loop, two per-element terms
 #   (scalar_math.mse_term, bce_term), each giving (grad element, float64 value term).
 #   Shapes: pred/logits, target, grad flat (n,); partials (ceil(n / CHUNK),). Block b
@@ -375,14 +380,15 @@ def bias_grad_finish_kernel(partials, db):
 #   + LANES, ... in order.
 #   MSE:  d = p - t;  grad = d * dtype(2 scale);  value term float64(d)^2.
 #   BCE:  l = max(x, 0) - x t + log1p(e^-|x|)  (data dtype);  grad = (sigmoid(x) - t) * dtype(scale).
+#   Weighted: the flat arrays are rows of m elements; element i is in row i // m.
 
 
-def _chunked_loss(term: Callable, name: str) -> Any:
+def _chunked_loss(term: Callable, name: str, weighted: bool = False) -> Any:
     """Stage 1 of an elementwise loss: ``grad[i], value_i = term(pred[i], target[i], g)``, and one
-    float64 partial sum of the value terms per CHUNK elements."""
+    float64 partial sum of the value terms per CHUNK elements. ``weighted``: the kernel takes
+    (pred, target, g, w, m, grad, partials), g float64, and row r = i // m counts w[r] times."""
 
-    def kernel(pred, target, g, grad, partials):
-        sh = cuda.shared.array(LANES, float64)
+    def chunk_sums(pred, target, g, w, m, grad, partials, sh):
         t = cuda.threadIdx.x
         nt = cuda.blockDim.x
         n = pred.size
@@ -393,13 +399,31 @@ def _chunked_loss(term: Callable, name: str) -> Any:
             for lane in range(t, LANES, nt):
                 acc = 0.0
                 for i in range(start + lane, end, LANES):
-                    gi, vi = term(pred[i], target[i], g)
+                    if weighted:
+                        wr = w[i // m]
+                        gi, vi = term(pred[i], target[i], dm.cst(pred[i], g * wr))
+                        acc += wr * vi
+                    else:
+                        gi, vi = term(pred[i], target[i], g)
+                        acc += vi
                     grad[i] = gi
-                    acc += vi
                 sh[lane] = acc
             total = _tree_sum(sh)
             if t == 0:
                 partials[chunk] = total
+
+    body = _device(chunk_sums)
+    if weighted:
+
+        def kernel(pred, target, g, w, m, grad, partials):
+            sh = cuda.shared.array(LANES, float64)
+            body(pred, target, g, w, m, grad, partials, sh)
+
+    else:
+
+        def kernel(pred, target, g, grad, partials):
+            sh = cuda.shared.array(LANES, float64)
+            body(pred, target, g, partials, 1, grad, partials, sh)  # w, m not read
 
     kernel.__name__ = kernel.__qualname__ = name
     return cuda.jit(kernel)
@@ -407,6 +431,8 @@ def _chunked_loss(term: Callable, name: str) -> Any:
 
 mse_kernel = _chunked_loss(dm.mse_term, "mse_kernel")
 bce_with_logits_kernel = _chunked_loss(dm.bce_term, "bce_with_logits_kernel")
+mse_weighted_kernel = _chunked_loss(dm.mse_term, "mse_weighted_kernel", weighted=True)
+bce_with_logits_weighted_kernel = _chunked_loss(dm.bce_term, "bce_with_logits_weighted_kernel", weighted=True)
 
 
 # Cross-entropy stage 1, one block per row (block b takes rows b, b + gridDim, ...).
@@ -420,95 +446,152 @@ bce_with_logits_kernel = _chunked_loss(dm.bce_term, "bce_with_logits_kernel")
 #           probs   -sum_c t_c log softmax_c = sum_c t_c (log s - (z_c - m)) = T log s - u
 #           (both sums of non-negative terms, no cancellation; a label outside
 #           [0, C) gives NaN, so it shows in the loss value)
+#           weighted: times w[row]
 #   pass 3: p_c = e^(z_c - m) * dtype(1/s); grad = (p_c - [c == y]) * g   or
-#           (p_c * dtype(T) - t_c) * g.
+#           (p_c * dtype(T) - t_c) * g, with g = dtype(g64 w[row]) when weighted.
 # Only differences z - m <= 0 are exponentiated, so logits of any magnitude are safe.
 
 
-@cuda.jit
-def cross_entropy_labels_kernel(logits, labels, gscale, grad, row_loss):
-    sh = cuda.shared.array(LANES, float64)
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    n = logits.shape[0]
-    c = logits.shape[1]
-    for row in range(cuda.blockIdx.x, n, cuda.gridDim.x):
-        # pass 1: row max
-        for lane in range(t, LANES, nt):
-            m = -math.inf
-            for j in range(lane, c, LANES):
-                v = float(logits[row, j])
-                if v > m:
-                    m = v
-            sh[lane] = m
-        m = _tree_max(sh)
-        md = dm.cst(logits[row, 0], m)
-        # pass 2: sum of exponentials
-        for lane in range(t, LANES, nt):
-            acc = 0.0
-            for j in range(lane, c, LANES):
-                acc += float(math.exp(logits[row, j] - md))
-            sh[lane] = acc
-        s = _tree_sum(sh)
-        y = labels[row]
-        if t == 0:
-            if y >= 0 and y < c:
-                row_loss[row] = math.log(s) - (float(logits[row, y]) - m)
+def _cross_entropy_labels(weighted: bool) -> Any:
+    """The labels kernel: (logits, labels, gscale, grad, row_loss), or weighted
+    (logits, labels, g64, w, grad, row_loss)."""
+
+    def rows(logits, labels, g, w, grad, row_loss, sh):
+        t = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        n = logits.shape[0]
+        c = logits.shape[1]
+        for row in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+            # pass 1: row max
+            for lane in range(t, LANES, nt):
+                m = -math.inf
+                for j in range(lane, c, LANES):
+                    v = float(logits[row, j])
+                    if v > m:
+                        m = v
+                sh[lane] = m
+            m = _tree_max(sh)
+            md = dm.cst(logits[row, 0], m)
+            # pass 2: sum of exponentials
+            for lane in range(t, LANES, nt):
+                acc = 0.0
+                for j in range(lane, c, LANES):
+                    acc += float(math.exp(logits[row, j] - md))
+                sh[lane] = acc
+            s = _tree_sum(sh)
+            y = labels[row]
+            if weighted:
+                gscale = dm.cst(md, g * w[row])
             else:
-                row_loss[row] = math.nan
-        # pass 3: gradient
-        inv = dm.cst(md, 1.0 / s)
-        one = dm.cst(md, 1.0)
-        for j in range(t, c, nt):
-            p = math.exp(logits[row, j] - md) * inv
-            if j == y:
-                p -= one
-            grad[row, j] = p * gscale
+                gscale = dm.cst(md, g)
+            if t == 0:
+                if y >= 0 and y < c:
+                    loss = math.log(s) - (float(logits[row, y]) - m)
+                    if weighted:
+                        loss = w[row] * loss
+                    row_loss[row] = loss
+                else:
+                    row_loss[row] = math.nan
+            # pass 3: gradient
+            inv = dm.cst(md, 1.0 / s)
+            one = dm.cst(md, 1.0)
+            for j in range(t, c, nt):
+                p = math.exp(logits[row, j] - md) * inv
+                if j == y:
+                    p -= one
+                grad[row, j] = p * gscale
+
+    body = _device(rows)
+    if weighted:
+
+        def cross_entropy_labels_weighted_kernel(logits, labels, g, w, grad, row_loss):
+            sh = cuda.shared.array(LANES, float64)
+            body(logits, labels, g, w, grad, row_loss, sh)
+
+        return cuda.jit(cross_entropy_labels_weighted_kernel)
+
+    def cross_entropy_labels_kernel(logits, labels, gscale, grad, row_loss):
+        sh = cuda.shared.array(LANES, float64)
+        body(logits, labels, gscale, row_loss, grad, row_loss, sh)  # w not read
+
+    return cuda.jit(cross_entropy_labels_kernel)
 
 
-@cuda.jit
-def cross_entropy_probs_kernel(logits, target, gscale, grad, row_loss):
-    sa = cuda.shared.array(LANES, float64)
-    sb = cuda.shared.array(LANES, float64)
-    sc = cuda.shared.array(LANES, float64)
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    n = logits.shape[0]
-    c = logits.shape[1]
-    for row in range(cuda.blockIdx.x, n, cuda.gridDim.x):
-        # pass 1: row max
-        for lane in range(t, LANES, nt):
-            m = -math.inf
-            for j in range(lane, c, LANES):
-                v = float(logits[row, j])
-                if v > m:
-                    m = v
-            sa[lane] = m
-        m = _tree_max(sa)
-        md = dm.cst(logits[row, 0], m)
-        # pass 2: s = sum e^(z - m), T = sum t, u = sum t (z - m)
-        for lane in range(t, LANES, nt):
-            acc_s = 0.0
-            acc_t = 0.0
-            acc_u = 0.0
-            for j in range(lane, c, LANES):
-                zj = logits[row, j]
-                tj = float(target[row, j])
-                acc_s += float(math.exp(zj - md))
-                acc_t += tj
-                acc_u += tj * (float(zj) - m)
-            sa[lane] = acc_s
-            sb[lane] = acc_t
-            sc[lane] = acc_u
-        s, tsum, u = _tree_sum3(sa, sb, sc)
-        if t == 0:
-            row_loss[row] = tsum * math.log(s) - u
-        # pass 3: gradient
-        inv = dm.cst(md, 1.0 / s)
-        tdt = dm.cst(md, tsum)
-        for j in range(t, c, nt):
-            p = math.exp(logits[row, j] - md) * inv
-            grad[row, j] = (p * tdt - target[row, j]) * gscale
+def _cross_entropy_probs(weighted: bool) -> Any:
+    """The probabilities kernel: (logits, target, gscale, grad, row_loss), or weighted
+    (logits, target, g64, w, grad, row_loss)."""
+
+    def rows(logits, target, g, w, grad, row_loss, sa, sb, sc):
+        t = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        n = logits.shape[0]
+        c = logits.shape[1]
+        for row in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+            # pass 1: row max
+            for lane in range(t, LANES, nt):
+                m = -math.inf
+                for j in range(lane, c, LANES):
+                    v = float(logits[row, j])
+                    if v > m:
+                        m = v
+                sa[lane] = m
+            m = _tree_max(sa)
+            md = dm.cst(logits[row, 0], m)
+            # pass 2: s = sum e^(z - m), T = sum t, u = sum t (z - m)
+            for lane in range(t, LANES, nt):
+                acc_s = 0.0
+                acc_t = 0.0
+                acc_u = 0.0
+                for j in range(lane, c, LANES):
+                    zj = logits[row, j]
+                    tj = float(target[row, j])
+                    acc_s += float(math.exp(zj - md))
+                    acc_t += tj
+                    acc_u += tj * (float(zj) - m)
+                sa[lane] = acc_s
+                sb[lane] = acc_t
+                sc[lane] = acc_u
+            s, tsum, u = _tree_sum3(sa, sb, sc)
+            if weighted:
+                gscale = dm.cst(md, g * w[row])
+            else:
+                gscale = dm.cst(md, g)
+            if t == 0:
+                loss = tsum * math.log(s) - u
+                if weighted:
+                    loss = w[row] * loss
+                row_loss[row] = loss
+            # pass 3: gradient
+            inv = dm.cst(md, 1.0 / s)
+            tdt = dm.cst(md, tsum)
+            for j in range(t, c, nt):
+                p = math.exp(logits[row, j] - md) * inv
+                grad[row, j] = (p * tdt - target[row, j]) * gscale
+
+    body = _device(rows)
+    if weighted:
+
+        def cross_entropy_probs_weighted_kernel(logits, target, g, w, grad, row_loss):
+            sa = cuda.shared.array(LANES, float64)
+            sb = cuda.shared.array(LANES, float64)
+            sc = cuda.shared.array(LANES, float64)
+            body(logits, target, g, w, grad, row_loss, sa, sb, sc)
+
+        return cuda.jit(cross_entropy_probs_weighted_kernel)
+
+    def cross_entropy_probs_kernel(logits, target, gscale, grad, row_loss):
+        sa = cuda.shared.array(LANES, float64)
+        sb = cuda.shared.array(LANES, float64)
+        sc = cuda.shared.array(LANES, float64)
+        body(logits, target, gscale, row_loss, grad, row_loss, sa, sb, sc)  # w not read
+
+    return cuda.jit(cross_entropy_probs_kernel)
+
+
+cross_entropy_labels_kernel = _cross_entropy_labels(weighted=False)
+cross_entropy_probs_kernel = _cross_entropy_probs(weighted=False)
+cross_entropy_labels_weighted_kernel = _cross_entropy_labels(weighted=True)
+cross_entropy_probs_weighted_kernel = _cross_entropy_probs(weighted=True)
 
 
 # Stage 2 for every loss. Shapes: partials (>= count,) float64; value (>= 1,) float64.
@@ -791,13 +874,26 @@ def _finish(partials: Array, count: int, scale: float, value_out: Array, stream:
     _launch(reduce_partials_kernel, None, 1, threads, stream, partials, np.int64(count), np.float64(scale), value)
 
 
+def _check_weight(weight: Array, rows: int, name: str) -> Array:
+    """Row weights for a weighted loss kernel: float64 (rows,) C-contiguous."""
+    if np.dtype(weight.dtype) != np.float64 or tuple(weight.shape) != (rows,):
+        raise ValueError(f"{name}: weight must be float64 of shape ({rows},), got {weight.dtype} {tuple(weight.shape)}")
+    _c_contiguous(weight, f"{name} weight")
+    return weight
+
+
 def _elementwise_loss(
-    kernel, pred, target, scale, gfactor, value_out, grad_out, work, stream, threads, max_blocks, name
+    kernels, pred, target, scale, gfactor, value_out, grad_out, work, stream, threads, max_blocks, name, weight
 ):
-    """Stage 1 (when there are elements) and stage 2: two launches, or one for an empty input."""
+    """Stage 1 (when there are elements) and stage 2: two launches, or one for an empty input.
+    ``kernels``: (unweighted, weighted) stage-1 kernels."""
     dt = _check_loss(pred, target, value_out, grad_out, name)
     if tuple(target.shape) != tuple(pred.shape) or np.dtype(target.dtype) != dt:
         raise ValueError(f"{name}: target must match the input in shape and dtype")
+    if weight is not None:
+        if pred.ndim != 2:
+            raise ValueError(f"{name}: a weighted loss needs a 2-D input (N, C), got shape {tuple(pred.shape)}")
+        weight = _check_weight(weight, int(pred.shape[0]), name)
     threads = _check_threads(threads, LANES, name)
     stream = launch_stream(stream)
     n = _size(pred.shape)
@@ -805,9 +901,13 @@ def _elementwise_loss(
     partials = _work(work, chunks, pred, stream, name)
     if n > 0:
         blocks = max(1, min(chunks, int(max_blocks)))
-        _launch(
-            kernel, dt, blocks, threads, stream, _flat(pred), _flat(target), dt.type(gfactor), _flat(grad_out), partials
-        )
+        if weight is None:
+            args = (_flat(pred), _flat(target), dt.type(gfactor), _flat(grad_out), partials)
+            _launch(kernels[0], dt, blocks, threads, stream, *args)
+        else:
+            args = (_flat(pred), _flat(target), np.float64(gfactor), weight, np.int64(pred.shape[1]), _flat(grad_out),
+                    partials)
+            _launch(kernels[1], dt, blocks, threads, stream, *args)
     _finish(partials, chunks, scale, value_out, stream, threads)
 
 
@@ -821,11 +921,14 @@ def mse(
     work: Array | None = None,
     threads: int = LANES,
     max_blocks: int = MAX_BLOCKS,
+    weight: Array | None = None,
 ) -> None:
-    """value_out[0] = scale * sum (p - t)^2 (float64);  grad_out = 2 scale (p - t)."""
-    _elementwise_loss(
-        mse_kernel, pred, target, scale, 2.0 * scale, value_out, grad_out, work, stream, threads, max_blocks, "mse"
-    )
+    """value_out[0] = scale * sum (p - t)^2 (float64);  grad_out = 2 scale (p - t).
+
+    ``weight``: None, or float64 row weights w (N,) for pred (N, C): row i's terms count w_i
+    times and its gradient is dtype(2 scale w_i) (p - t)."""
+    _elementwise_loss((mse_kernel, mse_weighted_kernel), pred, target, scale, 2.0 * scale, value_out, grad_out, work,
+                      stream, threads, max_blocks, "mse", weight)
 
 
 def bce_with_logits(
@@ -838,22 +941,13 @@ def bce_with_logits(
     work: Array | None = None,
     threads: int = LANES,
     max_blocks: int = MAX_BLOCKS,
+    weight: Array | None = None,
 ) -> None:
-    """value_out[0] = scale * sum (max(x,0) - x t + log1p(e^-|x|));  grad_out = scale (sigmoid(x) - t)."""
-    _elementwise_loss(
-        bce_with_logits_kernel,
-        logits,
-        target,
-        scale,
-        scale,
-        value_out,
-        grad_out,
-        work,
-        stream,
-        threads,
-        max_blocks,
-        "bce_with_logits",
-    )
+    """value_out[0] = scale * sum (max(x,0) - x t + log1p(e^-|x|));  grad_out = scale (sigmoid(x) - t).
+
+    ``weight``: None, or float64 row weights w (N,) for logits (N, C), as for :func:`mse`."""
+    _elementwise_loss((bce_with_logits_kernel, bce_with_logits_weighted_kernel), logits, target, scale, scale,
+                      value_out, grad_out, work, stream, threads, max_blocks, "bce_with_logits", weight)
 
 
 def cross_entropy(
@@ -866,6 +960,7 @@ def cross_entropy(
     work: Array | None = None,
     threads: int = LANES,
     max_blocks: int = MAX_BLOCKS,
+    weight: Array | None = None,
 ) -> None:
     """Softmax cross-entropy over the rows of logits (N, C); two launches (one for an empty input).
 
@@ -873,6 +968,8 @@ def cross_entropy(
     value_out[0] = scale * sum_n row loss (float64); grad_out = scale (softmax - onehot)
     for labels, scale (softmax * sum_c t - t) for probabilities. A label outside
     [0, C) makes the value NaN (and contributes no one-hot to the gradient).
+    ``weight``: None, or float64 row weights w (N,): row n's loss counts w_n times and its
+    gradient factor is dtype(scale w_n).
     """
     name = "cross_entropy"
     dt = _check_loss(logits, target, value_out, grad_out, name)
@@ -882,17 +979,22 @@ def cross_entropy(
     if target.ndim == 1:
         if tuple(target.shape) != (n,) or np.dtype(target.dtype) != np.int64:
             raise ValueError(f"{name}: labels must be int64 of shape ({n},)")
-        kernel = cross_entropy_labels_kernel
+        kernel = cross_entropy_labels_kernel if weight is None else cross_entropy_labels_weighted_kernel
     else:
         if tuple(target.shape) != (n, c) or np.dtype(target.dtype) != dt:
             raise ValueError(f"{name}: probability targets must match the logits in shape and dtype")
-        kernel = cross_entropy_probs_kernel
+        kernel = cross_entropy_probs_kernel if weight is None else cross_entropy_probs_weighted_kernel
+    if weight is not None:
+        weight = _check_weight(weight, n, name)
     threads = _check_threads(threads, LANES, name)
     stream = launch_stream(stream)
     row_loss = _work(work, n, logits, stream, name)
     if n > 0 and c > 0:
         blocks = max(1, min(n, int(max_blocks)))
-        _launch(kernel, dt, blocks, threads, stream, logits, target, dt.type(scale), grad_out, row_loss)
+        if weight is None:
+            _launch(kernel, dt, blocks, threads, stream, logits, target, dt.type(scale), grad_out, row_loss)
+        else:
+            _launch(kernel, dt, blocks, threads, stream, logits, target, np.float64(scale), weight, grad_out, row_loss)
         _finish(row_loss, n, scale, value_out, stream, threads)
     else:
         _finish(row_loss, 0, scale, value_out, stream, threads)
@@ -934,5 +1036,13 @@ def ptx_targets() -> list[tuple[str, Callable, tuple]]:
         add(f"bce_with_logits_kernel[{tag}]", bce_with_logits_kernel, (v, v, ft, v, float64[::1]))
         add(f"cross_entropy_labels_kernel[{tag}]", cross_entropy_labels_kernel, (m, int64[::1], ft, m, float64[::1]))
         add(f"cross_entropy_probs_kernel[{tag}]", cross_entropy_probs_kernel, (m, m, ft, m, float64[::1]))
+        w = float64[::1]
+        add(f"mse_weighted_kernel[{tag}]", mse_weighted_kernel, (v, v, float64, w, int64, v, float64[::1]))
+        add(f"bce_with_logits_weighted_kernel[{tag}]", bce_with_logits_weighted_kernel,
+            (v, v, float64, w, int64, v, float64[::1]))
+        add(f"cross_entropy_labels_weighted_kernel[{tag}]", cross_entropy_labels_weighted_kernel,
+            (m, int64[::1], float64, w, m, float64[::1]))
+        add(f"cross_entropy_probs_weighted_kernel[{tag}]", cross_entropy_probs_weighted_kernel,
+            (m, m, float64, w, m, float64[::1]))
     add("reduce_partials_kernel", reduce_partials_kernel, (float64[::1], int64, float64, float64[::1]))
     return targets

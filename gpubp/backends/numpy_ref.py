@@ -78,13 +78,27 @@ def dropout_backward(dy: Array, keep: Array, p: float) -> Array:
 
 # --- losses: value and gradient in one call ------------------------------------------------
 # ``scale`` is 1/count for reduction="mean" and 1 for "sum". Values are float64 scalars.
+# ``weight``: None (every row counts once: the unweighted maths), or float64 row weights w (N,).
+# With weights each row's terms are multiplied by w_i: the value term in float64 (w_i l_i),
+# the gradient by the per-row factor dtype(g w_i) (g = 2 scale for MSE, scale otherwise), so
+# that w_i = 1 gives the unweighted value and gradient bit for bit. The caller picks ``scale``
+# (gpubp.losses: 1 / (per-row count x sum_i w_i) for the weighted mean).
 
 
-def mse(pred: Array, target: Array, scale: float) -> tuple[float, Array]:
-    """L = scale * sum (p - t)^2;  dL/dp = 2 scale (p - t)."""
+def _row_factor(g: float, weight: Array, dtype: np.dtype) -> Array:
+    """dtype(g w_i) as a column (N, 1): the gradient factor of each row."""
+    return (g * weight).astype(dtype)[:, None]
+
+
+def mse(pred: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[float, Array]:
+    """L = scale * sum_i w_i sum_j (p_ij - t_ij)^2;  dL/dp_ij = dtype(2 scale w_i) (p_ij - t_ij)  (w = 1 unweighted)."""
     diff = pred - target
-    value = float(np.sum(np.square(diff, dtype=np.float64)) * scale)
-    return value, diff * pred.dtype.type(2.0 * scale)
+    sq = np.square(diff, dtype=np.float64)
+    if weight is None:
+        value = float(np.sum(sq) * scale)
+        return value, diff * pred.dtype.type(2.0 * scale)
+    value = float(np.sum(sq * weight[:, None]) * scale)
+    return value, diff * _row_factor(2.0 * scale, weight, pred.dtype)
 
 
 def _log_softmax(z: Array) -> Array:
@@ -93,38 +107,52 @@ def _log_softmax(z: Array) -> Array:
     return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
 
 
-def cross_entropy(logits: Array, target: Array, scale: float) -> tuple[float, Array]:
-    """Softmax + negative log-likelihood over rows of logits (N, C).
+def cross_entropy(logits: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[float, Array]:
+    """Softmax + negative log-likelihood over rows of logits (N, C), rows weighted by w (w = 1 unweighted).
 
-    Integer labels y (N,):       L = scale * sum_n (logsumexp(z_n) - z_n[y_n])
-                                 dL/dz = scale * (softmax(z) - onehot(y))
-    Probability targets t (N, C): L = -scale * sum_n sum_c t_nc log softmax(z)_nc
-                                 dL/dz = scale * (softmax(z) * sum_c t_nc - t)
+    Integer labels y (N,):       L = scale * sum_n w_n (logsumexp(z_n) - z_n[y_n])
+                                 dL/dz_n = dtype(scale w_n) (softmax(z_n) - onehot(y_n))
+    Probability targets t (N, C): L = -scale * sum_n w_n sum_c t_nc log softmax(z)_nc
+                                 dL/dz_n = dtype(scale w_n) (softmax(z_n) sum_c t_nc - t_n)
     """
     logp = _log_softmax(logits)
     p = np.exp(logp)
     if target.ndim == 1:
         rows = np.arange(logits.shape[0])
-        value = -float(np.sum(logp[rows, target], dtype=np.float64) * scale)
+        picked = logp[rows, target]
+        if weight is None:
+            value = -float(np.sum(picked, dtype=np.float64) * scale)
+        else:
+            value = -float(np.sum(picked * weight) * scale)
         grad = p
         grad[rows, target] -= 1
     else:
-        value = -float(np.sum(target * logp, dtype=np.float64) * scale)
+        terms = target * logp
+        if weight is None:
+            value = -float(np.sum(terms, dtype=np.float64) * scale)
+        else:
+            value = -float(np.sum(terms * weight[:, None]) * scale)
         grad = p * target.sum(axis=1, keepdims=True) - target
-    grad *= logits.dtype.type(scale)
+    if weight is None:
+        grad *= logits.dtype.type(scale)
+    else:
+        grad *= _row_factor(scale, weight, logits.dtype)
     return value, grad
 
 
-def bce_with_logits(logits: Array, target: Array, scale: float) -> tuple[float, Array]:
-    """Binary cross-entropy on logits x with targets t in [0, 1], elementwise:
+def bce_with_logits(logits: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[float, Array]:
+    """Binary cross-entropy on logits x with targets t in [0, 1], elementwise, rows weighted by w:
 
         l = max(x, 0) - x t + log(1 + e^-|x|)      (stable for any finite x)
-        dl/dx = sigmoid(x) - t
+        L = scale * sum_i w_i sum_j l_ij;  dL/dx_ij = dtype(scale w_i) (sigmoid(x_ij) - t_ij)
     """
     zero = logits.dtype.type(0.0)
     elem = np.maximum(logits, zero) - logits * target + np.log1p(np.exp(-np.abs(logits)))
-    value = float(np.sum(elem, dtype=np.float64) * scale)
-    return value, (sigmoid(logits) - target) * logits.dtype.type(scale)
+    if weight is None:
+        value = float(np.sum(elem, dtype=np.float64) * scale)
+        return value, (sigmoid(logits) - target) * logits.dtype.type(scale)
+    value = float(np.sum(elem * weight[:, None]) * scale)
+    return value, (sigmoid(logits) - target) * _row_factor(scale, weight, logits.dtype)
 
 
 # --- the interface ---------------------------------------------------------------------------
@@ -181,14 +209,20 @@ class NumpyBackend(Backend):
         return dropout_backward(dy, keep, p)
 
     # losses
-    def mse(self, pred: Array, target: Array, scale: float) -> tuple[float, Array]:
-        return mse(pred, target, scale)
+    def mse(self, pred: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[float, Array]:
+        return mse(pred, target, scale) if weight is None else mse(pred, target, scale, weight)
 
-    def cross_entropy(self, logits: Array, target: Array, scale: float) -> tuple[float, Array]:
-        return cross_entropy(logits, target, scale)
+    def cross_entropy(self, logits: Array, target: Array, scale: float,
+                      weight: Array | None = None) -> tuple[float, Array]:
+        if weight is None:
+            return cross_entropy(logits, target, scale)
+        return cross_entropy(logits, target, scale, weight)
 
-    def bce_with_logits(self, logits: Array, target: Array, scale: float) -> tuple[float, Array]:
-        return bce_with_logits(logits, target, scale)
+    def bce_with_logits(self, logits: Array, target: Array, scale: float,
+                        weight: Array | None = None) -> tuple[float, Array]:
+        if weight is None:
+            return bce_with_logits(logits, target, scale)
+        return bce_with_logits(logits, target, scale, weight)
 
     # optimizer updates (the guard is read on the host: it is here already)
     def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, *, guard: Array | None = None,

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from gpubp import losses as losses_mod
+from gpubp import metrics as metrics_mod
 from gpubp._random import _GOLDEN, _MASK64
-from gpubp._validate import as_float_array, boolean, check_2d, check_finite, positive_int
+from gpubp._validate import as_float_array, boolean, check_2d, check_finite, positive_int, sample_weights, weight_sum
 from gpubp.backends import DENSE_IMPLS, Backend, get_backend
 from gpubp.device import Device, parse_device
 from gpubp.diagnostics import NonFiniteError
@@ -104,6 +105,7 @@ class Sequential:
         self.epoch = 0  # epochs trained by fit so far (drives the per-epoch shuffle)
         self._progress: Any = None  # training.EpochProgress inside an epoch (fit stopped there), else None
         self.optimizer: Any = None  # the optimizer fit last used
+        self.loss_name: str | None = None  # the loss fit last used (predict_proba's default; in config())
         self._out_shape: tuple[int, ...] | None = None  # output shape of the last training forward
         self._bind(get_backend(self.device, self.dense_impl, self.dtype))
 
@@ -211,14 +213,18 @@ class Sequential:
         self._progress = pos if pos.step else None
 
     def config(self) -> dict[str, Any]:
-        """The architecture and settings, JSON-serialisable (saved in checkpoints)."""
-        return {
+        """The architecture and settings, JSON-serialisable (saved in checkpoints); ``"loss"``: the
+        name of the loss of the last fit, once there was one."""
+        cfg = {
             "layers": [layer.config() for layer in self.layers],
             "dtype": self.dtype.name,
             "seed": self.seed,
             "check_finite": self.check_finite,
             "dense_impl": self.dense_impl,
         }
+        if self.loss_name is not None:
+            cfg["loss"] = self.loss_name
+        return cfg
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], device: str = "cpu", initialise: bool = True) -> Sequential:
@@ -227,6 +233,8 @@ class Sequential:
         model = cls.__new__(cls)
         model._construct([layer_from_config(c) for c in cfg["layers"]], device, cfg["dtype"], cfg["seed"],
                          cfg["check_finite"], cfg.get("dense_impl", "auto"))
+        loss = cfg.get("loss")
+        model.loss_name = loss if isinstance(loss, str) and loss in losses_mod.NAMES else None
         if initialise:
             model._initialise()
         return model
@@ -427,6 +435,9 @@ class Sequential:
         on_nonfinite: str = "raise",
         gradient_stats: bool = False,
         comm: Any = None,
+        sample_weight: Any = None,
+        class_weight: dict[int, float] | str | None = None,
+        metrics: list[Any] | None = None,
     ) -> dict[str, Any]:
         """Train for ``epochs`` more epochs of mini-batch steps; returns the history.
 
@@ -445,7 +456,8 @@ class Sequential:
         optimizer at the step count it stopped at.
 
         Args:
-            validation_data: ``(x_val, y_val)`` evaluated after each epoch; or
+            validation_data: ``(x_val, y_val)`` or ``(x_val, y_val, sample_weight_val)``, evaluated
+                after each epoch; or
             validation_split: the last fraction of (x, y), before shuffling, held out for it.
             scheduler: a gpubp.schedules schedule built from ``optimizer`` (one built for
                 another optimizer is refused), stepped after each epoch.
@@ -467,10 +479,21 @@ class Sequential:
                 ``batch_size`` is the global batch, split across the ranks; rank 0's parameters
                 and optimizer state are broadcast first; the result equals one process's
                 training to rounding, and is the same bits on every rank). None: one process.
+                With weights, every rank must be given the same ones (checked).
+            sample_weight: one weight per row of x (1-D, finite, >= 0, not all zero): each batch's
+                loss is the weighted mean sum_i w_i l_i / sum_i w_i (scikit-learn's), and the
+                epoch's loss, accuracy and metrics are weighted the same way. The weights are
+                shuffled and held out (validation_split) with their rows. None: every row 1.
+            class_weight: classification losses only, with integer labels (cross_entropy) or
+                0/1 targets (bce_with_logits, one output): ``{label: weight}`` (labels not named
+                weigh 1) or ``"balanced"`` (n_samples / (n_classes x bincount(y)) over y as given,
+                as scikit-learn). Multiplies sample_weight; applies to validation rows too.
+            metrics: names or callables (see :mod:`gpubp.metrics`): each adds ``<name>`` (over the
+                epoch's training batches) and ``val_<name>`` to every epoch's record.
 
         History keys: ``loss`` (per-sample mean over the epoch), ``accuracy`` (for
-        CrossEntropy and BCEWithLogits), ``val_loss`` / ``val_accuracy`` with
-        validation, ``lr``, ``time`` (seconds per epoch), ``stopped`` (why training
+        CrossEntropy and BCEWithLogits), each metric, ``val_loss`` / ``val_accuracy`` /
+        ``val_<metric>`` with validation, ``lr``, ``time`` (seconds per epoch), ``stopped`` (why training
         ended: "completed", "early_stopping", "interrupted" (Ctrl-C; fit returns
         normally), "nonfinite"), and ``skipped`` / ``gradient_stats`` when asked for.
         """
@@ -479,7 +502,8 @@ class Sequential:
         return fit(self, x, y, loss, optimizer, epochs=epochs, batch_size=batch_size,
                    validation_data=validation_data, shuffle=shuffle, verbose=verbose, scheduler=scheduler,
                    clip_grad_norm=clip_grad_norm, callbacks=callbacks, validation_split=validation_split,
-                   on_nonfinite=on_nonfinite, gradient_stats=gradient_stats, comm=comm)
+                   on_nonfinite=on_nonfinite, gradient_stats=gradient_stats, comm=comm, sample_weight=sample_weight,
+                   class_weight=class_weight, metrics=metrics)
 
     def predict(self, x: Any, batch_size: int | None = None, check_finite: bool = True) -> np.ndarray:
         """Outputs (N, out) for x (N, in) as a NumPy array, without keeping anything for backward.
@@ -492,28 +516,70 @@ class Sequential:
         outs = [self._backend.to_numpy(self._forward(x[i : i + bs], training=False)) for i in range(0, x.shape[0], bs)]
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
+    def predict_proba(self, x: Any, batch_size: int | None = None, check_finite: bool = True,
+                      loss: str | losses_mod.Loss | None = None) -> np.ndarray:
+        """Class probabilities (N, out) for x (N, in), float64 NumPy: the softmax of each row of
+        outputs for a model of ``"cross_entropy"`` (rows sum to 1), the sigmoid of each output for
+        ``"bce_with_logits"`` (P(label 1) per column). ``loss``: the loss the outputs are meant
+        for; None: that of the last fit (``loss_name``, kept in checkpoints).
+        """
+        name = self.loss_name if loss is None else loss
+        if name is None:
+            raise ValueError("loss: this model has not been fit, so its loss is unknown; pass "
+                             "loss='cross_entropy' or loss='bce_with_logits'")
+        lo = losses_mod.get(name)
+        if not lo.classifies:
+            raise ValueError(f"loss: {lo.name!r} is a regression loss: its outputs are values, not probabilities "
+                             "(predict_proba needs 'cross_entropy' or 'bce_with_logits'; use predict)")
+        return lo.probabilities(self.predict(x, batch_size=batch_size, check_finite=check_finite))
+
     def evaluate(self, x: Any, y: Any, loss: str | losses_mod.Loss, batch_size: int = 1024,
-                 check_finite: bool = True) -> dict[str, float]:
-        """``{"loss": ..., "accuracy": ...}`` over (x, y); accuracy for classification losses only.
+                 check_finite: bool = True, sample_weight: Any = None,
+                 metrics: list[Any] | None = None) -> dict[str, float]:
+        """``{"loss": ..., "accuracy": ..., <metric>: ...}`` over (x, y); accuracy for classification
+        losses only.
 
         ``check_finite``: refuse x holding NaN or Inf, as fit does (ValueError naming the first
         such element); False skips that pass over x (targets are always checked).
+        ``sample_weight``: one weight per row (1-D, finite, >= 0, not all zero): the loss is
+        sum_i w_i l_i / sum_i w_i (scikit-learn's weighted mean), accuracy and metrics are
+        weighted too. ``metrics``: names or callables of :mod:`gpubp.metrics`, one key each.
         """
         loss = losses_mod.get(loss)
         x, y = self._dataset(x, y, loss, "", finite=boolean(check_finite, "check_finite"))
         bs = positive_int(batch_size, "batch_size")
+        backend = self._backend
+        w = None
+        if sample_weight is not None:
+            if backend.is_device_array(sample_weight):
+                sample_weight = backend.to_numpy(sample_weight)
+            w = sample_weights(sample_weight, x.shape[0])
+        tracker = metrics_mod.Tracker(metrics_mod.resolve(metrics, loss, self.out_features), loss, backend,
+                                      y.shape[1:], self.out_features, weighted=w is not None)
         classifies = loss.classifies
+        mean = loss.reduction == "mean"
         total, correct, counted = 0.0, 0, 0
         for i in range(0, x.shape[0], bs):
             rows = slice(i, i + bs)
             out = self._forward(self._batch(x, rows), training=False)
             yb = self._batch(y, rows)
-            value, _ = loss.compute(out, yb, self._backend)
-            total = total + value * (out.shape[0] if loss.reduction == "mean" else 1)
+            wb = w_rows = w_total = None
+            if w is None:
+                value, _ = loss.compute(out, yb, backend)
+                total = total + value * (out.shape[0] if mean else 1)
+            else:
+                w_rows = w[rows]
+                w_total = weight_sum(w_rows)
+                wb = backend.asarray(w_rows, np.float64)
+                value, _ = loss.compute(out, yb, backend, wb, w_total)
+                total = total + value * (w_total if mean else 1)
             if classifies:
-                c, k = loss.correct(out, yb)
+                c, k = loss.correct(out, yb, wb)
                 correct, counted = correct + c, counted + k
-        result = {"loss": float(total) / x.shape[0]}
+            if tracker:
+                tracker.update(out, yb, y[rows], wb, w_rows)
+        result = {"loss": float(total) / (x.shape[0] if w is None else weight_sum(w))}
         if classifies:
-            result["accuracy"] = float(correct) / counted
+            result["accuracy"] = float(correct) / float(counted)
+        result.update(tracker.result())
         return result

@@ -30,6 +30,13 @@ keyed by (seed, epoch, step, layer), the schedule steps once per epoch and the o
 state and step count are in the checkpoint. So an interrupted and resumed run gives the
 parameters and the epoch records of an uninterrupted one, bit for bit.
 
+Row weights (``sample_weight``, ``class_weight``): each batch's loss is the weighted mean of
+its rows (gpubp.losses), the epoch's ``loss`` the weighted mean over the epoch's rows
+(sum_b W_b L_b / sum_b W_b, W_b a batch's weight), and accuracy and metrics are weighted
+the same way. The weights travel with their rows: shuffled with them, held out with them
+by ``validation_split``. Batch weight sums are taken on the host with math.fsum (the same
+float on every rank, in any order); weights of 1 give the unweighted run bit for bit.
+
 With ``comm`` (a communicator of :mod:`gpubp.distributed` with more than one process) the
 loop is data-parallel: each global batch is split across the ranks, the gradient arena is
 summed across them after backward, and the steps are identical on every rank; see
@@ -39,6 +46,7 @@ summed across them after backward, and the steps are identical on every rank; se
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import signal
 import threading
@@ -51,7 +59,8 @@ from tqdm.auto import tqdm
 
 from gpubp import diagnostics
 from gpubp import losses as losses_mod
-from gpubp._validate import int_in, positive_int
+from gpubp import metrics as metrics_mod
+from gpubp._validate import int_in, positive_int, sample_weights, weight_sum
 from gpubp.callbacks import Callback, Run
 
 ON_NONFINITE = ("raise", "skip", "ignore")
@@ -114,7 +123,9 @@ class EpochProgress:
     "skip") so far. The running sums behind the epoch's record stay where the loop keeps them
     (on a GPU: device scalars) until :meth:`to_dict` reads them: ``loss_sum`` (sum over the
     applied steps of loss x rows for reduction "mean", of the loss for "sum"), ``correct`` and
-    ``counted``. Data-parallel, each rank's sums are its own: ``rank_sums`` holds every rank's
+    ``counted``; with row weights also ``weight_sum`` (the weight of the applied rows; the
+    loss sum is then sum_b W_b L_b, and correct/counted are sums of weights). Data-parallel,
+    each rank's sums are its own: ``rank_sums`` holds every rank's
     ``[loss_sum, correct, counted]`` once gathered (fit does when it stops inside an epoch).
     ``sums_known`` False: the sums are not known here (a data-parallel position taken
     outside a stop, where the other ranks' sums are); the resumed epoch's record then
@@ -136,6 +147,7 @@ class EpochProgress:
         self.rank_sums: list[list[Any]] | None = None
         self.sums_known = True
         self.optimizer_steps: int | None = None  # the optimizer's step_count there (None: not checked)
+        self.weight_sum: float | None = None  # weighted runs: the weight of the applied rows
 
     @property
     def steps(self) -> int:
@@ -143,23 +155,33 @@ class EpochProgress:
 
     def forget_sums(self) -> None:
         self.applied, self.loss_sum, self.correct, self.counted, self.rank_sums = 0, 0.0, 0, 0, None
+        if self.weight_sum is not None:
+            self.weight_sum = 0.0
         self.sums_known = False
 
     def to_host(self) -> None:
         """Read the running sums into Python numbers (one device read on a GPU)."""
-        self.loss_sum, self.correct, self.counted = float(self.loss_sum), int(self.correct), int(self.counted)
+        count = int if self.weight_sum is None else float  # sums of weights when weighted
+        self.loss_sum, self.correct, self.counted = float(self.loss_sum), count(self.correct), count(self.counted)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable: the KEYS; ``"sums"`` is ``[[loss_sum, correct, counted]]``, one per rank, or None."""
+        """JSON-serialisable: the KEYS; ``"sums"`` is ``[[loss_sum, correct, counted]]``, one per rank, or None;
+        a weighted run adds ``"weight_sum"``."""
+        count = int if self.weight_sum is None else float
+        weight_sum = self.weight_sum
         if not self.sums_known or (self.world > 1 and self.rank_sums is None):
             sums, applied = None, 0  # another rank's sums are not here: the record restarts
+            weight_sum = None if weight_sum is None else 0.0
         elif self.rank_sums is not None:
-            sums, applied = [[_json_float(r[0]), r[1], r[2]] for r in self.rank_sums], self.applied
+            sums, applied = [[_json_float(r[0]), count(r[1]), count(r[2])] for r in self.rank_sums], self.applied
         else:
-            sums, applied = [[_json_float(self.loss_sum), int(self.correct), int(self.counted)]], self.applied
-        return {"epoch": self.epoch, "step": self.step, "steps": self.steps, "samples": self.samples,
-                "batch_size": self.batch_size, "shuffle": self.shuffle, "world": self.world, "applied": applied,
-                "optimizer_steps": self.optimizer_steps, "skipped": self.skipped, "sums": sums}
+            sums, applied = [[_json_float(self.loss_sum), count(self.correct), count(self.counted)]], self.applied
+        out = {"epoch": self.epoch, "step": self.step, "steps": self.steps, "samples": self.samples,
+               "batch_size": self.batch_size, "shuffle": self.shuffle, "world": self.world, "applied": applied,
+               "optimizer_steps": self.optimizer_steps, "skipped": self.skipped, "sums": sums}
+        if weight_sum is not None:
+            out["weight_sum"] = float(weight_sum)
+        return out
 
     @classmethod
     def from_dict(cls, d: Any, name: str = "progress") -> EpochProgress:
@@ -183,6 +205,11 @@ class EpochProgress:
             p.optimizer_steps = int_in(d["optimizer_steps"], f"{name}['optimizer_steps']", 0)
         p.applied = int_in(d["applied"], f"{name}['applied']", 0, samples)
         p.skipped = int_in(d["skipped"], f"{name}['skipped']", 0, p.step)
+        if d.get("weight_sum") is not None:
+            ws = d["weight_sum"]
+            if isinstance(ws, bool) or not isinstance(ws, (int, float)) or not math.isfinite(ws) or ws < 0:
+                raise ValueError(f"{name}['weight_sum']: expected a finite number >= 0, got {ws!r}")
+            p.weight_sum = float(ws)
         sums = d["sums"]
         if sums is None:
             p.forget_sums()
@@ -190,7 +217,7 @@ class EpochProgress:
         if not isinstance(sums, list) or not sums or not all(
                 isinstance(r, list) and len(r) == 3 and (r[0] in _NONFINITE or isinstance(r[0], (int, float))
                                                          and not isinstance(r[0], bool))
-                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in r[1:]) for r in sums):
+                and all(_count_ok(c, p.weight_sum is not None) for c in r[1:]) for r in sums):
             raise ValueError(f"{name}['sums']: expected None or a list of [loss_sum, correct, counted] per rank, "
                              f"got {sums!r}")
         if len(sums) != p.world:
@@ -205,19 +232,30 @@ class EpochProgress:
     def sums_for(self, rank: int, world: int) -> tuple[float, int, int]:
         """This rank's starting sums. Saved by a world of another size: the totals on rank 0 (the
         epoch's record then equals the uninterrupted one to rounding, as data-parallel runs do)."""
+        count = int if self.weight_sum is None else float
         rows = self.rank_sums if self.rank_sums is not None else [[self.loss_sum, self.correct, self.counted]]
         if len(rows) == world:
-            return float(rows[rank][0]), int(rows[rank][1]), int(rows[rank][2])
+            return float(rows[rank][0]), count(rows[rank][1]), count(rows[rank][2])
         if rank:
-            return 0.0, 0, 0
-        return float(sum(float(r[0]) for r in rows)), sum(int(r[1]) for r in rows), sum(int(r[2]) for r in rows)
+            return 0.0, count(0), count(0)
+        return float(sum(float(r[0]) for r in rows)), sum(count(r[1]) for r in rows), sum(count(r[2]) for r in rows)
 
     def describe(self) -> str:
         return (f"after step {self.step} of {self.steps} of epoch {self.epoch + 1} (batch_size {self.batch_size}, "
                 f"{self.samples} training samples, shuffle={self.shuffle})")
 
 
-def _resume_point(model: Any, optimizer: Any, n: int, batch_size: int, shuffle: bool) -> EpochProgress | None:
+def _count_ok(c: Any, weighted: bool) -> bool:
+    """A saved correct/counted: an integer >= 0, or for a weighted run a finite number >= 0."""
+    if isinstance(c, bool) or c is None:
+        return False
+    if isinstance(c, int):
+        return c >= 0
+    return weighted and isinstance(c, float) and math.isfinite(c) and c >= 0
+
+
+def _resume_point(model: Any, optimizer: Any, n: int, batch_size: int, shuffle: bool,
+                  weighted: bool = False) -> EpochProgress | None:
     """The model's mid-epoch position, checked against this fit; None at an epoch boundary."""
     pos = model._progress
     if pos is None or pos.step == 0:
@@ -230,6 +268,10 @@ def _resume_point(model: Any, optimizer: Any, n: int, batch_size: int, shuffle: 
                             ("shuffle", pos.shuffle, shuffle)):
         if mine != now:
             raise ValueError(f"model: it stopped {pos.describe()}; this fit has {what} {now}{fix}")
+    if (pos.weight_sum is not None) != weighted:
+        was, now = ("without", "has them") if weighted else ("with", "has none")
+        raise ValueError(f"model: it stopped {pos.describe()} in a run {was} sample or class weights; this fit "
+                         f"{now}{fix}")
     if pos.optimizer_steps is not None and optimizer.step_count != pos.optimizer_steps:
         raise ValueError(f"optimizer: it has taken {optimizer.step_count} steps, but the model stopped "
                          f"{pos.describe()} after its optimizer's step {pos.optimizer_steps} (another optimizer, "
@@ -238,10 +280,11 @@ def _resume_point(model: Any, optimizer: Any, n: int, batch_size: int, shuffle: 
     return pos
 
 
-def _record_keys(loss: Any, validating: bool) -> list[str]:
+def _record_keys(loss: Any, validating: bool, metrics: list[metrics_mod.Metric] | None = None) -> list[str]:
     """The keys of every epoch's record, in order (what a callback may monitor)."""
-    metrics = ["loss", "accuracy"] if loss.classifies else ["loss"]
-    return metrics + [f"val_{k}" for k in metrics if validating] + ["lr", "time"]
+    keys = ["loss", "accuracy"] if loss.classifies else ["loss"]
+    keys += [m.name for m in metrics or [] if not m.builtin]
+    return keys + [f"val_{k}" for k in keys if validating] + ["lr", "time"]
 
 
 def _check_callback_keys(callbacks: list[Callback], keys: list[str], validating: bool) -> None:
@@ -296,6 +339,62 @@ def _check_args(epochs: Any, batch_size: Any, clip_grad_norm: Any, on_nonfinite:
     return epochs, batch_size, list(callbacks)
 
 
+def _class_table(class_weight: Any, loss: Any, y: np.ndarray, out_features: int) -> np.ndarray | None:
+    """class_weight as a table of weights by label (labels it does not name weigh 1), or None.
+
+    ``"balanced"``: n / (k bincount(y)) over the k labels present in y, as scikit-learn computes it;
+    a dict: {label: weight >= 0}."""
+    if class_weight is None:
+        return None
+    if not loss.classifies:
+        raise ValueError(f"class_weight: only for a classification loss (cross_entropy, bce_with_logits); "
+                         f"this fit's loss is {loss.name!r}")
+    try:
+        labels = loss.labels(y, hard=True)
+    except ValueError as e:
+        raise ValueError(f"class_weight: {e}") from None
+    classes = max(out_features, 2)  # binary BCEWithLogits: labels 0 and 1 from one output
+    table = np.ones(classes)
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise ValueError(f"class_weight: expected 'balanced', a dict {{label: weight}} or None, got {class_weight!r}")
+        present, counts = np.unique(labels, return_counts=True)
+        table[present] = labels.shape[0] / (present.size * counts.astype(np.float64))
+        return table
+    if not isinstance(class_weight, dict):
+        raise TypeError(f"class_weight: expected 'balanced', a dict {{label: weight}} or None, "
+                        f"got {type(class_weight).__name__}")
+    for label, weight in class_weight.items():
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < classes:
+            raise ValueError(f"class_weight: labels must be integers in [0, {classes}), got {label!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"class_weight[{label!r}]: expected a finite number >= 0, got {weight!r}")
+        table[int(label)] = float(weight)
+    return table
+
+
+def _row_weights(backend: Any, loss: Any, y: np.ndarray, sample_weight: Any, table: np.ndarray | None,
+                 name: str = "sample_weight") -> np.ndarray | None:
+    """The rows' weights (host float64 (N,)): ``sample_weight`` times the class weight of each row's label;
+    None when neither is given."""
+    w = None
+    if sample_weight is not None:
+        if backend.is_device_array(sample_weight):
+            sample_weight = backend.to_numpy(sample_weight)
+        w = sample_weights(sample_weight, y.shape[0], name)
+    if table is not None:
+        by_class = table[loss.labels(y, hard=True)]
+        w = by_class if w is None else w * by_class
+        if not (w > 0).any():
+            raise ValueError(f"class_weight: every row of {name.replace('sample_weight', 'the data')} has weight 0")
+    return w
+
+
+def _digest(w: np.ndarray | None) -> str | None:
+    return None if w is None else hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()
+
+
 def fit(
     model: Any,
     x: Any,
@@ -314,6 +413,9 @@ def fit(
     on_nonfinite: str = "raise",
     gradient_stats: bool = False,
     comm: Any = None,
+    sample_weight: Any = None,
+    class_weight: Any = None,
+    metrics: list[Any] | None = None,
     _guarded: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` (a Sequential); see :meth:`gpubp.Sequential.fit`."""
@@ -325,7 +427,7 @@ def fit(
             with comm.stop_together():  # an error on one rank stops every rank, naming it
                 return fit(model, x, y, loss, optimizer, epochs, batch_size, validation_data, shuffle, verbose,
                            scheduler, clip_grad_norm, callbacks, validation_split, on_nonfinite, gradient_stats,
-                           comm, _guarded=True)
+                           comm, sample_weight, class_weight, metrics, _guarded=True)
         finally:
             model._row0 = 0
     from gpubp import optim
@@ -338,21 +440,34 @@ def fit(
                                                 validation_split, callbacks)
     _check_scheduler(scheduler, optimizer, named)
     x, y = model._dataset(x, y, loss, "")
+    backend = model.arena.backend
+    table = _class_table(class_weight, loss, y, model.out_features)
+    weights = _row_weights(backend, loss, y, sample_weight, table)  # host float64 (n,), or None
+    specs = metrics_mod.resolve(metrics, loss, model.out_features)
+    wv = None
     if validation_split is not None:
         n_val = int(round(x.shape[0] * validation_split))
         if not 1 <= n_val < x.shape[0]:
             raise ValueError(f"validation_split: {validation_split} of {x.shape[0]} samples leaves "
                              f"{n_val} for validation and {x.shape[0] - n_val} for training; need >= 1 of each")
-        # The last fraction before shuffling (as Keras): views, no copy.
+        # The last fraction before shuffling (as Keras): views, no copy; the weights go with their rows.
         xv, yv, x, y = x[-n_val:], y[-n_val:], x[:-n_val], y[:-n_val]
+        if weights is not None:
+            wv, weights = weights[-n_val:], weights[:-n_val]
+            for part, what in ((weights, "training"), (wv, "validation")):
+                if not (part > 0).any():
+                    raise ValueError(f"sample_weight: every weight of the {what} rows is 0 after validation_split "
+                                     f"={validation_split}")
     elif validation_data is not None:
-        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-            raise TypeError("validation_data: expected a tuple (x_val, y_val)")
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+            raise TypeError("validation_data: expected a tuple (x_val, y_val) or (x_val, y_val, sample_weight_val)")
         xv, yv = model._dataset(validation_data[0], validation_data[1], loss, "validation_data ")
+        val_weight = validation_data[2] if len(validation_data) == 3 else None
+        wv = _row_weights(backend, loss, yv, val_weight, table, "validation_data[2]")
     validating = validation_split is not None or validation_data is not None
-    _check_callback_keys(callbacks, _record_keys(loss, validating), validating)
+    _check_callback_keys(callbacks, _record_keys(loss, validating, specs), validating)
     model.optimizer = optimizer
-    backend = model.arena.backend
+    model.loss_name = loss.name
     n = x.shape[0]
     steps = -(-n // batch_size)
     dp = None
@@ -362,12 +477,15 @@ def fit(
         dp = DataParallel(comm, model, optimizer, loss, {
             "number of training samples": n, "number of validation samples": xv.shape[0] if validating else 0,
             "batch_size": batch_size, "epochs": epochs, "shuffle": shuffle, "clip_grad_norm": clip_grad_norm,
-            "on_nonfinite": on_nonfinite, "scheduler": type(scheduler).__name__})
+            "on_nonfinite": on_nonfinite, "scheduler": type(scheduler).__name__,
+            "sample weights (sha256)": _digest(weights), "validation sample weights (sha256)": _digest(wv),
+            "metrics": [m.name for m in specs]})
         verbose = verbose if comm.rank == 0 else 0  # one progress bar, one log
         callbacks = [cb for cb in callbacks if dp.runs_here(cb)]
     rank, world = (0, 1) if dp is None else (dp.rank, dp.size)
     try:
-        resume = _resume_point(model, optimizer, n, batch_size, shuffle)  # after the broadcast: rank 0's position
+        # after the broadcast: rank 0's position
+        resume = _resume_point(model, optimizer, n, batch_size, shuffle, weights is not None)
     except ValueError as e:
         e.all_ranks = dp is not None  # the same position on every rank: all raise it together
         raise
@@ -425,8 +543,11 @@ def fit(
                     break
                 order = np.random.default_rng([model.seed, model.epoch]).permutation(n) if shuffle else None
                 pos = EpochProgress(model.epoch, 0, n, batch_size, shuffle, world)
+                if weights is not None:
+                    pos.weight_sum, pos.correct, pos.counted = 0.0, 0.0, 0.0
                 if resume is not None:  # the rest of the epoch the model stopped in
                     pos.step, pos.applied, pos.skipped = resume.step, resume.applied, resume.skipped
+                    pos.weight_sum = resume.weight_sum
                     if resume.sums_known:
                         pos.loss_sum, pos.correct, pos.counted = resume.sums_for(rank, world)
                     else:
@@ -435,24 +556,36 @@ def fit(
                 model._progress = pos
                 s0 = pos.step
                 total, correct, counted = pos.loss_sum, pos.correct, pos.counted
-                skipped, applied = pos.skipped, pos.applied
+                skipped, applied, applied_weight = pos.skipped, pos.applied, pos.weight_sum
+                # Metrics of this epoch's batches (those of a resumed epoch: from the resume on)
+                tracker = metrics_mod.Tracker(specs, loss, backend, y.shape[1:], model.out_features,
+                                              weighted=weights is not None, comm=None if dp is None else dp.comm)
                 epoch_tag0 = tag0 - s0  # step s of this epoch has tag epoch_tag0 + s + 1
                 stats = diagnostics.StepStats(model) if gradient_stats else None
                 bar = tqdm(total=steps, initial=s0, desc=f"epoch {model.epoch + 1}", disable=verbose == 0,
                            leave=False, unit="batch")
                 for s in range(s0, steps):
                     rows = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
+                    # W: the weight of the (global) batch; w_rows: this rank's rows' weights, wb: on the backend
+                    W = weight_sum(weights[rows]) if weights is not None else None
                     if dp is not None:  # this rank's share of the global batch
                         rows, model._row0, nb = dp.split(rows, n)
                     xb, yb = model._batch(x, rows), model._batch(y, rows)
                     if dp is None:
                         nb = int(xb.shape[0])
+                    wb = w_rows = None
+                    if weights is not None:
+                        w_rows = weights[rows]
+                        wb = backend.asarray(w_rows, np.float64)
                     model._step = s
                     last = s == steps - 1
                     outputs: list | None = [] if stats is not None and last else None
                     if xb.shape[0]:
                         out = model._forward(xb, training=True, dropout=True, outputs=outputs)
-                        value, dout = loss.compute(out, yb, backend) if dp is None else dp.loss(loss, out, yb, nb, backend)
+                        if dp is None:
+                            value, dout = loss.compute(out, yb, backend, wb, W)
+                        else:
+                            value, dout = dp.loss(loss, out, yb, nb, backend, wb, W)
                         if model.check_finite and not np.isfinite(float(value)):  # checks every layer, waits
                             raise NonFiniteError(f"loss: {float(value)} at epoch {model.epoch + 1}, step {s + 1}")
                         model._backward(dout, input_grad=False, after_layer=None if dp is None else dp.after_layer)
@@ -479,11 +612,17 @@ def fit(
                     # Sums stay on the device: read once per epoch, and every READ_EVERY steps.
                     if optimizer_stepped:
                         applied += nb
-                        total = total + value * (nb if loss.reduction == "mean" else 1)
+                        if weights is None:
+                            total = total + value * (nb if loss.reduction == "mean" else 1)
+                        else:
+                            total = total + value * (W if loss.reduction == "mean" else 1)
+                            applied_weight += W
                         if loss.classifies and out is not None:
-                            c, k = loss.correct(out, yb)
+                            c, k = loss.correct(out, yb, wb)
                             correct, counted = correct + c, counted + k
-                    pos.step, pos.applied, pos.skipped = s + 1, applied, skipped
+                        if tracker and out is not None:
+                            tracker.update(out, yb, y[rows], wb, w_rows)
+                    pos.step, pos.applied, pos.skipped, pos.weight_sum = s + 1, applied, skipped, applied_weight
                     pos.optimizer_steps = optimizer.step_count
                     pos.loss_sum, pos.correct, pos.counted = total, correct, counted
                     bar.update(1)
@@ -500,19 +639,22 @@ def fit(
                 bar.close()
                 if interrupted():
                     if dp is not None:  # every rank's own sums, for a checkpoint of this position
-                        pos.rank_sums = dp.gather_sums(total, correct, counted)
+                        pos.rank_sums = dp.gather_sums(total, correct, counted, weights is not None)
                     stopped = "interrupted"
                     break
                 model.epoch += 1
                 model._progress = None
                 if dp is not None:
                     total, correct, counted = dp.sums(total, correct, counted)
-                record: dict[str, float] = {"loss": float(total) / applied if applied else float("nan")}
+                rows_seen = applied if weights is None else applied_weight
+                record: dict[str, float] = {"loss": float(total) / rows_seen if rows_seen else float("nan")}
                 if loss.classifies:
-                    record["accuracy"] = float(correct) / max(counted, 1)
+                    record["accuracy"] = float(correct) / float(counted) if counted else 0.0
+                if tracker:
+                    record.update(tracker.result())
                 if validating:
-                    for k, v in model.evaluate(xv, yv, loss, batch_size=max(batch_size, 1024),
-                                               check_finite=False).items():  # checked once, above
+                    for k, v in model.evaluate(xv, yv, loss, batch_size=max(batch_size, 1024), check_finite=False,
+                                               sample_weight=wv, metrics=specs).items():  # checked once, above
                         record[f"val_{k}"] = v
                 record["lr"] = float(optimizer.lr)
                 if scheduler is not None:

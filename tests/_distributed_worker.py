@@ -38,6 +38,11 @@ CASES = {
     "validation_schedule": ("cross_entropy", lambda p: gp.optim.Adam(p, lr=0.02),
                             {"validation_split": 0.2, "schedule": True}, {}),
     "float32": ("cross_entropy", lambda p: gp.optim.Adam(p, lr=0.01), {}, {"dtype": "float32"}),
+    "weighted_ce": ("cross_entropy", lambda p: gp.optim.Adam(p, lr=0.02),
+                    {"weights": True, "class_weight": "balanced", "validation_split": 0.2,
+                     "metrics": ["f1", "top_2_accuracy", "roc_auc"]}, {}),
+    "weighted_mse": ("mse", lambda p: gp.optim.SGD(p, lr=0.05, momentum=0.5),
+                     {"weights": True, "metrics": ["r2", "mae", "rmse"]}, {"n": 25}),
 }
 BATCH, EPOCHS = 8, 2
 
@@ -53,6 +58,13 @@ def data(n: int, loss: object, out: int = 3, seed: int = 1) -> tuple[np.ndarray,
     else:
         y = rng.standard_normal((n, out))
     return x, y
+
+
+def weights_for(n: int, seed: int = 2) -> np.ndarray:
+    """Row weights in [0, 2), a third of them 0 (whole batches of weight 0 among them, over 2 ranks)."""
+    w = np.random.default_rng(seed).uniform(0.0, 2.0, n)
+    w[::3] = 0.0
+    return w
 
 
 def model_for(opts: dict, width: int = 7, seed: int = 0) -> gp.Sequential:
@@ -83,6 +95,8 @@ def run_case(name: str, comm=None) -> tuple[np.ndarray, dict]:
     x, y = data(opts.get("n", 23), loss)
     if fit_kw.pop("schedule", False):
         fit_kw["scheduler"] = gp.schedules.StepLR(opt, step_size=1, gamma=0.5)
+    if fit_kw.pop("weights", False):
+        fit_kw["sample_weight"] = weights_for(x.shape[0])
     rec = Record()
     hist = model.fit(x, y, loss, opt, epochs=EPOCHS, batch_size=BATCH, verbose=0, callbacks=[rec], comm=comm,
                      **fit_kw)
@@ -97,7 +111,8 @@ def equivalence(comm, out, arg):
         steps, hist = run_case(name, comm)
         np.savez(os.path.join(out, f"{name}-rank{comm.rank}.npz"), steps=steps,
                  loss=np.array(hist["loss"]), val_loss=np.array(hist.get("val_loss", [])),
-                 accuracy=np.array(hist.get("accuracy", [])))
+                 accuracy=np.array(hist.get("accuracy", [])),
+                 **{f"record_{k}": np.array(v) for k, v in hist.items() if isinstance(v, list) and k != "time"})
     return {}
 
 
@@ -238,6 +253,10 @@ def mismatch(comm, out, arg):
         x, y = data(24 if comm.rank != comm.size - 1 else 23, "cross_entropy")
         model = gp.Sequential(gp.Dense(5, 7, "relu"), gp.Dense(7, 3), dtype="float64", seed=0)
         model.fit(x, y, "cross_entropy", "sgd", batch_size=8, verbose=0, comm=comm)
+    elif arg == "weights":
+        w = weights_for(24)
+        w[5] += comm.rank  # rank 1's weights differ
+        _fit_small(comm, sample_weight=w)
     return {}
 
 

@@ -188,8 +188,9 @@ def test_collectives_across_ranks(n, tmp_path):
 @pytest.mark.parametrize("n", [2, 3])
 def test_training_on_n_processes_equals_one_process(n, tmp_path):
     """Every optimizer, clipping, dropout, uneven and one-row last batches, sum reduction,
-    validation and a schedule: parameters after every step equal one process's to float64
-    rounding (float32: the model tolerance), and are the same bits on every rank."""
+    validation and a schedule, row weights (zeros, class_weight) with metrics: parameters after
+    every step equal one process's to float64 rounding (float32: the model tolerance), and are the
+    same bits on every rank; so is every number of the record."""
     _ok(launch(n, "equivalence", tmp_path))
     for name in worker.CASES:
         ref, hist = worker.run_case(name)
@@ -204,8 +205,14 @@ def test_training_on_n_processes_equals_one_process(n, tmp_path):
             np.testing.assert_allclose(runs[0]["loss"], hist["loss"], rtol=1e-12, err_msg=name)
             if "val_loss" in hist:
                 np.testing.assert_allclose(runs[0]["val_loss"], hist["val_loss"], rtol=1e-12, err_msg=name)
-            if "accuracy" in hist:
+            if "accuracy" in hist and not worker.CASES[name][2].get("weights"):  # counts: exact
                 assert runs[0]["accuracy"].tolist() == hist["accuracy"], name
+            for key, values in hist.items():
+                if isinstance(values, list) and key != "time":
+                    np.testing.assert_allclose(runs[0][f"record_{key}"], values, rtol=1e-12, err_msg=f"{name} {key}")
+                    for r in range(1, n):
+                        assert np.array_equal(runs[r][f"record_{key}"], runs[0][f"record_{key}"], equal_nan=True), \
+                            f"{name} {key}"
         else:
             np.testing.assert_allclose(got, ref, **MODEL["float32"].kw(), err_msg=name)
 
@@ -432,6 +439,7 @@ def test_nan_on_one_rank_with_check_finite_stops_every_rank_naming_it(tmp_path):
 @pytest.mark.parametrize("n, what, text", [
     (3, "architecture", "rank 2 disagrees with rank 0 on the model architecture"),
     (2, "length", "rank 1 disagrees with rank 0 on the number of training samples: 23 != 24"),
+    (2, "weights", "rank 1 disagrees with rank 0 on the sample weights (sha256)"),
 ])
 def test_ranks_that_disagree_are_refused_at_the_start(n, what, text, tmp_path):
     for rep in launch(n, "mismatch", tmp_path, what):

@@ -7,7 +7,11 @@ split is fixed and a batch smaller than P leaves some ranks without rows.
 
 Weighting: each rank computes its loss and gradients with the scale of the *global*
 batch (1 / (B x per-row count) for reduction="mean"), so the sum over ranks of the
-local gradients is the gradient of the whole batch, however unevenly the rows fall; the
+local gradients is the gradient of the whole batch, however unevenly the rows fall. With
+row weights (sample_weight, class_weight) the scale is 1 / (per-row count x W), W the weight
+of the whole global batch: each rank's share is its share of the global weight sum. Every
+rank computes W itself, with math.fsum over the global batch's rows of its own weights, so
+fit checks (with the other settings) that every rank was given the same weights; the
 gradient arena is then summed across ranks (one fixed-order all-reduce) and every rank
 takes the same optimizer step. Dropout masks are those of the whole batch: rank r's rows
 start at row r B // P of it.
@@ -167,8 +171,13 @@ class DataParallel:
         return rows[lo:hi], lo, nb
 
     @staticmethod
-    def loss(loss: Any, out: Any, yb: Any, nb: int, backend: Any) -> tuple[Any, Any]:
-        """Value and gradient of this rank's rows, scaled as rows of the global batch of ``nb`` rows."""
+    def loss(loss: Any, out: Any, yb: Any, nb: int, backend: Any, weight: Any = None,
+             batch_weight: float | None = None) -> tuple[Any, Any]:
+        """Value and gradient of this rank's rows, scaled as rows of the global batch of ``nb`` rows;
+        with row weights ``weight`` (this rank's, on the backend), as rows of the global batch of
+        weight ``batch_weight`` (its share of the global weight sum)."""
+        if weight is not None:
+            return loss._value_and_grad(backend, out, yb, loss.weighted_scale(out, batch_weight), weight)
         if loss.reduction == "mean":
             scale = 1.0 / (loss._count(out) // out.shape[0] * nb)  # the same float as one process's 1 / count
         else:
@@ -212,10 +221,12 @@ class DataParallel:
         arr = np.array([float(v) for v in values], dtype=np.float64)
         return [float(v) for v in self.comm.allreduce_(arr, op="sum")]
 
-    def gather_sums(self, total: Any, correct: Any, counted: Any) -> list[list[Any]]:
+    def gather_sums(self, total: Any, correct: Any, counted: Any, weighted: bool = False) -> list[list[Any]]:
         """Every rank's running epoch sums ``[loss_sum, correct, counted]``, in rank order (fit stopping
-        inside an epoch keeps them, so that a checkpoint resumes each rank's own sums)."""
-        return [list(r) for r in self.comm.allgather((float(total), int(correct), int(counted)))]
+        inside an epoch keeps them, so that a checkpoint resumes each rank's own sums); correct and
+        counted are sums of weights (floats) when ``weighted``."""
+        count = float if weighted else int
+        return [list(r) for r in self.comm.allgather((float(total), count(correct), count(counted)))]
 
     def agree(self, run: Any, optimizer: Any, hit: bool = False) -> None:
         """After the epoch's callbacks: rank 0's stop decision and learning rate on every rank, and

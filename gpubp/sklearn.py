@@ -17,18 +17,25 @@ The maths is scikit-learn's, step for step (``tests/test_sklearn.py`` checks it 
 - initialisation: scikit-learn's Glorot-uniform draws (weights and biases in
   [-sqrt(6 / (fan_in + fan_out)), +...], factor 2 in place of 6 for ``"logistic"``), from
   the same ``random_state`` stream, in the same order;
-- the loss of a batch B: the (weighted) mean over B of the per-sample loss, plus the L2
-  penalty ``alpha / (2 sum_B w) * sum ||W||^2`` over the weights (not the biases), where
-  ``sum_B w`` is the number of rows of B without sample weights. Its gradient adds
-  ``alpha / sum_B w * W`` to each weight's: the ``weight_decay`` of a gpubp optimizer over the
-  weights, set per batch. Per sample: softmax cross-entropy (multi-class), binary
-  cross-entropy summed over the outputs (binary and multi-label), half the squared error
-  summed over the outputs (regression; ``loss_`` reports it averaged over the outputs, as
-  scikit-learn does);
+- the loss of a batch B: the weighted mean sum_B w_i l_i / sum_B w_i of the per-sample
+  losses (``fit(sample_weight=)``, handed to ``Sequential.fit``; w_i = 1 without it), plus
+  the L2 penalty ``alpha / (2 sum_B w) * sum ||W||^2`` over the weights, not the biases. Its
+  gradient adds ``alpha / sum_B w * W`` to each weight's: the ``weight_decay`` of a gpubp
+  optimizer over the weights, set for each batch. Per sample: softmax cross-entropy
+  (multi-class), binary cross-entropy summed over the outputs (binary and multi-label),
+  half the squared error summed over the outputs (regression; ``loss_`` reports it averaged
+  over the outputs, as scikit-learn does). ``loss_`` is the epoch's mean over the batches of
+  (their loss + penalty) x rows;
 - ``solver="sgd"``: scikit-learn's velocity ``v = momentum v - lr g`` (Nesterov: the update
   ``momentum v - lr g``), i.e. ``gpubp.optim.SGD`` with its momentum buffer rescaled
   whenever the learning rate changes; ``"adam"``: ``gpubp.optim.Adam`` with scikit-learn's
-  epsilon (added to sqrt(v) before the bias correction of the step);
+  epsilon, added to the square root of the second moment before its bias correction
+  (torch's Adam adds it after);
+- ``"lbfgs"``: scipy's L-BFGS-B on the whole data set's loss and gradient (``max_iter``,
+  ``max_fun``, ``tol`` as gtol), evaluated by gpubp's forward and backward passes. For
+  several regression outputs the objective sums their squared errors, as its gradient does
+  (scikit-learn's L-BFGS objective averages them while its gradient sums them); ``loss_``
+  still reports the average;
 - ``learning_rate`` ("constant", "invscaling": ``learning_rate_init / (t_ + 1) ** power_t``
   after each epoch, "adaptive": divided by 5 when ``n_iter_no_change`` epochs did not
   improve by ``tol``), stopping (``tol``, ``n_iter_no_change``, ``early_stopping`` on a
@@ -711,8 +718,7 @@ class _BaseMLP(BaseEstimator):
         epochs = 1 if incremental else int(self.max_iter)
         try:
             history = model.fit(xd, Y, self._solver.loss, self._solver, epochs=epochs, batch_size=batch_size,
-                                shuffle=bool(self.shuffle), verbose=0, callbacks=[loop],
-                                **self._fit_weights(sw))
+                                shuffle=bool(self.shuffle), verbose=0, callbacks=[loop], sample_weight=sw)
         except NonFiniteError as e:
             raise ValueError("Solver produced non-finite parameter weights. The input data may contain large values "
                              f"and need to be preprocessed ({e})") from e
@@ -724,10 +730,6 @@ class _BaseMLP(BaseEstimator):
                           "hasn't converged yet.", ConvergenceWarning, stacklevel=3)
         if self.early_stopping and self._best_parameters is not None:  # kept across warm starts, as scikit-learn's
             model.arena.backend.assign_(model.arena.data, self._best_parameters)
-
-    def _fit_weights(self, sw: np.ndarray | None) -> dict[str, Any]:
-        """The sample-weight argument of ``Sequential.fit``."""
-        return {} if sw is None else {"sample_weight": sw}
 
     def _update_no_improvement_count(self, validation: list[Any] | None) -> None:
         """scikit-learn's stopping bookkeeping after an epoch (and the best parameters, early stopping)."""

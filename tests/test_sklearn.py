@@ -166,6 +166,95 @@ def test_binary_early_stopping_split_is_stratified_as_sklearn(iris):
     np.testing.assert_allclose(mine.validation_scores_, theirs.validation_scores_)
 
 
+# -- sample weights ---------------------------------------------------------------------------------
+
+
+def _weights(n, seed=0):
+    w = np.random.default_rng(seed).uniform(0.2, 3.0, n)
+    w[::7] = 0.0  # rows that count for nothing
+    return w
+
+
+@pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
+def test_sample_weight_trains_as_sklearn(digits, solver):
+    """Weighted batches (zeros among the weights), alpha > 0 and a partial last batch: each batch's loss is
+    sum w l / sum w and its penalty alpha / (2 sum w) ||W||^2, as scikit-learn's."""
+    X, y = digits
+    settings = dict(hidden_layer_sizes=(12,), solver=solver, alpha=0.01, batch_size=100, shuffle=False,
+                    random_state=0, max_iter=6, learning_rate_init=0.05)
+    w = _weights(X.shape[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        theirs = SkClassifier(**settings).fit(X, y, sample_weight=w)
+        mine = MLPClassifier(**settings).fit(X, y, sample_weight=w)
+    _assert_same_training(mine, theirs, rtol=1e-7 if solver == "lbfgs" else 1e-9)
+
+
+def test_weighted_regression_as_sklearn():
+    X, y = load_diabetes(return_X_y=True)
+    settings = dict(hidden_layer_sizes=(8,), alpha=0.1, batch_size=64, shuffle=False, random_state=0, max_iter=5,
+                    learning_rate_init=0.05)
+    w = _weights(X.shape[0], seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        theirs = SkRegressor(**settings).fit(X, y / 100, sample_weight=w)
+        mine = MLPRegressor(**settings).fit(X, y / 100, sample_weight=w)
+    _assert_same_training(mine, theirs)
+
+
+def test_unit_weights_are_no_weights_bit_for_bit(iris):
+    X, y = iris
+    settings = dict(hidden_layer_sizes=(6,), batch_size=32, random_state=0, max_iter=4, alpha=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        plain = MLPClassifier(**settings).fit(X, y)
+        ones = MLPClassifier(**settings).fit(X, y, sample_weight=np.ones(len(y)))
+    for a, b in zip(_params(plain), _params(ones), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert plain.loss_curve_ == ones.loss_curve_
+
+
+def test_shuffled_weighted_batches_scale_their_own_penalty(iris, monkeypatch):
+    """With shuffling, the L2 penalty of each step divides by the weight of the batch that step trained on."""
+    import gpubp.sklearn as gsk
+
+    X, y = iris
+    alpha = 0.3
+    batch_sums, decays = [], []
+    compute = gsk._Recording.compute
+
+    def spy_compute(self, pred, target, backend, weight=None, weight_total=None):
+        batch_sums.append(float(np.sum(weight)))
+        return compute(self, pred, target, backend, weight, weight_total)
+
+    step = gsk._Solver.step
+
+    def spy_step(self, guard=None):
+        step(self, guard)
+        decays.append(self._groups[0].weight_decay)
+
+    monkeypatch.setattr(gsk._Recording, "compute", spy_compute)
+    monkeypatch.setattr(gsk._Solver, "step", spy_step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        MLPClassifier(hidden_layer_sizes=(5,), batch_size=40, alpha=alpha, max_iter=3, random_state=0).fit(
+            X, y, sample_weight=_weights(len(y), seed=2))
+    assert len(decays) == len(batch_sums) == 3 * 4
+    assert len(set(batch_sums)) > 4  # the shuffled batches weigh differently
+    np.testing.assert_allclose(decays, alpha / np.array(batch_sums), rtol=1e-12)
+
+
+def test_sample_weight_is_checked(iris):
+    X, y = iris
+    clf = MLPClassifier(max_iter=1)
+    with pytest.raises(ValueError, match=r"sample_weight: expected shape \(150,\)"):
+        clf.fit(X, y, sample_weight=np.ones(3))
+    with pytest.raises(ValueError, match="sample_weight: expected weights >= 0"):
+        clf.fit(X, y, sample_weight=-np.ones(150))
+    with pytest.raises(ValueError, match="sample_weight: all the weights are zero"):
+        clf.fit(X, y, sample_weight=np.zeros(150))
+
+
 # -- classifier behaviour -------------------------------------------------------------------------
 
 

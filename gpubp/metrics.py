@@ -526,7 +526,8 @@ class Tracker:
         self.ys: list[np.ndarray] = []  # host targets of the batches (gathered metrics, R²)
         self.ws: list[np.ndarray] = []  # host weights of the batches (weighted)
         self.weighted = bool(weighted)
-        self._gathers = any(self._gathered(m, True) for m in self.metrics)
+        self._labels = len(self.target_shape) == 0  # integer labels (N,): top-k reduces on the backend
+        self._gathers = any(self._gathered(m, self._labels) for m in self.metrics)
         self._needs_rows = self._gathers or any(m.device == "r2" for m in self.metrics)
 
     @staticmethod
@@ -546,9 +547,8 @@ class Tracker:
         # the denominators are summed as the numerators are (on the backend), so that a fraction
         # whose every row counts is exactly 1
         self.weight = self.weight + (wb.sum() if wb is not None else n)
-        labels = yb.ndim == 1
         for m in self.metrics:
-            if self._gathered(m, labels):
+            if self._gathered(m, self._labels):
                 continue
             part = self._device_sum(m, out, yb, wb)
             self.sums[m.name] = part if m.name not in self.sums else self.sums[m.name] + part

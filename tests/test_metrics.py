@@ -287,6 +287,19 @@ def test_bad_metrics_are_refused_before_any_step(loss, metrics, err, match):
         trained(loss, metrics=metrics)
 
 
+def test_top_k_of_probability_targets_gathers_the_outputs():
+    """Probability targets: top-k reads their most probable class, from the outputs gathered on the host."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((20, 4))
+    t = rng.random((20, 3))
+    t /= t.sum(axis=1, keepdims=True)
+    m = gp.Sequential(gp.Dense(4, 3), dtype="float64", seed=2)
+    got = m.evaluate(x, t, "cross_entropy", batch_size=6, metrics=["top_2_accuracy", "accuracy"])
+    z = m.predict(x)
+    assert got["top_2_accuracy"] == pytest.approx(M.top_k_accuracy(t.argmax(axis=1), z, k=2), rel=1e-12)
+    assert got["accuracy"] == pytest.approx(M.accuracy(t.argmax(axis=1), z.argmax(axis=1)), rel=1e-12)
+
+
 def test_accuracy_in_metrics_is_the_records_own():
     _, a, _, _ = trained("cross_entropy", metrics=["accuracy"])
     _, b, _, _ = trained("cross_entropy")

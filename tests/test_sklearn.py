@@ -632,3 +632,21 @@ def test_predictions_do_not_change_the_estimator(iris):
     clf.predict(iris[0])
     clf.predict_proba(iris[0])
     assert vars(clf).keys() == before.keys() and clf._network is before["_network"]
+
+
+def test_bench_sklearn_compare_prints_the_table(capsys):
+    """bench/sklearn_compare.py on the smallest set: the machine line, the table and the settings."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sklearn_compare", os.path.join(ROOT, "bench", "sklearn_compare.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--sets", "wine", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Machine: ") and "usable cores" in out
+    row = next(line for line in out.splitlines() if line.startswith("| wine |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 3 + 3 * 4 + 1 and cells[1] == "133 x 13" and cells[2] == "accuracy"
+    assert all(float(cells[i]) > 0.9 for i in (3, 7, 11))  # the three scores
+    with pytest.raises(SystemExit):
+        bench.main(["--sets", "iris"])

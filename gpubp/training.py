@@ -403,7 +403,7 @@ def fit(
     optimizer: Any,
     epochs: int = 1,
     batch_size: int = 32,
-    validation_data: tuple[Any, Any] | None = None,
+    validation_data: tuple[Any, ...] | None = None,
     shuffle: bool = True,
     verbose: int = 1,
     scheduler: Any = None,

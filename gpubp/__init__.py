@@ -30,6 +30,7 @@ from gpubp.lr_find import LRFindResult, lr_find
 from gpubp.model import NonFiniteError, Sequential
 from gpubp.optim import clip_grad_norm
 from gpubp.parameter import Parameter
+from gpubp.torch_interop import from_torch
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "diagnostics",
     "distributed",
     "export",
+    "from_torch",
     "Dense",
     "Dropout",
     "GradientWarning",

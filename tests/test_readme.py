@@ -40,6 +40,7 @@ KINDS = {
     "gradcheck": "from gpubp import gradcheck",
     "digits": "load_digits()",
     "onnx-export": "gp.export.to_onnx(",
+    "torch": "gp.from_torch(net)",
 }
 
 
@@ -167,3 +168,9 @@ def test_digits_example(capsys):
                     reason="onnx and onnxruntime are not installed (pip install 'gpubp[onnx]')")
 def test_onnx_export_example(capsys):
     run(block("onnx-export"), "onnx-export", capsys)  # asserts its own agreement with predict
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed (CI's PyTorch leg has it)")
+def test_torch_interop_example(capsys):
+    out = run(block("torch"), "torch", capsys)
+    assert out.split() == ["True", "True"], out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -449,31 +448,3 @@ def test_optimizer_refusals(torch):
         optimizer_from_torch(sgd, model, step=0)
     with pytest.raises(ValueError, match="pass step only for SGD"):
         optimizer_from_torch(torch.optim.Adagrad(ps), model, step=3)
-
-
-# --- the README example -------------------------------------------------------------------
-
-README_EXAMPLE = """
-import numpy as np
-import torch
-import gpubp as gp
-from gpubp.torch_interop import from_torch, to_torch
-
-torch.manual_seed(0)
-net = torch.nn.Sequential(
-    torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Dropout(0.1),
-    torch.nn.Linear(16, 3),
-).double().eval()
-model = from_torch(net)            # Dense(4, 16, "gelu"), Dropout(0.1), Dense(16, 3); float64, eval mode
-x = np.random.default_rng(0).standard_normal((5, 4))
-with torch.no_grad():
-    print(np.abs(model.predict(x) - net(torch.from_numpy(x)).numpy()).max() < 1e-12)   # True
-
-back = to_torch(model)             # Linear(4, 16), GELU(), Dropout(0.1), Linear(16, 3)
-print(torch.equal(back[0].weight, net[0].weight))                                      # True
-"""
-
-
-def test_readme_example_runs_as_written(torch, capsys):
-    exec(compile(textwrap.dedent(README_EXAMPLE), "README.md:torch", "exec"), {})
-    assert capsys.readouterr().out.split() == ["True", "True"]

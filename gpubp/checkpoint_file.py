@@ -84,6 +84,15 @@ def dtype_code(dtype: Any) -> str:
         raise TypeError(f"dtype: {dt} has no safetensors code gpubp reads") from None
 
 
+def as_path(path: Any, name: str = "path") -> str:
+    """``path`` (str, bytes or os.PathLike) as a str; TypeError naming ``name`` for anything else."""
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"{name}: expected a str or os.PathLike, got {type(path).__name__}") from None
+    return os.fsdecode(p) if isinstance(p, bytes) else p
+
+
 def check_save_path(path: str | os.PathLike[str]) -> str:
     """``path`` as a string when a checkpoint can be written there, else raise naming ``path``.
 
@@ -92,12 +101,7 @@ def check_save_path(path: str | os.PathLike[str]) -> str:
     cannot be written, TypeError/ValueError for something that is not a path. Nothing is
     written; :func:`save` calls it first, and a program can call it before a long run.
     """
-    try:
-        p = os.fspath(path)
-    except TypeError:
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}") from None
-    if isinstance(p, bytes):
-        p = os.fsdecode(p)
+    p = as_path(path)
     if not p:
         raise ValueError("path: expected a file name, got an empty string")
     if os.path.isdir(p):

@@ -401,12 +401,9 @@ def to_onnx(model: Sequential, path: str | os.PathLike[str], opset: int | None =
         TypeError: ``path`` is not a str or os.PathLike (and see :func:`to_onnx_model`).
         FileNotFoundError: ``path``'s folder does not exist.
     """
-    try:
-        p = os.fspath(path)
-    except TypeError:
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}") from None
-    if isinstance(p, bytes):
-        p = os.fsdecode(p)
+    from gpubp.checkpoint_file import as_path
+
+    p = as_path(path)
     if not p or os.path.isdir(p):
         raise ValueError(f"path: expected a file name, got {p!r}")
     folder = os.path.dirname(os.path.abspath(p))

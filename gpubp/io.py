@@ -35,6 +35,7 @@ from gpubp.checkpoint_file import (
     Reader,
     UnverifiedCheckpointWarning,
     _is_count,
+    as_path,
     check_belongs,
     check_progress,
     check_save_path,
@@ -95,12 +96,7 @@ def load(
     ValueError naming the file and the problem, before anything it declares is
     allocated and before a given model, optimizer or scheduler is changed.
     """
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}") from None
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
+    path = as_path(path)
     if not isinstance(verify, (bool, np.bool_)):
         raise TypeError(f"verify: expected True or False, got {type(verify).__name__}")
     if model is not None and not isinstance(model, Sequential):

@@ -48,12 +48,18 @@ def check_2d(x: np.ndarray, name: str, features: int | None = None) -> None:
         raise ValueError(f"{name}: expected {features} features per row, got shape {x.shape}")
 
 
-def check_finite(x: np.ndarray, name: str) -> None:
-    """Raise ValueError naming the first non-finite element of x."""
+def check_finite(x: np.ndarray, name: str, rows: np.ndarray | None = None) -> None:
+    """Raise ValueError naming the first non-finite element of x.
+
+    ``rows``: for a batch (B, ...) read from a larger array, the batch rows' indices (B,) in that
+    array (increasing), so that the message names the element's index in the whole array."""
     bad = ~np.isfinite(x)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name}: contains NaN or Inf (first at index {idx}: {x[idx]})")
+        value = x[idx]
+        if rows is not None:
+            idx = (int(rows[idx[0]]), *idx[1:])
+        raise ValueError(f"{name}: contains NaN or Inf (first at index {idx}: {value})")
 
 
 def boolean(v: Any, name: str) -> bool:

@@ -13,6 +13,7 @@ import numpy as np
 
 from gpubp import losses as losses_mod
 from gpubp import metrics as metrics_mod
+from gpubp._lazy import LazyRows, is_array_like
 from gpubp._random import _GOLDEN, _MASK64
 from gpubp._validate import as_float_array, boolean, check_2d, check_finite, positive_int, sample_weights, weight_sum
 from gpubp.backends import DENSE_IMPLS, Backend, get_backend
@@ -292,13 +293,21 @@ class Sequential:
         or DLPack) is taken without a copy when its dtype and layout allow.
         """
         finite = self.check_finite if finite is None else finite
-        return self._backend.asarray(self._checked(x, name, self.in_features, finite), self.dtype)
+        x = self._checked(x, name, self.in_features, finite)
+        return x if isinstance(x, LazyRows) else self._backend.asarray(x, self.dtype)
 
     def _checked(self, x: Any, name: str, features: int | None, finite: bool) -> Any:
         """x validated where it lives: a host array (converted to the model's dtype) is checked
         on the host; an array already on the backend's device is checked there. ``features``
         None: no shape check (the caller compares the whole shape)."""
         backend = self._backend
+        if isinstance(x, LazyRows):  # validation rows held out of an array-like x: already wrapped
+            return x
+        if is_array_like(x):  # np.memmap, h5py, zarr: read, converted and checked batch by batch
+            lazy = LazyRows(x, name, self.dtype, finite)
+            if features is not None:
+                check_2d(lazy, name, features)  # type: ignore[arg-type]  # has ndim and shape
+            return lazy
         device_side = backend.is_device_array(x)
         x = backend.asarray(x, self.dtype) if device_side else as_float_array(x, name, self.dtype)
         if features is not None:
@@ -409,6 +418,8 @@ class Sequential:
 
     def _batch(self, data: Any, index: Any) -> Any:
         """Rows ``index`` (a slice, or a host int64 array) of validated data, on the device."""
+        if isinstance(data, LazyRows):  # read (sorted), converted and checked on the host first
+            return self._backend.take_rows(data.read(index), slice(None))
         return self._backend.take_rows(data, index)
 
     def _resolve_optimizer(self, optimizer: Any) -> Any:
@@ -519,7 +530,12 @@ class Sequential:
         """
         x = self._input(x, finite=boolean(check_finite, "check_finite"))
         bs = x.shape[0] if batch_size is None else positive_int(batch_size, "batch_size")
-        outs = [self._backend.to_numpy(self._forward(x[i : i + bs], training=False)) for i in range(0, x.shape[0], bs)]
+        if isinstance(x, LazyRows):
+            outs = [self._backend.to_numpy(self._forward(self._batch(x, slice(i, i + bs)), training=False))
+                    for i in range(0, x.shape[0], bs)]
+        else:
+            outs = [self._backend.to_numpy(self._forward(x[i : i + bs], training=False))
+                    for i in range(0, x.shape[0], bs)]
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
     def predict_proba(self, x: Any, batch_size: int | None = None, check_finite: bool = True,

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from gpubp import diagnostics
 from gpubp import losses as losses_mod
 from gpubp import metrics as metrics_mod
+from gpubp._lazy import LazyRows, Prefetch
 from gpubp._validate import int_in, positive_int, sample_weights, weight_sum
 from gpubp.callbacks import Callback, Run
 
@@ -529,6 +530,7 @@ def fit(
     # NaN/Inf are the guard's to report (on_nonfinite), not NumPy's floating-point warnings.
     with _deferred_interrupt() as interrupt, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         _call(callbacks, "on_train_begin", interrupt)
+        feed: Prefetch | None = None  # array-like x: the epoch's batches, read one step ahead
         try:
             for _ in range(epochs):
                 if run.stop_reason is not None:
@@ -564,13 +566,19 @@ def fit(
                 stats = diagnostics.StepStats(model) if gradient_stats else None
                 bar = tqdm(total=steps, initial=s0, desc=f"epoch {model.epoch + 1}", disable=verbose == 0,
                            leave=False, unit="batch")
+                if isinstance(x, LazyRows) and dp is None:
+                    feed = Prefetch(x, [order[s * batch_size : (s + 1) * batch_size] if shuffle
+                                        else slice(s * batch_size, (s + 1) * batch_size) for s in range(s0, steps)])
                 for s in range(s0, steps):
                     rows = order[s * batch_size : (s + 1) * batch_size] if shuffle else slice(s * batch_size, (s + 1) * batch_size)
                     # W: the weight of the (global) batch; w_rows: this rank's rows' weights, wb: on the backend
                     W = weight_sum(weights[rows]) if weights is not None else None
                     if dp is not None:  # this rank's share of the global batch
                         rows, model._row0, nb = dp.split(rows, n)
-                    xb, yb = model._batch(x, rows), model._batch(y, rows)
+                    if feed is not None:
+                        xb, yb = backend.take_rows(feed.next(), slice(None)), model._batch(y, rows)
+                    else:
+                        xb, yb = model._batch(x, rows), model._batch(y, rows)
                     if dp is None:
                         nb = int(xb.shape[0])
                     wb = w_rows = None
@@ -637,6 +645,9 @@ def fit(
                     if interrupted():
                         break
                 bar.close()
+                if feed is not None:
+                    feed.close()  # the thread has read every batch of the epoch (or is told to stop)
+                    feed = None
                 if interrupted():
                     if dp is not None:  # every rank's own sums, for a checkpoint of this position
                         pos.rank_sums = dp.gather_sums(total, correct, counted, weights is not None)
@@ -680,6 +691,8 @@ def fit(
             _call(callbacks, "on_train_end", interrupt, history)
             raise
         finally:
+            if feed is not None:  # an error, Ctrl-C or early stop inside an epoch: stop the reader
+                feed.close()
             if model._progress is not None:
                 model._progress.to_host()  # no device scalars kept past fit
         if run.stop_reason is not None and stopped == "completed":

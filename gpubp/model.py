@@ -413,7 +413,19 @@ class Sequential:
         n_y = np.shape(y)[0] if np.ndim(y) >= 1 else None
         if n_y != x.shape[0]:
             raise ValueError(f"{name}y: expected {x.shape[0]} rows to match {name}x, got shape {np.shape(y)}")
-        y = loss.check_target(y, (x.shape[0], self.out_features), self.dtype)
+        if not is_array_like(y):
+            return x, loss.check_target(y, (x.shape[0], self.out_features), self.dtype)
+        # An array-like y is read whole: labels and targets are small next to x (one row of y per row
+        # of x); class labels out of range are then named by their row as well.
+        y = np.asarray(y[:])
+        try:
+            y = loss.check_target(y, (x.shape[0], self.out_features), self.dtype)
+        except ValueError as e:
+            if y.ndim == 1 and y.dtype.kind in "iu" and loss.classifies:
+                bad = np.flatnonzero((y < 0) | (y >= max(self.out_features, 2)))
+                if bad.size:
+                    raise ValueError(f"{e} (first at row {int(bad[0])})") from None
+            raise
         return x, y
 
     def _batch(self, data: Any, index: Any) -> Any:

@@ -96,7 +96,7 @@ def test_label_out_of_range_in_memmap(tmp_path):
     x, y = data()
     y[150] = 7
     ym = memmap(tmp_path, y.astype(np.int64), "y.i64")
-    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\), got 7"):
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\), got 7 \(first at row 150\)"):
         run(memmap(tmp_path, x), ym)
 
 

@@ -11,6 +11,7 @@ sequential) and put back in the batch's order. Plain NumPy arrays never come her
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from collections.abc import Sequence
@@ -71,14 +72,26 @@ class LazyRows:
             raise ValueError(f"{self.name}: only slices of step 1 select a window of an array-like")
         return LazyRows(self.data, self.name, self.dtype, self.finite, self.start + lo, self.start + max(hi, lo))
 
+    def _release(self) -> None:
+        """After a batch is copied out of an np.memmap, drop the file's pages from this process's
+        mapping (madvise MADV_DONTNEED; they stay in the page cache, and are read back from it when
+        touched again): otherwise every page an epoch touches stays counted in the process's resident
+        memory, up to the whole file. Not for mode "c" (copy-on-write), where it would drop changes."""
+        mm = getattr(self.data, "_mmap", None)
+        if mm is None or getattr(self.data, "mode", "c") in ("c", "copyonwrite") \
+                or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        mm.madvise(mmap.MADV_DONTNEED)
+
     def read(self, index: slice | np.ndarray) -> np.ndarray:
         """Rows ``index`` (a slice of step 1, or an int array of positions in this window) as a
         C-contiguous (len(index), F) array of ``dtype``; checked when ``finite``."""
         if isinstance(index, slice):
             lo, hi, _ = index.indices(len(self))
-            block = np.asarray(self.data[self.start + lo : self.start + max(hi, lo)])
+            block = self.data[self.start + lo : self.start + max(hi, lo)]
             rows = np.arange(self.start + lo, self.start + max(hi, lo))
-            out = np.ascontiguousarray(block, dtype=self.dtype)
+            out = np.array(block, dtype=self.dtype, order="C", copy=True)  # a copy, not a view of the map
+            self._release()
             if self.finite:
                 check_finite(out, self.name, rows)
             return out
@@ -88,6 +101,7 @@ class LazyRows:
         perm = np.argsort(index, kind="stable")
         rows = index[perm] + self.start
         block = np.ascontiguousarray(np.asarray(self.data[rows]), dtype=self.dtype)
+        self._release()
         if self.finite:
             check_finite(block, self.name, rows)  # sorted: the first bad row is the lowest
         out = np.empty_like(block)

@@ -163,3 +163,12 @@ def test_shuffled_read_is_sorted_and_unpermuted():
     out = LazyRows(Recording(x), "x", np.float64, True).read(idx)
     assert (np.diff(seen[0]) > 0).all()
     assert out.tobytes() == x[idx].astype(np.float64).tobytes()
+
+
+def test_copy_on_write_memmap_keeps_its_changes(tmp_path):
+    x, y = data()
+    memmap(tmp_path, x)
+    xc = np.memmap(tmp_path / "x.f32", dtype=x.dtype, mode="c", shape=x.shape)
+    xc[:, 0] = 0.5  # in this process only: pages must not be dropped after a read
+    x[:, 0] = 0.5
+    assert params(run(x, y)[0]) == params(run(xc, y)[0])

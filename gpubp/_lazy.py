@@ -21,6 +21,8 @@ import numpy as np
 
 from gpubp._validate import check_finite
 
+RELEASE_BYTES = 64 << 20  # np.memmap: at most about this much of the file stays mapped between batches
+
 
 def is_array_like(x: Any) -> bool:
     """Whether x is read batch by batch: an np.memmap, or an object that is not a NumPy array and
@@ -54,6 +56,7 @@ class LazyRows:
         self.start = start
         self.stop = int(data.shape[0]) if stop is None else stop
         self.ndim = len(data.shape)
+        self._mapped = 0  # bytes of an np.memmap's pages read since they were last dropped (_release)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -72,7 +75,7 @@ class LazyRows:
             raise ValueError(f"{self.name}: only slices of step 1 select a window of an array-like")
         return LazyRows(self.data, self.name, self.dtype, self.finite, self.start + lo, self.start + max(hi, lo))
 
-    def _release(self) -> None:
+    def _release(self, rows: int) -> None:
         """After a batch is copied out of an np.memmap, drop the file's pages from this process's
         mapping (madvise MADV_DONTNEED; they stay in the page cache, and are read back from it when
         touched again): otherwise every page an epoch touches stays counted in the process's resident
@@ -81,7 +84,13 @@ class LazyRows:
         if mm is None or getattr(self.data, "mode", "c") in ("c", "copyonwrite") \
                 or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        mm.madvise(mmap.MADV_DONTNEED)
+        # A call costs in proportion to the whole mapping: once per RELEASE_BYTES of pages the reads
+        # since the last call may have mapped (a row touches at most a page more than its bytes).
+        row_bytes = int(np.prod(self.data.shape[1:], dtype=np.int64)) * self.data.itemsize
+        self._mapped += rows * (row_bytes + mmap.PAGESIZE)
+        if self._mapped >= RELEASE_BYTES:
+            mm.madvise(mmap.MADV_DONTNEED)
+            self._mapped = 0
 
     def read(self, index: slice | np.ndarray) -> np.ndarray:
         """Rows ``index`` (a slice of step 1, or an int array of positions in this window) as a
@@ -91,7 +100,7 @@ class LazyRows:
             block = self.data[self.start + lo : self.start + max(hi, lo)]
             rows = np.arange(self.start + lo, self.start + max(hi, lo))
             out = np.array(block, dtype=self.dtype, order="C", copy=True)  # a copy, not a view of the map
-            self._release()
+            self._release(out.shape[0])
             if self.finite:
                 check_finite(out, self.name, rows)
             return out
@@ -101,7 +110,7 @@ class LazyRows:
         perm = np.argsort(index, kind="stable")
         rows = index[perm] + self.start
         block = np.ascontiguousarray(np.asarray(self.data[rows]), dtype=self.dtype)
-        self._release()
+        self._release(block.shape[0])
         if self.finite:
             check_finite(block, self.name, rows)  # sorted: the first bad row is the lowest
         out = np.empty_like(block)

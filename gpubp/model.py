@@ -484,6 +484,13 @@ class Sequential:
         ValueError; ``model.load_progress(None)`` starts the epoch again instead), and an
         optimizer at the step count it stopped at.
 
+        ``x`` may be an array-like that is read batch by batch instead of whole (np.memmap, an
+        h5py dataset, a zarr array: anything with a length, a shape, a NumPy dtype and indexing by
+        an increasing index array): each batch is read (shuffled batches as one sorted index
+        array, put back in order), converted and checked for NaN/Inf (the error names the row in
+        the whole array) when taken, one batch ahead on a background thread; the results are those
+        of the same data in memory, bit for bit. Its labels ``y`` are read whole (small next to x).
+
         Args:
             validation_data: ``(x_val, y_val)`` or ``(x_val, y_val, sample_weight_val)``, evaluated
                 after each epoch; or

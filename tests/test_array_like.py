@@ -6,6 +6,7 @@ with that row's index in the whole array; the prefetch thread hands a reader's e
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +173,22 @@ def test_copy_on_write_memmap_keeps_its_changes(tmp_path):
     xc[:, 0] = 0.5  # in this process only: pages must not be dropped after a read
     x[:, 0] = 0.5
     assert params(run(x, y)[0]) == params(run(xc, y)[0])
+
+
+def test_interrupted_memmap_fit_stops_reader_and_resumes_bit_for_bit(tmp_path):
+    x, y = data()
+    xm = memmap(tmp_path, x)
+
+    class StopAt(gp.callbacks.Callback):
+        def on_batch_end(self, step, logs):
+            if step == 3:
+                raise KeyboardInterrupt  # as Ctrl-C: fit stops after this step
+
+    a, _ = run(x, y)
+    m = model()
+    opt = gp.optim.Adam(m.parameters(), lr=0.01)
+    h = m.fit(xm, y, "cross_entropy", opt, epochs=2, batch_size=16, verbose=0, callbacks=[StopAt()])
+    assert h["stopped"] == "interrupted"
+    assert not any(t.name == "gpubp-prefetch" for t in threading.enumerate())
+    m.fit(xm, y, "cross_entropy", opt, epochs=2, batch_size=16, verbose=0)
+    assert params(a) == params(m)

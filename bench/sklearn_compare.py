@@ -21,8 +21,9 @@ are wall-clock seconds of ``fit`` alone, the median over ``--repeats`` runs with
 fit per contender (gpubp's Numba kernels compile on first use). ``s/epoch`` divides by
 ``n_iter_``: the runs may stop after different numbers of epochs (the mini-batch orders
 differ: the maths is the same, the shuffling is not). The header names the machine (CPU
-model, cores, BLAS threads, GPU), the versions and the load average before and after: on a
-shared machine other work slows both libraries, the small BLAS calls of digits most.
+model, cores, BLAS threads, GPU), the versions and the 1-minute load average before and after
+the run: a load near the core count before it means other work shared the cores, which slows
+both libraries (the small BLAS calls of digits most, up to tenfold on 2 cores).
 """
 
 from __future__ import annotations
@@ -171,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     env["load_average"] = [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")]
     print(f"Machine: {env['cpu']}, {env['usable_cpus']} usable cores of {env['logical_cpus']}, BLAS {env['blas']}; "
           f"GPU: {env['gpu']}; gpubp on {env['gpubp_device']}. Python {env['python']}, NumPy {env['numpy']}, "
-          f"scikit-learn {env['scikit-learn']}, gpubp {env['gpubp']}. Load average (1 min) {env['load_average'][0]:.2f} "
-          f"before, {env['load_average'][1]:.2f} after (above the core count, other work shared the cores).\n")
+          f"scikit-learn {env['scikit-learn']}, gpubp {env['gpubp']}. Load average (1 min): {env['load_average'][0]:.2f} "
+          f"before the run, {env['load_average'][1]:.2f} after.\n")
     labels = list(makers)
     head = ["data set", "rows x features", "metric"]
     for label in labels:

@@ -41,6 +41,7 @@ KINDS = {
     "digits": "load_digits()",
     "onnx-export": "gp.export.to_onnx(",
     "torch": "gp.from_torch(net)",
+    "memmap": "open_memmap(",
 }
 
 
@@ -174,3 +175,11 @@ def test_onnx_export_example(capsys):
 def test_torch_interop_example(capsys):
     out = run(block("torch"), "torch", capsys)
     assert out.split() == ["True", "True"], out
+
+
+def test_memmap_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = block("memmap")
+    out = run(code, "memmap", capsys)
+    accuracy = number(r"^accuracy ([0-9.]+)$", out)
+    assert abs(accuracy - float(stated(code, "accuracy"))) <= 0.02, accuracy

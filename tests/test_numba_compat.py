@@ -28,8 +28,9 @@ SCRIPT = textwrap.dedent(
     """
     import sys
     import numpy as np
-    if hasattr(np, "row_stack"):
-        del np.row_stack  # NumPy 2.5, as numba-cuda sees it
+    if hasattr(np, "row_stack"):  # NumPy 2.5, as numba-cuda (and scipy's array-API layer) see it
+        del np.row_stack
+        np.__all__ = [name for name in np.__all__ if name != "row_stack"]
     import gpubp  # installs the shim
     from gpubp.backends import numba_compat
     if SHIM_OFF:

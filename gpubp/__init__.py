@@ -30,7 +30,7 @@ from gpubp.lr_find import LRFindResult, lr_find
 from gpubp.model import NonFiniteError, Sequential
 from gpubp.optim import clip_grad_norm
 from gpubp.parameter import Parameter
-from gpubp.torch_interop import from_torch
+from gpubp.torch_interop import from_torch, to_torch
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,7 @@ __all__ = [
     "distributed",
     "export",
     "from_torch",
+    "to_torch",
     "Dense",
     "Dropout",
     "GradientWarning",

@@ -270,12 +270,6 @@ class Sequential:
         self.optimizer = None
         return self
 
-    def to_torch(self, *, device: Any = "cpu") -> Any:
-        """A torch.nn.Sequential computing what this model computes: see gpubp.torch_interop.to_torch."""
-        from gpubp.torch_interop import to_torch
-
-        return to_torch(self, device=device)
-
     def __repr__(self) -> str:
         inner = ",\n".join(f"  {layer!r}" for layer in self.layers)
         return (

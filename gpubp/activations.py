@@ -157,9 +157,27 @@ def _softplus_b(da, z, a, p):
     return np.where(bz > _c(z, p["threshold"]), da, da * sigmoid(bz))
 
 
+# --- the PyTorch twins (torch.nn modules; the benchmark and gpubp.torch_interop use them) ------
+
+
+def _torch(name: str, **fixed: Any) -> Callable[[Any, dict[str, float]], Any]:
+    """A factory ``(nn, params) -> nn.<name>(...)``: ``fixed`` keyword values, plus the parameters
+    renamed ``{torch_kwarg: gpubp_param}`` (given as ``_from={...}``)."""
+    renamed = fixed.pop("_from", {})
+
+    def make(nn: Any, params: dict[str, float]) -> Any:
+        return getattr(nn, name)(**fixed, **{k: params[v] for k, v in renamed.items()})
+
+    return make
+
+
 @dataclass(frozen=True)
 class Spec:
-    """One row of the table (the activation kind, before parameters are chosen)."""
+    """One row of the table (the activation kind, before parameters are chosen).
+
+    ``packs``: the parameters the compiled kernels take, in order, as (p0, p1) (scalar_math's
+    activation maths and the CUDA C header read slope / alpha / beta as p0, threshold as p1).
+    ``torch``: ``(torch.nn, params) -> module``, the PyTorch twin; None for the identity."""
 
     id: int
     saves: str  # "z", "a" or "" (what backward needs from forward)
@@ -167,19 +185,23 @@ class Spec:
     defaults: dict[str, float]
     forward: Callable[..., Array]
     backward: Callable[..., Array]
+    packs: tuple[str, ...] = ()
+    torch: Callable[[Any, dict[str, float]], Any] | None = None
 
 
 TABLE: dict[str, Spec] = {
     "identity": Spec(0, "", "glorot", {}, _identity_f, _identity_b),
-    "relu": Spec(1, "z", "he", {}, _relu_f, _relu_b),
-    "leaky_relu": Spec(2, "z", "he", {"slope": 0.01}, _leaky_relu_f, _leaky_relu_b),
-    "elu": Spec(3, "z", "he", {"alpha": 1.0}, _elu_f, _elu_b),
-    "sigmoid": Spec(4, "a", "glorot", {}, _sigmoid_f, _sigmoid_b),
-    "tanh": Spec(5, "a", "glorot", {}, _tanh_f, _tanh_b),
-    "gelu": Spec(6, "z", "he", {}, _gelu_f, _gelu_b),
-    "gelu_tanh": Spec(7, "z", "he", {}, _gelu_tanh_f, _gelu_tanh_b),
-    "silu": Spec(8, "z", "he", {}, _silu_f, _silu_b),
-    "softplus": Spec(9, "z", "he", {"beta": 1.0, "threshold": 20.0}, _softplus_f, _softplus_b),
+    "relu": Spec(1, "z", "he", {}, _relu_f, _relu_b, (), _torch("ReLU")),
+    "leaky_relu": Spec(2, "z", "he", {"slope": 0.01}, _leaky_relu_f, _leaky_relu_b, ("slope",),
+                       _torch("LeakyReLU", _from={"negative_slope": "slope"})),
+    "elu": Spec(3, "z", "he", {"alpha": 1.0}, _elu_f, _elu_b, ("alpha",), _torch("ELU", _from={"alpha": "alpha"})),
+    "sigmoid": Spec(4, "a", "glorot", {}, _sigmoid_f, _sigmoid_b, (), _torch("Sigmoid")),
+    "tanh": Spec(5, "a", "glorot", {}, _tanh_f, _tanh_b, (), _torch("Tanh")),
+    "gelu": Spec(6, "z", "he", {}, _gelu_f, _gelu_b, (), _torch("GELU", approximate="none")),
+    "gelu_tanh": Spec(7, "z", "he", {}, _gelu_tanh_f, _gelu_tanh_b, (), _torch("GELU", approximate="tanh")),
+    "silu": Spec(8, "z", "he", {}, _silu_f, _silu_b, (), _torch("SiLU")),
+    "softplus": Spec(9, "z", "he", {"beta": 1.0, "threshold": 20.0}, _softplus_f, _softplus_b, ("beta", "threshold"),
+                     _torch("Softplus", _from={"beta": "beta", "threshold": "threshold"})),
 }
 
 NAMES: tuple[str, ...] = tuple(TABLE)
@@ -236,6 +258,16 @@ class Activation:
 
     def backward(self, da: Array, z: Array | None, a: Array | None) -> Array:
         return self.spec.backward(da, z, a, self.params)
+
+    def packed(self) -> tuple[float, float]:
+        """(p0, p1): the parameters as the compiled kernels take them (see ``Spec.packs``), 0.0 where unused."""
+        vals = [self.params[k] for k in self.spec.packs]
+        return (vals + [0.0, 0.0])[0], (vals + [0.0, 0.0])[1]
+
+    def to_torch(self, nn: Any) -> Any:
+        """The ``torch.nn`` module computing this activation (``nn`` is torch.nn); None for the identity."""
+        make = self.spec.torch
+        return None if make is None else make(nn, self.params)
 
     def gain(self) -> float:
         """He gain sqrt(2 / (1 + slope^2)) for the ReLU family (slope 0 but for leaky_relu), 1 otherwise."""

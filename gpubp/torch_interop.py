@@ -146,23 +146,8 @@ def _activation_from(m: Any, where: str, nn: Any) -> Activation:
 
 
 def _activation_to(act: Activation, where: str, nn: Any) -> Any:
-    """The torch module of gpubp activation ``act``; None for the identity (no module)."""
-    p = act.params
-    made = {
-        "identity": lambda: None,
-        "relu": lambda: nn.ReLU(),
-        "leaky_relu": lambda: nn.LeakyReLU(negative_slope=p.get("slope", 0.0)),
-        "elu": lambda: nn.ELU(alpha=p.get("alpha", 0.0)),
-        "sigmoid": lambda: nn.Sigmoid(),
-        "tanh": lambda: nn.Tanh(),
-        "gelu": lambda: nn.GELU(approximate="none"),
-        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-        "silu": lambda: nn.SiLU(),
-        "softplus": lambda: nn.Softplus(beta=p.get("beta", 0.0), threshold=p.get("threshold", 0.0)),
-    }
-    if act.name not in made:
-        raise ValueError(f"{where}: activation {act.name!r} has no torch.nn module")
-    return made[act.name]()
+    """The torch module of gpubp activation ``act`` (its row's PyTorch twin); None for the identity."""
+    return act.to_torch(nn)
 
 
 def _activation_types(nn: Any) -> tuple[type, ...]:

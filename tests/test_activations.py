@@ -368,3 +368,14 @@ def test_config_roundtrip():
         act = Activation(name, **params)
         cfg = act.config()
         assert Activation(cfg["name"], **cfg["params"]) == act
+
+
+def test_packed_parameters_follow_the_row():
+    """(p0, p1) as the compiled kernels read them: slope / alpha / beta first, threshold second."""
+    assert Activation("leaky_relu", slope=0.2).packed() == (0.2, 0.0)
+    assert Activation("elu", alpha=0.5).packed() == (0.5, 0.0)
+    assert Activation("softplus", beta=2.0, threshold=10.0).packed() == (2.0, 10.0)
+    for name in ("identity", "relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu"):
+        assert Activation(name).packed() == (0.0, 0.0)
+    for name, spec in TABLE.items():
+        assert set(spec.packs) == set(spec.defaults), name  # every parameter reaches the kernels

@@ -448,3 +448,16 @@ def test_optimizer_refusals(torch):
         optimizer_from_torch(sgd, model, step=0)
     with pytest.raises(ValueError, match="pass step only for SGD"):
         optimizer_from_torch(torch.optim.Adagrad(ps), model, step=3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_activation_row_has_a_torch_twin_that_agrees(torch, name):
+    """The row's PyTorch twin computes the NumPy spec's f (float64, z across both signs and the
+    softplus threshold)."""
+    params = {"leaky_relu": {"slope": 0.2}, "elu": {"alpha": 0.7}, "softplus": {"beta": 2.0, "threshold": 5.0}}
+    act = Activation(name, **params.get(name, {}))
+    z = np.linspace(-6.0, 6.0, 97)
+    module = act.to_torch(torch.nn)
+    assert (module is None) == (name == "identity")
+    got = z if module is None else module(torch.from_numpy(z)).numpy()
+    np.testing.assert_allclose(got, act.forward(z), rtol=1e-12, atol=1e-14)

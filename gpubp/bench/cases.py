@@ -246,14 +246,11 @@ def _layer_data(n: int, w: int, dtype: str, seed: int) -> tuple[np.ndarray, np.n
 
 
 def torch_activation(act: Activation) -> Callable:
+    """The activation's PyTorch twin (its row in gpubp.activations), as a callable on tensors."""
     import torch
-    import torch.nn.functional as F
 
-    p = act.params
-    return {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, p.get("slope")),
-            "elu": lambda z: F.elu(z, p.get("alpha")), "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-            "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu,
-            "softplus": lambda z: F.softplus(z, p.get("beta"), p.get("threshold"))}[act.name]
+    module = act.to_torch(torch.nn)
+    return (lambda z: z) if module is None else module
 
 
 def layer_case(mode: str, activation: str, dtype: str = "float32") -> Case:

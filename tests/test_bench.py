@@ -234,19 +234,19 @@ class WrongContender(bk.Contender):
 def test_a_wrong_result_is_refused_and_never_timed(how):
     wrong = WrongContender(how)
     res = run_suite(bc.select_cases("smoke", patterns=["dense_fwd_bwd:relu"]),
-                    [bk.make_contenders(["numpy"])[0], wrong])
+                    [bk.make_contenders(["gpubp-cpu"])[0], wrong])
     mine = [r for r in res["records"] if r["contender"] == wrong.name]
     assert len(mine) == 4 and all(r["status"] == "refused" for r in mine)
     assert all(r["reason"].startswith("wrong result (max err") and "stats" not in r for r in mine)
     assert wrong.steps == 4  # one gate step per size, no warm-up, no timing
-    ok = [r for r in res["records"] if r["contender"] == "numpy"]
+    ok = [r for r in res["records"] if r["contender"] == "gpubp-cpu"]
     assert all(r["status"] == "ok" and r["gate"]["max_err"] < 1e-5 for r in ok)
     assert all(r["gate"]["tol"] == accuracy.gate_tolerance("float32") for r in ok)  # the contract's tolerance
     assert res["headline"] == []  # nothing timed beside the primary
 
 
 def test_the_gate_checks_a_reduced_batch_when_the_reference_costs_too_much():
-    res = run_suite(bc.select_cases("smoke", patterns=["dense_fwd:relu"]), bk.make_contenders(["numpy"]),
+    res = run_suite(bc.select_cases("smoke", patterns=["dense_fwd:relu"]), bk.make_contenders(["gpubp-cpu"]),
                     gate_flops=1e3)
     big = [r for r in res["records"] if r["size"]["N"] == 256]
     assert big and all(r["status"] == "ok" and r["gate"]["reduced"] for r in big)
@@ -457,7 +457,7 @@ def test_without_matplotlib_the_plots_are_skipped_and_said_so(smoke_run, tmp_pat
 
 
 def test_no_plots_writes_none(tmp_path, capsys):
-    code = cli.run(bench_args("--smoke", "--cases", "loss", "--contenders", "numpy", "--out", str(tmp_path),
+    code = cli.run(bench_args("--smoke", "--cases", "loss", "--contenders", "gpubp-cpu", "--out", str(tmp_path),
                               "--quiet", "--no-plots", "--warmup-time", "0"))
     assert code == 0 and not list(tmp_path.glob("*.png")) and (tmp_path / "summary.md").exists()
     assert "0 plot(s)" in capsys.readouterr().out
@@ -491,6 +491,18 @@ def test_unknown_names_are_refused_before_anything_runs():
         cli.run(bench_args("--cases", "dense_fwd:nonsense"))
     with pytest.raises(ValueError, match="--contenders"):
         cli.run(bench_args("--contenders", "jax"))
+
+
+def test_the_old_name_of_the_cpu_contender_says_its_new_name(capsys):
+    # "numpy" always ran gpubp's CPU backend; it is "gpubp-cpu" now, and the old name says so.
+    with pytest.raises(ValueError, match=r"--contenders: 'numpy' is now called 'gpubp-cpu'"):
+        cli.run(bench_args("--contenders", "numpy,torch-cpu"))
+    from gpubp.cli import main
+
+    assert main(["bench", "--list", "--contenders", "numpy"]) == 2
+    assert "'gpubp-cpu'" in capsys.readouterr().err
+    assert main(["bench", "--list", "--contenders", "gpubp-cpu"]) == 0
+    assert "gpubp-cpu" in capsys.readouterr().out
 
 
 def test_the_gpubp_command_reaches_bench(capsys):

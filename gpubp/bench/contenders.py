@@ -17,7 +17,9 @@ import gpubp as gp
 from gpubp.bench.cases import Case
 from gpubp.bench.timing import Settings, timer
 
-CONTENDER_NAMES = ("gpubp", "gpubp-unfused", "torch-cuda", "torch-compile", "numpy", "torch-cpu")
+CONTENDER_NAMES = ("gpubp", "gpubp-unfused", "torch-cuda", "torch-compile", "gpubp-cpu", "torch-cpu")
+# Names a contender had before: old name -> the name today.
+RENAMED = {"numpy": "gpubp-cpu"}  # it always ran gpubp's CPU backend (CpuBackend), never plain NumPy
 
 
 @dataclass
@@ -145,6 +147,10 @@ class Contender:
 def make_contenders(names: Sequence[str] | None = None, compile_: bool = False, tf32: bool = False,
                     compile_reason: str = "") -> list[Contender]:
     """The contenders in table order; ``names`` keeps those listed."""
+    renamed = [n for n in names or () if n in RENAMED]
+    if renamed:
+        raise ValueError("--contenders: " + "; ".join(
+            f"{n!r} is now called {RENAMED[n]!r} ({RENAMED[n]}: gpubp's CPU backend)" for n in renamed))
     unknown = [n for n in names or () if n not in CONTENDER_NAMES]
     if unknown:
         raise ValueError(f"--contenders: unknown {', '.join(map(repr, unknown))}; expected names from "
@@ -158,7 +164,7 @@ def make_contenders(names: Sequence[str] | None = None, compile_: bool = False, 
         Contender("torch-compile", "cuda", "torch", "PyTorch, torch.compile(dynamic=True), on the GPU",
                   {"optimizer": "an optimizer step alone is not compiled; torch-cuda shows PyTorch's optimizer"},
                   compile=True, off="" if compile_ else compile_reason or "off (--compile turns it on)", tf32=tf32),
-        Contender("numpy", "cpu", "gpubp", "gpubp on the CPU"),
+        Contender("gpubp-cpu", "cpu", "gpubp", "gpubp on the CPU: its CPU backend (CpuBackend, the default)"),
         Contender("torch-cpu", "cpu", "torch", "PyTorch eager on the CPU", tf32=tf32),
     ]
     return [c for c in every if not names or c.name in names]

@@ -207,7 +207,7 @@ class Runner:
                 bar.update(1)
         self._data, self._gemm = (None, {}, {}), {}
         names = [c.name for c in self.contenders if c.usable]  # the primary: gpubp on the GPU, else on the CPU
-        primary = next((n for n in ("gpubp", "numpy") if n in names), names[0] if names else "")
+        primary = next((n for n in ("gpubp", "gpubp-cpu") if n in names), names[0] if names else "")
         add_ratios(self.records, primary)
         return {"schema": SCHEMA, "tier": self.opt.tier, "target": self.target, "dtype": self.opt.dtype,
                 "primary": primary, "options": asdict(self.opt),

@@ -20,6 +20,7 @@ from gpubp import (
     optim,
     plot,
     schedules,
+    threads,
 )
 from gpubp._resources import kernel_dir
 from gpubp.activations import Activation
@@ -64,4 +65,5 @@ __all__ = [
     "plot",
     "save",
     "schedules",
+    "threads",
 ]

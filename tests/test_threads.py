@@ -142,3 +142,15 @@ def test_two_ranks_under_mpiexec_share_the_cores(tmp_path):
         assert got["threads"] == got["numba"] == want and set(got["blas"]) <= {want}, got
     said = [m for got in ranks for m in got["said"] if "per process" in m]
     assert len(said) == 1 and "/ 2 processes on this machine" in said[0], ranks  # once, by local rank 0
+
+
+def test_the_policy_is_reachable_from_the_package():
+    # gp.threads after `import gpubp as gp`, without applying the policy or loading threadpoolctl/Numba's pools.
+    code = ("import sys, gpubp as gp; assert gp.threads is sys.modules['gpubp.threads']; "
+            "assert 'threads' in gp.__all__ and callable(gp.threads.set_policy) and callable(gp.threads.describe); "
+            "print('threadpoolctl' in sys.modules, gp.threads._POLICY is None)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUBP_CPU")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"], r.stdout

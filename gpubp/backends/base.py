@@ -14,16 +14,34 @@ Shapes: x (N, in), W (in, out), b (out,), z = x @ W + b and a = f(z) (N, out).
 Arrays passed in are the backend's own (C-contiguous, float32 or float64) unless a
 method says otherwise. ``tests/test_conformance.py`` runs every method of every
 available backend against the float64 spec.
+
+The abstract methods, by group (everything else is derived from them in this class):
+
+| group                 | abstract methods                                               | derived here                    |
+|-----------------------|----------------------------------------------------------------|---------------------------------|
+| arrays                | ``is_device_array``, ``asarray``, ``to_numpy``, ``full``,      | ``zeros``                       |
+|                       | ``assign_``, ``take_rows``                                     |                                 |
+| dense layer           | ``dense_forward``, ``dense_backward``                          |                                 |
+| dropout               | ``dropout_forward``, ``dropout_backward``                      |                                 |
+| losses                | ``mse``, ``cross_entropy``, ``bce_with_logits``                |                                 |
+| optimizer updates     | ``update`` (any :class:`gpubp.optim.rule.Rule`),               |                                 |
+|                       | ``flag_nonfinite_``                                            |                                 |
+| reductions, clipping  | ``reduce_into`` ("sumsq", "maxabs"), ``scale_``, ``clip_scale_`` | ``sum_of_squares_into``,      |
+|                       |                                                                | ``sum_of_squares``, ``max_abs``,|
+|                       |                                                                | ``all_finite``                  |
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gpubp.activations import Activation
+
+if TYPE_CHECKING:  # the optimizer rows import this module
+    from gpubp.optim.rule import Hyper, Rule
 
 Array = Any  # an array of the backend's array module (numpy.ndarray, cupy.ndarray)
 Value = Any  # a loss value: a float on the host, a 0-d float64 device array on a GPU
@@ -53,12 +71,8 @@ class Backend(ABC):
         """A host copy of ``x`` (waits for the device); never a view of the backend's array."""
 
     @abstractmethod
-    def zeros(self, shape: Any, dtype: Any) -> Array:
-        """A new array of zeros."""
-
-    @abstractmethod
-    def full(self, n: int, value: float, dtype: Any) -> Array:
-        """A new 1-D array of ``n`` elements, each ``value``."""
+    def full(self, shape: Any, value: float, dtype: Any) -> Array:
+        """A new array of ``shape`` (an int for 1-D, or a tuple), each element ``value``."""
 
     @abstractmethod
     def assign_(self, dst: Array, src: np.ndarray) -> None:
@@ -68,10 +82,6 @@ class Backend(ABC):
     def take_rows(self, data: Array, index: slice | np.ndarray) -> Array:
         """Rows ``index`` (a slice, or a host int64 array) of ``data`` (an array of this backend, or a
         host array that is then copied in), as a C-contiguous array of this backend."""
-
-    @abstractmethod
-    def all_finite(self, x: Array) -> bool:
-        """Whether every element of ``x`` is finite (waits for the answer)."""
 
     # --- dense layer: forward and backward as a pair --------------------------------------
 
@@ -122,31 +132,16 @@ class Backend(ABC):
         """Elementwise max(x, 0) - x t + log(1 + e^-|x|), row i weighted by w_i;
         dL/dx_ij = scale w_i (sigmoid(x_ij) - t_ij)."""
 
-    # --- optimizer updates over flat 1-D runs of the arena (see numpy_optim for the maths) ----
+    # --- optimizer updates over flat 1-D runs of the arena (the maths: gpubp.optim's rules) ----
     # ``guard``: None, or a 1-element int64 array of this backend; while guard[0] != 0 an update
     # changes nothing (parameters and state), and the host does not wait to find out.
 
     @abstractmethod
-    def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, *, lr: float, momentum: float,
-                   dampening: float, nesterov: bool, weight_decay: float, first_step: bool, guard: Array | None = None) -> None:
-        """SGD with momentum, dampening, Nesterov and L2 weight decay, in place on ``p``."""
-
-    @abstractmethod
-    def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None, *,
-                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                    amsgrad: bool, step: int, guard: Array | None = None) -> None:
-        """Adam (decoupled=False) or AdamW (decoupled=True), optionally AMSGrad, in place."""
-
-    @abstractmethod
-    def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
-                       momentum_buf: Array | None, *, lr: float, alpha: float, eps: float, weight_decay: float,
-                       momentum: float, centered: bool, guard: Array | None = None) -> None:
-        """RMSprop, optionally centred and with momentum, in place."""
-
-    @abstractmethod
-    def adagrad_update(self, p: Array, g: Array, state_sum: Array, *, lr: float, lr_decay: float,
-                       weight_decay: float, eps: float, step: int, guard: Array | None = None) -> None:
-        """Adagrad with lr decay and L2 weight decay, in place."""
+    def update(self, rule: Rule, p: Array, g: Array, state: tuple, hp: Hyper, guard: Array | None = None) -> None:
+        """One step of optimizer ``rule`` in place over a flat run: parameters ``p``, gradients ``g``
+        (only read), ``state`` the rule's buffers in ``rule.state`` order (None where ``rule.uses``
+        says unused), ``hp`` the step's packed hyper-parameters (``rule.pack``). The spec is
+        ``rule.spec``; compiled backends run ``rule.scalar`` per element, bit for bit the same."""
 
     @abstractmethod
     def flag_nonfinite_(self, value: Value, g: Array, flag: Array, tag: int) -> None:
@@ -156,21 +151,42 @@ class Backend(ABC):
     # --- reductions over flat runs (fixed order: same bits every run) -------------------------
 
     @abstractmethod
-    def sum_of_squares(self, g: Array) -> float:
-        """sum g_i^2 in float64, on the host (waits)."""
-
-    @abstractmethod
-    def max_abs(self, g: Array) -> float:
-        """max |g_i| (waits)."""
+    def reduce_into(self, g: Array, out: Array, op: str, *, accumulate: bool = False) -> None:
+        """out[0] (a float64 array of this backend) = the reduction ``op`` of g, combined with out[0]
+        when ``accumulate`` (sum for "sumsq", NaN-propagating max for "maxabs"); no wait.
+        ``op``: "sumsq" (sum g_i^2 in float64) or "maxabs" (max |g_i|, NaN if any is NaN; 0 when empty)."""
 
     @abstractmethod
     def scale_(self, g: Array, c: float) -> None:
         """g *= c in place."""
 
     @abstractmethod
-    def sum_of_squares_into(self, g: Array, out: Array, *, accumulate: bool = False) -> None:
-        """out[0] (a float64 array of this backend) = (out[0] if accumulate else 0) + sum g_i^2; no wait."""
-
-    @abstractmethod
     def clip_scale_(self, g: Array, total_sq: Array, max_norm: float) -> None:
         """g *= c where c = max_norm / (sqrt(total_sq[0]) + 1e-6) when c < 1; no wait."""
+
+    # --- derived: written once here from the methods above ------------------------------------
+
+    def zeros(self, shape: Any, dtype: Any) -> Array:
+        """A new array of zeros (:meth:`full`)."""
+        return self.full(shape, 0.0, dtype)
+
+    def sum_of_squares_into(self, g: Array, out: Array, *, accumulate: bool = False) -> None:
+        """out[0] (a float64 array of this backend) = (out[0] if accumulate else 0) + sum g_i^2; no wait."""
+        self.reduce_into(g, out, "sumsq", accumulate=accumulate)
+
+    def _reduce(self, g: Array, op: str) -> float:
+        out = self.full(1, 0.0, np.float64)
+        self.reduce_into(g.reshape(-1), out, op)
+        return float(self.to_numpy(out)[0])
+
+    def sum_of_squares(self, g: Array) -> float:
+        """sum g_i^2 in float64, on the host (waits)."""
+        return self._reduce(g, "sumsq")
+
+    def max_abs(self, g: Array) -> float:
+        """max |g_i| (0.0 for an empty array, NaN if any is NaN), on the host (waits)."""
+        return self._reduce(g, "maxabs")
+
+    def all_finite(self, x: Array) -> bool:
+        """Whether every element of ``x`` is finite (waits): max |x_i| is finite."""
+        return bool(np.isfinite(self.max_abs(x)))

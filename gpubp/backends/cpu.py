@@ -6,14 +6,14 @@ Shapes: x (N, in), W (in, out), b (out,), z = x @ W + b, a = f(z) (N, out).
     backward  dz = da f'(saved), db = sum_rows dz (numba_cpu.act_bias_grad, one pass);
               dW = x^T dz, dx = dz W^T (BLAS)
     losses    value and gradient in one pass (numba_cpu.mse / cross_entropy / bce)
-    updates   one pass per arena run (numba_cpu.sgd / adam / rmsprop / adagrad)
+    updates   one pass per arena run (cpu_update: any optimizer rule's scalar body, one loop)
 
 What forward saves: z where f' needs z (gelu, elu, ...), a where it needs a (sigmoid, tanh),
 and for relu a = max(z, 0) as the mask (a > 0 exactly where z > 0, NaN included), so that
 relu's forward writes one array in place. Float32 gelu and softmax use numba_cpu's
 polynomial erf/exp (error bounds there), float64 libm.
 
-Array helpers, dropout, max_abs, scale_ and the clip are the reference's (NumpyBackend):
+Array helpers, dropout, the max-abs reduction, scale_ and the clip are the reference's (NumpyBackend):
 each is a single NumPy pass already. Threads: :mod:`gpubp.threads`, applied when the
 backend is first made. ``tests/test_conformance.py`` checks every operation against the
 float64 spec; ``tests/test_cpu_backend.py`` the kernels, the fast erf and determinism.
@@ -21,15 +21,18 @@ float64 spec; ``tests/test_cpu_backend.py`` the kernels, the fast erf and determ
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gpubp import threads
 from gpubp.activations import Activation
+from gpubp.backends import cpu_update
 from gpubp.backends import numba_cpu as K
 from gpubp.backends.numpy_ref import NumpyBackend
+
+if TYPE_CHECKING:
+    from gpubp.optim.rule import Hyper, Rule
 
 Array = np.ndarray
 
@@ -60,12 +63,6 @@ def _flat(a: Array) -> Array:
 def _weights(w: Array) -> Array:
     """Row weights as the weighted kernels read them: C-contiguous float64 (N,)."""
     return np.ascontiguousarray(w, dtype=np.float64)
-
-
-def _lerp_factors(dt: np.dtype, weight: float) -> tuple[Any, Any, bool]:
-    """(w, 1 - w, high) of numpy_optim's lerp: w rounded to ``dt``, 1 - w computed in ``dt``."""
-    w = dt.type(weight)
-    return w, dt.type(1) - w, bool(not abs(w) < 0.5)
 
 
 class CpuBackend(NumpyBackend):
@@ -163,71 +160,21 @@ class CpuBackend(NumpyBackend):
         total = kernel(z, y, t, z.dtype.type(scale), grad, partial, rows, w, float(scale))
         return float(total * scale), grad
 
-    # --- optimizer updates ----------------------------------------------------------------------
+    # --- optimizer updates: the rule's scalar body in one generic loop ---------------------------
 
-    def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, *, lr: float, momentum: float,
-                   dampening: float, nesterov: bool, weight_decay: float, first_step: bool,
-                   guard: Array | None = None) -> None:
+    def update(self, rule: Rule, p: Array, g: Array, state: tuple, hp: Hyper, guard: Array | None = None) -> None:
+        slots, live = rule.slots(state, hp, g)  # checks the buffers, guard or not
         if guard is not None and guard[0]:
             return
-        use_momentum = momentum != 0
-        if use_momentum and momentum_buf is None:
-            raise ValueError("momentum_buf: required when momentum != 0")
-        T = p.dtype.type
-        kernel = K.sgd(weight_decay != 0, use_momentum, bool(first_step), dampening != 0, bool(nesterov),
-                       K.parallel_for(p.size))
-        kernel(p, g, momentum_buf if use_momentum else p, T(lr), T(momentum), T(1.0 - dampening),
-               T(weight_decay), K.FLAT_CHUNK)
-
-    def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None, *,
-                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                    amsgrad: bool, step: int, guard: Array | None = None) -> None:
-        if guard is not None and guard[0]:
-            return
-        if amsgrad and max_exp_avg_sq is None:
-            raise ValueError("max_exp_avg_sq: required when amsgrad is True")
-        dt = p.dtype
-        T = dt.type
-        wd_mode = 0 if weight_decay == 0 else (2 if decoupled else 1)
-        w1, one_minus_w1, high = _lerp_factors(dt, 1.0 - beta1)
-        hp = (T(1.0 - lr * weight_decay), T(weight_decay), w1, one_minus_w1, T(beta2), T(1.0 - beta2),
-              T(lr / (1.0 - beta1**step)), T(math.sqrt(1.0 - beta2**step)), T(eps))
-        kernel = K.adam(wd_mode, high, bool(amsgrad), K.parallel_for(p.size))
-        kernel(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else p, hp, K.FLAT_CHUNK)
-
-    def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
-                       momentum_buf: Array | None, *, lr: float, alpha: float, eps: float, weight_decay: float,
-                       momentum: float, centered: bool, guard: Array | None = None) -> None:
-        if guard is not None and guard[0]:
-            return
-        use_momentum = momentum > 0
-        if centered and grad_avg is None:
-            raise ValueError("grad_avg: required when centered is True")
-        if use_momentum and momentum_buf is None:
-            raise ValueError("momentum_buf: required when momentum > 0")
-        dt = p.dtype
-        T = dt.type
-        w, one_minus_w, high = _lerp_factors(dt, 1.0 - alpha)
-        hp = (T(lr), T(alpha), w, one_minus_w, T(eps), T(weight_decay), T(momentum))
-        kernel = K.rmsprop(weight_decay != 0, bool(centered), high, use_momentum, K.parallel_for(p.size))
-        kernel(p, g, square_avg, grad_avg if centered else p, momentum_buf if use_momentum else p, hp, K.FLAT_CHUNK)
-
-    def adagrad_update(self, p: Array, g: Array, state_sum: Array, *, lr: float, lr_decay: float,
-                       weight_decay: float, eps: float, step: int, guard: Array | None = None) -> None:
-        if guard is not None and guard[0]:
-            return
-        T = p.dtype.type
-        clr = lr / (1.0 + (step - 1) * lr_decay)
-        kernel = K.adagrad(weight_decay != 0, K.parallel_for(p.size))
-        kernel(p, g, state_sum, T(clr), T(eps), T(weight_decay), K.FLAT_CHUNK)
+        kernel = cpu_update.kernel(rule, hp.flags, live, K.parallel_for(p.size))
+        kernel(p, g, *slots, hp.scalars, K.FLAT_CHUNK)
 
     # --- reductions -----------------------------------------------------------------------------
 
-    def sum_of_squares(self, g: Array) -> float:
+    def reduce_into(self, g: Array, out: Array, op: str, *, accumulate: bool = False) -> None:
+        if op != "sumsq":
+            return super().reduce_into(g, out, op, accumulate=accumulate)
         g = _flat(g)
         partial = np.empty(K.chunks(g.size, K.FLAT_CHUNK))
-        return float(K.sum_of_squares(K.parallel_for(g.size))(g, partial, K.FLAT_CHUNK))
-
-    def sum_of_squares_into(self, g: Array, out: Array, *, accumulate: bool = False) -> None:
-        total = self.sum_of_squares(g)
+        total = float(K.sum_of_squares(K.parallel_for(g.size))(g, partial, K.FLAT_CHUNK))
         out[0] = (float(out[0]) + total) if accumulate else total

@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gpubp._random import dropout_keep
 from gpubp.activations import Activation
 from gpubp.backends.base import Array, Backend, Value
+
+if TYPE_CHECKING:
+    from gpubp.optim.rule import Hyper, Rule
 
 
 class _Slot:
@@ -188,15 +191,11 @@ class CudaBackend(Backend):
                 return False
         return False
 
-    def zeros(self, shape: Any, dtype: Any) -> Array:
-        dt = np.dtype(dtype)
-        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        with self.context(), self._oom("allocating an array", n):
-            return self.xp.zeros(shape, dtype=dt)
-
-    def full(self, n: int, value: float, dtype: Any) -> Array:
-        with self._launching("allocating an array", int(n) * np.dtype(dtype).itemsize) as s:
-            return self.nbo.full(n, value, dtype, stream=s)
+    def full(self, shape: Any, value: float, dtype: Any) -> Array:
+        n = int(np.prod(shape, dtype=np.int64))
+        with self._launching("allocating an array", n * np.dtype(dtype).itemsize) as s:
+            out = self.nbo.full(n, value, dtype, stream=s)
+        return out if isinstance(shape, (int, np.integer)) else out.reshape(shape)
 
     def assign_(self, dst: Array, src: np.ndarray) -> None:
         with self._launching("copying to the device") as s:
@@ -253,14 +252,6 @@ class CudaBackend(Backend):
             if not isinstance(index, slice):
                 index = self.asarray(index, np.int64)
             return data[index]
-
-    def all_finite(self, x: Array) -> bool:
-        """Whether every element is finite (one deterministic kernel pass; waits for the answer)."""
-        flat = x.reshape(-1)
-        if not flat.size:
-            return True
-        with self._launching("checking for NaN/Inf") as s:
-            return bool(self.nbo.all_finite(flat, stream=s))
 
     # -- dense layer: forward and backward as a pair -----------------------------------------
 
@@ -335,25 +326,13 @@ class CudaBackend(Backend):
                         weight: Array | None = None) -> tuple[Value, Array]:
         return self._loss(self.nk.bce_with_logits, logits, target, scale, False, weight)
 
-    # -- optimizer updates: one launch over each contiguous run of the arena ---------------------
+    # -- optimizer updates: one launch of the rule's generic kernel over each contiguous run ----
 
-    def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, **hp: Any) -> None:
-        with self._launching("an SGD step") as s:
-            self.nbo.sgd_update(p, g, momentum_buf, stream=s, **hp)
+    def update(self, rule: Rule, p: Array, g: Array, state: tuple, hp: Hyper, guard: Array | None = None) -> None:
+        from gpubp.backends import cuda_update
 
-    def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None,
-                    **hp: Any) -> None:
-        with self._launching("an Adam step") as s:
-            self.nbo.adam_update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, stream=s, **hp)
-
-    def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
-                       momentum_buf: Array | None, **hp: Any) -> None:
-        with self._launching("an RMSprop step") as s:
-            self.nbo.rmsprop_update(p, g, square_avg, grad_avg, momentum_buf, stream=s, **hp)
-
-    def adagrad_update(self, p: Array, g: Array, state_sum: Array, **hp: Any) -> None:
-        with self._launching("an Adagrad step") as s:
-            self.nbo.adagrad_update(p, g, state_sum, stream=s, **hp)
+        with self._launching(f"a {rule.name} step") as s:
+            cuda_update.update(rule, p, g, state, hp, guard, stream=s)
 
     def flag_nonfinite_(self, value: Value, g: Array, flag: Array, tag: int) -> None:
         """Three Numba launches on the stream (set, scan, merge); nothing comes back to the host."""
@@ -362,21 +341,13 @@ class CudaBackend(Backend):
 
     # -- reductions (two-pass, fixed order) ------------------------------------------------------
 
-    def sum_of_squares(self, g: Array) -> float:
-        with self._launching("a sum of squares") as s:
-            return self.nbo.sum_of_squares(g, stream=s)
-
-    def max_abs(self, g: Array) -> float:
-        with self._launching("a max-abs reduction") as s:
-            return self.nbo.max_abs(g, stream=s)
+    def reduce_into(self, g: Array, out: Array, op: str, *, accumulate: bool = False) -> None:
+        with self._launching(f"a {op} reduction") as s:
+            self.nbo.reduce_into(g.reshape(-1), out, op, stream=s, accumulate=accumulate)
 
     def scale_(self, g: Array, c: float) -> None:
         with self._launching("scaling gradients") as s:
             self.nbo.scale_(g, c, stream=s)
-
-    def sum_of_squares_into(self, g: Array, out: Array, *, accumulate: bool = False) -> None:
-        with self._launching("a sum of squares") as s:
-            self.nbo.sum_of_squares_into(g, out, stream=s, accumulate=accumulate)
 
     def clip_scale_(self, g: Array, total_sq: Array, max_norm: float) -> None:
         with self._launching("clipping gradients") as s:

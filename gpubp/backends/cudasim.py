@@ -74,9 +74,6 @@ class SimulatedCudaBackend(CudaBackend):
     def is_device_array(self, x: Any) -> bool:
         return False  # host arrays, validated on the host
 
-    def zeros(self, shape: Any, dtype: Any) -> Array:
-        return np.zeros(shape, dtype=np.dtype(dtype))
-
     def asarray(self, x: Any, dtype: Any) -> Array:
         return np.array(x, dtype=np.dtype(dtype), order="C", copy=True)  # a copy, as a transfer would be
 

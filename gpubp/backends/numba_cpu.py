@@ -9,11 +9,12 @@ runs here, each a single pass over memory where NumPy makes several:
 | ``act_bias_grad``    | dz = da f'(s); db = sum_rows dz  da, s, dz (N, M), db (M,)     | 3-5, temporaries         |
 | ``mse``, ``bce``     | gradient and float64 value       flat (``*_weighted``: by row)  | 4-8                      |
 | ``cross_entropy``    | softmax, gradient, value by rows logits (N, C)                 | 8, three temporaries     |
-| ``sgd`` ... ``adagrad`` | one optimizer update          flat runs of the arena         | 4-12, 1-3 temporaries    |
+| ``cpu_update.kernel`` | one optimizer update (any rule)  flat runs of the arena         | 4-12, 1-3 temporaries    |
 | ``sum_of_squares``   | sum g^2 in float64               flat                          | 2, a float64 temporary   |
 
 The per-element maths is not written here: it is :mod:`gpubp.backends.scalar_math`
-(``act_f``, ``act_grad``, ``mse_term``, ``sgd_step``, ...), compiled with
+(``act_f``, ``act_grad``, ``mse_term``, ...; an optimizer's is its rule's body, compiled
+by :mod:`gpubp.backends.cpu_update` with this module's ``dm``), compiled with
 ``numba.njit`` (LLVM inlines them), the same source the Numba CUDA kernels compile. The one
 addition is :func:`build_fast`: a float32 exp and erf made of polynomials and selects,
 which LLVM vectorises where ``math.erf``/``math.exp`` are scalar libm calls (see its
@@ -491,115 +492,6 @@ def cross_entropy(labels: bool, approx: bool, weighted: bool, parallel: bool) ->
         for c in range(partial.shape[0]):
             total += partial[c]
         return total
-
-    return kernel
-
-
-@functools.cache
-def sgd(has_wd: bool, use_momentum: bool, first: bool, damped: bool, nesterov: bool, parallel: bool) -> Callable:
-    """kernel(p, g, buf, lr, momentum, one_minus_dampening, wd, chunk): scalar_math.sgd_step per element."""
-    source = SOURCE
-
-    @_jit(parallel)
-    def kernel(p, g, buf, lr, momentum, one_minus_dampening, wd, chunk):
-        source, parallel  # noqa: B018 - cache key
-        n = p.shape[0]
-        for c in numba.prange((n + chunk - 1) // chunk):
-            lo, hi = c * chunk, c * chunk + chunk
-            pc, gc, bc = p[lo:hi], g[lo:hi], buf[lo:hi]
-            for i in range(pc.shape[0]):
-                b = gc[i]
-                if use_momentum and not first:
-                    b = bc[i]
-                pi, b = dm.sgd_step(pc[i], gc[i], b, lr, momentum, one_minus_dampening, wd,
-                                    has_wd, use_momentum, first, damped, nesterov)
-                if use_momentum:
-                    bc[i] = b
-                pc[i] = pi
-
-    return kernel
-
-
-@functools.cache
-def adam(wd_mode: int, lerp_high: bool, amsgrad: bool, parallel: bool) -> Callable:
-    """kernel(p, g, m, v, vmax, hp, chunk): scalar_math.adam_step per element; hp = (decay, wd, w1,
-    1 - w1, beta2, 1 - beta2, step_size, sqrt(bias correction 2), eps) in the data dtype."""
-    source = SOURCE
-
-    @_jit(parallel)
-    def kernel(p, g, m, v, vmax, hp, chunk):
-        source, parallel  # noqa: B018 - cache key
-        decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bc2, eps = hp
-        n = p.shape[0]
-        for c in numba.prange((n + chunk - 1) // chunk):
-            lo, hi = c * chunk, c * chunk + chunk
-            pc, gc, mc, vc, xc = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], vmax[lo:hi]
-            for i in range(pc.shape[0]):
-                vi = vc[i]
-                vm = vi
-                if amsgrad:
-                    vm = xc[i]
-                pi, mi, vi, vm = dm.adam_step(pc[i], gc[i], mc[i], vi, vm, decay, wd, w1, one_minus_w1, beta2,
-                                              one_minus_beta2, step_size, bc2, eps, wd_mode, lerp_high, amsgrad)
-                mc[i] = mi
-                vc[i] = vi
-                if amsgrad:
-                    xc[i] = vm
-                pc[i] = pi
-
-    return kernel
-
-
-@functools.cache
-def rmsprop(has_wd: bool, centered: bool, lerp_high: bool, use_momentum: bool, parallel: bool) -> Callable:
-    """kernel(p, g, v, a, b, hp, chunk): scalar_math.rmsprop_step per element; hp = (lr, alpha, w,
-    1 - w, eps, wd, momentum) in the data dtype."""
-    source = SOURCE
-
-    @_jit(parallel)
-    def kernel(p, g, v, a, b, hp, chunk):
-        source, parallel  # noqa: B018 - cache key
-        lr, alpha, w, one_minus_w, eps, wd, momentum = hp
-        n = p.shape[0]
-        for c in numba.prange((n + chunk - 1) // chunk):
-            lo, hi = c * chunk, c * chunk + chunk
-            pc, gc, vc, ac, bc = p[lo:hi], g[lo:hi], v[lo:hi], a[lo:hi], b[lo:hi]
-            for i in range(pc.shape[0]):
-                vi = vc[i]
-                ai = vi
-                if centered:
-                    ai = ac[i]
-                bi = vi
-                if use_momentum:
-                    bi = bc[i]
-                pi, vi, ai, bi = dm.rmsprop_step(pc[i], gc[i], vi, ai, bi, lr, alpha, w, one_minus_w, eps, wd,
-                                                 momentum, has_wd, centered, lerp_high, use_momentum)
-                vc[i] = vi
-                if centered:
-                    ac[i] = ai
-                if use_momentum:
-                    bc[i] = bi
-                pc[i] = pi
-
-    return kernel
-
-
-@functools.cache
-def adagrad(has_wd: bool, parallel: bool) -> Callable:
-    """kernel(p, g, s, clr, eps, wd, chunk): scalar_math.adagrad_step per element."""
-    source = SOURCE
-
-    @_jit(parallel)
-    def kernel(p, g, s, clr, eps, wd, chunk):
-        source, parallel  # noqa: B018 - cache key
-        n = p.shape[0]
-        for c in numba.prange((n + chunk - 1) // chunk):
-            lo, hi = c * chunk, c * chunk + chunk
-            pc, gc, sc = p[lo:hi], g[lo:hi], s[lo:hi]
-            for i in range(pc.shape[0]):
-                pi, si = dm.adagrad_step(pc[i], gc[i], sc[i], clr, eps, wd, has_wd)
-                sc[i] = si
-                pc[i] = pi
 
     return kernel
 

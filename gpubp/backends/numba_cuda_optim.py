@@ -1,27 +1,16 @@
-"""CUDA optimizer maths as Numba kernels: the functions of ``numpy_optim`` for device arrays.
+"""CUDA reductions, clipping and fills as Numba kernels, and the launch path of the optimizer updates.
 
-Every optimizer update is one fused kernel launch over a whole flat run of an
-arena (a grid-stride loop, so any length fits any grid). The per-element maths
-is :mod:`gpubp.backends.scalar_math` (``sgd_step``, ``adam_step``, ...), which
-follows :mod:`gpubp.backends.numpy_optim` operation by operation, in the same
-order and in the arrays' dtype, so float64 and float32 results agree with the
-NumPy reference to the last bit or so:
+The optimizer updates themselves are one generic kernel per rule
+(:mod:`gpubp.backends.cuda_update`: a rule's scalar body, from ``gpubp/optim/<name>.py``,
+in a grid-stride loop, launched through this module's counted path). Everything here
+follows the NumPy reference (``numpy_optim``) in the arrays' dtype; hyper-parameters are
+rounded to that dtype on the host as NumPy rounds a Python float operand, and products are
+libdevice's round-to-nearest multiplies (``dm.mul``), never fused into an FMA. Division and
+square root are the IEEE-rounded ones (Numba's default, no fast-math).
 
-* every hyper-parameter is rounded to the arrays' dtype on the host, exactly as
-  NumPy rounds a Python float operand, and scalar factors (bias corrections,
-  Adagrad's decayed rate) are computed on the host as Python floats;
-* products are formed with the round-to-nearest multiply intrinsics of
-  libdevice, so that the compiler cannot fuse a product and a sum into one
-  fused multiply-add (which rounds once instead of twice). Division and square
-  root are the IEEE-rounded ones (Numba's default, no fast-math).
-
-The element-wise kernels are built by :func:`numba_cuda.elementwise` from a
-body per kernel that reads the element's arrays, calls the scalar maths and
-writes the results back; they are launched through one counted path
-(:func:`launch_count`). Optional state buffers (``momentum_buf``,
-``max_exp_avg_sq``, ``grad_avg``) are selected by integer flags; when one is
-absent the parameter array takes its place (never read or written), so each
-optimizer is one kernel.
+The element-wise kernels are built by :func:`numba_cuda.elementwise` and launched through
+one counted path (:func:`launch_count`). Argument checks, scratch buffers and host copies
+are :mod:`gpubp.backends.cuda_arrays`.
 
 Gradient-norm clipping without a host round-trip: :func:`sum_of_squares_into`
 leaves the float64 sum of squares in a one-element device array, computed by a
@@ -53,13 +42,11 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
+from gpubp.backends.cuda_arrays import _arr, _check, _one, _read_scalar, _workspace, assign_, to_numpy
 from gpubp.backends.numba_cuda import SIMULATOR, Launches, dm, elementwise, launch_stream
 
 __all__ = [
-    "sgd_update",
-    "adam_update",
-    "rmsprop_update",
-    "adagrad_update",
+    "reduce_into",
     "sum_of_squares",
     "sum_of_squares_into",
     "max_abs",
@@ -162,91 +149,6 @@ def _shape(threads: int | None, max_blocks: int | None) -> tuple[int, int]:
 #   N: 1-D contiguous int32 array           I: int64 scalar
 #   G: 1-element int64 array (the guard)
 # An element-wise kernel takes (I, tuple of its argument kinds): kernel(n, args).
-
-
-# The four updates take ``guard`` last: a 1-element int64 array; while guard[0] != 0 (the
-# training loop's non-finite flag, set on the device) the update writes nothing, so a bad
-# step is skipped without the host waiting to find out (as AMP's loss scalers do).
-
-
-@elementwise
-def sgd(i, args):
-    p, g, buf, lr, momentum, one_minus_dampening, wd, has_wd, use_momentum, first, damped, nesterov, guard = args
-    if guard[0] != 0:
-        return
-    b = g[i]  # the buffer is read only when there is one and it is not the first step
-    if use_momentum and not first:
-        b = buf[i]
-    pi, b = dm.sgd_step(
-        p[i], g[i], b, lr, momentum, one_minus_dampening, wd, has_wd, use_momentum, first, damped, nesterov
-    )
-    if use_momentum:
-        buf[i] = b
-    p[i] = pi
-
-
-@elementwise
-def adam(i, args):
-    (
-        p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,
-        decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-        wd_mode, lerp_high, amsgrad, guard,
-    ) = args  # fmt: skip
-    if guard[0] != 0:
-        return
-    v = exp_avg_sq[i]
-    vmax = v
-    if amsgrad:
-        vmax = max_exp_avg_sq[i]
-    pi, m, v, vmax = dm.adam_step(
-        p[i], g[i], exp_avg[i], v, vmax,
-        decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-        wd_mode, lerp_high, amsgrad,
-    )  # fmt: skip
-    exp_avg[i] = m
-    exp_avg_sq[i] = v
-    if amsgrad:
-        max_exp_avg_sq[i] = vmax
-    p[i] = pi
-
-
-@elementwise
-def rmsprop(i, args):
-    (
-        p, g, square_avg, grad_avg, momentum_buf,
-        lr, alpha, w, one_minus_w, eps, wd, momentum,
-        has_wd, centered, lerp_high, use_momentum, guard,
-    ) = args  # fmt: skip
-    if guard[0] != 0:
-        return
-    v = square_avg[i]
-    a = v
-    if centered:
-        a = grad_avg[i]
-    b = v
-    if use_momentum:
-        b = momentum_buf[i]
-    pi, v, a, b = dm.rmsprop_step(
-        p[i], g[i], v, a, b,
-        lr, alpha, w, one_minus_w, eps, wd, momentum,
-        has_wd, centered, lerp_high, use_momentum,
-    )  # fmt: skip
-    square_avg[i] = v
-    if centered:
-        grad_avg[i] = a
-    if use_momentum:
-        momentum_buf[i] = b
-    p[i] = pi
-
-
-@elementwise
-def adagrad(i, args):
-    p, g, state_sum, clr, eps, wd, has_wd, guard = args
-    if guard[0] != 0:
-        return
-    pi, s = dm.adagrad_step(p[i], g[i], state_sum[i], clr, eps, wd, has_wd)
-    state_sum[i] = s
-    p[i] = pi
 
 
 @elementwise
@@ -394,10 +296,6 @@ def merge_flag(finite, value, flag, tag):
 
 # name -> (kernel, argument kinds, element-wise); the dtype-generic kernels are listed per dtype.
 _KERNELS: dict[str, tuple[Any, str, bool]] = {
-    "sgd": (sgd, "AAA" + "SSSS" + "IIIII" + "G", True),
-    "adam": (adam, "AAAAA" + "SSSSSSSSS" + "III" + "G", True),
-    "rmsprop": (rmsprop, "AAAAA" + "SSSSSSS" + "IIII" + "G", True),
-    "adagrad": (adagrad, "AAA" + "SSS" + "I" + "G", True),
     "scale": (scale, "AS", True),
     "fill": (fill, "AS", True),
     "clip_scale": (clip_scale, "ADF", True),
@@ -442,132 +340,12 @@ def ptx_targets() -> list[tuple[str, Callable, tuple]]:
             out.append((f"{name}[{dt.name}]", kernel.py_func, sig))
     for name, (kernel, kinds) in _COMMON.items():
         out.append((name, kernel.py_func, signature(kinds, types.float64)))
-    return out
+    from gpubp.backends import cuda_update  # the optimizer updates: one generic kernel, built per rule
+
+    return out + cuda_update.ptx_targets()
 
 
-# --- arrays and streams --------------------------------------------------------------------
-
-_ARRAY_TYPES: dict[type, bool] = {}
-
-
-def _arr(a: Any, name: str) -> Any:
-    """``a`` itself when a kernel takes it (a NumPy array, or any CUDA array: no wrapping), else TypeError."""
-    if a is None:
-        raise ValueError(f"{name}: expected an array, got None")
-    kind = type(a)
-    ok = _ARRAY_TYPES.get(kind)
-    if ok is None:
-        ok = _ARRAY_TYPES[kind] = (
-            issubclass(kind, np.ndarray)
-            or hasattr(kind, "__cuda_array_interface__")  # CuPy, Numba device arrays
-            or hasattr(a, "copy_to_host")  # a simulator device array
-        )
-    if not ok:
-        raise TypeError(f"{name}: expected a NumPy or CUDA array, got {kind.__name__}")
-    return a
-
-
-def _as_numba(a: Any) -> Any:
-    """A NumPy array, or a Numba device array viewing ``a`` (for copies to and from the host)."""
-    if isinstance(a, np.ndarray) or hasattr(a, "copy_to_host"):
-        return a
-    return cuda.as_cuda_array(a, sync=False)  # sync=False: the copy is queued on the caller's stream
-
-
-def _contiguous(a: Any) -> bool:
-    flags = getattr(a, "flags", None)
-    if flags is None:
-        return True
-    try:
-        return bool(flags["C_CONTIGUOUS"])
-    except (KeyError, TypeError):
-        return bool(getattr(flags, "c_contiguous", True))
-
-
-def _check(arrays: dict[str, Any], n: int | None = None, dtype: np.dtype | None = None) -> tuple[int, np.dtype]:
-    """Check that ``arrays`` (already converted) are 1-D, contiguous, of one float dtype and one length."""
-    for name, a in arrays.items():
-        dt = np.dtype(a.dtype)
-        if dtype is None:
-            if dt not in _FLOAT_DTYPES:
-                raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {dt}")
-            dtype = dt
-        elif dt != dtype:
-            raise TypeError(f"{name}: expected dtype {dtype} like the other arrays, got {dt}")
-        shape = tuple(a.shape)
-        if len(shape) != 1:
-            raise ValueError(f"{name}: expected a 1-D array, got shape {shape}")
-        if n is None:
-            n = shape[0]
-        elif shape[0] != n:
-            raise ValueError(f"{name}: expected {n} elements like the other arrays, got {shape[0]}")
-        if not _contiguous(a):
-            raise ValueError(f"{name}: expected a contiguous array")
-    assert n is not None and dtype is not None
-    return n, dtype
-
-
-def _one(a: Any, name: str, dtype: np.dtype) -> Any:
-    """A one-element array of ``dtype`` (a device-side scalar)."""
-    a = _arr(a, name)
-    if np.dtype(a.dtype) != dtype or tuple(a.shape) != (1,):
-        raise ValueError(f"{name}: expected a 1-element {dtype} array, got shape {tuple(a.shape)} dtype {a.dtype}")
-    return a
-
-
-_DEVICE_CACHE: dict[tuple, Any] = {}
-
-
-def _stream_key(s: Any) -> int:
-    return 0 if isinstance(s, int) else int(s)
-
-
-def _workspace(what: str, n: int, dtype: Any, s: Any, like: Any) -> Any:
-    """A scratch array of at least ``n`` elements on ``like``'s side, reused per (device, stream) on a GPU."""
-    if isinstance(like, np.ndarray):
-        return np.empty(max(n, 1), dtype)
-    key = (what, int(cuda.get_current_device().id), _stream_key(s), np.dtype(dtype).str)
-    a = _DEVICE_CACHE.get(key)
-    if a is None or a.shape[0] < n:
-        a = _DEVICE_CACHE[key] = cuda.device_array(max(n, 1), dtype, stream=s)
-    return a
-
-
-def _read_scalar(a: Any, s: Any) -> Any:
-    """Element 0 of a 1-element array, on the host (waits for ``s``)."""
-    if isinstance(a, np.ndarray):
-        return a[0]
-    host = _as_numba(a).copy_to_host(stream=s)
-    if s != 0:
-        s.synchronize()
-    return host[0]
-
-
-# --- helpers -------------------------------------------------------------------------------
-
-
-def to_numpy(a: Array, *, stream: Any = 0) -> np.ndarray:
-    """A host copy of ``a`` (waits for the copy to finish)."""
-    if isinstance(a, np.ndarray):
-        return np.array(a, copy=True)
-    s = launch_stream(stream)
-    host = _as_numba(_arr(a, "a")).copy_to_host(stream=s)
-    if s != 0:
-        s.synchronize()
-    return np.asarray(host)
-
-
-def assign_(dst: Array, src: np.ndarray, *, stream: Any = 0) -> None:
-    """Copy the host array ``src`` (any shape, ``dst.size`` elements, ``dst``'s dtype) into ``dst``."""
-    if isinstance(dst, np.ndarray):
-        np.copyto(dst, np.asarray(src).reshape(dst.shape), casting="no")
-        return
-    d = _as_numba(_arr(dst, "dst"))
-    host = np.asarray(src)
-    if host.dtype != np.dtype(d.dtype):
-        raise TypeError(f"src: expected dtype {d.dtype} (no casting), got {host.dtype}")
-    host = np.ascontiguousarray(host.reshape(tuple(d.shape)))
-    d.copy_to_device(host, stream=launch_stream(stream))
+# --- launching -----------------------------------------------------------------------------
 
 
 def _map(
@@ -630,6 +408,18 @@ def _reduce(
     if nchunks:
         _launch(reduce_chunks, dt, min(nchunks, b), t, s, ga, partials, nchunks, mode)
     _launch(reduce_partials, None, 1, t, s, partials, nchunks, oa, mode, int(bool(accumulate)))
+
+
+_MODES = {"sumsq": 0, "maxabs": 1}
+
+
+def reduce_into(g: Array, out: Array, op: str, *, accumulate: bool = False, stream: Any = 0,
+                threads: int | None = None, max_blocks: int | None = None) -> None:
+    """``op`` "sumsq" (:func:`sum_of_squares_into`) or "maxabs" (NaN-propagating max |g|, combined with
+    out[0] by the same maximum when ``accumulate``) into the 1-element float64 ``out``; no wait."""
+    if op not in _MODES:
+        raise ValueError(f"op: expected 'sumsq' or 'maxabs', got {op!r}")
+    _reduce(g, out, _MODES[op], accumulate, stream, threads, max_blocks)
 
 
 def sum_of_squares_into(
@@ -742,182 +532,3 @@ def all_finite(g: Array, *, stream: Any = 0, threads: int | None = None, max_blo
     flag = _workspace("flag", 1, np.int32, s, _arr(g, "g"))
     all_finite_into(g, flag, stream=s, threads=threads, max_blocks=max_blocks)
     return bool(_read_scalar(flag, s))
-
-
-# --- updates: one launch each ----------------------------------------------------------------
-
-_NO_GUARD: dict[int, Any] = {}
-
-
-def _guard(guard: Array | None, like: Any) -> Any:
-    """The guard array a kernel reads: ``guard`` itself, or a 1-element zero (never written) on
-    ``like``'s side when there is none (one per device, made once)."""
-    if guard is not None:
-        return _one(guard, "guard", np.dtype(np.int64))
-    if isinstance(like, np.ndarray):
-        return np.zeros(1, np.int64)
-    dev = int(cuda.get_current_device().id)
-    z = _NO_GUARD.get(dev)
-    if z is None:
-        z = _NO_GUARD[dev] = cuda.to_device(np.zeros(1, np.int64))
-    return z
-
-
-def _lerp_factors(dt: np.dtype, weight: float) -> tuple[Any, Any, int]:
-    """(w, 1 - w, high) for numpy_optim's lerp: w rounded to ``dt``, 1 - w computed in ``dt``."""
-    w = dt.type(weight)
-    return w, dt.type(1) - w, int(not abs(w) < 0.5)
-
-
-def sgd_update(
-    p: Array,
-    g: Array,
-    momentum_buf: Array | None,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    first_step: bool,
-    guard: Array | None = None,
-    stream: Any = 0,
-    threads: int | None = None,
-    max_blocks: int | None = None,
-) -> None:
-    """SGD with optional momentum, dampening, Nesterov momentum and L2 weight decay (one launch).
-
-    The equations of ``numpy_optim.sgd_update``; on the first step the
-    momentum buffer is only written, never read.
-    """
-    use_momentum = momentum != 0
-    if use_momentum and momentum_buf is None:
-        raise ValueError("momentum_buf: required when momentum != 0")
-    pa, ga = _arr(p, "p"), _arr(g, "g")
-    arrays = {"p": pa, "g": ga}
-    if use_momentum:
-        arrays["momentum_buf"] = _arr(momentum_buf, "momentum_buf")
-    n, dt = _check(arrays)
-    T = dt.type
-    args = (
-        pa, ga, arrays.get("momentum_buf", pa),
-        T(lr), T(momentum), T(1.0 - dampening), T(weight_decay),
-        int(weight_decay != 0), int(use_momentum), int(bool(first_step)), int(dampening != 0), int(bool(nesterov)),
-    )  # fmt: skip
-    _map("sgd", dt, n, stream, threads, max_blocks, args + (_guard(guard, arrays["p"]),))
-
-
-def adam_update(
-    p: Array,
-    g: Array,
-    exp_avg: Array,
-    exp_avg_sq: Array,
-    max_exp_avg_sq: Array | None,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-    step: int,
-    amsgrad: bool,
-    guard: Array | None = None,
-    stream: Any = 0,
-    threads: int | None = None,
-    max_blocks: int | None = None,
-) -> None:
-    """Adam (``decoupled=False``) or AdamW (``decoupled=True``), optionally AMSGrad (one launch).
-
-    The equations of ``numpy_optim.adam_update``; the bias corrections
-    ``lr / (1 - beta1**step)`` and ``sqrt(1 - beta2**step)`` are Python floats
-    computed on the host.
-    """
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError("max_exp_avg_sq: required when amsgrad is True")
-    arrays = {
-        "p": _arr(p, "p"),
-        "g": _arr(g, "g"),
-        "exp_avg": _arr(exp_avg, "exp_avg"),
-        "exp_avg_sq": _arr(exp_avg_sq, "exp_avg_sq"),
-    }
-    if amsgrad:
-        arrays["max_exp_avg_sq"] = _arr(max_exp_avg_sq, "max_exp_avg_sq")
-    n, dt = _check(arrays)
-    T = dt.type
-    wd_mode = 0 if weight_decay == 0 else (2 if decoupled else 1)
-    w1, one_minus_w1, high = _lerp_factors(dt, 1.0 - beta1)
-    step_size = lr / (1.0 - beta1**step)
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-    args = (
-        arrays["p"], arrays["g"], arrays["exp_avg"], arrays["exp_avg_sq"], arrays.get("max_exp_avg_sq", arrays["p"]),
-        T(1.0 - lr * weight_decay), T(weight_decay), w1, one_minus_w1, T(beta2), T(1.0 - beta2),
-        T(step_size), T(bias_correction2_sqrt), T(eps),
-        wd_mode, high, int(bool(amsgrad)),
-    )  # fmt: skip
-    _map("adam", dt, n, stream, threads, max_blocks, args + (_guard(guard, arrays["p"]),))
-
-
-def rmsprop_update(
-    p: Array,
-    g: Array,
-    square_avg: Array,
-    grad_avg: Array | None,
-    momentum_buf: Array | None,
-    *,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    guard: Array | None = None,
-    stream: Any = 0,
-    threads: int | None = None,
-    max_blocks: int | None = None,
-) -> None:
-    """RMSprop, optionally centred and with momentum (one launch); the equations of ``numpy_optim.rmsprop_update``."""
-    use_momentum = momentum > 0
-    if centered and grad_avg is None:
-        raise ValueError("grad_avg: required when centered is True")
-    if use_momentum and momentum_buf is None:
-        raise ValueError("momentum_buf: required when momentum > 0")
-    arrays = {"p": _arr(p, "p"), "g": _arr(g, "g"), "square_avg": _arr(square_avg, "square_avg")}
-    if centered:
-        arrays["grad_avg"] = _arr(grad_avg, "grad_avg")
-    if use_momentum:
-        arrays["momentum_buf"] = _arr(momentum_buf, "momentum_buf")
-    n, dt = _check(arrays)
-    T = dt.type
-    w, one_minus_w, high = _lerp_factors(dt, 1.0 - alpha)
-    pa = arrays["p"]
-    args = (
-        pa, arrays["g"], arrays["square_avg"], arrays.get("grad_avg", pa), arrays.get("momentum_buf", pa),
-        T(lr), T(alpha), w, one_minus_w, T(eps), T(weight_decay), T(momentum),
-        int(weight_decay != 0), int(bool(centered)), high, int(use_momentum),
-    )  # fmt: skip
-    _map("rmsprop", dt, n, stream, threads, max_blocks, args + (_guard(guard, arrays["p"]),))
-
-
-def adagrad_update(
-    p: Array,
-    g: Array,
-    state_sum: Array,
-    *,
-    lr: float,
-    lr_decay: float,
-    eps: float,
-    weight_decay: float,
-    step: int,
-    guard: Array | None = None,
-    stream: Any = 0,
-    threads: int | None = None,
-    max_blocks: int | None = None,
-) -> None:
-    """Adagrad with learning-rate decay (one launch); ``clr = lr / (1 + (step - 1) * lr_decay)`` is computed on the host."""
-    arrays = {"p": _arr(p, "p"), "g": _arr(g, "g"), "state_sum": _arr(state_sum, "state_sum")}
-    n, dt = _check(arrays)
-    T = dt.type
-    clr = lr / (1.0 + (step - 1) * lr_decay)
-    args = (arrays["p"], arrays["g"], arrays["state_sum"], T(clr), T(eps), T(weight_decay), int(weight_decay != 0))
-    _map("adagrad", dt, n, stream, threads, max_blocks, args + (_guard(guard, arrays["p"]),))

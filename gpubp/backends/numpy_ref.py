@@ -5,13 +5,14 @@ float64), except loss values, which are accumulated in float64. Shapes:
 x (N, in), W (in, out), b (out,), z = x @ W + b (N, out), a = f(z).
 
 The maths are the module's functions (dense_forward / dense_backward, the losses;
-the optimizer updates live beside them in ``numpy_optim``); :class:`NumpyBackend`
-implements the backend interface (gpubp.backends.base.Backend) by calling them.
+the reductions live beside them in ``numpy_optim``, each optimizer's update is its
+rule's NumPy spec in ``gpubp/optim/``); :class:`NumpyBackend` implements the backend
+interface (gpubp.backends.base.Backend) by calling them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from gpubp._random import dropout_keep
 from gpubp.activations import Activation, sigmoid
 from gpubp.backends import numpy_optim
 from gpubp.backends.base import Backend
+
+if TYPE_CHECKING:
+    from gpubp.optim.rule import Hyper, Rule
 
 Array = np.ndarray
 
@@ -177,20 +181,14 @@ class NumpyBackend(Backend):
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.array(x, copy=True)
 
-    def zeros(self, shape: Any, dtype: Any) -> Array:
-        return np.zeros(shape, dtype=dtype)
-
-    def full(self, n: int, value: float, dtype: Any) -> Array:
-        return numpy_optim.full(n, value, dtype)
+    def full(self, shape: Any, value: float, dtype: Any) -> Array:
+        return numpy_optim.full(shape, value, dtype)
 
     def assign_(self, dst: Array, src: np.ndarray) -> None:
         numpy_optim.assign_(dst, src)
 
     def take_rows(self, data: Array, index: slice | np.ndarray) -> Array:
         return np.ascontiguousarray(data[index])
-
-    def all_finite(self, x: Array) -> bool:
-        return bool(np.isfinite(x).all())
 
     # dense layer
     def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
@@ -224,44 +222,29 @@ class NumpyBackend(Backend):
             return bce_with_logits(logits, target, scale)
         return bce_with_logits(logits, target, scale, weight)
 
-    # optimizer updates (the guard is read on the host: it is here already)
-    def sgd_update(self, p: Array, g: Array, momentum_buf: Array | None, *, guard: Array | None = None,
-                   **hp: Any) -> None:
+    # optimizer updates: the rule's NumPy spec (the guard is read on the host: it is here already)
+    def update(self, rule: Rule, p: Array, g: Array, state: tuple, hp: Hyper, guard: Array | None = None) -> None:
+        rule.live(state, hp)
         if guard is None or not guard[0]:
-            numpy_optim.sgd_update(p, g, momentum_buf, **hp)
-
-    def adam_update(self, p: Array, g: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None, *,
-                    guard: Array | None = None, **hp: Any) -> None:
-        if guard is None or not guard[0]:
-            numpy_optim.adam_update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, **hp)
-
-    def rmsprop_update(self, p: Array, g: Array, square_avg: Array, grad_avg: Array | None,
-                       momentum_buf: Array | None, *, guard: Array | None = None, **hp: Any) -> None:
-        if guard is None or not guard[0]:
-            numpy_optim.rmsprop_update(p, g, square_avg, grad_avg, momentum_buf, **hp)
-
-    def adagrad_update(self, p: Array, g: Array, state_sum: Array, *, guard: Array | None = None,
-                       **hp: Any) -> None:
-        if guard is None or not guard[0]:
-            numpy_optim.adagrad_update(p, g, state_sum, **hp)
+            rule.spec(p, g, state, hp)
 
     def flag_nonfinite_(self, value: float, g: Array, flag: Array, tag: int) -> None:
         if not flag[0] and not (np.isfinite(value) and np.isfinite(g).all()):
             flag[0] = tag
 
     # reductions
-    def sum_of_squares(self, g: Array) -> float:
-        return numpy_optim.sum_of_squares(g)
-
-    def max_abs(self, g: Array) -> float:
-        return numpy_optim.max_abs(g)
+    def reduce_into(self, g: Array, out: Array, op: str, *, accumulate: bool = False) -> None:
+        if op == "sumsq":
+            total = numpy_optim.sum_of_squares(g)
+            out[0] = (float(out[0]) + total) if accumulate else total
+        elif op == "maxabs":
+            m = numpy_optim.max_abs(g)
+            out[0] = np.maximum(out[0], m) if accumulate else m  # np.maximum: NaN wins
+        else:
+            raise ValueError(f"op: expected 'sumsq' or 'maxabs', got {op!r}")
 
     def scale_(self, g: Array, c: float) -> None:
         numpy_optim.scale_(g, c)
-
-    def sum_of_squares_into(self, g: Array, out: Array, *, accumulate: bool = False) -> None:
-        total = numpy_optim.sum_of_squares(g)
-        out[0] = (float(out[0]) + total) if accumulate else total
 
     def clip_scale_(self, g: Array, total_sq: Array, max_norm: float) -> None:
         coef = max_norm / (float(np.sqrt(total_sq[0])) + 1e-6)

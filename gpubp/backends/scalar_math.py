@@ -2,8 +2,10 @@
 
 One element's worth of each computation: the activations f and f' (by table id,
 with their parameters p0/p1), the stable sigmoid, the per-element terms of the
-MSE and BCE losses, and the optimizer updates (SGD, Adam/AdamW, RMSprop,
-Adagrad). They take and return scalars, in the dtype of their inputs, and use
+MSE and BCE losses, and what every optimizer's scalar body is made of (``mul``,
+``l2``, ``lerp``; the bodies themselves live with their optimizers, in
+``gpubp/optim/<name>.py``, and are compiled with a build of this module as their
+``ops``). They take and return scalars, in the dtype of their inputs, and use
 only what plain Python, ``numba.njit`` and ``numba.cuda.jit(device=True)`` all
 compile: ``math`` functions, ``min``/``max``/``abs``, ``np.float64()`` (see ``wide``) and
 ``type(x)(value)`` (a constant in x's dtype, so float32 maths stays float32).
@@ -28,7 +30,7 @@ allowed; they are checked against the spec with a tolerance), the optimizer
 maths only ``mul``.
 
 Every expression here is in the order of the NumPy reference it mirrors
-(``gpubp.activations``, ``numpy_ref``, ``numpy_optim``), operation by
+(``gpubp.activations``, ``numpy_ref``, ``gpubp.optim.rule``), operation by
 operation; the tests check the compiled functions against them.
 """
 
@@ -69,7 +71,7 @@ _GELU_PDF_CLIP = 40.0  # phi(40) is 0 already; z^2 cannot overflow
 # The functions :func:`build` returns, by name.
 FUNCTIONS = (
     "mul", "cst", "sigmoid", "act_f", "act_df", "act_grad", "mse_term", "bce_term",
-    "l2", "lerp", "sgd_step", "adam_step", "rmsprop_step", "adagrad_step", "clip_coef",
+    "l2", "lerp", "clip_coef",
 )  # fmt: skip
 
 
@@ -214,8 +216,8 @@ def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None, wide: A
         elem = max(x, cst(x, 0.0)) - x * y + math.log1p(math.exp(-abs(x)))
         return (sigmoid(x) - y) * gscale, wide(elem)
 
-    # --- optimizer maths (numpy_optim, operation by operation; every product is mul) -----
-    # Hyper-parameters arrive rounded to the data dtype; flags are integers.
+    # --- optimizer helpers (gpubp.optim.rule's spec helpers, operation by operation; every
+    # product is mul). Hyper-parameters arrive rounded to the data dtype; flags are integers.
 
     @jit
     def l2(d, p, wd):
@@ -224,89 +226,11 @@ def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None, wide: A
 
     @jit
     def lerp(start, end, w, one_minus_w, high):
-        """numpy_optim's lerp: start + w (end - start), or end - (1 - w)(end - start) when |w| >= 0.5."""
+        """gpubp.optim.rule.lerp_: start + w (end - start), or end - (1 - w)(end - start) when |w| >= 0.5."""
         diff = end - start
         if high:
             return end - mul(diff, one_minus_w)
         return start + mul(diff, w)
-
-    @jit
-    def sgd_step(p, g, b, lr, momentum, one_minus_dampening, wd, has_wd, use_momentum, first, damped, nesterov):
-        """(p, momentum buffer) after one SGD step; b is read only when use_momentum and not first."""
-        d = g
-        if has_wd:
-            d = l2(d, p, wd)
-        if use_momentum:
-            if first:
-                b = d
-            else:
-                b = mul(b, momentum)
-                if damped:
-                    b = b + mul(d, one_minus_dampening)
-                else:
-                    b = b + d
-            if nesterov:
-                d = mul(b, momentum) + d
-            else:
-                d = b
-        return p - mul(d, lr), b
-
-    @jit
-    def adam_step(
-        p, g, m, v, vmax,
-        decay, wd, w1, one_minus_w1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-        wd_mode, lerp_high, amsgrad,
-    ):  # fmt: skip
-        """(p, exp_avg, exp_avg_sq, max_exp_avg_sq) after one Adam (wd_mode 1) or AdamW (2) step."""
-        d = g
-        if wd_mode == 2:  # AdamW: p *= 1 - lr * wd
-            p = mul(p, decay)
-        elif wd_mode == 1:  # Adam: d = g + wd * p
-            d = l2(d, p, wd)
-        m = lerp(m, d, w1, one_minus_w1, lerp_high)
-        v = mul(v, beta2) + mul(mul(d, one_minus_beta2), d)
-        if amsgrad:
-            if v > vmax or v != v:  # NaN-propagating maximum, as np.maximum
-                vmax = v
-            denom = math.sqrt(vmax)
-        else:
-            denom = math.sqrt(v)
-        denom = denom / bias_correction2_sqrt + eps
-        return p - mul(m, step_size) / denom, m, v, vmax
-
-    @jit
-    def rmsprop_step(
-        p, g, v, a, b,
-        lr, alpha, w, one_minus_w, eps, wd, momentum,
-        has_wd, centered, lerp_high, use_momentum,
-    ):  # fmt: skip
-        """(p, square_avg, grad_avg, momentum_buf) after one RMSprop step."""
-        d = g
-        if has_wd:
-            d = l2(d, p, wd)
-        v = mul(v, alpha) + mul(mul(d, w), d)
-        if centered:
-            a = lerp(a, d, w, one_minus_w, lerp_high)
-            avg = math.sqrt(v - mul(a, a))
-        else:
-            avg = math.sqrt(v)
-        avg = avg + eps
-        if use_momentum:
-            b = mul(b, momentum) + d / avg
-            t = mul(b, lr)
-        else:
-            t = mul(d, lr) / avg
-        return p - t, v, a, b
-
-    @jit
-    def adagrad_step(p, g, s, clr, eps, wd, has_wd):
-        """(p, state_sum) after one Adagrad step with the decayed rate clr."""
-        d = g
-        if has_wd:
-            d = l2(d, p, wd)
-        s = s + mul(d, d)
-        std = math.sqrt(s) + eps
-        return p - mul(d, clr) / std, s
 
     @jit
     def clip_coef(total_sq, max_norm):

@@ -1,12 +1,13 @@
-"""Optimizers: SGD, Adam, AdamW, RMSprop and Adagrad, plus gradient-norm clipping.
+"""The optimizer base class, the registry behind :func:`get`, and gradient-norm clipping.
 
 The update equations, argument names and defaults are those of torch.optim.
 An optimizer holds a list of :class:`~gpubp.parameter.Parameter` and updates
 them with one in-place operation per contiguous run of arena storage (all of a
 model's parameters, in order, form one run). Its state buffers are flat arrays
-laid out like the runs. The maths lives in the arena's backend (the backend
-interface's ``*_update`` and reduction methods; ``gpubp.backends.numpy_optim`` is
-the spec); this module checks arguments, owns the state and dispatches.
+laid out like the runs. Each optimizer's maths is its :class:`~gpubp.optim.rule.Rule`
+(in its own file: NumPy spec, scalar body, hyper-parameter packing), which the
+arena's backend runs with its one ``update`` primitive; this module checks
+arguments, owns the state and dispatches.
 
 One step counter is kept per optimizer (``step_count``); ``lr`` may be changed
 between steps, which is what the schedules in :mod:`gpubp.schedules` do.
@@ -15,7 +16,7 @@ between steps, which is what the schedules in :mod:`gpubp.schedules` do.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any
@@ -24,9 +25,13 @@ import numpy as np
 
 from gpubp._validate import real
 from gpubp.backends.base import Backend
+from gpubp.optim.rule import Rule
 from gpubp.parameter import Arena, Parameter, contiguous_runs
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "get", "clip_grad_norm"]
+__all__ = ["Optimizer", "OPTIMIZERS", "get", "clip_grad_norm"]
+
+#: name for :func:`get` (lower case) -> optimizer class; a subclass with a ``key`` registers itself.
+OPTIMIZERS: dict[str, type[Optimizer]] = {}
 
 
 def _ops(arena: Arena) -> Backend:
@@ -60,13 +65,13 @@ def _check_params(params: Iterable[Parameter]) -> list[Parameter]:
     return items
 
 
-def _flag(v: Any, name: str) -> bool:
+def flag_arg(v: Any, name: str) -> bool:
     if not isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name}: expected True or False, got {type(v).__name__}")
     return bool(v)
 
 
-def _beta(v: Any, name: str) -> float:
+def beta_arg(v: Any, name: str) -> float:
     b = real(v, name, min=0.0)
     if b >= 1.0:
         raise ValueError(f"{name}: expected a number in [0, 1), got {v!r}")
@@ -102,11 +107,28 @@ class Optimizer(ABC):
 
     A subclass lists its hyper-parameters in ``_hparam_names``, normalises and
     checks them in :meth:`_check`, names its state buffers (and their initial
-    value) in :meth:`_buffers` and performs one update of one run in
-    :meth:`_update`.
+    value) in :meth:`_buffers` and gives its update maths as ``rule`` (a
+    :class:`~gpubp.optim.rule.Rule`, whose ``pack`` reads :meth:`_rule_hparams`).
+    ``key`` registers it for :func:`get`; ``torch_name`` names its torch.optim twin,
+    whose keyword arguments are :meth:`torch_kwargs`.
     """
 
     _hparam_names: tuple[str, ...] = ("lr",)
+    rule: Rule
+    #: the name :func:`get` knows it by ("" for none)
+    key: str = ""
+    #: the torch.optim class with the same maths and hyper-parameters ("" for none)
+    torch_name: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("key"):
+            OPTIMIZERS[cls.key] = cls
+
+    @classmethod
+    def torch_kwargs(cls, hp: dict[str, Any]) -> dict[str, Any]:
+        """torch.optim's keyword arguments for gpubp hyper-parameters ``hp`` (the same names; pairs as tuples)."""
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in hp.items() if k in cls._hparam_names}
 
     def __init__(self, params: Iterable[Parameter], **hparams: Any) -> None:
         self.params: list[Parameter] = _check_params(params)
@@ -137,10 +159,9 @@ class Optimizer(ABC):
         """State buffer names, in order, with the value each starts at."""
         return {}
 
-    @abstractmethod
-    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any], guard: Any = None) -> None:
-        """Update one run in place: parameters ``p``, gradients ``g``, state buffers ``state``;
-        nothing changes where the backend's ``guard`` flag is set (see :meth:`step`)."""
+    def _rule_hparams(self) -> dict[str, Any]:
+        """What ``rule.pack`` reads: the hyper-parameters as attributes (tuples stay tuples)."""
+        return {k: getattr(self, k) for k in self._hparam_names}
 
     def _hparams(self) -> dict[str, Any]:
         """The hyper-parameters as JSON-friendly values (tuples become lists)."""
@@ -175,8 +196,11 @@ class Optimizer(ABC):
         they are, without the host reading it (on a GPU the kernels read it).
         """
         self.step_count += 1
+        rule = self.rule
+        hp = rule.pack(self._rule_hparams(), self.step_count, self.params[0].arena.dtype)  # one dtype (checked)
         for (arena, lo, hi), state in zip(self._runs, self._state, strict=True):
-            self._update(_ops(arena), arena.data[lo:hi], arena.grad[lo:hi], state, guard)
+            bufs = tuple(state.get(name) for name in rule.state)
+            _ops(arena).update(rule, arena.data[lo:hi], arena.grad[lo:hi], bufs, hp, guard)
 
     def zero_grad(self) -> None:
         """Set the gradients of this optimizer's parameters to 0."""
@@ -260,289 +284,12 @@ class Optimizer(ABC):
         return f"{type(self).__name__}({len(self.params)} parameters, {hp}, step_count={self.step_count})"
 
 
-class SGD(Optimizer):
-    """Stochastic gradient descent with optional momentum and L2 weight decay.
-
-    For each parameter p with gradient g, at step t (counting from 1)::
-
-        d = g + weight_decay * p
-        b = d                                          if t == 1
-        b = momentum * b + (1 - dampening) * d         otherwise   (when momentum != 0)
-        d = d + momentum * b   if nesterov   else   d = b          (when momentum != 0)
-        p = p - lr * d
-
-    ``nesterov`` needs ``momentum > 0`` and ``dampening == 0``.
-    State: ``momentum_buffer`` (when momentum != 0).
-    """
-
-    _hparam_names = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
-
-    def __init__(
-        self,
-        params: Iterable[Parameter],
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-    ) -> None:
-        super().__init__(
-            params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
-        )
-
-    def _check(self, hp: dict[str, Any]) -> dict[str, Any]:
-        out = super()._check(hp)
-        for k in ("momentum", "dampening", "weight_decay"):
-            out[k] = real(hp[k], k, min=0.0)
-        out["nesterov"] = _flag(hp["nesterov"], "nesterov")
-        if out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
-            raise ValueError(
-                f"nesterov: needs momentum > 0 and dampening == 0, got momentum={hp['momentum']!r}, "
-                f"dampening={hp['dampening']!r}"
-            )
-        return out
-
-    def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
-        return {"momentum_buffer": 0.0} if hp["momentum"] != 0 else {}
-
-    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any], guard: Any = None) -> None:
-        ops.sgd_update(
-            p,
-            g,
-            state.get("momentum_buffer"),
-            lr=self.lr,
-            momentum=self.momentum,
-            dampening=self.dampening,
-            nesterov=self.nesterov,
-            weight_decay=self.weight_decay,
-            first_step=self.step_count == 1,
-            guard=guard,
-        )
-
-
-class Adam(Optimizer):
-    """Adam, with L2 weight decay added to the gradient and optional AMSGrad.
-
-    For each parameter p with gradient g, at step t (counting from 1)::
-
-        g = g + weight_decay * p
-        m = beta1 * m + (1 - beta1) * g
-        v = beta2 * v + (1 - beta2) * g * g
-        v_max = max(v_max, v);  v = v_max                        (amsgrad)
-        denom = sqrt(v) / sqrt(1 - beta2**t) + eps
-        p = p - (lr / (1 - beta1**t)) * m / denom
-
-    State: ``exp_avg`` (m), ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (amsgrad).
-    """
-
-    _hparam_names = ("lr", "betas", "eps", "weight_decay", "amsgrad")
-    _decoupled = False
-
-    def __init__(
-        self,
-        params: Iterable[Parameter],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-    ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
-
-    def _check(self, hp: dict[str, Any]) -> dict[str, Any]:
-        out = super()._check(hp)
-        betas = hp["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-        out["betas"] = (_beta(betas[0], "betas[0]"), _beta(betas[1], "betas[1]"))
-        out["eps"] = real(hp["eps"], "eps", min=0.0)
-        out["weight_decay"] = real(hp["weight_decay"], "weight_decay", min=0.0)
-        out["amsgrad"] = _flag(hp["amsgrad"], "amsgrad")
-        return out
-
-    def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
-        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
-        return dict.fromkeys(names, 0.0)
-
-    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any], guard: Any = None) -> None:
-        ops.adam_update(
-            p,
-            g,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            state.get("max_exp_avg_sq"),
-            lr=self.lr,
-            beta1=self.betas[0],
-            beta2=self.betas[1],
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            decoupled=self._decoupled,
-            step=self.step_count,
-            amsgrad=self.amsgrad,
-            guard=guard,
-        )
-
-
-class AdamW(Adam):
-    """Adam with decoupled weight decay (the decay does not pass through m and v).
-
-    For each parameter p with gradient g, at step t (counting from 1)::
-
-        p = p * (1 - lr * weight_decay)
-        m = beta1 * m + (1 - beta1) * g
-        v = beta2 * v + (1 - beta2) * g * g
-        v_max = max(v_max, v);  v = v_max                        (amsgrad)
-        denom = sqrt(v) / sqrt(1 - beta2**t) + eps
-        p = p - (lr / (1 - beta1**t)) * m / denom
-
-    State: ``exp_avg`` (m), ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (amsgrad).
-    """
-
-    _decoupled = True
-
-    def __init__(
-        self,
-        params: Iterable[Parameter],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-    ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
-
-
-class RMSprop(Optimizer):
-    """RMSprop, optionally centred and with momentum.
-
-    For each parameter p with gradient g::
-
-        g = g + weight_decay * p
-        v = alpha * v + (1 - alpha) * g * g
-        centred:   a = alpha * a + (1 - alpha) * g;   avg = sqrt(v - a * a) + eps
-        otherwise: avg = sqrt(v) + eps
-        momentum > 0:  b = momentum * b + g / avg;   p = p - lr * b
-        otherwise:     p = p - lr * g / avg
-
-    State: ``square_avg`` (v), ``grad_avg`` (a, centred), ``momentum_buffer`` (b, momentum > 0).
-    """
-
-    _hparam_names = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
-
-    def __init__(
-        self,
-        params: Iterable[Parameter],
-        lr: float = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        momentum: float = 0.0,
-        centered: bool = False,
-    ) -> None:
-        super().__init__(
-            params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered
-        )
-
-    def _check(self, hp: dict[str, Any]) -> dict[str, Any]:
-        out = super()._check(hp)
-        for k in ("alpha", "eps", "weight_decay", "momentum"):
-            out[k] = real(hp[k], k, min=0.0)
-        out["centered"] = _flag(hp["centered"], "centered")
-        return out
-
-    def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
-        names = ["square_avg"] + (["grad_avg"] if hp["centered"] else [])
-        names += ["momentum_buffer"] if hp["momentum"] > 0 else []
-        return dict.fromkeys(names, 0.0)
-
-    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any], guard: Any = None) -> None:
-        ops.rmsprop_update(
-            p,
-            g,
-            state["square_avg"],
-            state.get("grad_avg"),
-            state.get("momentum_buffer"),
-            lr=self.lr,
-            alpha=self.alpha,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            momentum=self.momentum,
-            centered=self.centered,
-            guard=guard,
-        )
-
-
-class Adagrad(Optimizer):
-    """Adagrad with learning-rate decay.
-
-    For each parameter p with gradient g, at step t (counting from 1)::
-
-        g = g + weight_decay * p
-        clr = lr / (1 + (t - 1) * lr_decay)
-        s = s + g * g                      (s starts at initial_accumulator_value)
-        p = p - clr * g / (sqrt(s) + eps)
-
-    State: ``sum`` (s).
-    """
-
-    _hparam_names = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
-
-    def __init__(
-        self,
-        params: Iterable[Parameter],
-        lr: float = 1e-2,
-        lr_decay: float = 0.0,
-        weight_decay: float = 0.0,
-        initial_accumulator_value: float = 0.0,
-        eps: float = 1e-10,
-    ) -> None:
-        super().__init__(
-            params,
-            lr=lr,
-            lr_decay=lr_decay,
-            weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            eps=eps,
-        )
-
-    def _check(self, hp: dict[str, Any]) -> dict[str, Any]:
-        out = super()._check(hp)
-        for k in ("lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
-            out[k] = real(hp[k], k, min=0.0)
-        return out
-
-    def _buffers(self, hp: dict[str, Any]) -> dict[str, float]:
-        return {"sum": hp["initial_accumulator_value"]}
-
-    def _update(self, ops: Backend, p: Any, g: Any, state: dict[str, Any], guard: Any = None) -> None:
-        ops.adagrad_update(
-            p,
-            g,
-            state["sum"],
-            lr=self.lr,
-            lr_decay=self.lr_decay,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            step=self.step_count,
-            guard=guard,
-        )
-
-
-_OPTIMIZERS: dict[str, type[Optimizer]] = {
-    "sgd": SGD,
-    "adam": Adam,
-    "adamw": AdamW,
-    "rmsprop": RMSprop,
-    "adagrad": Adagrad,
-}
-
-
 def get(name: str, params: Iterable[Parameter], **kwargs: Any) -> Optimizer:
     """Build the optimizer called ``name`` (case-insensitive) over ``params``."""
     key = name.lower() if isinstance(name, str) else None
-    if key not in _OPTIMIZERS:
-        raise ValueError(f"name: expected one of {', '.join(map(repr, _OPTIMIZERS))}, got {name!r}")
-    return _OPTIMIZERS[key](params, **kwargs)
+    if key not in OPTIMIZERS:
+        raise ValueError(f"name: expected one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}")
+    return OPTIMIZERS[key](params, **kwargs)
 
 
 def clip_grad_norm(

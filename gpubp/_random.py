@@ -34,6 +34,13 @@ def dropout_key(seed: int, epoch: int, step: int, layer: int) -> int:
     return k
 
 
+def offset_key(key: int, elements: int) -> int:
+    """The key whose mask starts at element ``elements`` of ``key``'s: element i of it is element
+    i + elements of the other (the counter is i golden + key), so rows r0.. of a batch, taken
+    alone (a rank's share, a micro-batch), get the whole batch's mask."""
+    return (int(key) + int(elements) * _GOLDEN) & _MASK64
+
+
 def dropout_keep(xp: Any, key: int, shape: tuple[int, ...], p: float) -> Any:
     """Boolean keep-mask of ``shape`` (True with probability 1 - p), an array of ``xp`` (numpy, cupy)."""
     n = int(np.prod(shape, dtype=np.int64))

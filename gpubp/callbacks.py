@@ -7,7 +7,8 @@
                          gp.callbacks.CSVLogger("log.csv")])
 
 The hooks, in order: ``on_train_begin()``, then per epoch ``on_epoch_begin(epoch)``,
-``on_batch_end(step, logs)`` after every optimizer step, ``on_epoch_end(epoch, logs)``
+``on_batch_end(step, logs)`` after every optimizer step (with ``accumulate=k``, after its
+k micro-batches), ``on_epoch_end(epoch, logs)``
 with the epoch's record (``loss``, ``accuracy``, ``val_loss``, ``lr``, ...), and
 ``on_train_end(logs)`` (also after an interruption or early stop). ``epoch`` counts
 from 1 over the model's life. A callback reaches the model, the optimizer, the schedule
@@ -29,7 +30,19 @@ __all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "ReduceLROnPlateau", 
 
 
 class Run:
-    """What a callback sees of the fit it runs in."""
+    """What a callback sees of the fit it runs in (``self.run``).
+
+    Attributes:
+        model: the :class:`gpubp.Sequential` being trained.
+        optimizer: its optimizer; ``run.optimizer.lr`` may be changed between steps.
+        scheduler: the learning-rate schedule passed to fit, or None.
+        history: the records so far, ``{key: [one value per epoch]}`` (``history["stopped"]``
+            once training ends).
+        epoch: epochs completed over the model's life (the one running is ``epoch + 1``).
+        step: optimizer steps taken over the optimizer's life (with ``accumulate=k``, one step
+            is k micro-batches).
+        stop_reason: what :meth:`stop` asked for, or None.
+    """
 
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, history: dict[str, Any]) -> None:
         self.model = model
@@ -37,6 +50,14 @@ class Run:
         self.scheduler = scheduler
         self.history = history
         self.stop_reason: str | None = None
+
+    @property
+    def epoch(self) -> int:
+        return int(self.model.epoch)
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.step_count)
 
     def stop(self, reason: str = "callback") -> None:
         """Ask fit to end after the current epoch; ``history["stopped"]`` will be ``reason``."""
@@ -50,9 +71,12 @@ class Run:
 
 
 class Callback:
-    """Base class: override the hooks you need. ``self.run`` is set before ``on_train_begin``."""
+    """Base class: override the hooks you need. ``self.run`` (a :class:`Run`) is set before
+    ``on_train_begin``. ``rank_zero_only = True``: in data-parallel training the callback runs
+    on rank 0 only (file writers: ModelCheckpoint, CSVLogger); otherwise on every rank."""
 
     run: Run
+    rank_zero_only: bool = False
 
     def set_run(self, run: Run) -> None:
         self.run = run
@@ -183,6 +207,7 @@ class ModelCheckpoint(_Monitor):
             raise TypeError(f"path: expected a file path, got {type(path).__name__}")
         self.path = os.fspath(path)
         self.save_best_only = bool(save_best_only)
+        self.rank_zero_only = True  # one writer of the file
         self.saved: list[str] = []
 
     def reads(self) -> tuple[str, ...]:
@@ -260,6 +285,7 @@ class CSVLogger(Callback):
             raise TypeError(f"path: expected a file path, got {type(path).__name__}")
         self.path = os.fspath(path)
         self.append = bool(append)
+        self.rank_zero_only = True  # one writer of the file
         self._keys: list[str] | None = None
 
     def on_train_begin(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from gpubp import activations
-from gpubp._random import dropout_key
+from gpubp._random import dropout_key, offset_key
 from gpubp._validate import positive_int
 from gpubp.activations import Activation
 from gpubp.parameter import Arena, Parameter
@@ -28,8 +28,8 @@ class Layer:
 
     ``in_features`` / ``out_features`` are None for a layer that keeps the width it is
     given (Dropout). :meth:`prepare` is called by the model before each forward pass with
-    what randomness the layer may need (the model's seed, epoch, step, and whether the
-    training-time behaviour is on).
+    what randomness the layer may need (the model's seed, epoch, step, whether the
+    training-time behaviour is on, and the first row of the batch the input's rows are in).
     """
 
     in_features: int | None = None
@@ -46,8 +46,9 @@ class Layer:
     def parameters(self) -> list[Parameter]:
         return []
 
-    def prepare(self, seed: int, epoch: int, step: int, index: int, active: bool) -> None:
-        """Called before each forward pass; layers without randomness ignore it."""
+    def prepare(self, seed: int, epoch: int, step: int, index: int, active: bool, row0: int = 0) -> None:
+        """Called before each forward pass; layers without randomness ignore it. ``row0``: the
+        input's rows are rows row0.. of the step's batch (a rank's share, a micro-batch)."""
 
     def forward(self, x: Any, training: bool = True) -> Any:
         raise NotImplementedError
@@ -182,7 +183,8 @@ class Dropout(Layer):
     ``evaluate`` and ``model.eval()`` mode.
 
     The mask comes from a counter-based generator keyed by (model seed, epoch, step,
-    layer index) and the element's index (gpubp._random): the same
+    layer index) and the element's index in the step's whole batch (gpubp._random): the same
+    mask for a row whichever rank or micro-batch computes it, and the same
     mask on every backend, whatever the launch shape or thread count, so a run is
     reproducible and resumable bit for bit. Outside ``fit`` the step is the last one
     ``fit`` ran (0 before any), so repeated forward passes see one fixed mask (what a
@@ -196,12 +198,14 @@ class Dropout(Layer):
             raise ValueError(f"p: expected a drop probability in [0, 1), got {p!r}")
         self.p = float(p)
         self._key = 0
+        self._row0 = 0
         self._active = False
         self._backend: Any = None
         self._saved = ()
 
-    def prepare(self, seed: int, epoch: int, step: int, index: int, active: bool) -> None:
+    def prepare(self, seed: int, epoch: int, step: int, index: int, active: bool, row0: int = 0) -> None:
         self._key = dropout_key(seed, epoch, step, index)
+        self._row0 = int(row0)
         self._active = active and self.p > 0
 
     def forward(self, x: Any, training: bool = True) -> Any:
@@ -209,7 +213,9 @@ class Dropout(Layer):
         if not (training and self._active):
             self._saved = ("identity",) if training else ()
             return x
-        y, keep = self._backend.dropout_forward(x, self._key, self.p)
+        # Rows row0.. of the step's batch: the batch's mask from element row0 x F on.
+        key = offset_key(self._key, self._row0 * int(x.shape[1])) if self._row0 else self._key
+        y, keep = self._backend.dropout_forward(x, key, self.p)
         self._saved = (keep,)
         return y
 

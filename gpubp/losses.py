@@ -72,19 +72,30 @@ class Loss(ABC):
         return float(value), grad
 
     def compute(self, pred: Any, target: Any, backend: Backend, weight: Any = None,
-                weight_total: float | None = None) -> tuple[Any, Any]:
+                weight_total: float | None = None, rows: int | None = None) -> tuple[Any, Any]:
         """``(value, grad)`` from ``backend`` without validation or waiting (for the training loop).
 
         ``target`` must already have passed :meth:`check_target` and live on the
         backend. ``value`` is whatever the backend returns: a float on the host,
         a one-element device array on a GPU. ``weight``: None (the unweighted kernels), or
         row weights (N,) as a float64 array of the backend, with ``weight_total`` their sum
-        (the caller's, on the host): see :meth:`weighted_scale`.
+        (the caller's, on the host): see :meth:`weighted_scale`. ``rows``: pred holds some of
+        the rows of a batch of ``rows`` rows (a rank's share, a micro-batch), whose mean the
+        unweighted loss is a part of (see :meth:`scale`); None: pred's own rows.
         """
         if weight is None:
-            scale = 1.0 / self._count(pred) if self.reduction == "mean" else 1.0
-            return self._value_and_grad(backend, pred, target, scale)
+            return self._value_and_grad(backend, pred, target, self.scale(pred, rows))
         return self._value_and_grad(backend, pred, target, self.weighted_scale(pred, weight_total), weight)
+
+    def scale(self, pred: Any, rows: int | None = None) -> float:
+        """The factor of the unweighted loss of ``pred``'s rows as part of a batch of ``rows`` rows
+        (None: pred's own): 1 / (elements per row x rows) for "mean", 1 for "sum". The same
+        float for any split of the batch, so parts summed give the whole batch's loss."""
+        if self.reduction != "mean":
+            return 1.0
+        if rows is None:
+            return 1.0 / self._count(pred)
+        return 1.0 / (self._count(pred) // pred.shape[0] * rows)  # the same float as 1 / count for pred's rows
 
     def weighted_scale(self, pred: Any, weight_total: float) -> float:
         """The scale of the weighted loss of rows whose weights sum to ``weight_total``:

@@ -50,6 +50,7 @@ from gpubp import optim as optim_mod
 from gpubp._validate import as_float_array, check_2d, check_finite, nonneg_int, positive_int, real
 from gpubp.diagnostics import NonFiniteError
 from gpubp.model import Sequential
+from gpubp.train_step import TrainStep
 
 #: Activations whose units can die (fit's gradient_stats reports "dead" for the same ones).
 DEAD_ACTIVATIONS = ("relu", "leaky_relu")
@@ -193,6 +194,8 @@ def lr_find(
     dead: list[float] = []
     stopped = False
     ratio = max_lr / min_lr
+    # fit's step, its phases run with a host read of the loss between forward and backward
+    train_step = TrainStep(model, loss_fn, optimizer, on_nonfinite="ignore")
     try:
         # The test drives the loss to overflow on purpose (NaN/Inf is its signal to stop),
         # so NumPy's floating-point warnings are silenced, as in fit.
@@ -208,8 +211,9 @@ def lr_find(
                 optimizer.lr = lr
                 outputs: list[Any] | None = [] if relu else None
                 try:
-                    out = model._forward(model._input(backend.take_rows(x, idx)), True, outputs=outputs)
-                    value, grad = loss_fn(out, y[idx])
+                    xb, yb = model._input(backend.take_rows(x, idx)), backend.asarray(y[idx], y.dtype)
+                    _, value, grad = train_step.forward(xb, yb, len(idx), outputs=outputs, dropout=None)
+                    value = float(value)
                 except NonFiniteError:  # check_finite=True: a NaN/Inf output is divergence here
                     value = math.nan
                 if not math.isfinite(value):
@@ -227,11 +231,12 @@ def lr_find(
                     stopped = True
                     break
                 try:
-                    model.backward(grad)
+                    train_step.backward(grad, 0, 1)
                 except NonFiniteError:
                     stopped = True
                     break
-                optimizer.step()
+                train_step.reduce_and_guard(value, i + 1)
+                train_step.update()
     finally:
         backend.assign_(model.arena.data, saved_data)
         backend.assign_(model.arena.grad, saved_grad)

@@ -14,14 +14,14 @@ import numpy as np
 from gpubp import losses as losses_mod
 from gpubp import metrics as metrics_mod
 from gpubp._lazy import LazyRows, is_array_like
-from gpubp._random import _GOLDEN, _MASK64
 from gpubp._validate import as_float_array, boolean, check_2d, check_finite, positive_int, sample_weights, weight_sum
 from gpubp.backends import DENSE_IMPLS, Backend, get_backend
 from gpubp.device import Device, parse_device
 from gpubp.diagnostics import NonFiniteError
-from gpubp.layers import Dense, Dropout, Layer
+from gpubp.layers import Dense, Layer
 from gpubp.layers import from_config as layer_from_config
 from gpubp.parameter import Arena, Parameter
+from gpubp.training import fit as _fit
 
 DTYPES = ("float32", "float64")
 
@@ -95,7 +95,6 @@ class Sequential:
         self.layers: list[Layer] = list(layers)
         self.training = True  # train() / eval(): whether forward(training=True) applies dropout
         self._step = 0  # the step fit last ran: keys the dropout masks with the epoch
-        self._row0 = 0  # data-parallel fit: this rank's first row in the global batch (dropout masks)
         self.dtype = _dtype(dtype)
         self.seed = int(seed)
         self.check_finite = bool(check_finite)
@@ -202,7 +201,7 @@ class Sequential:
         """Set where the next ``fit`` starts: a dict from :meth:`progress` (e.g. read back from a
         checkpoint written mid-epoch, whose ``"epoch"`` must equal ``self.epoch``), or None: at
         the first step of epoch ``epoch + 1`` (the steps of a partial epoch are then run again)."""
-        from gpubp.training import EpochProgress
+        from gpubp.progress import EpochProgress
 
         if progress is None:
             self._progress = None
@@ -312,29 +311,6 @@ class Sequential:
             check_finite(x, name)
         return x
 
-    def _first_nonfinite(self, xb: Any, yb: Any, loss: losses_mod.Loss) -> str:
-        """Replay one training step with every layer checked; say where NaN/Inf first appears.
-
-        ``xb`` and ``yb`` are a batch already on the device; the dropout masks are those
-        of (self.epoch, self._step). Overwrites the gradients, never the parameters.
-        """
-        backend = self._backend
-        outputs: list = []
-        self._forward(xb, training=True, dropout=True, outputs=outputs)
-        for i, h in enumerate(outputs):
-            if not backend.all_finite(h):
-                return f"the output of layer {i} ({self.layers[i]!r}) contains NaN or Inf"
-        value, dout = loss.compute(outputs[-1], yb, backend)
-        if not np.isfinite(float(value)):
-            return f"the loss is {float(value)}"
-        for i in reversed(range(len(self.layers))):
-            dout = self.layers[i].backward(dout, need_dx=i > 0)
-            for p in self.layers[i].parameters():
-                if not backend.all_finite(p.grad):
-                    return f"the gradient of {p.name} (layer {i}, {self.layers[i]!r}) contains NaN or Inf"
-        self._out_shape = None
-        return "no NaN or Inf on replay (the step is not reproducible)"
-
     def _check_layer(self, i: int, arr: Any, what: str) -> None:
         if self.check_finite and not self._backend.all_finite(arr):
             raise NonFiniteError(f"layer {i} ({self.layers[i]!r}): {what} contains NaN or Inf")
@@ -345,20 +321,19 @@ class Sequential:
 
     __call__ = forward
 
-    def _forward(self, h: Any, training: bool, dropout: bool | None = None, outputs: list | None = None) -> Any:
+    def _forward(self, h: Any, training: bool, dropout: bool | None = None, outputs: list | None = None,
+                 row0: int = 0) -> Any:
         """The forward pass over an input already validated and on the device.
 
         ``dropout``: whether Dropout layers drop (default: ``training`` in train() mode);
-        ``outputs``: a list that receives every layer's output (for gradient statistics).
+        ``outputs``: a list that receives every layer's output (for gradient statistics);
+        ``row0``: h holds rows row0.. of the step's batch (a rank's share, a micro-batch),
+        whose dropout masks it takes.
         """
         active = training and (self.training if dropout is None else dropout)
         for i, layer in enumerate(self.layers):
-            layer.prepare(self.seed, self.epoch, self._step, i, active)
+            layer.prepare(self.seed, self.epoch, self._step, i, active, row0)
         for i, layer in enumerate(self.layers):
-            if self._row0 and isinstance(layer, Dropout):
-                # Rows row0.. of a larger batch: element j here is element j + row0 F of the whole
-                # batch, whose mask counter is (j + row0 F) golden + key: shift the key by row0 F golden.
-                layer._key = (layer._key + self._row0 * int(h.shape[1]) * _GOLDEN) & _MASK64
             h = layer.forward(h, training)
             if outputs is not None:
                 outputs.append(h)
@@ -440,100 +415,8 @@ class Sequential:
             raise ValueError("optimizer: it was built for parameters of another model; pass model.parameters()")
         return optimizer
 
-    def fit(
-        self,
-        x: Any,
-        y: Any,
-        loss: str | losses_mod.Loss,
-        optimizer: Any,
-        epochs: int = 1,
-        batch_size: int = 32,
-        validation_data: tuple[Any, ...] | None = None,
-        shuffle: bool = True,
-        verbose: int = 1,
-        scheduler: Any = None,
-        clip_grad_norm: float | None = None,
-        callbacks: list[Any] | None = None,
-        validation_split: float | None = None,
-        on_nonfinite: str = "raise",
-        gradient_stats: bool = False,
-        comm: Any = None,
-        sample_weight: Any = None,
-        class_weight: dict[int, float] | str | None = None,
-        metrics: list[Any] | None = None,
-    ) -> dict[str, Any]:
-        """Train for ``epochs`` more epochs of mini-batch steps; returns the history.
-
-        Each epoch visits every sample once in batches of ``batch_size`` (the last,
-        partial batch included), in an order drawn from Generator([seed, epoch])
-        when ``shuffle``: so a run resumed from a checkpoint sees the same order.
-        Per step: forward (dropout active), loss value and gradient, backward, the
-        non-finite guard, optional global-norm clipping, optimizer step, callbacks.
-        ``scheduler.step()`` runs after each epoch.
-
-        A model that stopped inside an epoch (Ctrl-C, or loaded from a checkpoint written
-        mid-epoch: see :meth:`progress`) first takes the rest of that epoch, which
-        counts as one of ``epochs``; the parameters and that epoch's record are those of
-        an uninterrupted run. It needs the same batch_size, data and shuffle (else
-        ValueError; ``model.load_progress(None)`` starts the epoch again instead), and an
-        optimizer at the step count it stopped at.
-
-        ``x`` may be an array-like that is read batch by batch instead of whole (np.memmap, an
-        h5py dataset, a zarr array: anything with a length, a shape, a NumPy dtype and indexing by
-        an increasing index array): each batch is read (shuffled batches as one sorted index
-        array, put back in order), converted and checked for NaN/Inf (the error names the row in
-        the whole array) when taken, one batch ahead on a background thread; the results are those
-        of the same data in memory, bit for bit. Its labels ``y`` are read whole (small next to x).
-
-        Args:
-            validation_data: ``(x_val, y_val)`` or ``(x_val, y_val, sample_weight_val)``, evaluated
-                after each epoch; or
-            validation_split: the last fraction of (x, y), before shuffling, held out for it.
-            scheduler: a gpubp.schedules schedule built from ``optimizer`` (one built for
-                another optimizer is refused), stepped after each epoch.
-            callbacks: gpubp.callbacks.Callback objects (EarlyStopping, ModelCheckpoint,
-                ReduceLROnPlateau, CSVLogger, your own). A monitored key the epoch record
-                will not have (``val_loss`` without validation data) is refused before
-                any step. A KeyboardInterrupt raised in a callback stops training as
-                Ctrl-C does.
-            on_nonfinite: ``"raise"`` (default: stop at the first non-finite loss or
-                gradient with a NonFiniteError naming epoch, step and layer, the model
-                left as before that step), ``"skip"`` (drop that step's update, count it
-                in ``history["skipped"]``) or ``"ignore"``.
-            gradient_stats: record per-parameter gradient and weight norms, update
-                ratios and dead/saturated units once per epoch (gpubp.diagnostics) in
-                ``history["gradient_stats"]``, and warn (GradientWarning) when gradients
-                vanish or explode.
-            comm: a communicator from ``gpubp.distributed.init()`` for data-parallel training
-                (every rank calls fit with the same arguments and data of the same length;
-                ``batch_size`` is the global batch, split across the ranks; rank 0's parameters
-                and optimizer state are broadcast first; the result equals one process's
-                training to rounding, and is the same bits on every rank). None: one process.
-                With weights, every rank must be given the same ones (checked).
-            sample_weight: one weight per row of x (1-D, finite, >= 0, not all zero): each batch's
-                loss is the weighted mean sum_i w_i l_i / sum_i w_i (scikit-learn's), and the
-                epoch's loss, accuracy and metrics are weighted the same way. The weights are
-                shuffled and held out (validation_split) with their rows. None: every row 1.
-            class_weight: classification losses only, with integer labels (cross_entropy) or
-                0/1 targets (bce_with_logits, one output): ``{label: weight}`` (labels not named
-                weigh 1) or ``"balanced"`` (n_samples / (n_classes x bincount(y)) over y as given,
-                as scikit-learn). Multiplies sample_weight; applies to validation rows too.
-            metrics: names or callables (see :mod:`gpubp.metrics`): each adds ``<name>`` (over the
-                epoch's training batches) and ``val_<name>`` to every epoch's record.
-
-        History keys: ``loss`` (per-sample mean over the epoch), ``accuracy`` (for
-        CrossEntropy and BCEWithLogits), each metric, ``val_loss`` / ``val_accuracy`` /
-        ``val_<metric>`` with validation, ``lr``, ``time`` (seconds per epoch), ``stopped`` (why training
-        ended: "completed", "early_stopping", "interrupted" (Ctrl-C; fit returns
-        normally), "nonfinite"), and ``skipped`` / ``gradient_stats`` when asked for.
-        """
-        from gpubp.training import fit
-
-        return fit(self, x, y, loss, optimizer, epochs=epochs, batch_size=batch_size,
-                   validation_data=validation_data, shuffle=shuffle, verbose=verbose, scheduler=scheduler,
-                   clip_grad_norm=clip_grad_norm, callbacks=callbacks, validation_split=validation_split,
-                   on_nonfinite=on_nonfinite, gradient_stats=gradient_stats, comm=comm, sample_weight=sample_weight,
-                   class_weight=class_weight, metrics=metrics)
+    # fit's signature and documentation are declared once, in gpubp.training
+    fit = _fit
 
     def predict(self, x: Any, batch_size: int | None = None, check_finite: bool = True) -> np.ndarray:
         """Outputs (N, out) for x (N, in) as a NumPy array, without keeping anything for backward.

@@ -387,10 +387,29 @@ def buckets(comm, out, arg):
             np.savez(os.path.join(out, f"buckets-{dtype}-{size}-rank{comm.rank}.npz"), steps=np.stack(rec.steps))
     return res
 
+def accumulate(comm, out, arg):
+    """accumulate=3 micro-batches of 4 rows (dropout): the parameters, and how many all-reduces of the
+    gradient arena ran (tests/test_accumulate.py: one per optimizer step)."""
+    x, y = data(40, "cross_entropy")
+    model = model_for({"dropout": 0.3})
+    calls = []
+    started = comm.start_allreduce_  # MPI: every all-reduce (allreduce_ too) starts here
+
+    def counted_start(array, op="mean"):
+        if np.size(array) == model.num_parameters:
+            calls.append(op)
+        return started(array, op)
+
+    comm.start_allreduce_ = counted_start
+    model.fit(x, y, "cross_entropy", gp.optim.Adam(model.parameters(), lr=0.01), epochs=2, batch_size=4,
+              accumulate=3, verbose=0, comm=comm)
+    return {"allreduces": len(calls), "params": model.arena.data.tolist()}
+
+
 SCENARIOS = {f.__name__: f for f in (equivalence, api, bad_data, raise_midway, hang, nan_one_rank, interrupt,
                                      resume_mid_epoch, mismatch,
                                      seeds_differ, callbacks, checkpoint, device_api, device_equivalence,
-                                     buckets, device_buckets)}
+                                     buckets, device_buckets, accumulate)}
 
 
 def main() -> int:

@@ -133,8 +133,9 @@ class Communicator:
         """
         return Pending(self.allreduce_(array, op))
 
-    def _before_buckets(self) -> None:
-        """Called once per step before the first gradient bucket's all-reduce starts."""
+    def before_buckets(self) -> None:
+        """Called once per optimizer step before the first gradient bucket's all-reduce starts
+        (fit's data-parallel strategy); NCCL waits there until every rank has arrived."""
 
     @property
     def bucket_bytes(self) -> int | None:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from gpubp.distributed.comm import Communicator, Pending, check_bucket_bytes
+from gpubp.train_step import Strategy
 
 # bucket_bytes when the communicator's is None: DDP's 25 MiB where the all-reduce runs beside
 # the compute (NCCL: a stream of its own); none on MPI, whose progress shares the CPU with
@@ -102,8 +103,9 @@ def resolve(comm: Any) -> Communicator | None:
 
 def _describe(model: Any, optimizer: Any, loss: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """What every rank must agree on before training (rank 0's values win for the parameters)."""
-    hp = optimizer._hparams()
-    hp.pop("lr", None)  # broadcast from rank 0 (a schedule or a checkpoint may have set it)
+    hp = dict(optimizer.state_dict()["meta"])
+    for key in ("lr", "step", "param_names"):  # broadcast from rank 0 (a schedule or a checkpoint may have set lr)
+        hp.pop(key, None)
     return {
         "model architecture": model.config()["layers"],
         "model dtype": model.dtype.name,
@@ -115,13 +117,14 @@ def _describe(model: Any, optimizer: Any, loss: Any, settings: dict[str, Any]) -
     }
 
 
-class DataParallel:
-    """The distributed side of one fit: agreement at the start, then per-step and per-epoch hooks."""
+class DataParallel(Strategy):
+    """The distributed strategy of one fit's :class:`~gpubp.train_step.TrainStep`: agreement at the
+    start, then the per-step and per-epoch hooks of :class:`~gpubp.train_step.Strategy`."""
 
     def __init__(self, comm: Communicator, model: Any, optimizer: Any, loss: Any, settings: dict[str, Any]) -> None:
         self.comm = comm
         self.rank, self.size = comm.rank, comm.size
-        self.interrupted = False
+        self._interrupted = False
         self._check_agreement(_describe(model, optimizer, loss, settings))
         self._broadcast_state(model, optimizer)
         backend = model.arena.backend
@@ -148,11 +151,12 @@ class DataParallel:
         inside the epoch (``model.progress()``), on every rank."""
         comm = self.comm
         comm.broadcast_(model.arena.data, 0)
-        for state in optimizer._state:
-            for name in sorted(state):
-                comm.broadcast_(state[name], 0)
-        optimizer.step_count, optimizer.lr, model.epoch, progress = comm.bcast(
-            (optimizer.step_count, optimizer.lr, model.epoch, model.progress()), 0)
+        sd = optimizer.state_dict()  # host copies of the state, once per fit
+        for name in sorted(sd["state"]):
+            comm.broadcast_(sd["state"][name], 0)
+        meta, lr, model.epoch, progress = comm.bcast((sd["meta"], optimizer.lr, model.epoch, model.progress()), 0)
+        optimizer.load_state_dict({"meta": meta, "state": sd["state"]})  # rank 0's state and step count
+        optimizer.lr = lr
         model.load_progress(progress)
 
     # -- per step -----------------------------------------------------------------------
@@ -170,49 +174,43 @@ class DataParallel:
         lo, hi = self.rank * nb // self.size, (self.rank + 1) * nb // self.size
         return rows[lo:hi], lo, nb
 
-    @staticmethod
-    def loss(loss: Any, out: Any, yb: Any, nb: int, backend: Any, weight: Any = None,
-             batch_weight: float | None = None) -> tuple[Any, Any]:
-        """Value and gradient of this rank's rows, scaled as rows of the global batch of ``nb`` rows;
-        with row weights ``weight`` (this rank's, on the backend), as rows of the global batch of
-        weight ``batch_weight`` (its share of the global weight sum)."""
-        if weight is not None:
-            return loss._value_and_grad(backend, out, yb, loss.weighted_scale(out, batch_weight), weight)
-        if loss.reduction == "mean":
-            scale = 1.0 / (loss._count(out) // out.shape[0] * nb)  # the same float as one process's 1 / count
-        else:
-            scale = 1.0
-        return loss._value_and_grad(backend, out, yb, scale)
-
-    def after_layer(self, i: int) -> None:
+    def after_layer(self, i: int) -> None:  # type: ignore[override]
         """Called after layer ``i``'s backward: start the all-reduce of every bucket it completed."""
         if not self.buckets:
             return
         while len(self._pending) < len(self.buckets) and self.buckets[len(self._pending)].first_layer >= i:
             if not self._pending:
-                self.comm._before_buckets()
+                self.comm.before_buckets()
             b = self.buckets[len(self._pending)]
             self._pending.append(self.comm.start_allreduce_(self._grad[b.start:b.stop], op="sum"))
         for p in self._pending:  # let MPI move the ones in flight along
             p.test()
 
-    def reduce_gradients(self, model: Any) -> None:
+    def reduce_gradients(self, grad: Any) -> None:
         """Sum the gradient arena across ranks (each rank's part already carries the global scale):
         one all-reduce, or the buckets not started yet, then wait for every bucket."""
         if not self.buckets:
-            self.comm.allreduce_(model.arena.grad, op="sum")
+            self.comm.allreduce_(grad, op="sum")
             return
         self.after_layer(-1)  # a rank without rows, or layers without a hook: start the rest now
         pending, self._pending = self._pending, []
         for p in pending:
             p.wait()
 
+    def guard_value(self, value: Any) -> Any:
+        """The guard reads the reduced gradients only (a rank's loss is its own): a zero."""
+        return self.finite_value
+
     def sync(self, value: Any, hit: bool) -> float:
         """Every READ_EVERY steps: the batch loss summed across ranks, and Ctrl-C on any rank."""
         both = np.array([float(value), 1.0 if hit else 0.0])
         self.comm.allreduce_(both, op="sum")
-        self.interrupted = self.interrupted or both[1] > 0
+        self._interrupted = self._interrupted or both[1] > 0
         return float(both[0])
+
+    def interrupted(self, hit: bool) -> bool:
+        """Ctrl-C as agreed at the last sync or epoch end (every rank stops at the same step)."""
+        return self._interrupted
 
     # -- per epoch ----------------------------------------------------------------------
 
@@ -233,19 +231,7 @@ class DataParallel:
         whether any rank saw Ctrl-C (``hit``) since the last agreement (one all-gather)."""
         everyone = self.comm.allgather((run.stop_reason, optimizer.lr, bool(hit)))
         run.stop_reason, optimizer.lr = everyone[0][0], everyone[0][1]
-        self.interrupted = self.interrupted or any(h for _, _, h in everyone)
-
-    def runs_here(self, callback: Any) -> bool:
-        """Whether ``callback`` runs on this rank: the file writers (ModelCheckpoint, CSVLogger, and any
-        callback with ``rank_zero_only = True``) run on rank 0 only, the others on every rank."""
-        if self.rank == 0:
-            return True
-        from gpubp.callbacks import CSVLogger, ModelCheckpoint
-
-        zero_only = getattr(callback, "rank_zero_only", None)
-        if zero_only is None:
-            zero_only = isinstance(callback, (ModelCheckpoint, CSVLogger))
-        return not zero_only
+        self._interrupted = self._interrupted or any(h for _, _, h in everyone)
 
     def where(self, text: str) -> str:
         """Where each rank's replay of a diverged step found NaN/Inf, in one line."""

@@ -184,7 +184,7 @@ class NCCLCommunicator(MPICommunicator):
             done.record(side)
         return _StreamPending(array, compute, done)
 
-    def _before_buckets(self) -> None:
+    def before_buckets(self) -> None:
         self.barrier()  # every rank is here: the NCCL kernels will find their peers
 
     def broadcast_(self, array: Any, root: int = 0) -> Any:

@@ -592,8 +592,8 @@ def test_launch_stream_wraps_each_handle_once(monkeypatch):
         made.append(ptr)
         return SimpleNamespace(ptr=None, handle=ptr, auto_synchronize=None)
 
-    monkeypatch.setattr(nk.cuda, "external_stream", external_stream)
-    monkeypatch.setattr(nk, "_STREAMS", {})
+    monkeypatch.setattr(nk.launch.cuda, "external_stream", external_stream)
+    monkeypatch.setattr(nk.launch, "_STREAMS", {})
     assert nk.launch_stream(0) == 0 and nk.launch_stream(None) == 0
     assert nk.launch_stream(SimpleNamespace(ptr=0)) == 0  # CuPy's null stream
     s = nk.launch_stream(0x1234)

@@ -3,7 +3,8 @@
 Backends: the NumPy reference ("numpy") and the fast CPU backend ("cpu") always; the simulated CUDA backend ("cudasim")
 where the Numba CUDA simulator runs the kernels (machines without a GPU); the CUDA
 backend ("cuda", and "cuda-fused" for the dense layers) where a GPU exists. The spec is
-gpubp.backends.numpy_ref / numpy_optim evaluated in float64 on the same inputs.
+gpubp.backends.numpy_ref / numpy_optim and each optimizer rule's NumPy spec (gpubp/optim/<name>.py),
+evaluated in float64 on the same inputs.
 
 Every case: fresh random inputs (the seed is in each failure message), shapes that are
 no multiple of any tile (1, 3, 7, 17, 33, 130), outputs poisoned with NaN before the
@@ -20,7 +21,7 @@ import pytest
 import gpubp as gp
 from gpubp import accuracy
 from gpubp.activations import NAMES, Activation
-from gpubp.backends import Backend, get_backend, numpy_optim, numpy_ref
+from gpubp.backends import Backend, get_backend, numpy_ref
 from gpubp.backends.numpy_ref import NumpyBackend
 from gpubp.device import parse_device
 from tests.conftest import CUDA_MODE, GPUS
@@ -81,9 +82,12 @@ INTERFACE = sorted(name for name, v in vars(Backend).items() if getattr(v, "__is
 
 
 def test_interface_lists_every_operation():
-    assert {"dense_forward", "dense_backward", "mse", "cross_entropy", "bce_with_logits", "adam_update",
-            "sgd_update", "rmsprop_update", "adagrad_update", "sum_of_squares_into", "clip_scale_",
-            "asarray", "to_numpy", "zeros", "full", "assign_", "take_rows", "all_finite"} <= set(INTERFACE)
+    assert {"dense_forward", "dense_backward", "mse", "cross_entropy", "bce_with_logits", "update",
+            "reduce_into", "scale_", "clip_scale_", "flag_nonfinite_", "asarray", "to_numpy", "full", "assign_",
+            "take_rows", "is_device_array"} <= set(INTERFACE)
+    assert len(INTERFACE) == 18, INTERFACE
+    derived = {"zeros", "sum_of_squares", "sum_of_squares_into", "max_abs", "all_finite"}
+    assert not derived & set(INTERFACE) and all(callable(getattr(Backend, k)) for k in derived)
 
 
 @pytest.mark.parametrize("name", _dense_backends())
@@ -109,6 +113,9 @@ def test_no_device_branches_outside_the_backends():
     which backend runs, or which loss they hold (names in the code, docstrings aside)."""
     import ast
 
+    import importlib
+    import pkgutil
+
     import gpubp.layers
     import gpubp.losses
     import gpubp.model
@@ -116,7 +123,8 @@ def test_no_device_branches_outside_the_backends():
 
     forbidden = {"cupy", "numba", "numpy_ref", "numpy_optim", "cuda", "cudasim", "simulated", "CudaBackend",
                  "SimulatedCudaBackend", "hasattr", "CrossEntropy", "BCEWithLogits", "MSE"}
-    for mod in (gpubp.layers, gpubp.model, gpubp.optim):
+    optim_files = [importlib.import_module(f"gpubp.optim.{m.name}") for m in pkgutil.iter_modules(gpubp.optim.__path__)]
+    for mod in (gpubp.layers, gpubp.model, gpubp.optim, *optim_files):
         names = set()
         for node in ast.walk(ast.parse(inspect.getsource(mod))):
             if isinstance(node, ast.Name):
@@ -337,21 +345,19 @@ def test_weighted_spec_is_the_weighted_sum_of_row_losses(seed):
 
 # --- optimizer updates --------------------------------------------------------------------------------
 
-UPDATES = {
-    "sgd": ("sgd_update", ["momentum_buf"], dict(lr=0.05, momentum=0.9, dampening=0.1, nesterov=False,
-                                                  weight_decay=1e-3)),
-    "sgd_nesterov": ("sgd_update", ["momentum_buf"], dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=True,
-                                                           weight_decay=0.0)),
-    "adam": ("adam_update", ["exp_avg", "exp_avg_sq", None], dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
-                                                                   weight_decay=1e-2, decoupled=False, amsgrad=False)),
-    "adamw_amsgrad": ("adam_update", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
-                      dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-8, weight_decay=1e-2, decoupled=True, amsgrad=True)),
-    "rmsprop_centered": ("rmsprop_update", ["square_avg", "grad_avg", "momentum_buf"],
-                         dict(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=1e-3, momentum=0.5, centered=True)),
-    "rmsprop": ("rmsprop_update", ["square_avg", None, None],
-                dict(lr=1e-3, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False)),
-    "adagrad": ("adagrad_update", ["state_sum"], dict(lr=1e-2, lr_decay=1e-2, weight_decay=1e-3, eps=1e-10)),
-}
+RULES = {cls.rule.name: cls.rule for cls in gp.optim.OPTIMIZERS.values()}
+# every rule's example hyper-parameter sets (they cover its branches): "sgd0", "sgd1", ..., "adam0", ...
+UPDATES = {f"{name}{k}": (rule, hp) for name, rule in RULES.items() for k, hp in enumerate(rule.examples)}
+
+
+def _state(rule, hp, n, dtype, fill=0.0):
+    """The rule's buffers under ``hp``'s flags, as host arrays (None where unused)."""
+    return [np.full(n, fill, dtype) if u else None for u in rule.uses(rule.pack(hp, 2, dtype).flags)]
+
+
+def _spec(rule, p, g, bufs, hp, step):
+    """One step of the rule's NumPy spec (in the arrays' dtype)."""
+    rule.spec(p, g, tuple(bufs), rule.pack(hp, step, p.dtype))
 
 
 @pytest.mark.parametrize("n", FLAT_SIZES)
@@ -359,30 +365,37 @@ UPDATES = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", _backends())
 def test_optimizer_updates(name, dtype, update, n, seed):
-    """Three steps from the same state as the spec run in the same dtype: equal to a few ulp."""
+    """Three steps from the same state as the rule's spec run in the same dtype: equal to a few ulp."""
     b = backend_for(name, dtype)
-    method, buffers, hp = UPDATES[update]
+    rule, hp = UPDATES[update]
     rng = np.random.default_rng(seed)
     p_host = rng.standard_normal(n).astype(dtype)
-    bufs_host = [None if k is None else np.zeros(n, dtype) for k in buffers]
+    bufs_host = _state(rule, hp, n, dtype)
     p = b.asarray(p_host, dtype)
-    bufs = [None if k is None else b.asarray(v, dtype) for k, v in zip(buffers, bufs_host, strict=True)]
+    bufs = [None if v is None else b.asarray(v, dtype) for v in bufs_host]
     for step in range(1, 4):
         g_host = rng.standard_normal(n).astype(dtype)
         g_host[0] *= 1e-30  # a gradient of almost nothing: Adam's sign(g) regime
-        kw = dict(hp)
-        if method == "sgd_update":
-            kw["first_step"] = step == 1
-        elif method in ("adam_update", "adagrad_update"):
-            kw["step"] = step
-        getattr(numpy_optim, method)(p_host, g_host, *bufs_host, **kw)
-        getattr(b, method)(p, b.asarray(g_host, dtype), *bufs, **kw)
+        _spec(rule, p_host, g_host, bufs_host, hp, step)
+        b.update(rule, p, b.asarray(g_host, dtype), tuple(bufs), rule.pack(hp, step, np.dtype(dtype)))
         ulp = 8 * np.finfo(dtype).eps
         msg = f"{name} {dtype} {update} n={n} step {step} seed {seed}"
         close(host(b, p), p_host, accuracy.Tolerance(atol=ulp * hp["lr"], rtol=ulp), f"parameters, {msg}")
-        for k, got, want in zip(buffers, bufs, bufs_host, strict=True):
-            if k is not None:
+        for k, got, want in zip(rule.state, bufs, bufs_host, strict=True):
+            if want is not None:
                 close(host(b, got), want, accuracy.Tolerance(atol=0.0, rtol=ulp), f"{k}, {msg}")
+
+
+@pytest.mark.parametrize("name", _backends())
+def test_an_update_refuses_a_missing_buffer(name):
+    b = backend_for(name, "float32")
+    rule = gp.optim.Adam.rule
+    hp = rule.pack(dict(lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, amsgrad=True), 1, np.float32)
+    z = b.asarray(np.zeros(3, np.float32), "float32")
+    with pytest.raises(ValueError, match="max_exp_avg_sq"):
+        b.update(rule, z, z, (z, z, None), hp)
+    with pytest.raises(ValueError, match="3 buffers"):
+        b.update(rule, z, z, (z, z), hp)
 
 
 @pytest.mark.parametrize("update", sorted(UPDATES))
@@ -391,29 +404,24 @@ def test_a_set_guard_leaves_parameters_and_state_untouched(name, update, seed):
     """guard[0] != 0: the update writes nothing; guard[0] == 0: the update of the spec."""
     dtype, n = "float32", 130
     b = backend_for(name, dtype)
-    method, buffers, hp = UPDATES[update]
+    rule, hp = UPDATES[update]
     rng = np.random.default_rng(seed)
-    kw, first = dict(hp), dict(hp)
-    if method == "sgd_update":
-        kw["first_step"], first["first_step"] = False, True
-    elif method in ("adam_update", "adagrad_update"):
-        kw["step"], first["step"] = 2, 1
     # a valid state (centred RMSprop needs square_avg >= grad_avg**2): one step of the spec from zeros
     p_host = rng.standard_normal(n).astype(dtype)
-    bufs_host = [None if k is None else np.zeros(n, dtype) for k in buffers]
-    getattr(numpy_optim, method)(p_host, rng.standard_normal(n).astype(dtype), *bufs_host, **first)
+    bufs_host = _state(rule, hp, n, dtype)
+    _spec(rule, p_host, rng.standard_normal(n).astype(dtype), bufs_host, hp, 1)
     g_host = rng.standard_normal(n).astype(dtype)
     for tag in (3, 0):
         p = b.asarray(p_host.copy(), dtype)  # copies: the reference backend keeps host arrays as they are
         bufs = [None if v is None else b.asarray(v.copy(), dtype) for v in bufs_host]
         guard = b.asarray(np.array([tag], np.int64), np.int64)
-        getattr(b, method)(p, b.asarray(g_host, dtype), *bufs, guard=guard, **kw)
+        b.update(rule, p, b.asarray(g_host, dtype), tuple(bufs), rule.pack(hp, 2, np.dtype(dtype)), guard)
         got = [host(b, p)] + [host(b, v) for v in bufs if v is not None]
         if tag:
             want = [p_host] + [v for v in bufs_host if v is not None]
         else:
             ref_p, ref_bufs = p_host.copy(), [None if v is None else v.copy() for v in bufs_host]
-            getattr(numpy_optim, method)(ref_p, g_host.copy(), *ref_bufs, **kw)
+            _spec(rule, ref_p, g_host.copy(), ref_bufs, hp, 2)
             want = [ref_p] + [v for v in ref_bufs if v is not None]
         ulp = 8 * np.finfo(dtype).eps
         for i, (x, w) in enumerate(zip(got, want, strict=True)):
@@ -439,6 +447,14 @@ def test_reductions(name, dtype, n, seed):
     close(np.array([b.sum_of_squares(g)]), np.array([want_sq]), tol, f"sum_of_squares, {msg}")
     assert b.max_abs(g) == float(np.max(np.abs(g64))), msg
     out = b.asarray(np.array([np.nan]), np.float64)
+    b.reduce_into(g, out, "maxabs")
+    assert host(b, out)[0] == float(np.max(np.abs(g64))), msg
+    b.reduce_into(g, out, "maxabs", accumulate=True)
+    assert host(b, out)[0] == float(np.max(np.abs(g64))), msg
+    big = b.asarray(np.array([1e300]), np.float64)
+    b.reduce_into(g, big, "maxabs", accumulate=True)
+    assert host(b, big)[0] == 1e300, msg
+    assert b.all_finite(g), msg
     b.sum_of_squares_into(g, out)
     close(host(b, out), np.array([want_sq]), tol, f"sum_of_squares_into, {msg}")
     b.sum_of_squares_into(g, out, accumulate=True)

@@ -216,7 +216,7 @@ def test_unit_weights_are_no_weights_bit_for_bit(iris):
 
 def test_shuffled_weighted_batches_scale_their_own_penalty(iris, monkeypatch):
     """With shuffling, the L2 penalty of each step divides by the weight of the batch that step trained on."""
-    import gpubp.sklearn as gsk
+    from gpubp.sklearn import _solver as gsk
 
     X, y = iris
     alpha = 0.3

@@ -133,8 +133,9 @@ def _everything(seed: int, dtype: str) -> list[np.ndarray]:
     g = rng.standard_normal(1000).astype(dtype)
     out.append(np.array(b.sum_of_squares(g)))
     p, m1, v1 = rng.standard_normal(1000).astype(dtype), np.zeros(1000, dtype), np.zeros(1000, dtype)
-    b.adam_update(p, g, m1, v1, None, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                  decoupled=False, amsgrad=False, step=1)
+    rule = gp.optim.Adam.rule
+    hp = rule.pack(dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False), 1, p.dtype)
+    b.update(rule, p, g, (m1, v1, None), hp)
     out.append(p)
     return out
 

@@ -1,4 +1,4 @@
-"""Tests for gpubp.backends.numba_cuda_optim: the CUDA optimizer kernels against the NumPy reference.
+"""Tests for gpubp.backends.numba_cuda_optim and cuda_update: the CUDA optimizer kernels against the NumPy reference.
 
 Without a GPU the kernels run under the Numba CUDA simulator (conftest sets
 NUMBA_ENABLE_CUDASIM before numba is imported) on NumPy arrays; on a GPU the
@@ -19,6 +19,7 @@ import pytest
 from numba import cuda
 
 from gpubp import optim
+from gpubp.backends import cuda_update
 from gpubp.backends import numba_cuda_optim as nbo
 from gpubp.backends import numpy_optim as npo
 from gpubp.parameter import Arena
@@ -64,99 +65,97 @@ def same_bits(a: float, b: float) -> bool:
 # --- optimizers -----------------------------------------------------------------------------
 
 
+RULES = {cls.rule.name: cls.rule for cls in optim.OPTIMIZERS.values()}
+# (rule name, hyper-parameters as rule.pack reads them, each buffer's start value)
 CASES = [
-    ("sgd", dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)),
-    ("sgd", dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.1)),
-    ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)),
-    ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.25, nesterov=False, weight_decay=0.01)),
-    ("sgd", dict(lr=0.05, momentum=0.8, dampening=0.0, nesterov=True, weight_decay=0.01)),
-    ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, amsgrad=False)),
-    ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05, decoupled=False, amsgrad=True)),
-    ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False)),
-    ("adam", dict(lr=3e-2, beta1=0.3, beta2=0.9, eps=1e-6, weight_decay=0.1, decoupled=True, amsgrad=True)),
-    ("adam", dict(lr=1e-2, beta1=0.5, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, amsgrad=False)),
-    ("rmsprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False)),
-    ("rmsprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=True)),
-    ("rmsprop", dict(lr=1e-2, alpha=0.9, eps=1e-8, weight_decay=0.01, momentum=0.9, centered=False)),
-    ("rmsprop", dict(lr=1e-2, alpha=0.3, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True)),
-    ("adagrad", dict(lr=1e-2, lr_decay=0.0, eps=1e-10, weight_decay=0.0, initial=0.0)),
-    ("adagrad", dict(lr=5e-2, lr_decay=0.1, eps=1e-10, weight_decay=0.01, initial=0.1)),
-]
+    ("sgd", dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0), np.nan),
+    ("sgd", dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.1), np.nan),
+    ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0), np.nan),
+    ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.25, nesterov=False, weight_decay=0.01), np.nan),
+    ("sgd", dict(lr=0.05, momentum=0.8, dampening=0.0, nesterov=True, weight_decay=0.01), np.nan),
+    ("adam", dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False, amsgrad=False), 0.0),
+    ("adam", dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, decoupled=False, amsgrad=True), 0.0),
+    ("adam", dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False), 0.0),
+    ("adam", dict(lr=3e-2, betas=(0.3, 0.9), eps=1e-6, weight_decay=0.1, decoupled=True, amsgrad=True), 0.0),
+    ("adam", dict(lr=1e-2, betas=(0.5, 0.999), eps=1e-8, weight_decay=0.0, decoupled=True, amsgrad=False), 0.0),
+    ("rmsprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False), 0.0),
+    ("rmsprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=True), 0.0),
+    ("rmsprop", dict(lr=1e-2, alpha=0.9, eps=1e-8, weight_decay=0.01, momentum=0.9, centered=False), 0.0),
+    ("rmsprop", dict(lr=1e-2, alpha=0.3, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True), 0.0),
+    ("adagrad", dict(lr=1e-2, lr_decay=0.0, eps=1e-10, weight_decay=0.0), 0.0),
+    ("adagrad", dict(lr=5e-2, lr_decay=0.1, eps=1e-10, weight_decay=0.01), 0.1),
+] + [(name, hp, 0.0) for name, rule in RULES.items() if name not in ("sgd", "adam", "rmsprop", "adagrad")
+     for hp in rule.examples]  # rules added since: their own examples
 
 
-def buffers(kind: str, cfg: dict) -> dict[str, float]:
-    """State buffer names and start values; SGD's momentum buffer starts as NaN (step 1 must only write it)."""
-    if kind == "sgd":
-        return {"momentum_buf": np.nan} if cfg["momentum"] != 0 else {}
-    if kind == "adam":
-        return dict.fromkeys(["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if cfg["amsgrad"] else []), 0.0)
-    if kind == "rmsprop":
-        names = ["square_avg"] + (["grad_avg"] if cfg["centered"] else [])
-        return dict.fromkeys(names + (["momentum_buf"] if cfg["momentum"] > 0 else []), 0.0)
-    return {"state_sum": cfg["initial"]}
+def start(rule, cfg: dict, init: float, n: int, dtype, full) -> list:
+    """The rule's buffers (None where unused); SGD's momentum buffer starts as NaN (step 1 must only write it)."""
+    used = rule.uses(rule.pack(cfg, 1, np.dtype(dtype)).flags)
+    return [full(n, init, dtype) if u else None for u in used]
 
 
-def update(mod, kind: str, cfg: dict, p, g, st: dict, step: int) -> None:
-    if kind == "sgd":
-        mod.sgd_update(p, g, st.get("momentum_buf"), first_step=step == 1, **cfg)
-    elif kind == "adam":
-        mod.adam_update(p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"), step=step, **cfg)
-    elif kind == "rmsprop":
-        mod.rmsprop_update(p, g, st["square_avg"], st.get("grad_avg"), st.get("momentum_buf"), **cfg)
-    else:
-        cfg = {k: v for k, v in cfg.items() if k != "initial"}
-        mod.adagrad_update(p, g, st["state_sum"], step=step, **cfg)
+def spec_update(rule, cfg, p, g, st, step) -> None:
+    rule.spec(p, g, tuple(st), rule.pack(cfg, step, p.dtype))
+
+
+def kernel_update(rule, cfg, p, g, st, step, **kw) -> None:
+    cuda_update.update(rule, p, g, tuple(st), rule.pack(cfg, step, np.dtype(p.dtype)), **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize(("kind", "cfg"), CASES, ids=[f"{k}{i}" for i, (k, _) in enumerate(CASES)])
-def test_update_matches_numpy(kind, cfg, dtype, seed):
+@pytest.mark.parametrize(("kind", "cfg", "init"), CASES, ids=[f"{k}{i}" for i, (k, _, _) in enumerate(CASES)])
+def test_update_matches_numpy(kind, cfg, init, dtype, seed):
+    rule = RULES[kind]
     rng = np.random.default_rng(seed)
     for n in SIZES:
         p_ref = rng.standard_normal(n).astype(dtype)
         p = dev(p_ref)
-        st_ref = {k: npo.full(n, v, dtype) for k, v in buffers(kind, cfg).items()}
-        st = {k: nbo.full(n, v, dtype) for k, v in buffers(kind, cfg).items()}
+        st_ref = start(rule, cfg, init, n, dtype, npo.full)
+        st = start(rule, cfg, init, n, dtype, nbo.full)
         for step, size in enumerate((3.0, 0.5, 1.0), start=1):  # changing sizes, so AMSGrad's maximum matters
             g_ref = (rng.standard_normal(n) * size).astype(dtype)
             g = dev(g_ref)
-            update(npo, kind, cfg, p_ref, g_ref, st_ref, step)
-            update(nbo, kind, cfg, p, g, st, step)
+            spec_update(rule, cfg, p_ref, g_ref, st_ref, step)
+            kernel_update(rule, cfg, p, g, st, step)
             where = f"{kind} {cfg} {np.dtype(dtype).name} n={n} step {step}"
             close(p, p_ref, dtype, f"p after {where}", seed)
-            for name in st:
-                close(st[name], st_ref[name], dtype, f"{name} after {where}", seed)
+            for name, got, want in zip(rule.state, st, st_ref, strict=True):
+                if want is not None:
+                    close(got, want, dtype, f"{name} after {where}", seed)
             np.testing.assert_array_equal(host(g), g_ref, err_msg=f"g was written by {where} (seed={seed})")
 
 
 def test_missing_buffers_are_refused():
     p, g = dev(np.zeros(3)), dev(np.zeros(3))
-    common = dict(lr=0.1, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=True)
-    with pytest.raises(ValueError, match="momentum_buf"):
-        nbo.sgd_update(p, g, None, momentum=0.9, **common)
-    nbo.sgd_update(p, g, None, momentum=0.0, **common)
+    sgd = dict(lr=0.1, dampening=0.0, nesterov=False, weight_decay=0.0)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        kernel_update(RULES["sgd"], dict(sgd, momentum=0.9), p, g, [None], 1)
+    kernel_update(RULES["sgd"], dict(sgd, momentum=0.0), p, g, [None], 1)
+    adam = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=True)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
-        nbo.adam_update(
-            p, g, dev(np.zeros(3)), dev(np.zeros(3)), None,
-            lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, step=1, amsgrad=True,
-        )  # fmt: skip
+        kernel_update(RULES["adam"], adam, p, g, [dev(np.zeros(3)), dev(np.zeros(3)), None], 1)
     rms = dict(lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0.0)
     with pytest.raises(ValueError, match="grad_avg"):
-        nbo.rmsprop_update(p, g, dev(np.zeros(3)), None, None, momentum=0.0, centered=True, **rms)
-    with pytest.raises(ValueError, match="momentum_buf"):
-        nbo.rmsprop_update(p, g, dev(np.zeros(3)), None, None, momentum=0.5, centered=False, **rms)
+        kernel_update(RULES["rmsprop"], dict(rms, momentum=0.0, centered=True), p, g, [dev(np.zeros(3)), None, None], 1)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        kernel_update(RULES["rmsprop"], dict(rms, momentum=0.5, centered=False), p, g, [dev(np.zeros(3)), None, None],
+                      1)
 
 
 def test_bad_arrays_are_refused():
-    kw = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=True)
+    rule, kw = RULES["sgd"], dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
+
+    def sgd(p, g):
+        cuda_update.update(rule, p, g, (None,), rule.pack(kw, 1, np.float64))
+
     with pytest.raises(TypeError, match="dtype"):
-        nbo.sgd_update(dev(np.zeros(3)), dev(np.zeros(3, np.float32)), None, **kw)
+        sgd(dev(np.zeros(3)), dev(np.zeros(3, np.float32)))
     with pytest.raises(TypeError, match="float32 or float64"):
-        nbo.sgd_update(dev(np.zeros(3, np.int64)), dev(np.zeros(3, np.int64)), None, **kw)
+        sgd(dev(np.zeros(3, np.int64)), dev(np.zeros(3, np.int64)))
     with pytest.raises(ValueError, match="elements"):
-        nbo.sgd_update(dev(np.zeros(3)), dev(np.zeros(4)), None, **kw)
+        sgd(dev(np.zeros(3)), dev(np.zeros(4)))
     with pytest.raises(ValueError, match="1-D"):
-        nbo.sgd_update(dev(np.zeros((2, 2))), dev(np.zeros((2, 2))), None, **kw)
+        sgd(dev(np.zeros((2, 2))), dev(np.zeros((2, 2))))
     with pytest.raises(TypeError, match="array"):
         nbo.scale_([1.0, 2.0], 0.5)
     with pytest.raises(ValueError, match="1-element float64"):
@@ -340,15 +339,12 @@ def test_launch_counter(dtype, seed):
     arena.carve("0.bias", (10,))
     arena.grad[:] = rng.standard_normal(130)
     p, g = dev(arena.data), dev(arena.grad)
-    m, v = nbo.full(130, 0.0, dtype), nbo.full(130, 0.0, dtype)
-    adam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, step=1, amsgrad=False)
-    assert launches(nbo.adam_update, p, g, m, v, None, **adam) == 1
-    sgd = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, first_step=True)
-    assert launches(nbo.sgd_update, p, g, dev(np.zeros(130, dtype)), **sgd) == 1
-    rms = dict(lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.5, centered=True)
-    zeros = [dev(np.zeros(130, dtype)) for _ in range(3)]
-    assert launches(nbo.rmsprop_update, p, g, *zeros, **rms) == 1
-    assert launches(nbo.adagrad_update, p, g, v, lr=0.1, lr_decay=0.0, eps=1e-10, weight_decay=0.0, step=1) == 1
+    for name, rule in RULES.items():  # every rule, every example: one launch
+        for cfg in rule.examples:
+            st = start(rule, cfg, 0.0, 130, dtype, nbo.full)
+            assert launches(kernel_update, rule, cfg, p, g, st, 2) == 1, (name, cfg)
+    assert launches(kernel_update, RULES["sgd"], RULES["sgd"].examples[0], dev(np.zeros(0, dtype)),
+                    dev(np.zeros(0, dtype)), [dev(np.zeros(0, dtype))], 2) == 0
     total = dev(np.full(1, np.nan))
     assert launches(nbo.sum_of_squares_into, g, total) == 2
     assert launches(nbo.clip_scale_, g, total, 1.0) == 1
@@ -392,72 +388,43 @@ def test_device_arrays_are_passed_as_they_are():
 # --- one source, several targets: the optimizer maths under numba.njit -----------------------
 
 
-_NJIT: dict = {}  # scalar_math compiled by numba.njit, once per session
+_NJIT: dict = {}  # each rule's scalar body compiled by numba.njit, once per session
 
 
-def njit_update(sm, kind: str, args: tuple) -> None:
-    """The element loop of the optimizer kernels on the host, with scalar_math compiled by numba.njit."""
-    *args, guard = args  # the guard array comes last; unset here
-    assert guard[0] == 0
-    if kind == "sgd":
-        p, g, buf, *hp = args
-        use_momentum, first = hp[5], hp[6]
-        for i in range(p.size):
-            b = buf[i] if use_momentum and not first else g[i]
-            p[i], b = sm.sgd_step(p[i], g[i], b, *hp)
-            if use_momentum:
-                buf[i] = b
-    elif kind == "adam":
-        p, g, m, v, vmax, *hp = args
-        amsgrad = hp[-1]
-        for i in range(p.size):
-            pi, m[i], v[i], vm = sm.adam_step(p[i], g[i], m[i], v[i], vmax[i] if amsgrad else v[i], *hp)
-            if amsgrad:
-                vmax[i] = vm
-            p[i] = pi
-    elif kind == "rmsprop":
-        p, g, v, a, b, *hp = args
-        centered, use_momentum = hp[-3], hp[-1]
-        for i in range(p.size):
-            ai = a[i] if centered else v[i]
-            bi = b[i] if use_momentum else v[i]
-            p[i], v[i], ai, bi = sm.rmsprop_step(p[i], g[i], v[i], ai, bi, *hp)
-            if centered:
-                a[i] = ai
-            if use_momentum:
-                b[i] = bi
-    else:
-        p, g, s, *hp = args
-        for i in range(p.size):
-            p[i], s[i] = sm.adagrad_step(p[i], g[i], s[i], *hp)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize(("kind", "cfg"), CASES, ids=[f"{k}{i}" for i, (k, _) in enumerate(CASES)])
-def test_scalar_updates_compile_with_njit_and_match_numpy_to_the_bit(kind, cfg, dtype, seed, monkeypatch):
-    """The kernels' scalar maths, compiled for the CPU, against numpy_optim: the same bits."""
+def njit_body(rule):
+    """``rule.scalar`` built on scalar_math compiled by numba.njit (a CPU target of the same source)."""
     import numba
 
     from gpubp.backends import scalar_math
 
-    sm = _NJIT.get("math") or _NJIT.setdefault("math", scalar_math.build(numba.njit))
-    captured = []
-    monkeypatch.setattr(nbo, "_map", lambda name, dt, n, stream, threads, max_blocks, args: captured.append(args))
+    ops = _NJIT.get("ops") or _NJIT.setdefault("ops", scalar_math.build(numba.njit))
+    return _NJIT.get(rule.name) or _NJIT.setdefault(rule.name, numba.njit(rule.scalar(ops)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("kind", "cfg", "init"), CASES, ids=[f"{k}{i}" for i, (k, _, _) in enumerate(CASES)])
+def test_scalar_updates_compile_with_njit_and_match_numpy_to_the_bit(kind, cfg, init, dtype, seed):
+    """Each rule's scalar body, compiled for the CPU, element by element against its NumPy spec: the same bits."""
+    rule = RULES[kind]
+    step_fn = njit_body(rule)
     rng = np.random.default_rng(seed)
     n = 33
     p_ref = rng.standard_normal(n).astype(dtype)
     p = p_ref.copy()
-    st_ref = {k: npo.full(n, v, dtype) for k, v in buffers(kind, cfg).items()}
-    st = {k: npo.full(n, v, dtype) for k, v in buffers(kind, cfg).items()}
+    st_ref = start(rule, cfg, init, n, dtype, npo.full)
+    st = [np.full(n, init, dtype) for _ in range(3)]
     for step, size in enumerate((3.0, 0.5, 1.0), start=1):
         g = (rng.standard_normal(n) * size).astype(dtype)
-        update(npo, kind, cfg, p_ref, g, st_ref, step)
-        update(nbo, kind, cfg, p, g, st, step)  # only packs the kernel's arguments (captured)
-        njit_update(sm, kind, captured.pop())
+        spec_update(rule, cfg, p_ref, g, st_ref, step)
+        hp = rule.pack(cfg, step, np.dtype(dtype))
+        for i in range(n):
+            p[i], st[0][i], st[1][i], st[2][i] = step_fn(p[i], g[i], st[0][i], st[1][i], st[2][i], hp.scalars,
+                                                         hp.flags)
         where = f"njit {kind} {cfg} {np.dtype(dtype).name} step {step} (seed={seed})"
         np.testing.assert_array_equal(p, p_ref, err_msg=where)
-        for name in st:
-            np.testing.assert_array_equal(st[name], st_ref[name], err_msg=f"{name}: {where}")
+        for name, got, want in zip(rule.state, st, st_ref, strict=False):
+            if want is not None:
+                np.testing.assert_array_equal(got, want, err_msg=f"{name}: {where}")
 
 
 # --- compiling to PTX -----------------------------------------------------------------------
@@ -466,9 +433,13 @@ def test_scalar_updates_compile_with_njit_and_match_numpy_to_the_bit(kind, cfg, 
 def test_ptx_targets_listing():
     targets = nbo.ptx_targets()
     names = [t[0] for t in targets]
-    assert len(names) == len(set(names)) == 21
-    for name in ("sgd", "adam", "rmsprop", "adagrad", "reduce_chunks", "clip_scale", "finite_scan"):
+    updates = sum(len(rule.examples) for rule in RULES.values())
+    assert len(names) == len(set(names)) == 13 + 2 * updates
+    for name in ("reduce_chunks", "clip_scale", "finite_scan"):
         assert f"{name}[float32]" in names and f"{name}[float64]" in names
+    for name, rule in RULES.items():  # the generic update kernel, compiled for each rule's examples
+        for k in range(len(rule.examples)):
+            assert f"update_{name}{k}[float32]" in names and f"update_{name}{k}[float64]" in names
     assert {"reduce_partials", "set_flag", "merge_flag"} <= set(names)
     assert all(callable(fn) and isinstance(sig, tuple) for _, fn, sig in targets)
 
@@ -489,8 +460,8 @@ def test_cupy_arrays_and_streams(seed):
     # The arrays were written on the null stream, which a non-blocking stream does not wait for.
     stream.wait_event(cp.cuda.Stream.null.record())
     for step in (1, 2):
-        npo.sgd_update(p_ref, g_ref, buf_ref, first_step=step == 1, **kw)
-        nbo.sgd_update(p, g, buf, first_step=step == 1, stream=stream, **kw)
+        spec_update(RULES["sgd"], kw, p_ref, g_ref, [buf_ref], step)
+        kernel_update(RULES["sgd"], kw, p, g, [buf], step, stream=stream)
     nbo.sum_of_squares_into(p, total, stream=stream)
     stream.synchronize()
     close(p, p_ref, np.float64, "cupy sgd", seed)

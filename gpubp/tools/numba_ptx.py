@@ -10,7 +10,10 @@ rehearsal). Prints one line per kernel and ``TOTAL compiled <n> of <m>``; exit s
 any failure (with the traceback), 2 on bad arguments.
 
 Checks beyond "it compiles": the optimizer kernels must hold no fused multiply-add
-(``fma.`` in the PTX): their updates round each product on its own, as NumPy does.
+(``fma.`` in the PTX): their updates round each product on its own, as NumPy does. The
+optimizer updates are one generic kernel (``cuda_update``) compiled around each registered
+rule's scalar body, for each of the rule's example flag sets (``update_<rule><k>[dtype]``),
+so a new optimizer is checked as soon as it is registered.
 
 Needs numba-cuda and libNVVM (found as ``numba_setup.ensure_nvvm`` finds it), no driver.
 The simulator compiles nothing, so this module switches it off for its own process: run it

@@ -388,22 +388,28 @@ def buckets(comm, out, arg):
     return res
 
 def accumulate(comm, out, arg):
-    """accumulate=3 micro-batches of 4 rows (dropout): the parameters, and how many all-reduces of the
-    gradient arena ran (tests/test_accumulate.py: one per optimizer step)."""
+    """accumulate=3 micro-batches of 4 rows (dropout), with one all-reduce after backward and with a
+    bucket per layer: the parameters, and how many all-reduces of gradients ran (tests/test_accumulate.py:
+    one per optimizer step, or one per bucket and step)."""
     x, y = data(40, "cross_entropy")
-    model = model_for({"dropout": 0.3})
-    calls = []
     started = comm.start_allreduce_  # MPI: every all-reduce (allreduce_ too) starts here
+    res = {}
+    for bucket_bytes in (0, 1):
+        model = model_for({"dropout": 0.3})
+        calls = []
 
-    def counted_start(array, op="mean"):
-        if np.size(array) == model.num_parameters:
-            calls.append(op)
-        return started(array, op)
+        def counted_start(array, op="mean", model=model, calls=calls):
+            if isinstance(array, np.ndarray) and np.shares_memory(array, model.arena.grad):
+                calls.append(array.size)
+            return started(array, op)
 
-    comm.start_allreduce_ = counted_start
-    model.fit(x, y, "cross_entropy", gp.optim.Adam(model.parameters(), lr=0.01), epochs=2, batch_size=4,
-              accumulate=3, verbose=0, comm=comm)
-    return {"allreduces": len(calls), "params": model.arena.data.tolist()}
+        comm.start_allreduce_, comm.bucket_bytes = counted_start, bucket_bytes
+        model.fit(x, y, "cross_entropy", gp.optim.Adam(model.parameters(), lr=0.01), epochs=2, batch_size=4,
+                  accumulate=3, verbose=0, comm=comm)
+        res[f"allreduces_{bucket_bytes}"] = len(calls)
+        res[f"params_{bucket_bytes}"] = model.arena.data.tolist()
+    comm.start_allreduce_ = started
+    return res
 
 
 SCENARIOS = {f.__name__: f for f in (equivalence, api, bad_data, raise_midway, hang, nan_one_rank, interrupt,

@@ -19,6 +19,7 @@ from gpubp.accuracy import MODEL
 from tests.conftest import CUDA_MODE
 
 SIM = CUDA_MODE.startswith("simulator")
+GPU = not SIM and CUDA_MODE.startswith("GPU")
 
 
 def data(n: int = 29, seed: int = 0, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -64,16 +65,17 @@ def same_as_big_batch(k: int, b: int, tol: float = 1e-12, **kw) -> tuple[dict, d
     return h_acc, h_big
 
 
-BACKENDS = [("cpu", "reference"), ("cpu", "auto")] + ([("cudasim", "auto")] if SIM else [])
+BACKENDS = [("cpu", "reference"), ("cpu", "auto")] + ([("cudasim", "auto")] if SIM else []) + \
+    ([("cuda", "auto")] if GPU else [])
 
 
 @pytest.mark.parametrize("device,impl", BACKENDS)
 def test_float64_equals_the_big_batch_on_every_backend(device, impl):
     # 29 rows, micro-batches of 4, k=3: big batches of 12, 12, 5 (the last cut into 4 + 1)
-    n, epochs = (29, 2) if device == "cpu" else (13, 1)
+    n, epochs = (13, 1) if device == "cudasim" else (29, 2)
     x, y = data(n)
     same_as_big_batch(3, 4, x=x, y=y, epochs=epochs,
-                      make=lambda: model_for(device, "float64", impl, width=6 if device == "cpu" else 3))
+                      make=lambda: model_for(device, "float64", impl, width=3 if device == "cudasim" else 6))
 
 
 def test_float32_within_the_accuracy_contract():
@@ -226,7 +228,8 @@ def test_one_all_reduce_per_optimizer_step_over_mpi(tmp_path):
     one = params(model)
     steps = 2 * math.ceil(40 / 12)
     for rep in reports:
-        assert rep["allreduces"] == steps, rep["allreduces"]  # not one per micro-batch (2 * 10)
-        got = np.array(rep["params"])
-        assert rel(got, one) <= 1e-12
-    assert reports[0]["params"] == reports[1]["params"]  # the same bits on every rank
+        assert rep["allreduces_0"] == steps, rep["allreduces_0"]  # not one per micro-batch (2 * 10)
+        assert rep["allreduces_1"] == 2 * steps, rep["allreduces_1"]  # a bucket per Dense layer
+        assert rel(np.array(rep["params_0"]), one) <= 1e-12
+        assert rep["params_1"] == rep["params_0"]  # buckets sum each element as one all-reduce does
+    assert reports[0]["params_0"] == reports[1]["params_0"]  # the same bits on every rank

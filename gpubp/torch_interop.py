@@ -56,10 +56,10 @@ Mode: the model is in ``eval()`` mode when the torch Sequential is (``module.tra
 False), and the torch Sequential ``to_torch`` returns is in the model's mode. Dropout masks
 come from each library's own generator, so training-mode outputs differ; predictions do not.
 
-Optimizer state (:func:`optimizer_to_torch`, :func:`optimizer_from_torch`): SGD, Adam, AdamW,
-RMSprop and Adagrad have the same hyper-parameters, update equations and state buffers in both
-libraries (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``square_avg``,
-``grad_avg``, ``sum``), the weight buffers transposed like the weights. torch keeps a step count
+Optimizer state (:func:`optimizer_to_torch`, :func:`optimizer_from_torch`): every gpubp optimizer
+with a ``torch_name`` (SGD, Adam, AdamW, RMSprop, Adagrad, ...) has the same hyper-parameters, update
+equations and state buffers in both libraries (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``, ``square_avg``, ``grad_avg``, ``sum``, ...), the weight buffers transposed like the weights. torch keeps a step count
 per parameter (``state[p]["step"]``), gpubp one per optimizer: they must all be equal. torch's SGD
 keeps no step count: its momentum buffer existing is what "not the first step" means, and gpubp's
 ``step_count >= 1`` means the same.
@@ -86,14 +86,15 @@ __all__ = ["from_torch", "to_torch", "optimizer_from_torch", "optimizer_to_torch
 
 MISSING_BIAS = ("refuse", "zero")
 
-# gpubp optimizer class name -> torch.optim class name (the same names, the same hyper-parameters).
-_OPTIMIZERS: dict[str, type[optim.Optimizer]] = {
-    "SGD": optim.SGD,
-    "Adam": optim.Adam,
-    "AdamW": optim.AdamW,
-    "RMSprop": optim.RMSprop,
-    "Adagrad": optim.Adagrad,
-}
+# torch.optim class name -> the gpubp optimizer with the same maths (each optimizer's ``torch_name``;
+# the same class names, hyper-parameters and state buffer names).
+_OPTIMIZERS: dict[str, type[optim.Optimizer]] = {c.torch_name: c for c in optim.OPTIMIZERS.values() if c.torch_name}
+
+
+def _names() -> str:
+    """"SGD, Adam, ... or Adagrad": the optimizer classes mapped."""
+    names = list(_OPTIMIZERS)
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _torch() -> Any:
@@ -417,15 +418,14 @@ def optimizer_to_torch(optimizer: optim.Optimizer, params: Any) -> torch.optim.O
     torch = _torch()
     name = type(optimizer).__name__
     if _OPTIMIZERS.get(name) is not type(optimizer):
-        raise TypeError(f"optimizer: expected a gpubp SGD, Adam, AdamW, RMSprop or Adagrad, got {name}")
+        raise TypeError(f"optimizer: expected a gpubp {_names()}, got {name}")
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
     tparams = list(params)
     _check_pairs(optimizer.params, tparams, "params")
     sd = optimizer.state_dict()
     meta, tensors = sd["meta"], sd["state"]
-    hp = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k not in ("type", "step", "param_names")}
-    topt = getattr(torch.optim, name)(tparams, **hp)
+    topt = getattr(torch.optim, optimizer.torch_name)(tparams, **optimizer.torch_kwargs(meta))
     step = int(meta["step"])
     if step == 0:
         return topt  # torch's fresh state is gpubp's fresh state (Adagrad's sum included)
@@ -471,7 +471,7 @@ def optimizer_from_torch(optimizer: torch.optim.Optimizer, params: Sequential | 
     kind = type(optimizer)
     name = kind.__name__
     if name not in _OPTIMIZERS or getattr(torch.optim, name, None) is not kind:
-        raise TypeError(f"optimizer: expected a torch.optim SGD, Adam, AdamW, RMSprop or Adagrad, got {name}")
+        raise TypeError(f"optimizer: expected a torch.optim {_names()}, got {name}")
     if len(optimizer.param_groups) != 1:
         raise ValueError(f"optimizer: has {len(optimizer.param_groups)} parameter groups; a gpubp optimizer has one "
                          "set of hyper-parameters")

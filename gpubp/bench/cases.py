@@ -82,8 +82,10 @@ def _ulp(values: np.ndarray, dtype: str) -> np.ndarray:
 
 def _optimizer(which: str, params: list, torch: bool = False) -> Any:
     """gpubp's (or PyTorch's) optimizer ``which`` with the HYPER settings."""
-    mod = __import__("torch").optim if torch else gp.optim
-    return (mod.Adam if which == "adam" else mod.SGD)(params, **HYPER[which])
+    cls = gp.optim.OPTIMIZERS["adam" if which == "adam" else "sgd"]
+    if torch:  # its torch.optim twin: the class the optimizer names, the keyword arguments it maps
+        return getattr(__import__("torch").optim, cls.torch_name)(params, **cls.torch_kwargs(HYPER[which]))
+    return cls(params, **HYPER[which])
 
 
 def spec_update(which: str, p0: np.ndarray, g: np.ndarray) -> np.ndarray:

@@ -134,7 +134,6 @@ class StepResult:
     rows: int
     weight: float | None
     parts: list[Part] = field(default_factory=list)
-    applied: bool = True
 
 
 class _Found(Exception):
@@ -266,7 +265,7 @@ class TrainStep:
         value: Any = None
         parts: list[Part] = []
         for j, k, mine, row0 in self.micro_batches(rows, n):
-            xb, yb = read_x(mine), model._batch(y, mine)
+            xb, yb = read_x(mine), backend.take_rows(y, mine)
             wb = w_rows = None
             if weights is not None:
                 w_rows = weights[mine]
@@ -300,7 +299,7 @@ class TrainStep:
             if not xb.shape[0]:
                 continue
             wb = None if weights is None else self.backend.asarray(weights[mine], np.float64)
-            found = self._replay(xb, model._batch(y, mine), nb, wb, W, row0)
+            found = self._replay(xb, self.backend.take_rows(y, mine), nb, wb, W, row0)
             if found is not None:
                 text = found if k == 1 else f"micro-batch {j + 1} of {k}: {found}"
                 break

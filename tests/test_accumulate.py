@@ -233,3 +233,14 @@ def test_one_all_reduce_per_optimizer_step_over_mpi(tmp_path):
         assert rel(np.array(rep["params_0"]), one) <= 1e-12
         assert rep["params_1"] == rep["params_0"]  # buckets sum each element as one all-reduce does
     assert reports[0]["params_0"] == reports[1]["params_0"]  # the same bits on every rank
+
+
+def test_an_array_like_x_is_read_micro_batch_by_micro_batch(tmp_path):
+    x, y = data()
+    mm = np.lib.format.open_memmap(os.path.join(tmp_path, "x.npy"), mode="w+", dtype=np.float64, shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    a, ha, _ = train(3, 4, x=x, y=y, make=lambda: model_for(dropout=0.2))
+    b, hb, _ = train(3, 4, x=np.load(os.path.join(tmp_path, "x.npy"), mmap_mode="r"), y=y,
+                     make=lambda: model_for(dropout=0.2))
+    assert a.tobytes() == b.tobytes() and ha["loss"] == hb["loss"]

@@ -122,7 +122,24 @@ def ref_adagrad(p, grads, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accum
     return history
 
 
+def ref_adamax(p, grads, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    b1, b2 = betas
+    p = [float(x) for x in p]
+    m = [0.0] * len(p)
+    u = [0.0] * len(p)
+    history = []
+    for t, g in enumerate(grads, start=1):
+        for i in range(len(p)):
+            gi = float(g[i]) + weight_decay * p[i]
+            m[i] = b1 * m[i] + (1 - b1) * gi
+            u[i] = max(b2 * u[i], abs(gi) + eps)
+            p[i] = p[i] - lr / (1 - b1**t) * m[i] / u[i]
+        history.append(list(p))
+    return history
+
+
 REFS = {
+    optim.Adamax: ref_adamax,
     optim.SGD: ref_sgd,
     optim.Adam: ref_adam,
     optim.AdamW: ref_adamw,
@@ -162,6 +179,10 @@ CASES = [
     (optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.5}),
     (optim.Adagrad, {"lr": 0.1, "weight_decay": 0.1}),
     (optim.Adagrad, {"lr": 0.1, "lr_decay": 0.2, "weight_decay": 0.1, "initial_accumulator_value": 0.3, "eps": 1e-6}),
+    (optim.Adamax, {}),
+    (optim.Adamax, {"lr": 0.1}),
+    (optim.Adamax, {"lr": 0.1, "betas": (0.3, 0.6)}),
+    (optim.Adamax, {"lr": 0.1, "betas": (0.8, 0.99), "eps": 1e-3, "weight_decay": 0.1}),
 ]
 
 
@@ -347,6 +368,8 @@ def test_defaults():
     assert (rms.lr, rms.alpha, rms.eps, rms.weight_decay, rms.momentum, rms.centered) == (1e-2, 0.99, 1e-8, 0, 0, False)
     ada = optim.Adagrad(params)
     assert (ada.lr, ada.lr_decay, ada.weight_decay, ada.initial_accumulator_value, ada.eps) == (1e-2, 0, 0, 0, 1e-10)
+    amx = optim.Adamax(params)
+    assert (amx.lr, tuple(amx.betas), amx.eps, amx.weight_decay) == (2e-3, (0.9, 0.999), 1e-8, 0)
     assert sgd.step_count == 0
 
 
@@ -358,12 +381,13 @@ def test_get():
         ("ADAMW", optim.AdamW),
         ("rmsprop", optim.RMSprop),
         ("Adagrad", optim.Adagrad),
+        ("adamax", optim.Adamax),
     ]:
         opt = optim.get(name, params, lr=0.5)
         assert type(opt) is cls and opt.lr == 0.5
     with pytest.raises(ValueError, match="name: expected one of") as err:
         optim.get("lbfgs", params)
-    assert all(repr(k) in str(err.value) for k in ("sgd", "adam", "adamw", "rmsprop", "adagrad"))
+    assert all(repr(k) in str(err.value) for k in ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adamax"))
     with pytest.raises(ValueError, match="name"):
         optim.get(3, params)
 
@@ -615,6 +639,8 @@ TORCH_CASES = [
     (optim.RMSprop, "RMSprop", {"lr": 0.01, "weight_decay": 0.1}),
     (optim.RMSprop, "RMSprop", {"lr": 0.01, "momentum": 0.9, "centered": True}),
     (optim.Adagrad, "Adagrad", {"lr": 0.1, "lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.2}),
+    (optim.Adamax, "Adamax", {"lr": 0.05, "weight_decay": 0.1}),
+    (optim.Adamax, "Adamax", {"lr": 0.01, "betas": (0.5, 0.9), "eps": 1e-4}),
 ]
 
 

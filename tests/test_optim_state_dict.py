@@ -82,3 +82,22 @@ def test_load_state_dict_names_what_is_wrong_and_changes_nothing():
     refused(TypeError, r"^meta: expected a dict, got list", [], sd["state"])
     dst.load_state_dict(sd)
     assert dst.step_count == 2 and dst.lr == src.lr
+
+
+def test_adamax_state_names_and_round_trip():
+    """Adamax keeps torch's buffer names; its state comes back bit for bit and steps on the same."""
+    a, opt = stepped(optim.Adamax, steps=3, lr=0.1, weight_decay=0.01)
+    sd = opt.state_dict()
+    assert sd["meta"]["type"] == "Adamax" and sd["meta"]["step"] == 3
+    assert set(sd["state"]) == {f"{p}.{b}" for p in ("0.weight", "0.bias") for b in ("exp_avg", "exp_inf")}
+    b, ps = params(a.data.copy())
+    twin = optim.Adamax(ps, lr=0.5)
+    twin.load_state_dict(sd)
+    assert twin.lr == 0.1 and twin.step_count == 3
+    for x in (a, b):
+        x.grad[:] = np.linspace(-2.0, 3.0, 8)
+    opt.step()
+    twin.step()
+    np.testing.assert_array_equal(b.data, a.data)
+    with pytest.raises(ValueError, match="Adam"):
+        optim.Adam(ps).load_state_dict(sd)

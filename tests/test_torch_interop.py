@@ -308,6 +308,7 @@ OPTIMS = [
     ("AdamW", {"lr": 0.01, "weight_decay": 0.05}),
     ("RMSprop", {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.1}),
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.05, "initial_accumulator_value": 0.2}),
+    ("Adamax", {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1}),
 ]
 
 

@@ -17,6 +17,7 @@ from gpubp.optim.sgd import SGD as SGD
 from gpubp.optim.adam import Adam as Adam, AdamW as AdamW
 from gpubp.optim.rmsprop import RMSprop as RMSprop
 from gpubp.optim.adagrad import Adagrad as Adagrad
+from gpubp.optim.adamax import Adamax as Adamax
 # isort: on
 
 __all__ = ["Optimizer", "OPTIMIZERS", "get", "clip_grad_norm", *(cls.__name__ for cls in OPTIMIZERS.values())]

@@ -325,7 +325,7 @@ def test_fused_launches_are_counted(monkeypatch):
     from gpubp.backends import cuda_fused
 
     queued = []
-    monkeypatch.setattr(cuda_fused, "get_kernel", lambda spec, act_id: lambda *a: queued.append(spec.name))
+    monkeypatch.setattr(cuda_fused.launch, "get_kernel", lambda spec, act_id: lambda *a: queued.append(spec.name))
     act = Activation("relu")
     launch = cuda_fused._cupy_launcher(act)
     spec = cuda_fused.kernel_specs()[0]

@@ -39,6 +39,9 @@ def test_wheel_carries_every_kernel_source(tmp_path):
     for rel in sources:
         assert f"gpubp/_kernels/{rel}" in names
     assert "gpubp/__init__.py" in names and "gpubp/backends/numpy_ref.py" in names
+    modules = [p.relative_to(ROOT).as_posix() for p in (ROOT / "gpubp").rglob("*.py") if "__pycache__" not in p.parts]
+    missing = sorted(m for m in modules if m not in names)  # subpackages too (backends/numba_cuda/, ...)
+    assert not missing, f"the wheel lacks {missing}"
     assert not any("__pycache__" in n for n in names)
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()

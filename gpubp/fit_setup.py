@@ -186,3 +186,17 @@ def check_accumulate(accumulate: Any) -> int:
     if accumulate < 1:
         raise ValueError(f"accumulate: expected an integer >= 1 (micro-batches per optimizer step), got {accumulate!r}")
     return int(accumulate)
+
+
+def resolve_optimizer(model: Any, optimizer: Any) -> Any:
+    """``optimizer`` as an Optimizer over ``model``'s parameters: a name builds one (fit, lr_find)."""
+    from gpubp import optim
+
+    if isinstance(optimizer, str):
+        return optim.get(optimizer, model.parameters())
+    if not isinstance(optimizer, optim.Optimizer):
+        raise TypeError(f"optimizer: expected a gpubp.optim.Optimizer or a name, got {type(optimizer).__name__}")
+    mine = {id(p) for p in model.parameters()}
+    if not all(id(p) in mine for p in optimizer.params):
+        raise ValueError("optimizer: it was built for parameters of another model; pass model.parameters()")
+    return optimizer

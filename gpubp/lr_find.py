@@ -49,6 +49,7 @@ from gpubp import losses as losses_mod
 from gpubp import optim as optim_mod
 from gpubp._validate import as_float_array, check_2d, check_finite, nonneg_int, positive_int, real
 from gpubp.diagnostics import NonFiniteError
+from gpubp.fit_setup import resolve_optimizer
 from gpubp.model import Sequential
 from gpubp.train_step import TrainStep
 
@@ -144,13 +145,7 @@ def lr_find(
     if not isinstance(model, Sequential):
         raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
     loss_fn = losses_mod.get(loss)
-    if isinstance(optimizer, str):
-        optimizer = optim_mod.get(optimizer, model.parameters())
-    if not isinstance(optimizer, optim_mod.Optimizer):
-        raise TypeError(f"optimizer: expected a gpubp.optim.Optimizer or a name, got {type(optimizer).__name__}")
-    mine = {id(p) for p in model.parameters()}
-    if not all(id(p) in mine for p in optimizer.params):
-        raise ValueError("optimizer: it was built for parameters of another model; pass model.parameters()")
+    optimizer = resolve_optimizer(model, optimizer)
     min_lr = real(min_lr, "min_lr", min=0.0, min_open=True)
     max_lr = real(max_lr, "max_lr", min=0.0, min_open=True)
     if max_lr <= min_lr:

@@ -403,18 +403,6 @@ class Sequential:
             return self._backend.take_rows(data.read(index), slice(None))
         return self._backend.take_rows(data, index)
 
-    def _resolve_optimizer(self, optimizer: Any) -> Any:
-        from gpubp import optim
-
-        if isinstance(optimizer, str):
-            return optim.get(optimizer, self.parameters())
-        if not isinstance(optimizer, optim.Optimizer):
-            raise TypeError(f"optimizer: expected a gpubp.optim.Optimizer or a name, got {type(optimizer).__name__}")
-        mine = {id(p) for p in self.parameters()}
-        if not all(id(p) in mine for p in optimizer.params):
-            raise ValueError("optimizer: it was built for parameters of another model; pass model.parameters()")
-        return optimizer
-
     # fit's signature and documentation are declared once, in gpubp.training
     fit = _fit
 

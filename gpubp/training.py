@@ -77,6 +77,7 @@ from gpubp.fit_setup import (
     _record_keys,
     _row_weights,
     check_accumulate,
+    resolve_optimizer,
 )
 from gpubp.progress import EpochProgress, _resume_point
 from gpubp.train_step import LocalStrategy, Strategy, TrainStep
@@ -201,7 +202,7 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
 
     loss = losses_mod.get(loss)
     named = isinstance(optimizer, str)
-    optimizer = model._resolve_optimizer(optimizer)
+    optimizer = resolve_optimizer(model, optimizer)
     epochs, batch_size, callbacks = _check_args(epochs, batch_size, clip_grad_norm, on_nonfinite, validation_data,
                                                 validation_split, callbacks)
     accumulate = check_accumulate(accumulate)

@@ -112,7 +112,6 @@ def test_no_device_branches_outside_the_backends():
     """Layers, losses, optimizers and the model ask the interface; they never test where arrays live,
     which backend runs, or which loss they hold (names in the code, docstrings aside)."""
     import ast
-
     import importlib
     import pkgutil
 

@@ -1,4 +1,5 @@
-"""What ``fit(..., comm=comm)`` does differently: data parallelism over a communicator.
+"""What ``fit(..., comm=comm)`` does differently: data parallelism over a communicator, as the
+:class:`~gpubp.train_step.Strategy` of fit's training step.
 
 Every rank holds the whole model and the same data (or data of the same length); the
 global batch ``rows`` (drawn from the same shuffled order on every rank) is split by rank:
@@ -24,6 +25,11 @@ while backward goes on with the earlier layers, and the step waits for all of th
 the guard and the optimizer. Bucket k starts after the backward of its first layer and
 before the backward of the layer before it. The sum of each element is the same as one
 all-reduce of the whole arena on the MPI path (see :mod:`gpubp.distributed.comm`).
+
+With ``accumulate=k`` each micro-batch of the step's big batch is split the same way (rank r's
+rows of micro-batch j start at row j b + r m // P of the big batch, m the micro-batch's rows),
+each rank adds its micro-batches' gradients, and the reduction runs once per optimizer step: the
+buckets start during the backward of the last micro-batch only (see :mod:`gpubp.train_step`).
 
 The non-finite guard reads the reduced gradients only (the same bits on every rank), so
 all ranks take the same decision; metrics are summed across ranks once per epoch, and

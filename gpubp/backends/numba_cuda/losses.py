@@ -111,7 +111,7 @@ bce_with_logits_weighted_kernel = _chunked_loss(dm.bce_term, "bce_with_logits_we
 # =========================================================================================
 # Cross-entropy stage 1
 # =========================================================================================
-# Cross-entropy stage 1, one block per row (block b takes rows b, b + gridDim, ...).
+# One block per row (block b takes rows b, b + gridDim, ...).
 # Shapes: logits, grad (N, C); labels (N,) int64 or probability targets (N, C);
 #   row_loss (N,) float64 (the stage-1 partials, one per row).
 # Per row, with lanes over the C columns as above:

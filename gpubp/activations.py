@@ -157,6 +157,142 @@ def _softplus_b(da, z, a, p):
     return np.where(bz > _c(z, p["threshold"]), da, da * sigmoid(bz))
 
 
+# --- scalar bodies: one element's f and f' for the compiled kernels --------------------------
+# Each maker takes ``k``, the compiled helpers of gpubp.backends.scalar_math (``k.cst(like, v)``:
+# the constant v in like's dtype; ``k.sigmoid``: the stable logistic), and returns plain Python
+# ``f(z, p0, p1) -> a`` and ``df(z, a, p0, p1) -> f'(z)``, which scalar_math compiles with
+# numba.njit (CPU), numba.cuda.jit (GPU) or leaves as Python (the CUDA simulator). p0, p1 are
+# ``Spec.packs`` in z's dtype. Operation by operation the NumPy pair above; sigmoid and tanh's
+# df read only a, the others only z. Exponentials only see non-positive arguments.
+_GELU_CLIP = 1e6  # z^3 stays finite; tanh(u) is +-1 long before
+_GELU_PDF_CLIP = 40.0  # phi(40) is 0 already; z^2 cannot overflow
+
+
+def _identity_s(k):
+    def f(z, p0, p1):
+        return z
+
+    def df(z, a, p0, p1):
+        return k.cst(z, 1.0)
+
+    return f, df
+
+
+def _relu_s(k):
+    def f(z, p0, p1):
+        zero = k.cst(z, 0.0)
+        return zero if z < zero else z  # max(z, 0), NaN passes through
+
+    def df(z, a, p0, p1):
+        return k.cst(z, 1.0) if z > k.cst(z, 0.0) else k.cst(z, 0.0)
+
+    return f, df
+
+
+def _leaky_relu_s(k):
+    def f(z, p0, p1):
+        return z if z > k.cst(z, 0.0) else z * p0
+
+    def df(z, a, p0, p1):
+        return k.cst(z, 1.0) if z > k.cst(z, 0.0) else p0
+
+    return f, df
+
+
+def _elu_s(k):
+    def f(z, p0, p1):
+        zero = k.cst(z, 0.0)
+        return z if z > zero else p0 * math.expm1(min(z, zero))
+
+    def df(z, a, p0, p1):
+        zero = k.cst(z, 0.0)
+        return k.cst(z, 1.0) if z > zero else p0 * math.exp(min(z, zero))
+
+    return f, df
+
+
+def _sigmoid_s(k):
+    def f(z, p0, p1):
+        return k.sigmoid(z)
+
+    def df(z, a, p0, p1):
+        return a * (k.cst(a, 1.0) - a)
+
+    return f, df
+
+
+def _tanh_s(k):
+    def f(z, p0, p1):
+        return math.tanh(z)
+
+    def df(z, a, p0, p1):
+        return k.cst(a, 1.0) - a * a
+
+    return f, df
+
+
+def _gelu_s(k):
+    def f(z, p0, p1):
+        return k.cst(z, 0.5) * z * (k.cst(z, 1.0) + math.erf(z * k.cst(z, _INV_SQRT_2)))
+
+    def df(z, a, p0, p1):
+        # Phi(z) + z phi(z); phi on z clipped to +-40
+        half = k.cst(z, 0.5)
+        cdf = half * (k.cst(z, 1.0) + math.erf(z * k.cst(z, _INV_SQRT_2)))
+        zc = min(max(z, k.cst(z, -_GELU_PDF_CLIP)), k.cst(z, _GELU_PDF_CLIP))
+        pdf = k.cst(z, _INV_SQRT_2PI) * math.exp(-half * zc * zc)
+        return cdf + z * pdf
+
+    return f, df
+
+
+def _gelu_tanh_s(k):
+    def f(z, p0, p1):
+        # u = k (z + c z^3) on z clipped to +-1e6
+        zc = min(max(z, k.cst(z, -_GELU_CLIP)), k.cst(z, _GELU_CLIP))
+        u = k.cst(z, _SQRT_2_OVER_PI) * (zc + k.cst(z, _GELU_C) * zc * zc * zc)
+        return k.cst(z, 0.5) * z * (k.cst(z, 1.0) + math.tanh(u))
+
+    def df(z, a, p0, p1):
+        # 1/2 (1 + t) + z/2 (1 - t^2) k (1 + 3c z^2), t = tanh(u)
+        one = k.cst(z, 1.0)
+        half = k.cst(z, 0.5)
+        zc = min(max(z, k.cst(z, -_GELU_CLIP)), k.cst(z, _GELU_CLIP))
+        u = k.cst(z, _SQRT_2_OVER_PI) * (zc + k.cst(z, _GELU_C) * zc * zc * zc)
+        t = math.tanh(u)
+        du = k.cst(z, _SQRT_2_OVER_PI) * (one + k.cst(z, 3.0 * _GELU_C) * zc * zc)
+        return half * (one + t) + half * z * (one - t * t) * du
+
+    return f, df
+
+
+def _silu_s(k):
+    def f(z, p0, p1):
+        return z * k.sigmoid(z)
+
+    def df(z, a, p0, p1):
+        one = k.cst(z, 1.0)
+        s = k.sigmoid(z)
+        return s * (one + z * (one - s))
+
+    return f, df
+
+
+def _softplus_s(k):
+    def f(z, p0, p1):
+        # log(1 + e^bz)/beta = (max(bz, 0) + log1p(e^-|bz|))/beta; z itself above the threshold
+        bz = p0 * z
+        if bz > p1:
+            return z
+        return (max(bz, k.cst(z, 0.0)) + math.log1p(math.exp(-abs(bz)))) / p0
+
+    def df(z, a, p0, p1):
+        bz = p0 * z
+        return k.cst(z, 1.0) if bz > p1 else k.sigmoid(bz)
+
+    return f, df
+
+
 # --- the PyTorch twins (torch.nn modules; the benchmark and gpubp.torch_interop use them) ------
 
 
@@ -177,6 +313,7 @@ class Spec:
 
     ``packs``: the parameters the compiled kernels take, in order, as (p0, p1) (scalar_math's
     activation maths and the CUDA C header read slope / alpha / beta as p0, threshold as p1).
+    ``scalar``: ``(helpers) -> (f, df)``, the scalar bodies the Numba kernels compile.
     ``torch``: ``(torch.nn, params) -> module``, the PyTorch twin; None for the identity."""
 
     id: int
@@ -185,22 +322,23 @@ class Spec:
     defaults: dict[str, float]
     forward: Callable[..., Array]
     backward: Callable[..., Array]
+    scalar: Callable[[Any], tuple[Callable, Callable]] = _identity_s
     packs: tuple[str, ...] = ()
     torch: Callable[[Any, dict[str, float]], Any] | None = None
 
 
 TABLE: dict[str, Spec] = {
     "identity": Spec(0, "", "glorot", {}, _identity_f, _identity_b),
-    "relu": Spec(1, "z", "he", {}, _relu_f, _relu_b, (), _torch("ReLU")),
-    "leaky_relu": Spec(2, "z", "he", {"slope": 0.01}, _leaky_relu_f, _leaky_relu_b, ("slope",),
+    "relu": Spec(1, "z", "he", {}, _relu_f, _relu_b, _relu_s, (), _torch("ReLU")),
+    "leaky_relu": Spec(2, "z", "he", {"slope": 0.01}, _leaky_relu_f, _leaky_relu_b, _leaky_relu_s, ("slope",),
                        _torch("LeakyReLU", _from={"negative_slope": "slope"})),
-    "elu": Spec(3, "z", "he", {"alpha": 1.0}, _elu_f, _elu_b, ("alpha",), _torch("ELU", _from={"alpha": "alpha"})),
-    "sigmoid": Spec(4, "a", "glorot", {}, _sigmoid_f, _sigmoid_b, (), _torch("Sigmoid")),
-    "tanh": Spec(5, "a", "glorot", {}, _tanh_f, _tanh_b, (), _torch("Tanh")),
-    "gelu": Spec(6, "z", "he", {}, _gelu_f, _gelu_b, (), _torch("GELU", approximate="none")),
-    "gelu_tanh": Spec(7, "z", "he", {}, _gelu_tanh_f, _gelu_tanh_b, (), _torch("GELU", approximate="tanh")),
-    "silu": Spec(8, "z", "he", {}, _silu_f, _silu_b, (), _torch("SiLU")),
-    "softplus": Spec(9, "z", "he", {"beta": 1.0, "threshold": 20.0}, _softplus_f, _softplus_b, ("beta", "threshold"),
+    "elu": Spec(3, "z", "he", {"alpha": 1.0}, _elu_f, _elu_b, _elu_s, ("alpha",), _torch("ELU", _from={"alpha": "alpha"})),
+    "sigmoid": Spec(4, "a", "glorot", {}, _sigmoid_f, _sigmoid_b, _sigmoid_s, (), _torch("Sigmoid")),
+    "tanh": Spec(5, "a", "glorot", {}, _tanh_f, _tanh_b, _tanh_s, (), _torch("Tanh")),
+    "gelu": Spec(6, "z", "he", {}, _gelu_f, _gelu_b, _gelu_s, (), _torch("GELU", approximate="none")),
+    "gelu_tanh": Spec(7, "z", "he", {}, _gelu_tanh_f, _gelu_tanh_b, _gelu_tanh_s, (), _torch("GELU", approximate="tanh")),
+    "silu": Spec(8, "z", "he", {}, _silu_f, _silu_b, _silu_s, (), _torch("SiLU")),
+    "softplus": Spec(9, "z", "he", {"beta": 1.0, "threshold": 20.0}, _softplus_f, _softplus_b, _softplus_s, ("beta", "threshold"),
                      _torch("Softplus", _from={"beta": "beta", "threshold": "threshold"})),
 }
 

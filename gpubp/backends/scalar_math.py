@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from gpubp.activations import TABLE
+# TABLE: the rows whose scalar bodies build() compiles; the GELU constants for numba_cpu's fast GELU.
+from gpubp.activations import _GELU_PDF_CLIP, _INV_SQRT_2, _INV_SQRT_2PI, TABLE  # noqa: F401
 
 __all__ = ["build", "product", "ACT_IDS", "PLAIN"]
 
@@ -60,14 +61,6 @@ SILU = TABLE["silu"].id
 SOFTPLUS = TABLE["softplus"].id
 ACT_IDS = {name: spec.id for name, spec in TABLE.items()}
 
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_GELU_C = 0.044715
-_GELU_3C = 3.0 * _GELU_C
-_GELU_CLIP = 1e6  # z^3 stays finite; tanh(u) is +-1 long before
-_GELU_PDF_CLIP = 40.0  # phi(40) is 0 already; z^2 cannot overflow
-
 # The functions :func:`build` returns, by name.
 FUNCTIONS = (
     "mul", "cst", "sigmoid", "act_f", "act_df", "act_grad", "mse_term", "bce_term",
@@ -78,6 +71,37 @@ FUNCTIONS = (
 def product(a: Any, b: Any) -> Any:
     """a * b, rounded once: the plain product (Python, NumPy, the CPU without fast-math)."""
     return a * b
+
+
+def _dispatch(jit: Callable, act_id: int, body: Any, rest: Any, arity: int) -> Any:
+    """``fn(id, *args)``: ``body(*args)`` where id == act_id, else ``rest(id, *args)`` (the first row,
+    ``rest`` None, answers every id: the identity). ``arity`` counts id and args (4 for f, 5 for df);
+    written out per arity because Numba compiles no ``*args`` forwarding on the GPU."""
+    if rest is None:
+        if arity == 4:
+            def first4(i, z, p0, p1):
+                return body(z, p0, p1)
+
+            return jit(first4)
+
+        def first5(i, z, a, p0, p1):
+            return body(z, a, p0, p1)
+
+        return jit(first5)
+    if arity == 4:
+        def level4(i, z, p0, p1):
+            if i == act_id:
+                return body(z, p0, p1)
+            return rest(i, z, p0, p1)
+
+        return jit(level4)
+
+    def level5(i, z, a, p0, p1):
+        if i == act_id:
+            return body(z, a, p0, p1)
+        return rest(i, z, a, p0, p1)
+
+    return jit(level5)
 
 
 def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None, wide: Any = None) -> types.ModuleType:
@@ -113,80 +137,15 @@ def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None, wide: A
             return one / (one + e)
         return e / (one + e)
 
-    # --- activations ---------------------------------------------------------------------
-    # p0: slope (leaky_relu), alpha (elu), beta (softplus); p1: threshold (softplus); both
-    # in z's dtype. Exponentials only see non-positive arguments: any finite z gives a
-    # finite result.
-
-    @jit
-    def act_f(act_id, z, p0, p1):
-        """a = f(z) for activation ``act_id``."""
-        zero = cst(z, 0.0)
-        one = cst(z, 1.0)
-        half = cst(z, 0.5)
-        if act_id == RELU:
-            return zero if z < zero else z  # max(z, 0), NaN passes through
-        if act_id == LEAKY_RELU:
-            return z if z > zero else z * p0
-        if act_id == ELU:
-            return z if z > zero else p0 * math.expm1(min(z, zero))
-        if act_id == SIGMOID:
-            return sigmoid(z)
-        if act_id == TANH:
-            return math.tanh(z)
-        if act_id == GELU:
-            return half * z * (one + math.erf(z * cst(z, _INV_SQRT_2)))
-        if act_id == GELU_TANH:
-            # u = k (z + c z^3) on z clipped to +-1e6
-            zc = min(max(z, cst(z, -_GELU_CLIP)), cst(z, _GELU_CLIP))
-            u = cst(z, _SQRT_2_OVER_PI) * (zc + cst(z, _GELU_C) * zc * zc * zc)
-            return half * z * (one + math.tanh(u))
-        if act_id == SILU:
-            return z * sigmoid(z)
-        if act_id == SOFTPLUS:
-            # log(1 + e^bz)/beta = (max(bz, 0) + log1p(e^-|bz|))/beta; z itself above the threshold
-            bz = p0 * z
-            if bz > p1:
-                return z
-            return (max(bz, zero) + math.log1p(math.exp(-abs(bz)))) / p0
-        return z  # identity
-
-    @jit
-    def act_df(act_id, z, a, p0, p1):
-        """f'(z) for activation ``act_id``; sigmoid and tanh read only a = f(z), the others only z."""
-        zero = cst(z, 0.0)
-        one = cst(z, 1.0)
-        half = cst(z, 0.5)
-        if act_id == RELU:
-            return one if z > zero else zero
-        if act_id == LEAKY_RELU:
-            return one if z > zero else p0
-        if act_id == ELU:
-            return one if z > zero else p0 * math.exp(min(z, zero))
-        if act_id == SIGMOID:
-            return a * (one - a)
-        if act_id == TANH:
-            return one - a * a
-        if act_id == GELU:
-            # Phi(z) + z phi(z); phi on z clipped to +-40
-            cdf = half * (one + math.erf(z * cst(z, _INV_SQRT_2)))
-            zc = min(max(z, cst(z, -_GELU_PDF_CLIP)), cst(z, _GELU_PDF_CLIP))
-            pdf = cst(z, _INV_SQRT_2PI) * math.exp(-half * zc * zc)
-            return cdf + z * pdf
-        if act_id == GELU_TANH:
-            # 1/2 (1 + t) + z/2 (1 - t^2) k (1 + 3c z^2), t = tanh(u)
-            zc = min(max(z, cst(z, -_GELU_CLIP)), cst(z, _GELU_CLIP))
-            u = cst(z, _SQRT_2_OVER_PI) * (zc + cst(z, _GELU_C) * zc * zc * zc)
-            t = math.tanh(u)
-            du = cst(z, _SQRT_2_OVER_PI) * (one + cst(z, _GELU_3C) * zc * zc)
-            return half * (one + t) + half * z * (one - t * t) * du
-        if act_id == SILU:
-            s = sigmoid(z)
-            return s * (one + z * (one - s))
-        if act_id == SOFTPLUS:
-            bz = p0 * z
-            return one if bz > p1 else sigmoid(bz)
-        return one  # identity
+    # --- activations: each row's scalar bodies (gpubp.activations), compiled here and chained
+    # into act_f / act_df by table id. p0, p1: the row's packed parameters in z's dtype.
+    helpers = types.ModuleType("activation_helpers")  # a module: Numba reads its attributes when compiling
+    helpers.cst, helpers.sigmoid = cst, sigmoid
+    act_f = act_df = None
+    for spec in TABLE.values():
+        f, df = spec.scalar(helpers)
+        act_f = _dispatch(jit, spec.id, jit(f), act_f, 4)
+        act_df = _dispatch(jit, spec.id, jit(df), act_df, 5)
 
     @jit
     def act_grad(act_id, g, saved, p0, p1):

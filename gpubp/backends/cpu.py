@@ -37,19 +37,6 @@ if TYPE_CHECKING:
 Array = np.ndarray
 
 _RELU = K.scalar_math.RELU
-_NO_PARAMS = (0.0, 0.0)
-
-
-def _params(act: Activation) -> tuple[float, float]:
-    """(p0, p1) of scalar_math's activation maths: slope, alpha, or (beta, threshold)."""
-    p = act.params
-    if act.name == "leaky_relu":
-        return p["slope"], 0.0
-    if act.name == "elu":
-        return p["alpha"], 0.0
-    if act.name == "softplus":
-        return p["beta"], p["threshold"]
-    return _NO_PARAMS
 
 
 def _c(a: Array) -> Array:
@@ -91,7 +78,7 @@ class CpuBackend(NumpyBackend):
         keep_z = training and act.saves == "z" and act.id != _RELU
         a = np.empty_like(z) if keep_z else z
         if z.size:
-            p0, p1 = (z.dtype.type(v) for v in _params(act))
+            p0, p1 = (z.dtype.type(v) for v in act.packed())
             kernel = K.bias_act(act.id, z.dtype == np.float32, keep_z, K.parallel_for(z.size))
             kernel(z, _c(b), p0, p1, a, K.rows_per_chunk(m))
         if not training:
@@ -111,7 +98,7 @@ class CpuBackend(NumpyBackend):
             dz = da if act.saves == "" else np.empty_like(da)
             rows = K.rows_per_chunk(m)
             partial = np.empty((K.chunks(n, rows), m), dtype=da.dtype)
-            p0, p1 = (da.dtype.type(v) for v in _params(act))
+            p0, p1 = (da.dtype.type(v) for v in act.packed())
             kernel = K.act_bias_grad(act.id, da.dtype == np.float32, K.parallel_for(da.size))
             kernel(da, da if kept is None else kept, p0, p1, dz, partial, db, rows)
         np.matmul(x.T, dz, out=dw)

@@ -129,6 +129,7 @@ class StepLog(gp.callbacks.Callback):
         self.steps, self.sizes, self.run_steps, self.stop_at = [], [], [], stop_at
 
     def on_batch_end(self, step, logs):
+        assert self.run.epoch == self.run.model.epoch  # epochs completed; the running one is epoch + 1
         self.steps.append(step)
         self.sizes.append(logs["size"])
         self.run_steps.append(self.run.step)

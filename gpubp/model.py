@@ -103,7 +103,7 @@ class Sequential:
         self.dense_impl = dense_impl
         self.device: Device = parse_device(device)
         self.epoch = 0  # epochs trained by fit so far (drives the per-epoch shuffle)
-        self._progress: Any = None  # training.EpochProgress inside an epoch (fit stopped there), else None
+        self._progress: Any = None  # progress.EpochProgress inside an epoch (fit stopped there), else None
         self.optimizer: Any = None  # the optimizer fit last used
         self.loss_name: str | None = None  # the loss fit last used (predict_proba's default; in config())
         self._out_shape: tuple[int, ...] | None = None  # output shape of the last training forward

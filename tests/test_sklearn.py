@@ -223,9 +223,9 @@ def test_shuffled_weighted_batches_scale_their_own_penalty(iris, monkeypatch):
     batch_sums, decays = [], []
     compute = gsk._Recording.compute
 
-    def spy_compute(self, pred, target, backend, weight=None, weight_total=None):
+    def spy_compute(self, pred, target, backend, weight=None, weight_total=None, rows=None):
         batch_sums.append(float(np.sum(weight)))
-        return compute(self, pred, target, backend, weight, weight_total)
+        return compute(self, pred, target, backend, weight, weight_total, rows)
 
     step = gsk._Solver.step
 

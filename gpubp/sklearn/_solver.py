@@ -42,11 +42,10 @@ class _Recording:
     last_total: float | None = None  # the batch's sum of sample weights; None without weights
 
     def compute(self, pred: Any, target: Any, backend: Any, weight: Any = None,
-                weight_total: float | None = None) -> tuple[Any, Any]:
-        self.last_rows, self.last_total = int(pred.shape[0]), weight_total
-        if weight is None:
-            return super().compute(pred, target, backend)  # type: ignore[misc]
-        return super().compute(pred, target, backend, weight, weight_total)  # type: ignore[misc]
+                weight_total: float | None = None, rows: int | None = None) -> tuple[Any, Any]:
+        # rows: the whole batch's rows when pred holds a part of it (a micro-batch, a rank's share)
+        self.last_rows, self.last_total = int(pred.shape[0] if rows is None else rows), weight_total
+        return super().compute(pred, target, backend, weight, weight_total, rows)  # type: ignore[misc]
 
     def batch_weight(self) -> float:
         """The batch's sum of weights, or its rows without weights."""

@@ -3,8 +3,8 @@
 Backends: the NumPy reference ("numpy") and the fast CPU backend ("cpu") always; the simulated CUDA backend ("cudasim")
 where the Numba CUDA simulator runs the kernels (machines without a GPU); the CUDA
 backend ("cuda", and "cuda-fused" for the dense layers) where a GPU exists. The spec is
-gpubp.backends.numpy_ref / numpy_optim and each optimizer rule's NumPy spec (gpubp/optim/<name>.py),
-evaluated in float64 on the same inputs.
+gpubp.backends.numpy_ref / numpy_optim, each optimizer rule's NumPy spec (gpubp/optim/<name>.py) and
+each loss row's (gpubp/losses/<name>.py), evaluated in float64 on the same inputs.
 
 Every case: fresh random inputs (the seed is in each failure message), shapes that are
 no multiple of any tile (1, 3, 7, 17, 33, 130), outputs poisoned with NaN before the
@@ -82,10 +82,10 @@ INTERFACE = sorted(name for name, v in vars(Backend).items() if getattr(v, "__is
 
 
 def test_interface_lists_every_operation():
-    assert {"dense_forward", "dense_backward", "mse", "cross_entropy", "bce_with_logits", "update",
+    assert {"dense_forward", "dense_backward", "loss", "update",
             "reduce_into", "scale_", "clip_scale_", "flag_nonfinite_", "asarray", "to_numpy", "full", "assign_",
             "take_rows", "is_device_array"} <= set(INTERFACE)
-    assert len(INTERFACE) == 18, INTERFACE
+    assert len(INTERFACE) == 16, INTERFACE
     derived = {"zeros", "sum_of_squares", "sum_of_squares_into", "max_abs", "all_finite"}
     assert not derived & set(INTERFACE) and all(callable(getattr(Backend, k)) for k in derived)
 
@@ -134,10 +134,13 @@ def test_no_device_branches_outside_the_backends():
                 names.update(part for alias in node.names for part in alias.name.split("."))
                 names.update((getattr(node, "module", "") or "").split("."))
         assert not names & forbidden, f"{mod.__name__} uses {sorted(names & forbidden)}"
-    # The losses module defines the loss classes; its code dispatches by method, not by name or class.
-    tree = ast.parse(inspect.getsource(gpubp.losses))
-    assert not any(isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("getattr", "hasattr") for n in ast.walk(tree))
-    assert not {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} & {"cupy", "numba", "numpy_ref"}
+    # The loss rows define the loss classes; their code hands the backend a rule, never a name or a class.
+    loss_files = [importlib.import_module(f"gpubp.losses.{m.name}") for m in pkgutil.iter_modules(gpubp.losses.__path__)]
+    for mod in (gpubp.losses, *loss_files):
+        tree = ast.parse(inspect.getsource(mod))
+        calls = {getattr(n.func, "id", "") for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        assert not calls & {"getattr", "hasattr"} or mod.__name__ == "gpubp.losses.base", mod.__name__  # torch twin
+        assert not {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} & {"cupy", "numba", "numpy_ref"}
 
 
 # --- array helpers ----------------------------------------------------------------------------
@@ -238,18 +241,20 @@ def test_dense_forward_and_backward(name, dtype, act, shape, seed):
     assert host(b, dw2).tolist() == host(b, dw).tolist(), f"dW differs without dx, {msg}"
 
 
-# --- losses -----------------------------------------------------------------------------------------
+# --- losses: Backend.loss(rule, ...) for every registered loss row ------------------------------------
 
 LOSS_SHAPES = [(1, 1), (7, 3), (33, 17)]
+LOSS_RULES = gp.losses.RULES
+#: each kind of problem: (the loss row, what its target is)
+LOSS_KINDS = {"mse": "mse", "ce_labels": "cross_entropy", "ce_probs": "cross_entropy", "bce": "bce_with_logits"}
 
 
-@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("kind", ["mse", "ce_labels", "ce_probs", "bce"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", _backends())
-def test_losses(name, dtype, kind, shape, seed):
-    b = backend_for(name, dtype)
-    rng = np.random.default_rng(seed)
+def test_every_loss_row_is_checked():
+    assert set(LOSS_KINDS.values()) == set(LOSS_RULES), "a loss row without a conformance problem"
+
+
+def _loss_problem(rng, kind: str, shape: tuple[int, int], dtype: str):
+    """(rule, pred, target, target dtype) with inputs rounded to ``dtype`` (the spec runs on those values)."""
     n, c = shape
     pred = (3 * rng.standard_normal(shape)).astype(dtype).astype(np.float64)
     if kind == "ce_labels":
@@ -261,11 +266,26 @@ def test_losses(name, dtype, kind, shape, seed):
         target = rng.uniform(size=shape).astype(dtype).astype(np.float64)
     else:
         target = rng.standard_normal(shape).astype(dtype).astype(np.float64)
-    method = {"mse": "mse", "ce_labels": "cross_entropy", "ce_probs": "cross_entropy", "bce": "bce_with_logits"}[kind]
-    scale = 1.0 / (n if method == "cross_entropy" else pred.size)
-    v_want, g_want = getattr(numpy_ref, method)(pred, target, scale)
-    tdt = np.int64 if kind == "ce_labels" else dtype
-    v, g = getattr(b, method)(b.asarray(pred, dtype), b.asarray(target, tdt), scale)
+    return LOSS_RULES[LOSS_KINDS[kind]], pred, target, (np.int64 if kind == "ce_labels" else dtype)
+
+
+def _per_row(rule, c: int) -> int:
+    """Terms per row: C for an element-wise loss, 1 for the softmax rows."""
+    return c if rule.family == "elementwise" else 1
+
+
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", list(LOSS_KINDS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", _backends())
+def test_losses(name, dtype, kind, shape, seed):
+    b = backend_for(name, dtype)
+    rng = np.random.default_rng(seed)
+    n, c = shape
+    rule, pred, target, tdt = _loss_problem(rng, kind, shape, dtype)
+    scale = 1.0 / (n * _per_row(rule, c))
+    v_want, g_want = rule.spec(pred, target, scale)
+    v, g = b.loss(rule, b.asarray(pred, dtype), b.asarray(target, tdt), scale)
     msg = f"{name} {dtype} {kind} {shape} seed {seed}"
     # float64: two correct formulas; float32: a few ulp of exp/log1p, and the row sums of softmax.
     tol = accuracy.ELEMENTWISE[dtype] if dtype == "float64" else accuracy.MODEL[dtype]
@@ -276,25 +296,8 @@ def test_losses(name, dtype, kind, shape, seed):
 WEIGHTED_SHAPES = [(1, 1), (7, 3), (33, 17), (130, 1)]
 
 
-def _loss_problem(rng, kind: str, shape: tuple[int, int], dtype: str):
-    """(method, pred, target, target dtype) with inputs rounded to ``dtype`` (the spec runs on those values)."""
-    n, c = shape
-    pred = (3 * rng.standard_normal(shape)).astype(dtype).astype(np.float64)
-    if kind == "ce_labels":
-        target = rng.integers(0, c, size=n)
-    elif kind == "ce_probs":
-        t = rng.uniform(size=shape)
-        target = (t / t.sum(axis=1, keepdims=True)).astype(dtype).astype(np.float64)
-    elif kind == "bce":
-        target = rng.uniform(size=shape).astype(dtype).astype(np.float64)
-    else:
-        target = rng.standard_normal(shape).astype(dtype).astype(np.float64)
-    method = {"mse": "mse", "ce_labels": "cross_entropy", "ce_probs": "cross_entropy", "bce": "bce_with_logits"}[kind]
-    return method, pred, target, (np.int64 if kind == "ce_labels" else dtype)
-
-
 @pytest.mark.parametrize("shape", WEIGHTED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("kind", ["mse", "ce_labels", "ce_probs", "bce"])
+@pytest.mark.parametrize("kind", list(LOSS_KINDS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", _backends())
 def test_weighted_losses(name, dtype, kind, shape, seed):
@@ -306,23 +309,23 @@ def test_weighted_losses(name, dtype, kind, shape, seed):
     if name == "cudasim" and kind.startswith("ce"):
         shape = (min(shape[0], 5), shape[1])  # the simulator runs a block of Python threads per row
     n, c = shape
-    method, pred, target, tdt = _loss_problem(rng, kind, shape, dtype)
+    rule, pred, target, tdt = _loss_problem(rng, kind, shape, dtype)
     w = rng.uniform(0.0, 3.0, size=n)
     w[rng.random(n) < 0.3] = 0.0
     w[rng.integers(n)] = 1.5  # not all zero
-    per_row = 1 if method == "cross_entropy" else c
+    per_row = _per_row(rule, c)
     msg = f"{name} {dtype} {kind} {shape} seed {seed}"
     tol = accuracy.ELEMENTWISE[dtype] if dtype == "float64" else accuracy.MODEL[dtype]
     pd, td = b.asarray(pred, dtype), b.asarray(target, tdt)
     for scale in (1.0 / (per_row * float(np.sum(w))), 1.0):
-        v_want, g_want = getattr(numpy_ref, method)(pred, target, scale, w)
-        v, g = getattr(b, method)(pd, td, scale, b.asarray(w, np.float64))
+        v_want, g_want = rule.spec(pred, target, scale, w)
+        v, g = b.loss(rule, pd, td, scale, b.asarray(w, np.float64))
         close(np.array([float(v)]), np.array([v_want]), tol, f"weighted value scale={scale}, {msg}")
         close(host(b, g), g_want, tol, f"weighted gradient scale={scale}, {msg}")
         assert not np.isnan(host(b, g)).any(), f"unwritten gradient, {msg}"
     scale = 1.0 / (per_row * n)
-    v0, g0 = getattr(b, method)(pd, td, scale)
-    v1, g1 = getattr(b, method)(pd, td, 1.0 / (per_row * float(n)), b.asarray(np.ones(n), np.float64))
+    v0, g0 = b.loss(rule, pd, td, scale)
+    v1, g1 = b.loss(rule, pd, td, 1.0 / (per_row * float(n)), b.asarray(np.ones(n), np.float64))
     assert float(v1) == float(v0), f"weights of 1 change the value, {msg}"
     assert b.to_numpy(g1).tobytes() == b.to_numpy(g0).tobytes(), f"weights of 1 change the gradient, {msg}"
 
@@ -331,10 +334,10 @@ def test_weighted_spec_is_the_weighted_sum_of_row_losses(seed):
     """The spec: the weighted value is sum_i w_i (unweighted loss of row i) and row i's gradient is
     w_i times its unweighted gradient (float64, every loss)."""
     rng = np.random.default_rng(seed)
-    for kind in ("mse", "ce_labels", "ce_probs", "bce"):
-        method, pred, target, _ = _loss_problem(rng, kind, (6, 4), "float64")
+    for kind in LOSS_KINDS:
+        rule, pred, target, _ = _loss_problem(rng, kind, (6, 4), "float64")
         w = rng.uniform(0.0, 2.0, size=6)
-        fn = getattr(numpy_ref, method)
+        fn = rule.spec
         value, grad = fn(pred, target, 0.5, w)
         rows = [fn(pred[i : i + 1], target[i : i + 1], 0.5) for i in range(6)]
         assert value == pytest.approx(sum(wi * r[0] for wi, r in zip(w, rows, strict=True)), rel=1e-13), kind

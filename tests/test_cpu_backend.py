@@ -128,8 +128,8 @@ def _everything(seed: int, dtype: str) -> list[np.ndarray]:
         b.dense_backward(da, saved, w, Activation(act), dw, db, False)
         out += [a, dw, db]
     logits = (3 * rng.standard_normal((n, m))).astype(dtype)
-    out += [np.array(v) for v in b.cross_entropy(logits, rng.integers(0, m, n), 1 / n)]
-    out += [np.array(v) for v in b.mse(logits, da, 1 / da.size)]
+    out += [np.array(v) for v in b.loss(gp.losses.CrossEntropy.rule, logits, rng.integers(0, m, n), 1 / n)]
+    out += [np.array(v) for v in b.loss(gp.losses.MSE.rule, logits, da, 1 / da.size)]
     g = rng.standard_normal(1000).astype(dtype)
     out.append(np.array(b.sum_of_squares(g)))
     p, m1, v1 = rng.standard_normal(1000).astype(dtype), np.zeros(1000, dtype), np.zeros(1000, dtype)

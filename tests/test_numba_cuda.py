@@ -24,7 +24,7 @@ import pytest
 
 from gpubp.activations import NAMES, Activation
 from gpubp.backends import numba_cuda as nk
-from gpubp.backends import numpy_ref as ref
+from gpubp.losses import RULES as LOSSES
 from tests.conftest import CUDA_MODE
 
 SIM = CUDA_MODE == "simulator"
@@ -266,13 +266,16 @@ def test_bias_grad_rejects_bad_arguments():
 # --- 3. losses ----------------------------------------------------------------------------
 
 
-def run_loss(fn, x, target, scale, **kw):
-    """Launch a loss on poisoned outputs and scratch; return (value, grad) on the host."""
+MSE, BCE, CE = LOSSES["mse"], LOSSES["bce_with_logits"], LOSSES["cross_entropy"]
+
+
+def run_loss(rule, x, target, scale, **kw):
+    """Launch the loss ``rule`` (nk.loss) on poisoned outputs and scratch; return (value, grad) on the host."""
     value = poisoned(1, np.float64)
     grad = poisoned(x.shape, x.dtype)
-    rowwise = fn is nk.cross_entropy
+    rowwise = rule.family == "softmax"
     work = poisoned(max(1, nk.loss_work_size(x.shape, rowwise=rowwise)) + 2, np.float64)
-    fn(dev(x), dev(target), scale, value, grad, work=work, **kw)
+    nk.loss(rule, dev(x), dev(target), scale, value, grad, work=work, **kw)
     v = host(value)
     assert v.shape == (1,)
     return float(v[0]), host(grad)
@@ -311,8 +314,8 @@ def test_elementwise_loss_matches_reference(rng, loss, shape, dtype):
     make = mse_inputs if loss == "mse" else bce_inputs
     x, t = make(rng, shape, dtype)
     for scale in (1.0 / x.size, 1.0):
-        got = run_loss(getattr(nk, loss), x, t, scale, threads=16)
-        check_loss(got, getattr(ref, loss)(x, t, scale), dtype, f"{loss} {shape} scale={scale}")
+        got = run_loss(LOSSES[loss], x, t, scale, threads=16)
+        check_loss(got, LOSSES[loss].spec(x, t, scale), dtype, f"{loss} {shape} scale={scale}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -328,8 +331,8 @@ def test_cross_entropy_matches_reference(rng, kind, shape, dtype):
         t[n // 2 :] /= t[n // 2 :].sum(axis=1, keepdims=True) + 1e-30  # some rows normalised
         t = t.astype(dtype)
     for scale, max_blocks in ((1.0 / n, nk.MAX_BLOCKS), (1.0, 2)):
-        got = run_loss(nk.cross_entropy, x, t, scale, threads=16, max_blocks=max_blocks)
-        check_loss(got, ref.cross_entropy(x, t, scale), dtype, f"{kind} {shape} scale={scale}")
+        got = run_loss(CE, x, t, scale, threads=16, max_blocks=max_blocks)
+        check_loss(got, CE.spec(x, t, scale), dtype, f"{kind} {shape} scale={scale}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -343,29 +346,29 @@ def test_losses_finite_at_extreme_logits(rng, dtype):
     probs = rng.random((n, c)).astype(dtype)
     scale = 1.0 / n
     for t in (labels, probs):
-        v, g = run_loss(nk.cross_entropy, x, t, scale, threads=16)
+        v, g = run_loss(CE, x, t, scale, threads=16)
         assert np.isfinite(v) and np.isfinite(g).all()
-        check_loss((v, g), ref.cross_entropy(x, t, scale), dtype, f"extreme ce {t.dtype}")
+        check_loss((v, g), CE.spec(x, t, scale), dtype, f"extreme ce {t.dtype}")
     tb = rng.random((n, c)).astype(dtype)
-    v, g = run_loss(nk.bce_with_logits, x, tb, scale, threads=16)
+    v, g = run_loss(BCE, x, tb, scale, threads=16)
     assert np.isfinite(v) and np.isfinite(g).all()
-    check_loss((v, g), ref.bce_with_logits(x, tb, scale), dtype, "extreme bce")
+    check_loss((v, g), BCE.spec(x, tb, scale), dtype, "extreme bce")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_loss_values_deterministic_whatever_the_launch(rng, dtype):
     cases = [
-        (nk.mse, *mse_inputs(rng, (70, 33), dtype)),
-        (nk.bce_with_logits, *bce_inputs(rng, (70, 33), dtype)),
-        (nk.cross_entropy, (rng.standard_normal((5, 200)) * 5).astype(dtype), rng.integers(0, 200, 5)),
-        (nk.cross_entropy, (rng.standard_normal((5, 200)) * 5).astype(dtype), rng.random((5, 200)).astype(dtype)),
+        (MSE, *mse_inputs(rng, (70, 33), dtype)),
+        (BCE, *bce_inputs(rng, (70, 33), dtype)),
+        (CE, (rng.standard_normal((5, 200)) * 5).astype(dtype), rng.integers(0, 200, 5)),
+        (CE, (rng.standard_normal((5, 200)) * 5).astype(dtype), rng.random((5, 200)).astype(dtype)),
     ]
     for fn, x, t in cases:
         runs = [run_loss(fn, x, t, 1.0, threads=th, max_blocks=mb) for th, mb in ((16, 64), (16, 64), (5, 1), (64, 2))]
         v0, g0 = runs[0]
         for v, g in runs[1:]:
-            assert bits(np.float64(v)) == bits(np.float64(v0)), (fn.__name__, v, v0)
-            assert bits(g) == bits(g0), fn.__name__
+            assert bits(np.float64(v)) == bits(np.float64(v0)), (fn.name, v, v0)
+            assert bits(g) == bits(g0), fn.name
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -373,10 +376,10 @@ def test_weighted_losses_match_reference_whatever_the_launch(rng, dtype):
     """Row weights (some 0) on poisoned outputs and scratch: the reference's value and gradient, the
     same bits for every launch shape; the (70, 33) elementwise case spans two CHUNKs and cuts rows."""
     cases = [
-        ("mse", nk.mse, *mse_inputs(rng, (70, 33), dtype)),
-        ("bce_with_logits", nk.bce_with_logits, *bce_inputs(rng, (70, 33), dtype)),
-        ("cross_entropy", nk.cross_entropy, (rng.standard_normal((5, 40)) * 5).astype(dtype), rng.integers(0, 40, 5)),
-        ("cross_entropy", nk.cross_entropy, (rng.standard_normal((5, 40)) * 5).astype(dtype),
+        ("mse", MSE, *mse_inputs(rng, (70, 33), dtype)),
+        ("bce_with_logits", BCE, *bce_inputs(rng, (70, 33), dtype)),
+        ("cross_entropy", CE, (rng.standard_normal((5, 40)) * 5).astype(dtype), rng.integers(0, 40, 5)),
+        ("cross_entropy", CE, (rng.standard_normal((5, 40)) * 5).astype(dtype),
          rng.random((5, 40)).astype(dtype)),
     ]
     for name, fn, x, t in cases:
@@ -385,24 +388,24 @@ def test_weighted_losses_match_reference_whatever_the_launch(rng, dtype):
         scale = 1.0 / (w.sum() * (1 if name == "cross_entropy" else x.shape[1]))
         runs = [run_loss(fn, x, t, scale, weight=dev(w), threads=th, max_blocks=mb)
                 for th, mb in ((16, 64), (5, 1), (32, 2))]
-        check_loss(runs[0], getattr(ref, name)(x, t, scale, w), dtype, f"weighted {name} {x.shape}")
+        check_loss(runs[0], fn.spec(x, t, scale, w), dtype, f"weighted {name} {x.shape}")
         for v, g in runs[1:]:
             assert bits(np.float64(v)) == bits(np.float64(runs[0][0])), name
             assert bits(g) == bits(runs[0][1]), name
         with pytest.raises(ValueError, match="weight"):
-            fn(dev(x), dev(t), scale, poisoned(1, np.float64), poisoned(x.shape, x.dtype),
+            nk.loss(fn, dev(x), dev(t), scale, poisoned(1, np.float64), poisoned(x.shape, x.dtype),
                weight=dev(w.astype(np.float32)))
         with pytest.raises(ValueError, match="weight"):
-            fn(dev(x), dev(t), scale, poisoned(1, np.float64), poisoned(x.shape, x.dtype), weight=dev(w[1:]))
+            nk.loss(fn, dev(x), dev(t), scale, poisoned(1, np.float64), poisoned(x.shape, x.dtype), weight=dev(w[1:]))
 
 
 def test_cross_entropy_single_class_and_bad_labels():
     x = np.array([[3.0], [-2.0]])
-    v, g = run_loss(nk.cross_entropy, x, np.array([0, 0]), 0.5, threads=4)
+    v, g = run_loss(CE, x, np.array([0, 0]), 0.5, threads=4)
     assert v == 0.0 and np.all(g == 0.0)
     x = np.zeros((3, 4))
     for bad in (4, -1):
-        v, g = run_loss(nk.cross_entropy, x, np.array([0, bad, 2]), 1.0, threads=4)
+        v, g = run_loss(CE, x, np.array([0, bad, 2]), 1.0, threads=4)
         assert np.isnan(v)  # an out-of-range label shows in the loss value
 
 
@@ -412,11 +415,13 @@ def test_loss_rejects_bad_arguments():
     with pytest.raises(ValueError):
         nk.cross_entropy(x, np.array([0, 1], np.int32), 1.0, value, np.zeros_like(x))
     with pytest.raises(ValueError):
-        nk.mse(x, np.zeros((3, 2)), 1.0, value, np.zeros_like(x))
+        nk.loss(MSE, x, np.zeros((3, 2)), 1.0, value, np.zeros_like(x))
     with pytest.raises(ValueError):
-        nk.mse(x, x, 1.0, np.zeros(1, np.float32), np.zeros_like(x))
+        nk.loss(MSE, x, x, 1.0, np.zeros(1, np.float32), np.zeros_like(x))
     with pytest.raises(ValueError):
-        nk.mse(x, x, 1.0, value, np.zeros_like(x), threads=nk.LANES + 1)
+        nk.loss(MSE, x, x, 1.0, value, np.zeros_like(x), threads=nk.LANES + 1)
+    with pytest.raises(ValueError, match="element-wise"):
+        nk.elementwise_loss(CE, x, x, 1.0, value, np.zeros_like(x))
 
 
 # --- 4. PTX compile check ---------------------------------------------------------------
@@ -520,16 +525,20 @@ def test_scalar_activations_compile_with_njit_and_match_the_spec(njit_math, dtyp
 
 
 def test_scalar_loss_terms_compile_with_njit(njit_math):
+    """Each element-wise loss row's scalar term, built on scalar_math's njit build, compiles with njit."""
+    import numba
+
+    mse_term, bce_term = (numba.njit(LOSSES[k].scalar(njit_math)) for k in ("mse", "bce_with_logits"))
     x, t = np.float32(1.5), np.float32(0.25)
-    g, v = njit_math.mse_term(x, t, np.float32(2.0))
+    g, v = mse_term(x, t, np.float32(2.0))
     assert g == np.float32(2.5) and v == 1.5625
-    g, v = njit_math.bce_term(np.float64(0.0), np.float64(1.0), np.float64(1.0))
+    g, v = bce_term(np.float64(0.0), np.float64(1.0), np.float64(1.0))
     assert g == -0.5 and v == pytest.approx(math.log(2.0), rel=1e-15)
     # The value terms are float64 even for float32 data: d = float32(1.1) squared in float64.
     d = np.float32(1.1)
-    _, v = njit_math.mse_term(d, np.float32(0.0), np.float32(2.0))
+    _, v = mse_term(d, np.float32(0.0), np.float32(2.0))
     assert v == float(d) ** 2 and v != float(d * d)
-    _, v = njit_math.bce_term(np.float32(0.3), np.float32(1.0), np.float32(1.0))
+    _, v = bce_term(np.float32(0.3), np.float32(1.0), np.float32(1.0))
     assert isinstance(v, float) and type(v) is not np.float32
 
 
@@ -552,10 +561,10 @@ def test_launch_counter_counts_each_kernel_launch(rng):
                     threads=32) == 1  # fmt: skip
     assert launches(nk.activation_backward, dev(x), dev(x), None, "relu", threads=32) == 1
     assert launches(nk.bias_grad, dev(x), poisoned(33, x.dtype), tile=8, row_threads=4) == 2
-    for fn, target in ((nk.mse, t), (nk.bce_with_logits, t), (nk.cross_entropy, labels)):
-        assert launches(run_loss, fn, x, target, 1.0, threads=16) == 2, fn.__name__
+    for rule, target in ((MSE, t), (BCE, t), (CE, labels)):
+        assert launches(run_loss, rule, x, target, 1.0, threads=16) == 2, rule.name
     empty = np.zeros((0, 3), np.float32)
-    assert launches(run_loss, nk.mse, empty, empty, 1.0, threads=16) == 1  # stage 2 alone writes 0
+    assert launches(run_loss, MSE, empty, empty, 1.0, threads=16) == 1  # stage 2 alone writes 0
     assert launches(nk.activation_forward, dev(empty), "relu") == 0
 
 

@@ -23,7 +23,7 @@ The abstract methods, by group (everything else is derived from them in this cla
 |                       | ``assign_``, ``take_rows``                                     |                                 |
 | dense layer           | ``dense_forward``, ``dense_backward``                          |                                 |
 | dropout               | ``dropout_forward``, ``dropout_backward``                      |                                 |
-| losses                | ``mse``, ``cross_entropy``, ``bce_with_logits``                |                                 |
+| losses                | ``loss`` (any :class:`gpubp.losses.LossRule`)                  |                                 |
 | optimizer updates     | ``update`` (any :class:`gpubp.optim.rule.Rule`),               |                                 |
 |                       | ``flag_nonfinite_``                                            |                                 |
 | reductions, clipping  | ``reduce_into`` ("sumsq", "maxabs"), ``scale_``, ``clip_scale_`` | ``sum_of_squares_into``,      |
@@ -40,7 +40,8 @@ import numpy as np
 
 from gpubp.activations import Activation
 
-if TYPE_CHECKING:  # the optimizer rows import this module
+if TYPE_CHECKING:  # the optimizer and loss rows import this module
+    from gpubp.losses.base import LossRule
     from gpubp.optim.rule import Hyper, Rule
 
 Array = Any  # an array of the backend's array module (numpy.ndarray, cupy.ndarray)
@@ -107,30 +108,22 @@ class Backend(ABC):
     def dropout_backward(self, dy: Array, keep: Array, p: float) -> Array:
         """dx = dy * keep / (1 - p)."""
 
-    # --- losses: value and gradient in one call --------------------------------------------
+    # --- losses: value and gradient in one call, any loss row (gpubp.losses) --------------------
     # ``scale`` is 1/count for reduction="mean" and 1 for "sum"; the value is reduced in float64.
     # ``weight``: None (the unweighted kernels), or per-row weights w (N,), a float64 array of this
     # backend (w_i >= 0, finite). Row i's value terms count w_i times (w_i l_i, in float64) and its
-    # gradient is scaled by dtype(g w_i), g the unweighted gradient factor (2 scale for MSE, scale
-    # otherwise), computed in float64 and rounded once: with every w_i = 1 the value and gradient
-    # are those of weight=None, bit for bit. The caller picks ``scale`` (gpubp.losses: the weighted
-    # mean has scale = 1 / (per-row count x sum_i w_i)).
+    # gradient is scaled by dtype(g w_i), g the unweighted gradient factor (``rule.grad_factor``
+    # x scale: 2 scale for MSE, scale otherwise), computed in float64 and rounded once: with every
+    # w_i = 1 the value and gradient are those of weight=None, bit for bit. The caller picks
+    # ``scale`` (gpubp.losses: the weighted mean has scale = 1 / (per-row count x sum_i w_i)).
 
     @abstractmethod
-    def mse(self, pred: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[Value, Array]:
-        """L = scale * sum_i w_i sum_j (p_ij - t_ij)^2;  dL/dp_ij = 2 scale w_i (p_ij - t_ij)."""
-
-    @abstractmethod
-    def cross_entropy(self, logits: Array, target: Array, scale: float,
-                      weight: Array | None = None) -> tuple[Value, Array]:
-        """Softmax cross-entropy over rows, row i weighted by w_i; ``target`` int64 labels (N,) or
-        probabilities (N, C)."""
-
-    @abstractmethod
-    def bce_with_logits(self, logits: Array, target: Array, scale: float,
-                        weight: Array | None = None) -> tuple[Value, Array]:
-        """Elementwise max(x, 0) - x t + log(1 + e^-|x|), row i weighted by w_i;
-        dL/dx_ij = scale w_i (sigmoid(x_ij) - t_ij)."""
+    def loss(self, rule: LossRule, pred: Array, target: Array, scale: float,
+             weight: Array | None = None) -> tuple[Value, Array]:
+        """``(value, dL/dpred)`` of the loss ``rule`` (rows weighted by ``weight``): ``rule.spec``'s maths.
+        ``target`` as the loss's ``check_target`` left it (int64 labels (N,) for cross-entropy, else
+        pred's shape and dtype). Compiled backends run ``rule.family``'s kernel: an element-wise
+        row's scalar term in one generic chunked kernel, or the softmax rows."""
 
     # --- optimizer updates over flat 1-D runs of the arena (the maths: gpubp.optim's rules) ----
     # ``guard``: None, or a 1-element int64 array of this backend; while guard[0] != 0 an update

@@ -5,7 +5,8 @@ Shapes: x (N, in), W (in, out), b (out,), z = x @ W + b, a = f(z) (N, out).
     forward   z = x @ W (BLAS);  a = f(z + b) (numba_cpu.bias_act, one pass)
     backward  dz = da f'(saved), db = sum_rows dz (numba_cpu.act_bias_grad, one pass);
               dW = x^T dz, dx = dz W^T (BLAS)
-    losses    value and gradient in one pass (numba_cpu.mse / cross_entropy / bce)
+    losses    value and gradient in one pass (cpu_loss: any element-wise row's term, one loop;
+              numba_cpu.cross_entropy: the softmax rows)
     updates   one pass per arena run (cpu_update: any optimizer rule's scalar body, one loop)
 
 What forward saves: z where f' needs z (gelu, elu, ...), a where it needs a (sigmoid, tanh),
@@ -27,11 +28,12 @@ import numpy as np
 
 from gpubp import threads
 from gpubp.activations import Activation
-from gpubp.backends import cpu_update
+from gpubp.backends import cpu_loss, cpu_update
 from gpubp.backends import numba_cpu as K
 from gpubp.backends.numpy_ref import NumpyBackend
 
 if TYPE_CHECKING:
+    from gpubp.losses.base import LossRule
     from gpubp.optim.rule import Hyper, Rule
 
 Array = np.ndarray
@@ -104,33 +106,25 @@ class CpuBackend(NumpyBackend):
         np.matmul(x.T, dz, out=dw)
         return dz @ w.T if need_dx else None
 
-    # --- losses --------------------------------------------------------------------------------
+    # --- losses: an element-wise row's term in the generic loop, or the softmax rows -----------
 
-    def mse(self, pred: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[float, Array]:
+    def loss(self, rule: LossRule, pred: Array, target: Array, scale: float,
+             weight: Array | None = None) -> tuple[float, Array]:
+        if rule.family == "softmax":
+            return self._softmax_loss(pred, target, scale, weight)
         p, t = _flat(pred), _flat(target)
         grad = np.empty_like(p)
         partial = np.empty(K.chunks(p.size, K.FLAT_CHUNK))
-        if weight is None:
-            total = K.mse(K.parallel_for(p.size))(p, t, p.dtype.type(2.0 * scale), grad, partial, K.FLAT_CHUNK)
-        else:
-            total = K.mse_weighted(K.parallel_for(p.size))(p, t, 2.0 * scale, _weights(weight), pred.shape[1], grad,
-                                                           partial, K.FLAT_CHUNK)
+        weighted = weight is not None
+        w = _weights(weight) if weighted else partial  # not read unweighted
+        m = max(1, pred.shape[-1]) if pred.ndim else 1
+        kernel = cpu_loss.kernel(rule, weighted, K.parallel_for(p.size))
+        total = kernel(p, t, rule.grad_factor * scale, w, m, grad, partial, K.FLAT_CHUNK)
         return float(total * scale), grad.reshape(pred.shape)
 
-    def bce_with_logits(self, logits: Array, target: Array, scale: float,
-                        weight: Array | None = None) -> tuple[float, Array]:
-        x, y = _flat(logits), _flat(target)
-        grad = np.empty_like(x)
-        partial = np.empty(K.chunks(x.size, K.FLAT_CHUNK))
-        if weight is None:
-            total = K.bce(K.parallel_for(x.size))(x, y, x.dtype.type(scale), grad, partial, K.FLAT_CHUNK)
-        else:
-            total = K.bce_weighted(K.parallel_for(x.size))(x, y, float(scale), _weights(weight), logits.shape[1], grad,
-                                                           partial, K.FLAT_CHUNK)
-        return float(total * scale), grad.reshape(logits.shape)
-
-    def cross_entropy(self, logits: Array, target: Array, scale: float,
-                      weight: Array | None = None) -> tuple[float, Array]:
+    def _softmax_loss(self, logits: Array, target: Array, scale: float,
+                      weight: Array | None) -> tuple[float, Array]:
+        """Cross-entropy: numba_cpu.cross_entropy, one row kernel (labels or probabilities)."""
         z = _c(logits)
         n, m = z.shape
         labels = target.ndim == 1

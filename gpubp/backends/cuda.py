@@ -41,6 +41,7 @@ from gpubp.activations import Activation
 from gpubp.backends.base import Array, Backend, Value
 
 if TYPE_CHECKING:
+    from gpubp.losses.base import LossRule
     from gpubp.optim.rule import Hyper, Rule
 
 
@@ -304,27 +305,17 @@ class CudaBackend(Backend):
         with self.context(), self._oom(f"dropout backward over {tuple(dy.shape)}"):
             return dy * keep * dy.dtype.type(1.0 / (1.0 - p))
 
-    # -- losses: value and gradient in one call -----------------------------------------------
+    # -- losses: value and gradient in one call (numba_cuda.loss: the rule's kernel family) -------
 
-    def _loss(self, kernel: Any, pred: Array, target: Array, scale: float, rowwise: bool,
-              weight: Array | None) -> tuple[Value, Array]:
-        with self._launching(f"a loss over {tuple(pred.shape)}") as s:
+    def loss(self, rule: LossRule, pred: Array, target: Array, scale: float,
+             weight: Array | None = None) -> tuple[Value, Array]:
+        rowwise = rule.family == "softmax"
+        with self._launching(f"a {rule.name} loss over {tuple(pred.shape)}") as s:
             value = self.xp.empty(1, dtype=np.float64)
             grad = self.xp.empty_like(pred)
             work = self._scratch(self.nk.loss_work_size(tuple(pred.shape), rowwise=rowwise), "loss")
-            kernel(pred, target, scale, value, grad, stream=s, work=work, weight=weight, **self._launch)
+            self.nk.loss(rule, pred, target, scale, value, grad, stream=s, work=work, weight=weight, **self._launch)
         return value.reshape(()), grad
-
-    def mse(self, pred: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[Value, Array]:
-        return self._loss(self.nk.mse, pred, target, scale, False, weight)
-
-    def cross_entropy(self, logits: Array, target: Array, scale: float,
-                      weight: Array | None = None) -> tuple[Value, Array]:
-        return self._loss(self.nk.cross_entropy, logits, target, scale, True, weight)
-
-    def bce_with_logits(self, logits: Array, target: Array, scale: float,
-                        weight: Array | None = None) -> tuple[Value, Array]:
-        return self._loss(self.nk.bce_with_logits, logits, target, scale, False, weight)
 
     # -- optimizer updates: one launch of the rule's generic kernel over each contiguous run ----
 

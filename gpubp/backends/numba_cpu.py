@@ -7,14 +7,15 @@ runs here, each a single pass over memory where NumPy makes several:
 |----------------------|----------------------------------------------------------------|--------------------------|
 | ``bias_act``         | z += b; a = f(z)                 z, a (N, M), b (M,)           | 2-3, a temporary         |
 | ``act_bias_grad``    | dz = da f'(s); db = sum_rows dz  da, s, dz (N, M), db (M,)     | 3-5, temporaries         |
-| ``mse``, ``bce``     | gradient and float64 value       flat (``*_weighted``: by row)  | 4-8                      |
+| ``cpu_loss.kernel``  | an element-wise loss (any row): gradient, float64 value, flat  | 4-8                      |
 | ``cross_entropy``    | softmax, gradient, value by rows logits (N, C)                 | 8, three temporaries     |
 | ``cpu_update.kernel`` | one optimizer update (any rule)  flat runs of the arena         | 4-12, 1-3 temporaries    |
 | ``sum_of_squares``   | sum g^2 in float64               flat                          | 2, a float64 temporary   |
 
 The per-element maths is not written here: it is :mod:`gpubp.backends.scalar_math`
-(``act_f``, ``act_grad``, ``mse_term``, ...; an optimizer's is its rule's body, compiled
-by :mod:`gpubp.backends.cpu_update` with this module's ``dm``), compiled with
+(``act_f``, ``act_grad``, ...; an optimizer's is its rule's body, compiled by
+:mod:`gpubp.backends.cpu_update`, an element-wise loss's its row's term, compiled by
+:mod:`gpubp.backends.cpu_loss`, both with this module's ``dm``), compiled with
 ``numba.njit`` (LLVM inlines them), the same source the Numba CUDA kernels compile. The one
 addition is :func:`build_fast`: a float32 exp and erf made of polynomials and selects,
 which LLVM vectorises where ``math.erf``/``math.exp`` are scalar libm calls (see its
@@ -316,98 +317,6 @@ def act_bias_grad(act_id: int, approx: bool, parallel: bool) -> Callable:
                 db[j] += partial[c, j]
 
     return kernel
-
-
-@functools.cache
-def _elementwise_loss(kind: str, parallel: bool) -> Callable:
-    """kernel(p, t, scale, grad, partial, chunk) -> the sum of ``kind``'s value terms in float64;
-    grad[i] from the same term (flat arrays). Chunk c of ``chunk`` elements is summed in order
-    into partial[c], then the chunks in order: the same bits on any number of threads."""
-    source = SOURCE
-    is_mse = kind == "mse"  # a constant, not the function itself: a closure over a function defeats the cache
-
-    @_jit(parallel)
-    def kernel(p, t, scale, grad, partial, chunk):
-        source, parallel  # noqa: B018 - cache key
-        for c in numba.prange(partial.shape[0]):
-            lo, hi = c * chunk, c * chunk + chunk
-            pc, tc, gc = p[lo:hi], t[lo:hi], grad[lo:hi]
-            acc = 0.0
-            for i in range(pc.shape[0]):
-                if is_mse:
-                    gi, vi = dm.mse_term(pc[i], tc[i], scale)
-                else:
-                    gi, vi = dm.bce_term(pc[i], tc[i], scale)
-                gc[i] = gi
-                acc += vi
-            partial[c] = acc
-        total = 0.0
-        for c in range(partial.shape[0]):
-            total += partial[c]
-        return total
-
-    return kernel
-
-
-@functools.cache
-def _weighted_elementwise_loss(kind: str, parallel: bool) -> Callable:
-    """kernel(p, t, g, w, m, grad, partial, chunk) -> sum_i w[i // m] term_i in float64: the flat
-    arrays are rows of ``m`` elements, row r weighted by w[r] (float64). Element i's gradient is
-    ``kind``'s term with the factor dtype(g w[r]) (``g`` float64, rounded once per row). The chunks,
-    and the order within each, are the unweighted kernel's: with w = 1 the same bits."""
-    source = SOURCE
-    is_mse = kind == "mse"
-
-    @_jit(parallel)
-    def kernel(p, t, g, w, m, grad, partial, chunk):
-        source, parallel  # noqa: B018 - cache key
-        n = p.shape[0]
-        for c in numba.prange(partial.shape[0]):
-            i = c * chunk
-            hi = min(n, i + chunk)
-            acc = 0.0
-            while i < hi:  # the part of row r inside this chunk: one weight, one factor
-                r = i // m
-                end = min(hi, (r + 1) * m)
-                wr = w[r]
-                f = dm.cst(p[i], g * wr)
-                for k in range(i, end):
-                    if is_mse:
-                        gk, vk = dm.mse_term(p[k], t[k], f)
-                    else:
-                        gk, vk = dm.bce_term(p[k], t[k], f)
-                    grad[k] = gk
-                    acc += wr * vk
-                i = end
-            partial[c] = acc
-        total = 0.0
-        for c in range(partial.shape[0]):
-            total += partial[c]
-        return total
-
-    return kernel
-
-
-def mse(parallel: bool) -> Callable:
-    """kernel(p, t, g2, grad, partial, chunk) -> sum (p - t)^2 in float64; grad = (p - t) g2 (flat)."""
-    return _elementwise_loss("mse", parallel)
-
-
-def mse_weighted(parallel: bool) -> Callable:
-    """kernel(p, t, g2, w, m, grad, partial, chunk) -> sum_r w_r sum_row (p - t)^2 in float64;
-    grad = (p - t) dtype(g2 w_r), with g2 = 2 scale in float64."""
-    return _weighted_elementwise_loss("mse", parallel)
-
-
-def bce(parallel: bool) -> Callable:
-    """kernel(x, y, gscale, grad, partial, chunk) -> sum of the BCE terms in float64; grad (flat)."""
-    return _elementwise_loss("bce", parallel)
-
-
-def bce_weighted(parallel: bool) -> Callable:
-    """kernel(x, y, g, w, m, grad, partial, chunk) -> sum_r w_r sum_row BCE terms in float64;
-    grad = (sigmoid(x) - y) dtype(g w_r), with g = scale in float64."""
-    return _weighted_elementwise_loss("bce", parallel)
 
 
 @functools.cache

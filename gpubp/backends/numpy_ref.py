@@ -4,10 +4,11 @@ Clear before fast. Every function computes in the dtype of its inputs (float32 o
 float64), except loss values, which are accumulated in float64. Shapes:
 x (N, in), W (in, out), b (out,), z = x @ W + b (N, out), a = f(z).
 
-The maths are the module's functions (dense_forward / dense_backward, the losses;
-the reductions live beside them in ``numpy_optim``, each optimizer's update is its
-rule's NumPy spec in ``gpubp/optim/``); :class:`NumpyBackend` implements the backend
-interface (gpubp.backends.base.Backend) by calling them.
+The maths are the module's functions (dense_forward / dense_backward, dropout; the
+reductions live beside them in ``numpy_optim``, each optimizer's update is its rule's
+NumPy spec in ``gpubp/optim/``, each loss its row's NumPy spec in ``gpubp/losses/``);
+:class:`NumpyBackend` implements the backend interface (gpubp.backends.base.Backend) by
+calling them.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpubp._random import dropout_keep
-from gpubp.activations import Activation, sigmoid
+from gpubp.activations import Activation
 from gpubp.backends import numpy_optim
 from gpubp.backends.base import Backend
 
 if TYPE_CHECKING:
+    from gpubp.losses.base import LossRule
     from gpubp.optim.rule import Hyper, Rule
 
 Array = np.ndarray
@@ -80,85 +82,6 @@ def dropout_backward(dy: Array, keep: Array, p: float) -> Array:
     return dy * keep * dy.dtype.type(1.0 / (1.0 - p))
 
 
-# --- losses: value and gradient in one call ------------------------------------------------
-# ``scale`` is 1/count for reduction="mean" and 1 for "sum". Values are float64 scalars.
-# ``weight``: None (every row counts once: the unweighted maths), or float64 row weights w (N,).
-# With weights each row's terms are multiplied by w_i: the value term in float64 (w_i l_i),
-# the gradient by the per-row factor dtype(g w_i) (g = 2 scale for MSE, scale otherwise), so
-# that w_i = 1 gives the unweighted value and gradient bit for bit. The caller picks ``scale``
-# (gpubp.losses: 1 / (per-row count x sum_i w_i) for the weighted mean).
-
-
-def _row_factor(g: float, weight: Array, dtype: np.dtype) -> Array:
-    """dtype(g w_i) as a column (N, 1): the gradient factor of each row."""
-    return (g * weight).astype(dtype)[:, None]
-
-
-def mse(pred: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[float, Array]:
-    """L = scale * sum_i w_i sum_j (p_ij - t_ij)^2;  dL/dp_ij = dtype(2 scale w_i) (p_ij - t_ij)  (w = 1 unweighted)."""
-    diff = pred - target
-    sq = np.square(diff, dtype=np.float64)
-    if weight is None:
-        value = float(np.sum(sq) * scale)
-        return value, diff * pred.dtype.type(2.0 * scale)
-    value = float(np.sum(sq * weight[:, None]) * scale)
-    return value, diff * _row_factor(2.0 * scale, weight, pred.dtype)
-
-
-def _log_softmax(z: Array) -> Array:
-    """log softmax(z) row-wise via log-sum-exp: z - max - log sum e^(z - max); finite for any finite z."""
-    shifted = z - z.max(axis=1, keepdims=True)
-    return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
-
-
-def cross_entropy(logits: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[float, Array]:
-    """Softmax + negative log-likelihood over rows of logits (N, C), rows weighted by w (w = 1 unweighted).
-
-    Integer labels y (N,):       L = scale * sum_n w_n (logsumexp(z_n) - z_n[y_n])
-                                 dL/dz_n = dtype(scale w_n) (softmax(z_n) - onehot(y_n))
-    Probability targets t (N, C): L = -scale * sum_n w_n sum_c t_nc log softmax(z)_nc
-                                 dL/dz_n = dtype(scale w_n) (softmax(z_n) sum_c t_nc - t_n)
-    """
-    logp = _log_softmax(logits)
-    p = np.exp(logp)
-    if target.ndim == 1:
-        rows = np.arange(logits.shape[0])
-        picked = logp[rows, target]
-        if weight is None:
-            value = -float(np.sum(picked, dtype=np.float64) * scale)
-        else:
-            value = -float(np.sum(picked * weight) * scale)
-        grad = p
-        grad[rows, target] -= 1
-    else:
-        terms = target * logp
-        if weight is None:
-            value = -float(np.sum(terms, dtype=np.float64) * scale)
-        else:
-            value = -float(np.sum(terms * weight[:, None]) * scale)
-        grad = p * target.sum(axis=1, keepdims=True) - target
-    if weight is None:
-        grad *= logits.dtype.type(scale)
-    else:
-        grad *= _row_factor(scale, weight, logits.dtype)
-    return value, grad
-
-
-def bce_with_logits(logits: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[float, Array]:
-    """Binary cross-entropy on logits x with targets t in [0, 1], elementwise, rows weighted by w:
-
-        l = max(x, 0) - x t + log(1 + e^-|x|)      (stable for any finite x)
-        L = scale * sum_i w_i sum_j l_ij;  dL/dx_ij = dtype(scale w_i) (sigmoid(x_ij) - t_ij)
-    """
-    zero = logits.dtype.type(0.0)
-    elem = np.maximum(logits, zero) - logits * target + np.log1p(np.exp(-np.abs(logits)))
-    if weight is None:
-        value = float(np.sum(elem, dtype=np.float64) * scale)
-        return value, (sigmoid(logits) - target) * logits.dtype.type(scale)
-    value = float(np.sum(elem * weight[:, None]) * scale)
-    return value, (sigmoid(logits) - target) * _row_factor(scale, weight, logits.dtype)
-
-
 # --- the interface ---------------------------------------------------------------------------
 
 
@@ -206,21 +129,10 @@ class NumpyBackend(Backend):
     def dropout_backward(self, dy: Array, keep: Array, p: float) -> Array:
         return dropout_backward(dy, keep, p)
 
-    # losses
-    def mse(self, pred: Array, target: Array, scale: float, weight: Array | None = None) -> tuple[float, Array]:
-        return mse(pred, target, scale) if weight is None else mse(pred, target, scale, weight)
-
-    def cross_entropy(self, logits: Array, target: Array, scale: float,
-                      weight: Array | None = None) -> tuple[float, Array]:
-        if weight is None:
-            return cross_entropy(logits, target, scale)
-        return cross_entropy(logits, target, scale, weight)
-
-    def bce_with_logits(self, logits: Array, target: Array, scale: float,
-                        weight: Array | None = None) -> tuple[float, Array]:
-        if weight is None:
-            return bce_with_logits(logits, target, scale)
-        return bce_with_logits(logits, target, scale, weight)
+    # losses: the row's NumPy spec
+    def loss(self, rule: LossRule, pred: Array, target: Array, scale: float,
+             weight: Array | None = None) -> tuple[float, Array]:
+        return rule.spec(pred, target, scale) if weight is None else rule.spec(pred, target, scale, weight)
 
     # optimizer updates: the rule's NumPy spec (the guard is read on the host: it is here already)
     def update(self, rule: Rule, p: Array, g: Array, state: tuple, hp: Hyper, guard: Array | None = None) -> None:

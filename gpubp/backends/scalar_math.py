@@ -1,14 +1,15 @@
 """The scalar maths of the Numba kernels, written once as plain Python functions.
 
 One element's worth of each computation: the activations f and f' (by table id,
-with their parameters p0/p1), the stable sigmoid, the per-element terms of the
-MSE and BCE losses, and what every optimizer's scalar body is made of (``mul``,
-``l2``, ``lerp``; the bodies themselves live with their optimizers, in
-``gpubp/optim/<name>.py``, and are compiled with a build of this module as their
-``ops``). They take and return scalars, in the dtype of their inputs, and use
-only what plain Python, ``numba.njit`` and ``numba.cuda.jit(device=True)`` all
-compile: ``math`` functions, ``min``/``max``/``abs``, ``np.float64()`` (see ``wide``) and
-``type(x)(value)`` (a constant in x's dtype, so float32 maths stays float32).
+with their parameters p0/p1), the stable sigmoid, what every element-wise loss's
+scalar term is made of (``cst``, ``sigmoid``, ``wide``; the terms themselves live with
+their losses, in ``gpubp/losses/<name>.py``) and what every optimizer's scalar body
+is made of (``mul``, ``l2``, ``lerp``; the bodies themselves live with their
+optimizers, in ``gpubp/optim/<name>.py``). Loss terms and optimizer bodies are
+compiled with a build of this module as their ``ops``. They take and return
+scalars, in the dtype of their inputs, and use only what plain Python, ``numba.njit``
+and ``numba.cuda.jit(device=True)`` all compile: ``math`` functions,
+``min``/``max``/``abs``, ``np.float64()`` (see ``wide``) and ``type(x)(value)`` (a constant in x's dtype, so float32 maths stays float32).
 
 :func:`build` compiles them for a target, as minitorch compiles its scalar
 operators::
@@ -30,7 +31,7 @@ allowed; they are checked against the spec with a tolerance), the optimizer
 maths only ``mul``.
 
 Every expression here is in the order of the NumPy reference it mirrors
-(``gpubp.activations``, ``numpy_ref``, ``gpubp.optim.rule``), operation by
+(``gpubp.activations``, ``gpubp.losses``, ``gpubp.optim.rule``), operation by
 operation; the tests check the compiled functions against them.
 """
 
@@ -63,7 +64,7 @@ ACT_IDS = {name: spec.id for name, spec in TABLE.items()}
 
 # The functions :func:`build` returns, by name.
 FUNCTIONS = (
-    "mul", "cst", "sigmoid", "act_f", "act_df", "act_grad", "mse_term", "bce_term",
+    "mul", "cst", "wide", "sigmoid", "act_f", "act_df", "act_grad",
     "l2", "lerp", "clip_coef",
 )  # fmt: skip
 
@@ -108,9 +109,9 @@ def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None, wide: A
     """The scalar functions compiled with ``jit`` (None: plain Python), as a module-like namespace.
 
     ``mul(a, b)``: the unfused product for the optimizer maths; None compiles :func:`product`.
-    ``wide(x)``: x as a float64, for the loss value terms. None: ``float`` in plain Python
-    (the Numba CUDA simulator passes it too: its kernels run as Python threads, where NumPy
-    scalars would warn on overflow outside the caller's ``np.errstate``, unlike a GPU) and
+    ``wide(x)``: x as a float64, for the loss value terms (the namespace's ``wide``). None: ``float``
+    in plain Python (the Numba CUDA simulator passes it too: its kernels run as Python threads, where
+    NumPy scalars would warn on overflow outside the caller's ``np.errstate``, unlike a GPU) and
     ``np.float64`` when compiled (Numba compiles ``float()`` of a float32 to a float32).
     """
     if wide is None:
@@ -159,21 +160,6 @@ def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None, wide: A
         if act_id == RELU:
             return g if saved > cst(g, 0.0) else cst(g, 0.0)
         return g * act_df(act_id, saved, saved, p0, p1)
-
-    # --- loss terms: (gradient element in the data dtype, value term in float64) ------------
-
-    @jit
-    def mse_term(p, t, g2):
-        """d = p - t: (d * dtype(2 scale), float64(d)^2)."""
-        d = p - t
-        dd = wide(d)
-        return d * g2, dd * dd
-
-    @jit
-    def bce_term(x, y, gscale):
-        """((sigmoid(x) - y) * dtype(scale), float64(max(x, 0) - x y + log1p(e^-|x|)))."""
-        elem = max(x, cst(x, 0.0)) - x * y + math.log1p(math.exp(-abs(x)))
-        return (sigmoid(x) - y) * gscale, wide(elem)
 
     # --- optimizer helpers (gpubp.optim.rule's spec helpers, operation by operation; every
     # product is mul). Hyper-parameters arrive rounded to the data dtype; flags are integers.

@@ -368,7 +368,7 @@ def step_case(key: str, dtype: str = "float32") -> Case:
         p0, x = _f64(inp["params"]), _f64(inp["x"])
         ws = [p0[sl].reshape(a, b) for (_, sl), (a, b) in zip(slices[::2], pairs, strict=True)]
         c = chain([layer.activation for layer in model_layers(key)], ws, [p0[sl] for _, sl in slices[1::2]], x,
-                  lambda out: numpy_ref.cross_entropy(out, inp["y"], 1.0 / x.shape[0]), u, False)
+                  lambda out: gp.losses.CrossEntropy.rule.spec(out, inp["y"], 1.0 / x.shape[0]), u, False)
         g = np.concatenate([t for dw, db in c["grads"] for t in (dw.ravel(), db)])
         flat = [sl for pair in c["slack"] for sl in pair]
         s_g = {name: sg.ravel() for (name, _), sg in zip(slices, flat, strict=True) if sg is not None}
@@ -405,7 +405,6 @@ def step_case(key: str, dtype: str = "float32") -> Case:
 
     def torch_op(c: Any, inp: dict, A: dict) -> Callable:
         import torch
-        import torch.nn.functional as F
 
         flat = A["params"][0]
         lins = [torch.nn.Linear(a, b, dtype=flat.dtype, device=flat.device) for a, b in pairs]
@@ -415,7 +414,8 @@ def step_case(key: str, dtype: str = "float32") -> Case:
                 lin.bias.copy_(flat[sb])
         net = torch.nn.Sequential(*[m for lin in lins for m in (lin, torch.nn.ReLU())][:-1])  # relu between layers
         opt = _optimizer(STEP_OPTIM, net.parameters(), torch=True)
-        fn = c.compiled(None, lambda x, y: F.cross_entropy(net(x), y))
+        loss_fn = gp.losses.CrossEntropy().torch_loss()  # the row's PyTorch twin, F.cross_entropy
+        fn = c.compiled(None, lambda x, y: loss_fn(net(x), y))
 
         def flat_of(get: Callable) -> Any:  # gpubp's arena layout: weight (in, out), then bias, per layer
             return torch.cat([t for m in lins for t in (get(m.weight).T.reshape(-1), get(m.bias))])
@@ -489,7 +489,7 @@ def loss_case(dtype: str = "float32") -> Case:
                 "y": rng.integers(0, size["C"], size=size["N"], dtype=np.int64)}
 
     def reference(inp: dict[str, np.ndarray], u: float = 2.0**-24) -> dict[str, np.ndarray]:
-        value, grad = numpy_ref.cross_entropy(_f64(inp["logits"]), inp["y"], 1.0 / inp["y"].shape[0])
+        value, grad = gp.losses.CrossEntropy.rule.spec(_f64(inp["logits"]), inp["y"], 1.0 / inp["y"].shape[0])
         return {"value": np.float64(value), "grad": grad}
 
     def grid(tier: str, target: str) -> tuple[list[dict[str, int]], str]:
@@ -504,7 +504,8 @@ def loss_case(dtype: str = "float32") -> Case:
     def torch_op(c: Any, inp: dict, A: dict) -> Callable:
         import torch
 
-        fn = c.compiled("loss:cross_entropy", torch.nn.functional.cross_entropy)
+        loss = gp.losses.CrossEntropy()
+        fn = c.compiled(f"loss:{loss.name}", loss.torch_loss())  # the row's PyTorch twin
         for z in A["logits"]:
             z.requires_grad_(True)
 

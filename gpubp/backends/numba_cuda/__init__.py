@@ -14,7 +14,9 @@ Modules (each kernel beside its launcher; the launch machinery apart):
     reduce         the fixed-order block trees (LANES) and stage 2 of every loss value
     activations    forward, dense epilogue, backward (elementwise)
     bias_gradient  db = dz.sum(axis=0): two-stage column sums
-    losses         MSE, BCEWithLogits (chunked), CrossEntropy (labels / probabilities)
+    losses         one chunked kernel per element-wise loss row (its scalar term: MSE,
+                   BCEWithLogits, ...), CrossEntropy (labels / probabilities); ``loss``
+                   launches any row
 This package re-exports every name other code uses, and lists the compile targets
 (:func:`ptx_targets`).
 
@@ -83,27 +85,28 @@ from gpubp.backends.numba_cuda.launch import (  # noqa: F401, E402
 )
 from gpubp.backends.numba_cuda.losses import (  # noqa: F401, E402
     CHUNK,
-    bce_with_logits,
-    bce_with_logits_kernel,
-    bce_with_logits_weighted_kernel,
     cross_entropy,
     cross_entropy_labels_kernel,
     cross_entropy_labels_weighted_kernel,
     cross_entropy_probs_kernel,
     cross_entropy_probs_weighted_kernel,
+    elementwise_kernel,
+    elementwise_loss,
+    loss,
     loss_work_size,
-    mse,
-    mse_kernel,
-    mse_weighted_kernel,
 )
 from gpubp.backends.numba_cuda.reduce import LANES, reduce_partials_kernel  # noqa: F401, E402
 
 
 def ptx_targets() -> list[tuple[str, Callable, tuple]]:
-    """Every kernel's Python function with each argument signature the launchers use.
+    """Every kernel's Python function with each argument signature the launchers use (the
+    element-wise loss kernel of every registered element-wise loss row).
 
     For compile checks: ``numba.cuda.compile_ptx(func, sig, cc=...)`` on each entry.
     """
+    from gpubp.losses import RULES
+
+    elementwise_rules = [rule for rule in RULES.values() if rule.family == "elementwise"]
     targets: list[tuple[str, Callable, tuple]] = []
 
     def add(name: str, kernel: Any, sig: tuple) -> None:
@@ -126,17 +129,13 @@ def ptx_targets() -> list[tuple[str, Callable, tuple]]:
         )
         add(f"bias_grad_partials_kernel[{tag}]", bias_grad_partials_kernel, (m, int64, float64[:, ::1]))
         add(f"bias_grad_finish_kernel[{tag}]", bias_grad_finish_kernel, (float64[:, ::1], v))
-        add(f"mse_kernel[{tag}]", mse_kernel, (v, v, ft, v, float64[::1]))
-        add(f"bce_with_logits_kernel[{tag}]", bce_with_logits_kernel, (v, v, ft, v, float64[::1]))
         add(f"cross_entropy_labels_kernel[{tag}]", cross_entropy_labels_kernel, (m, int64[::1], ft, m, float64[::1]))
         add(f"cross_entropy_probs_kernel[{tag}]", cross_entropy_probs_kernel, (m, m, ft, m, float64[::1]))
         w = float64[::1]
-        add(f"mse_weighted_kernel[{tag}]", mse_weighted_kernel, (v, v, float64, w, int64, v, float64[::1]))
-        add(
-            f"bce_with_logits_weighted_kernel[{tag}]",
-            bce_with_logits_weighted_kernel,
-            (v, v, float64, w, int64, v, float64[::1]),
-        )
+        for rule in elementwise_rules:  # the one generic kernel around each element-wise loss row's term
+            add(f"{rule.name}_kernel[{tag}]", elementwise_kernel(rule), (v, v, ft, v, float64[::1]))
+            add(f"{rule.name}_weighted_kernel[{tag}]", elementwise_kernel(rule, True),
+                (v, v, float64, w, int64, v, float64[::1]))
         add(
             f"cross_entropy_labels_weighted_kernel[{tag}]",
             cross_entropy_labels_weighted_kernel,

@@ -1,15 +1,17 @@
-"""Loss kernels and their launchers: MSE, BCEWithLogits, softmax cross-entropy (labels or
-probabilities), each giving the value and the gradient in one pass.
+"""Loss kernels and their launchers, each giving the value and the gradient in one pass: one
+generic chunked kernel for every element-wise loss row (MSE, BCEWithLogits, ...: the row's scalar
+term, ``gpubp.losses``), and the softmax cross-entropy rows (labels or probabilities).
+:func:`loss` is the one launcher the backend calls: it picks the kernel by ``rule.family``.
 
-``scale`` is 1/count for reduction="mean" and 1 for "sum" (as in numpy_ref). The
-gradient factor is passed in the data dtype: g = dtype(2 scale) for MSE, dtype(scale)
-otherwise. The value is reduced on the device in two stages, in float64:
+``scale`` is 1/count for reduction="mean" and 1 for "sum" (as in the spec). The
+gradient factor is passed in the data dtype: g = dtype(rule.grad_factor x scale) (2 scale for
+MSE, scale otherwise). The value is reduced on the device in two stages, in float64:
   stage 1 (here) writes float64 partials (one per CHUNK elements, or one per row for
     cross-entropy), each summed in the fixed lane order of :mod:`.reduce`;
   stage 2 (``reduce.reduce_partials_kernel``, a single block) sums the partials in the
     same lane order and writes value[0] = total * scale.
 
-Row weights (the ``*_weighted`` kernels): w (N,) float64, the gradient factor g passed in
+Row weights (the weighted kernels): w (N,) float64, the gradient factor g passed in
 float64. Row r's value terms are multiplied by w[r] (in float64) and its gradient factor
 is dtype(g w[r]), rounded once. Everything else, the summation order included, is the
 unweighted kernel's, so w = 1 gives its bits.
@@ -17,6 +19,7 @@ unweighted kernel's, so w = 1 gives its bits.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -44,16 +47,24 @@ from gpubp.backends.numba_cuda.reduce import LANES, _finish, _tree_max, _tree_su
 CHUNK = LANES * 16
 
 # =========================================================================================
-# Elementwise stage 1 (MSE, BCE)
+# Elementwise stage 1 (any element-wise loss row)
 # =========================================================================================
-# One reduction loop, two per-element terms (scalar_math.mse_term, bce_term), each giving
-#   (grad element, float64 value term).
-#   Shapes: pred/logits, target, grad flat (n,); partials (ceil(n / CHUNK),). Block b
+# One reduction loop around a row's scalar term ``term(p, t, g) -> (grad element, float64 value
+#   term)`` (``rule.scalar`` built with ``dm``; scalar_math's device build).
+#   Shapes: pred, target, grad flat (n,); partials (ceil(n / CHUNK),). Block b
 #   takes chunks b, b + gridDim, ...; in chunk k lane l visits elements kCHUNK + l,
 #   + LANES, ... in order.
-#   MSE:  d = p - t;  grad = d * dtype(2 scale);  value term float64(d)^2.
-#   BCE:  l = max(x, 0) - x t + log1p(e^-|x|)  (data dtype);  grad = (sigmoid(x) - t) * dtype(scale).
 #   Weighted: the flat arrays are rows of m elements; element i is in row i // m.
+
+_TERMS: dict[str, Any] = {}
+
+
+def _term(rule: Any) -> Any:
+    """The row's scalar term as an inlined device function (one per row name)."""
+    fn = _TERMS.get(rule.name)
+    if fn is None:
+        fn = _TERMS[rule.name] = _device(rule.scalar(dm))
+    return fn
 
 
 def _chunked_loss(term: Callable, name: str, weighted: bool = False) -> Any:
@@ -102,10 +113,18 @@ def _chunked_loss(term: Callable, name: str, weighted: bool = False) -> Any:
     return cuda.jit(kernel)
 
 
-mse_kernel = _chunked_loss(dm.mse_term, "mse_kernel")
-bce_with_logits_kernel = _chunked_loss(dm.bce_term, "bce_with_logits_kernel")
-mse_weighted_kernel = _chunked_loss(dm.mse_term, "mse_weighted_kernel", weighted=True)
-bce_with_logits_weighted_kernel = _chunked_loss(dm.bce_term, "bce_with_logits_weighted_kernel", weighted=True)
+@functools.cache
+def _elementwise_kernel(rule: Any, weighted: bool) -> Any:
+    suffix = "_weighted_kernel" if weighted else "_kernel"
+    return _chunked_loss(_term(rule), f"{rule.name}{suffix}", weighted)
+
+
+def elementwise_kernel(rule: Any, weighted: bool = False) -> Any:
+    """Stage 1 of the element-wise loss ``rule`` (``<name>_kernel`` or ``<name>_weighted_kernel``):
+    (pred, target, g, grad, partials), or weighted (pred, target, g64, w, m, grad, partials)."""
+    if rule.family != "elementwise":
+        raise ValueError(f"{rule.name}: not an element-wise loss (family {rule.family!r})")
+    return _elementwise_kernel(rule, bool(weighted))
 
 
 # =========================================================================================
@@ -289,7 +308,7 @@ cross_entropy_probs_weighted_kernel = _cross_entropy_probs(weighted=True)
 
 def loss_work_size(shape: tuple, rowwise: bool = False) -> int:
     """float64 scratch elements a loss launcher needs: one per row for cross-entropy
-    (``rowwise``), else one per CHUNK elements."""
+    (``rowwise``: a rule of the softmax family), else one per CHUNK elements."""
     shape = tuple(int(s) for s in shape)
     if rowwise:
         return shape[0]
@@ -315,11 +334,27 @@ def _check_weight(weight: Array, rows: int, name: str) -> Array:
     return weight
 
 
-def _elementwise_loss(
-    kernels, pred, target, scale, gfactor, value_out, grad_out, work, stream, threads, max_blocks, name, weight
-):
-    """Stage 1 (when there are elements) and stage 2: two launches, or one for an empty input.
-    ``kernels``: (unweighted, weighted) stage-1 kernels."""
+def elementwise_loss(
+    rule: Any,
+    pred: Array,
+    target: Array,
+    scale: float,
+    value_out: Array,
+    grad_out: Array,
+    stream: Any = 0,
+    work: Array | None = None,
+    threads: int = LANES,
+    max_blocks: int = MAX_BLOCKS,
+    weight: Array | None = None,
+) -> None:
+    """The element-wise loss ``rule``: value_out[0] = scale * sum of its value terms (float64),
+    grad_out its gradient with factor dtype(rule.grad_factor x scale). Stage 1 (when there are
+    elements) and stage 2: two launches, or one for an empty input.
+
+    ``weight``: None, or float64 row weights w (N,) for pred (N, C): row i's terms count w_i
+    times and its gradient factor is dtype(rule.grad_factor x scale x w_i)."""
+    name = rule.name
+    gfactor = rule.grad_factor * scale
     dt = _check_loss(pred, target, value_out, grad_out, name)
     if tuple(target.shape) != tuple(pred.shape) or np.dtype(target.dtype) != dt:
         raise ValueError(f"{name}: target must match the input in shape and dtype")
@@ -334,24 +369,18 @@ def _elementwise_loss(
     partials = _work(work, chunks, pred, stream, name)
     if n > 0:
         blocks = max(1, min(chunks, int(max_blocks)))
+        kernel = elementwise_kernel(rule, weight is not None)
         if weight is None:
             args = (_flat(pred), _flat(target), dt.type(gfactor), _flat(grad_out), partials)
-            _launch(kernels[0], dt, blocks, threads, stream, *args)
         else:
-            args = (
-                _flat(pred),
-                _flat(target),
-                np.float64(gfactor),
-                weight,
-                np.int64(pred.shape[1]),
-                _flat(grad_out),
-                partials,
-            )
-            _launch(kernels[1], dt, blocks, threads, stream, *args)
+            args = (_flat(pred), _flat(target), np.float64(gfactor), weight, np.int64(pred.shape[1]), _flat(grad_out),
+                    partials)
+        _launch(kernel, dt, blocks, threads, stream, *args)
     _finish(partials, chunks, scale, value_out, stream, threads)
 
 
-def mse(
+def loss(
+    rule: Any,
     pred: Array,
     target: Array,
     scale: float,
@@ -363,57 +392,11 @@ def mse(
     max_blocks: int = MAX_BLOCKS,
     weight: Array | None = None,
 ) -> None:
-    """value_out[0] = scale * sum (p - t)^2 (float64);  grad_out = 2 scale (p - t).
-
-    ``weight``: None, or float64 row weights w (N,) for pred (N, C): row i's terms count w_i
-    times and its gradient is dtype(2 scale w_i) (p - t)."""
-    _elementwise_loss(
-        (mse_kernel, mse_weighted_kernel),
-        pred,
-        target,
-        scale,
-        2.0 * scale,
-        value_out,
-        grad_out,
-        work,
-        stream,
-        threads,
-        max_blocks,
-        "mse",
-        weight,
-    )
-
-
-def bce_with_logits(
-    logits: Array,
-    target: Array,
-    scale: float,
-    value_out: Array,
-    grad_out: Array,
-    stream: Any = 0,
-    work: Array | None = None,
-    threads: int = LANES,
-    max_blocks: int = MAX_BLOCKS,
-    weight: Array | None = None,
-) -> None:
-    """value_out[0] = scale * sum (max(x,0) - x t + log1p(e^-|x|));  grad_out = scale (sigmoid(x) - t).
-
-    ``weight``: None, or float64 row weights w (N,) for logits (N, C), as for :func:`mse`."""
-    _elementwise_loss(
-        (bce_with_logits_kernel, bce_with_logits_weighted_kernel),
-        logits,
-        target,
-        scale,
-        scale,
-        value_out,
-        grad_out,
-        work,
-        stream,
-        threads,
-        max_blocks,
-        "bce_with_logits",
-        weight,
-    )
+    """The loss ``rule`` (any row of gpubp.losses): :func:`elementwise_loss` or, for the softmax
+    family, :func:`cross_entropy`. ``work``: at least :func:`loss_work_size` (rule.family) elements."""
+    launcher = cross_entropy if rule.family == "softmax" else functools.partial(elementwise_loss, rule)
+    launcher(pred, target, scale, value_out, grad_out, stream=stream, work=work, threads=threads,
+             max_blocks=max_blocks, weight=weight)
 
 
 def cross_entropy(

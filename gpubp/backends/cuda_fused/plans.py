@@ -43,15 +43,9 @@ LaunchFn = Callable[[KernelSpec, tuple, tuple, tuple], None]
 
 
 def _act_params(act: Activation) -> tuple[np.float32, np.float32]:
-    """(p0, p1) of kernels/activations.cuh for ``act``."""
-    p = act.params
-    if act.name == "leaky_relu":
-        return np.float32(p["slope"]), np.float32(0.0)
-    if act.name == "elu":
-        return np.float32(p["alpha"]), np.float32(0.0)
-    if act.name == "softplus":
-        return np.float32(p["beta"]), np.float32(p["threshold"])
-    return np.float32(0.0), np.float32(0.0)
+    """(p0, p1) of kernels/activations.cuh for ``act``: the row's packed parameters, as float32."""
+    p0, p1 = act.packed()
+    return np.float32(p0), np.float32(p1)
 
 
 def mask_words(n_out: int) -> int:

@@ -17,7 +17,6 @@ import numpy as np
 
 from gpubp.activations import Activation
 from gpubp.activations import get as get_activation
-from gpubp.backends import scalar_math
 from gpubp.backends.numba_cuda.launch import (
     ELEMENTWISE_THREADS,
     MAX_BLOCKS,
@@ -64,16 +63,8 @@ def activation_backward_kernel(i, args):
 
 
 def _act_args(act: Activation, dtype: np.dtype) -> tuple[np.int64, Any, Any]:
-    """(id, p0, p1) for the kernels, the parameters as scalars of the data dtype."""
-    p = act.params
-    if act.id == scalar_math.LEAKY_RELU:
-        p0, p1 = p["slope"], 0.0
-    elif act.id == scalar_math.ELU:
-        p0, p1 = p["alpha"], 0.0
-    elif act.id == scalar_math.SOFTPLUS:
-        p0, p1 = p["beta"], p["threshold"]
-    else:
-        p0, p1 = 0.0, 0.0
+    """(id, p0, p1) for the kernels: the row's packed parameters as scalars of the data dtype."""
+    p0, p1 = act.packed()
     return np.int64(act.id), dtype.type(p0), dtype.type(p1)
 
 

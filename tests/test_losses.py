@@ -453,3 +453,107 @@ def test_bad_sample_weight(bad, err, match):
     with pytest.raises(err, match=match) as info:
         cls()(pred, target, sample_weight=bad)
     assert str(info.value).startswith("sample_weight")
+
+
+# --- rows: each loss is its class, its NumPy spec, its scalar term and its PyTorch twin ------------
+
+
+def test_every_loss_is_a_row():
+    """Each registered loss holds its rule; element-wise rows have a scalar term, the softmax row not;
+    every rule names a torch.nn.functional twin."""
+    assert set(losses.RULES) == set(losses.NAMES)
+    for name, rule in losses.RULES.items():
+        cls = type(losses.get(name))
+        assert cls.rule is rule and rule.name == cls.name == name
+        assert rule.family in losses.FAMILIES
+        assert (rule.scalar is not None) == (rule.family == "elementwise"), name
+        assert rule.torch[0], name
+    assert losses.RULES["cross_entropy"].family == "softmax"
+    assert losses.RULES["mse"].grad_factor == 2.0 and losses.RULES["bce_with_logits"].grad_factor == 1.0
+
+
+def test_a_rule_must_match_its_family():
+    spec = losses.RULES["mse"].spec
+    with pytest.raises(ValueError, match="family"):
+        losses.LossRule("x", "rowwise", spec)
+    with pytest.raises(ValueError, match="scalar term"):
+        losses.LossRule("x", "elementwise", spec)
+    with pytest.raises(ValueError, match="scalar term"):
+        losses.LossRule("x", "softmax", spec, losses.RULES["mse"].scalar)
+
+
+@pytest.mark.parametrize("name", ["mse", "bce_with_logits"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scalar_term_in_python_matches_the_spec(name, dtype):
+    """The plain-Python term (what the simulator runs) element by element, against the row's spec:
+    the gradient bit for bit (float32 BCE: to float32 rounding, math.exp being float64 in Python),
+    the value terms summed in float64 to the spec's value."""
+    from gpubp.backends import scalar_math
+
+    rule = losses.RULES[name]
+    term = rule.scalar(scalar_math.PLAIN)
+    rng = np.random.default_rng(3)
+    pred = (3 * rng.standard_normal((4, 5))).astype(dtype)
+    target = rng.uniform(size=(4, 5)).astype(dtype)
+    scale = 1.0 / pred.size
+    value, grad = rule.spec(pred, target, scale)
+    g = pred.dtype.type(rule.grad_factor * scale)
+    with np.errstate(all="ignore"):
+        pairs = [term(p, t, g) for p, t in zip(pred.ravel(), target.ravel(), strict=True)]
+    got = np.array([p[0] for p in pairs], dtype)
+    if name == "bce_with_logits" and dtype == "float32":
+        np.testing.assert_allclose(got, grad.ravel(), rtol=4e-7, atol=1e-9)
+    else:
+        assert got.tobytes() == grad.ravel().tobytes()
+    assert math.fsum(p[1] for p in pairs) * scale == pytest.approx(value, rel=1e-12 if dtype == "float64" else 1e-6)
+
+
+@pytest.mark.parametrize("cls", [MSE, CrossEntropy, BCEWithLogits])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_twin_gives_the_same_value(cls, reduction):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    pred = rng.standard_normal((6, 3))
+    target = rng.integers(0, 3, 6) if cls is CrossEntropy else rng.uniform(size=(6, 3))
+    loss = cls(reduction)
+    want, _ = loss(pred, target)
+    got = loss.torch_loss()(torch.from_numpy(pred), torch.from_numpy(target))
+    assert float(got) == pytest.approx(want, rel=1e-12)
+
+
+def _l1_spec(pred, target, scale, weight=None):
+    diff = pred - target
+    value = np.abs(diff).astype(np.float64)
+    sign = np.sign(diff)
+    if weight is None:
+        return float(np.sum(value) * scale), sign * pred.dtype.type(scale)
+    return float(np.sum(value * weight[:, None]) * scale), sign * (scale * weight).astype(pred.dtype)[:, None]
+
+
+def _l1_scalar(ops):
+    cst, wide = ops.cst, ops.wide
+
+    def l1_term(p, t, g):
+        d = p - t
+        s = cst(d, 1.0) if d > cst(d, 0.0) else (cst(d, -1.0) if d < cst(d, 0.0) else cst(d, 0.0))
+        return s * g, wide(abs(d))
+
+    return l1_term
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_a_new_elementwise_row_runs_on_every_backend_unchanged(backend):
+    """An element-wise loss is one row: a rule with a spec and a scalar term runs through Backend.loss
+    (the generic element-wise kernels) with no backend code of its own."""
+    from gpubp.backends.cpu import CpuBackend
+    from gpubp.backends.numpy_ref import BACKEND
+
+    b = BACKEND if backend == "numpy" else CpuBackend.instance()
+    rule = losses.LossRule("l1_test", "elementwise", _l1_spec, _l1_scalar, torch=("l1_loss", {}))
+    rng = np.random.default_rng(5)
+    pred, target = rng.standard_normal((9, 4)), rng.standard_normal((9, 4))
+    w = rng.uniform(0.0, 2.0, 9)
+    for weight in (None, w):
+        v, g = b.loss(rule, pred, target, 1.0 / pred.size, weight)
+        vr, gr = _l1_spec(pred, target, 1.0 / pred.size, weight)
+        assert v == pytest.approx(vr, rel=1e-13) and g.tobytes() == gr.tobytes()

@@ -9,7 +9,8 @@ optimizers, in ``gpubp/optim/<name>.py``). Loss terms and optimizer bodies are
 compiled with a build of this module as their ``ops``. They take and return
 scalars, in the dtype of their inputs, and use only what plain Python, ``numba.njit``
 and ``numba.cuda.jit(device=True)`` all compile: ``math`` functions,
-``min``/``max``/``abs``, ``np.float64()`` (see ``wide``) and ``type(x)(value)`` (a constant in x's dtype, so float32 maths stays float32).
+``min``/``max``/``abs``, ``np.float64()`` (see ``wide``) and ``type(x)(value)`` (a
+constant in x's dtype, so float32 maths stays float32).
 
 :func:`build` compiles them for a target, as minitorch compiles its scalar
 operators::

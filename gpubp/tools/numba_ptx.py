@@ -13,7 +13,10 @@ Checks beyond "it compiles": the optimizer kernels must hold no fused multiply-a
 (``fma.`` in the PTX): their updates round each product on its own, as NumPy does. The
 optimizer updates are one generic kernel (``cuda_update``) compiled around each registered
 rule's scalar body, for each of the rule's example flag sets (``update_<rule><k>[dtype]``),
-so a new optimizer is checked as soon as it is registered.
+so a new optimizer is checked as soon as it is registered. Likewise the element-wise loss
+kernels are one generic chunked kernel compiled around each registered element-wise loss row's
+scalar term (``<loss>_kernel[dtype]``, ``<loss>_weighted_kernel[dtype]``): a new element-wise
+loss is compiled here as soon as it is in ``gpubp.losses``.
 
 Needs numba-cuda and libNVVM (found as ``numba_setup.ensure_nvvm`` finds it), no driver.
 The simulator compiles nothing, so this module switches it off for its own process: run it

@@ -541,14 +541,22 @@ def _l1_scalar(ops):
     return l1_term
 
 
-@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize("backend", ["numpy", "cpu", "cudasim"])
 def test_a_new_elementwise_row_runs_on_every_backend_unchanged(backend):
     """An element-wise loss is one row: a rule with a spec and a scalar term runs through Backend.loss
     (the generic element-wise kernels) with no backend code of its own."""
     from gpubp.backends.cpu import CpuBackend
     from gpubp.backends.numpy_ref import BACKEND
+    from tests.conftest import CUDA_MODE
 
-    b = BACKEND if backend == "numpy" else CpuBackend.instance()
+    if backend == "cudasim":
+        if CUDA_MODE != "simulator":
+            pytest.skip("the Numba CUDA simulator is not on in this process")
+        from gpubp.backends.cudasim import SimulatedCudaBackend
+
+        b = SimulatedCudaBackend.instance()
+    else:
+        b = BACKEND if backend == "numpy" else CpuBackend.instance()
     rule = losses.LossRule("l1_test", "elementwise", _l1_spec, _l1_scalar, torch=("l1_loss", {}))
     rng = np.random.default_rng(5)
     pred, target = rng.standard_normal((9, 4)), rng.standard_normal((9, 4))

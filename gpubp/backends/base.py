@@ -7,6 +7,7 @@ implementations:
 | backend                          | arrays            | dense layers                     | memory-bound work        |
 |----------------------------------|-------------------|----------------------------------|--------------------------|
 | ``numpy_ref.NumpyBackend``       | NumPy (host)      | numpy.matmul (the spec)          | NumPy (the spec)         |
+| ``cpu.CpuBackend``               | NumPy (host)      | BLAS + fused Numba epilogues     | Numba CPU kernels        |
 | ``cuda.CudaBackend``             | CuPy (one GPU)    | cuBLAS + Numba, or fused CUDA C  | Numba CUDA kernels       |
 | ``cudasim.SimulatedCudaBackend`` | NumPy (host)      | numpy.matmul + Numba simulator   | Numba CUDA simulator     |
 

@@ -11,11 +11,11 @@ L = sum_i w_i l_i / sum_i w_i, with l_i the row's loss (for MSE and BCEWithLogit
 its C elements); ``"sum"`` gives sum_i w_i l_i (l_i the sum of the row's elements). With
 every w_i = 1 the value and gradient are the unweighted ones, bit for bit.
 
-| loss          | target                                   | mean over            | row file             | kernels     |
-|---------------|------------------------------------------|----------------------|----------------------|-------------|
-| MSE           | same shape as pred (or (N,) for (N, 1))  | every element        | ``mse.py``           | elementwise |
-| CrossEntropy  | labels (N,) in [0, C), or probs (N, C)   | rows (samples)       | ``cross_entropy.py`` | softmax     |
-| BCEWithLogits | same shape as pred, values in [0, 1]     | every element        | ``bce_with_logits.py`` | elementwise |
+| loss          | target                                   | mean over     | row file               | kernels     |
+|---------------|------------------------------------------|---------------|------------------------|-------------|
+| MSE           | same shape as pred (or (N,) for (N, 1))  | every element | ``mse.py``             | elementwise |
+| CrossEntropy  | labels (N,) in [0, C), or probs (N, C)   | rows          | ``cross_entropy.py``   | softmax     |
+| BCEWithLogits | same shape as pred, values in [0, 1]     | every element | ``bce_with_logits.py`` | elementwise |
 
 Each loss is one row, in its own file: its :class:`Loss` subclass (validation, scale,
 classification helpers) and its :class:`LossRule` (NumPy spec, scalar term for the element-wise

@@ -105,7 +105,7 @@ class Loss(ABC):
         ``pred`` may be a NumPy array or an array of a device backend (then the
         gradient lives there too, and reading ``value`` waits for the device).
         ``sample_weight``: None, or one weight per row (1-D, length N, finite, >= 0, not
-        all zero): the weighted loss of the module docstring.
+        all zero): the weighted loss of :mod:`gpubp.losses`' docstring.
         """
         backend = backend_of(pred)
         if backend is None or not backend.is_device_array(pred):

@@ -99,6 +99,75 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"numba cuda kernels ran on: {cuda_mode_line()}")
 
 
+# --- the fast tier: `pytest -m "not slow"` ----------------------------------------------------------
+# What is slow is said here, in one place, not in the test files: a module listed in SLOW_MODULES is
+# slow whole; a test whose node id matches a pattern of SLOW_TESTS (fnmatch) is slow alone. Each
+# says why. Plain `pytest` (and CI) still runs everything; the marker only lets `-m "not slow"` leave
+# these out. Chosen from `pytest --durations=150` on a shared 2-core machine: together they take
+# about four fifths of the suite's time.
+SLOW_MODULES = {
+    "test_distributed": "mpiexec worlds of 2 and 3 processes, each importing gpubp and compiling its kernels",
+    "test_nccl_init": "mpiexec worlds (NCCL initialisation across ranks, its timeouts)",
+    "test_gpu_check": "rehearses bench/gpu_check.sh: every stage in its own processes, a hanging one killed",
+    "test_cuda_fused_offline": "NVRTC compiles of every kernel of kernels/, and the CUDA C kernels run by host emulation",
+    "test_numba_cuda": "every Numba kernel compiled to PTX (NVVM), and the kernels run in the CUDA simulator",
+    "test_numba_cuda_optim": "the optimizer kernels run in the CUDA simulator (a Python thread per GPU thread)",
+    "test_cudasim": "the CUDA simulator installed in fresh processes",
+    "test_cuda_backend": "the CUDA backend's kernels run in the CUDA simulator (where there is no GPU)",
+    "test_readme": "the README's examples end to end: trainings to accuracy targets, an mpiexec run",
+    "test_sklearn_checks": "scikit-learn's check_estimator: every check fits the estimators again",
+    "test_properties": "hypothesis: many drawn networks, each trained and checked",
+    "test_checkpoint_fuzz": "hypothesis: many edited checkpoint files",
+}
+SLOW_TESTS = {
+    # the CUDA simulator: cases parametrized over the backends run once more there, kernels as Python threads
+    "*[[]cudasim*": "the CUDA simulator",
+    "*-cudasim-*": "the CUDA simulator",
+    "*[[]*-cudasim[]]": "the CUDA simulator",
+    "*_on_cudasim*": "the CUDA simulator",
+    "*on_the_simulated_cuda_backend*": "the CUDA simulator",
+    # processes started from the test, each importing gpubp and loading (or compiling) its kernels cold
+    "tests/test_cli_edges.py::test_gradcheck_into_a_reader_that_stops_after_two_lines": "a gradcheck process, cold compiles",
+    "tests/test_cli_edges.py::test_gradcheck_failure_after_the_reader_left_still_exits_1": "a gradcheck process",
+    "tests/test_cpu_backend.py::test_same_bits_whatever_the_thread_count": "processes per thread count, cold Numba compiles",
+    "tests/test_cpu_backend.py::test_a_second_process_loads_the_kernels_and_applies_the_policy": "a second process",
+    "tests/test_cpu_backend.py::test_the_policy_can_be_turned_off": "a second process",
+    "tests/test_threads.py::test_two_ranks_under_mpiexec_share_the_cores": "an mpiexec world",
+    "tests/test_training_health.py::test_ctrl_c_*": "a training process interrupted by SIGINT",
+    "tests/test_accumulate.py::*_over_mpi": "an mpiexec world",
+    "tests/test_cli.py::test_module_entry_point": "fresh gpubp processes",
+    "tests/test_cli.py::test_console_script": "a fresh gpubp process",
+    "tests/test_numba_compat.py::test_kernels_compile_where_numpy_has_no_row_stack": "a process compiling kernels",
+    "tests/test_numba_compat.py::test_without_the_shim_*": "a process compiling kernels",
+    "tests/test_sklearn.py::test_import_gpubp_does_not_import_sklearn": "a fresh process",
+    "tests/test_training_health.py::test_dropout_mask_is_identical_across_backends": "the CUDA simulator among them",
+    # long trainings, timed suites, grids
+    "tests/test_lr_find.py::test_the_demo_trained_with_the_suggestion_keeps_most_units_alive": "the demo trained twice",
+    "tests/test_cli_edges.py::test_lr_find_suggestion_used_unless_lr_given": "the demo trained twice, with an LR test",
+    "tests/test_cli_edges.py::test_plot_writes_pngs": "the demo trained, then plotted with matplotlib",
+    "tests/test_bench.py::test_bench_command_runs_the_cpu_cases_and_prints_a_table": "every CPU case compiled and timed",
+    "tests/test_bench.py::test_a_backend_that_counts_launches_gives_launches_per_step": "a smoke suite timed",
+    "tests/test_export_onnx.py::test_activation_on_a_grid*": "onnxruntime over a dense grid per activation",
+}
+
+
+def slow_reason(item: pytest.Item) -> str | None:
+    """Why ``item`` is in the slow tier, or None."""
+    from fnmatch import fnmatchcase
+
+    module = item.path.stem
+    if module in SLOW_MODULES:
+        return SLOW_MODULES[module]
+    return next((why for pattern, why in SLOW_TESTS.items() if fnmatchcase(item.nodeid, pattern)), None)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        why = slow_reason(item)
+        if why is not None:
+            item.add_marker(pytest.mark.slow(why))
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -144,7 +144,7 @@ def load(
         optimizer, scheduler = _restore_training_state(ck, target, optimizer, scheduler, opt_meta, sched_meta,
                                                        tensors)
         for p in target.parameters():  # the given model changes only now, everything checked
-            target._backend.assign_(p.data, tensors[f"param.{p.name}"])
+            target.arena.backend.assign_(p.data, tensors[f"param.{p.name}"])
         target.epoch = int(cfg.get("epoch", 0))
         target.optimizer = optimizer
         # A position inside an epoch (model.progress(), as ModelCheckpoint saves it) is where the

@@ -206,7 +206,7 @@ def lr_find(
                 optimizer.lr = lr
                 outputs: list[Any] | None = [] if relu else None
                 try:
-                    xb, yb = model._input(backend.take_rows(x, idx)), backend.asarray(y[idx], y.dtype)
+                    xb, yb = model.prepare_input(backend.take_rows(x, idx)), backend.asarray(y[idx], y.dtype)
                     _, value, grad = train_step.forward(xb, yb, len(idx), outputs=outputs, dropout=None)
                     value = float(value)
                 except NonFiniteError:  # check_finite=True: a NaN/Inf output is divergence here

@@ -7,7 +7,8 @@ gradient arena. ``fit`` / ``evaluate`` / ``predict`` are the training loop.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from gpubp.layers import Dense, Layer
 from gpubp.layers import from_config as layer_from_config
 from gpubp.parameter import Arena, Parameter
 from gpubp.training import fit as _fit
+
+if TYPE_CHECKING:
+    from gpubp.progress import EpochProgress
 
 DTYPES = ("float32", "float64")
 
@@ -94,7 +98,9 @@ class Sequential:
             raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
         self.layers: list[Layer] = list(layers)
         self.training = True  # train() / eval(): whether forward(training=True) applies dropout
-        self._step = 0  # the step fit last ran: keys the dropout masks with the epoch
+        #: the step of epoch ``epoch + 1`` whose dropout masks training forward passes draw, keyed
+        #: by (seed, epoch, dropout_step, layer); fit sets it before each optimizer step
+        self.dropout_step = 0
         self.dtype = _dtype(dtype)
         self.seed = int(seed)
         self.check_finite = bool(check_finite)
@@ -103,7 +109,9 @@ class Sequential:
         self.dense_impl = dense_impl
         self.device: Device = parse_device(device)
         self.epoch = 0  # epochs trained by fit so far (drives the per-epoch shuffle)
-        self._progress: Any = None  # progress.EpochProgress inside an epoch (fit stopped there), else None
+        #: a progress.EpochProgress while fit runs an epoch and when it stopped inside one, else None
+        #: (its JSON form is progress(); fit sets and clears it)
+        self.epoch_progress: EpochProgress | None = None
         self.optimizer: Any = None  # the optimizer fit last used
         self.loss_name: str | None = None  # the loss fit last used (predict_proba's default; in config())
         self._out_shape: tuple[int, ...] | None = None  # output shape of the last training forward
@@ -193,9 +201,9 @@ class Sequential:
         shuffle, and an optimizer at that step count) first takes the rest of that epoch, as an
         uninterrupted run would, bit for bit.
         """
-        if self._progress is None or self._progress.step == 0:
+        if self.epoch_progress is None or self.epoch_progress.step == 0:
             return None
-        return self._progress.to_dict()
+        return self.epoch_progress.to_dict()
 
     def load_progress(self, progress: dict[str, Any] | None) -> None:
         """Set where the next ``fit`` starts: a dict from :meth:`progress` (e.g. read back from a
@@ -204,13 +212,13 @@ class Sequential:
         from gpubp.progress import EpochProgress
 
         if progress is None:
-            self._progress = None
+            self.epoch_progress = None
             return
         pos = EpochProgress.from_dict(progress)
         if pos.epoch != self.epoch:
             raise ValueError(f"progress['epoch']: the position is inside epoch {pos.epoch + 1}, but this model has "
                              f"trained {self.epoch} epochs (set model.epoch first, as gp.load does)")
-        self._progress = pos if pos.step else None
+        self.epoch_progress = pos if pos.step else None
 
     def config(self) -> dict[str, Any]:
         """The architecture and settings, JSON-serialisable (saved in checkpoints); ``"loss"``: the
@@ -246,7 +254,7 @@ class Sequential:
             cfg["dtype"] = _dtype(dtype).name
         twin = Sequential.from_config(cfg, device=self.device if device is None else device, initialise=False)
         twin._backend.assign_(twin.arena.data, self._backend.to_numpy(self.arena.data).astype(twin.dtype))
-        twin.epoch, twin._step, twin.training = self.epoch, self._step, self.training
+        twin.epoch, twin.dropout_step, twin.training = self.epoch, self.dropout_step, self.training
         twin.load_progress(self.progress())
         return twin
 
@@ -277,15 +285,22 @@ class Sequential:
         )
 
     # -- forward / backward pair -----------------------------------------------------------
+    #
+    # The public surface the training code (gpubp.training, train_step, lr_find) uses:
+    # prepare_input / prepare_data validate once, rows() takes a batch of validated data onto
+    # the device, forward_batch / backward_batch run the pair on such a batch without checks,
+    # dropout_step and epoch_progress (attributes, above) say where training stands.
 
-    def _input(self, x: Any, name: str = "x", finite: bool | None = None) -> Any:
-        """x as a C-contiguous (N, in) array of the model's dtype on the model's device.
+    def prepare_input(self, x: Any, name: str = "x", *, check_finite: bool | None = None) -> Any:
+        """x (N, in) validated, as a C-contiguous array of the model's dtype on the model's device.
 
-        Host data is validated on the host, then copied to the device; an array
-        already on the device (CuPy, or anything exposing __cuda_array_interface__
-        or DLPack) is taken without a copy when its dtype and layout allow.
+        Host data is validated on the host, then copied to the device; an array already on the
+        device (CuPy, or anything exposing __cuda_array_interface__ or DLPack) is taken without a
+        copy when its dtype and layout allow; an array-like (np.memmap, h5py, zarr) stays where
+        it is, read batch by batch by :meth:`rows`. ``name`` names x in errors;
+        ``check_finite``: refuse NaN/Inf (None: the model's ``check_finite``).
         """
-        finite = self.check_finite if finite is None else finite
+        finite = self.check_finite if check_finite is None else check_finite
         x = self._checked(x, name, self.in_features, finite)
         return x if isinstance(x, LazyRows) else self._backend.asarray(x, self.dtype)
 
@@ -317,22 +332,25 @@ class Sequential:
 
     def forward(self, x: Any, training: bool = True) -> Any:
         """Logits (N, out) for x (N, in). With training=True each layer keeps what backward needs."""
-        return self._forward(self._input(x), training)
+        return self.forward_batch(self.prepare_input(x), training)
 
     __call__ = forward
 
-    def _forward(self, h: Any, training: bool, dropout: bool | None = None, outputs: list | None = None,
-                 row0: int = 0) -> Any:
-        """The forward pass over an input already validated and on the device.
+    def forward_batch(self, xb: Any, training: bool = True, *, dropout: bool | None = None,
+                      outputs: list | None = None, row0: int = 0) -> Any:
+        """Outputs (N, out) for a batch xb (N, in) already validated and on the device (from
+        :meth:`prepare_input` or :meth:`rows`; not checked again): the forward pass of ``fit``.
 
-        ``dropout``: whether Dropout layers drop (default: ``training`` in train() mode);
-        ``outputs``: a list that receives every layer's output (for gradient statistics);
-        ``row0``: h holds rows row0.. of the step's batch (a rank's share, a micro-batch),
-        whose dropout masks it takes.
+        ``training``: each layer keeps what :meth:`backward_batch` needs; ``dropout``: whether
+        Dropout layers drop (None: ``training`` in train() mode), with the masks of
+        (seed, epoch, ``dropout_step``, layer); ``outputs``: a list that receives every layer's
+        output, (N, width) each (gradient statistics); ``row0``: xb holds rows row0.. of the
+        step's batch (a rank's share, a micro-batch), whose dropout masks it takes.
         """
         active = training and (self.training if dropout is None else dropout)
         for i, layer in enumerate(self.layers):
-            layer.prepare(self.seed, self.epoch, self._step, i, active, row0)
+            layer.prepare(self.seed, self.epoch, self.dropout_step, i, active, row0)
+        h = xb
         for i, layer in enumerate(self.layers):
             h = layer.forward(h, training)
             if outputs is not None:
@@ -350,11 +368,17 @@ class Sequential:
         if self._out_shape is None:
             raise RuntimeError("backward called without a training forward pass before it")
         g = self._backend.asarray(self._checked(dout, "dout", None, False), self.dtype)
-        return self._backward(g, input_grad)
+        return self.backward_batch(g, input_grad)
 
-    def _backward(self, g: Any, input_grad: bool, after_layer: Any = None) -> Any:
-        """The backward pass from dL/d(output) already on the device; ``after_layer(i)`` is
-        called once layer i's gradients are written (data-parallel gradient buckets)."""
+    def backward_batch(self, g: Any, input_grad: bool = False, *, after_layer: Callable[[int], Any] | None = None
+                       ) -> Any:
+        """:meth:`backward` from dL/d(output) g (N, out) already on the device in the model's dtype
+        (not converted; its shape must be the last training forward's): the backward pass of ``fit``.
+
+        Writes every ``p.grad`` (=); returns dL/dx (N, in) when ``input_grad``, else None.
+        ``after_layer(i)`` is called once layer i's gradients are written, last layer first
+        (data-parallel gradient buckets, gradient accumulation, the replay of a diverged step).
+        """
         if self._out_shape is None:
             raise RuntimeError("backward called without a training forward pass before it")
         if tuple(g.shape) != self._out_shape:
@@ -371,17 +395,22 @@ class Sequential:
 
     # -- training loop ---------------------------------------------------------------------
 
-    def _dataset(self, x: Any, y: Any, loss: losses_mod.Loss, name: str, finite: bool = True) -> tuple[Any, Any]:
-        """Validate a whole (x, y) once: shapes, lengths, finiteness of x (unless ``finite`` is
-        False), labels. x stays where it is (host arrays are copied to the device batch by
-        batch); y is validated and kept on the host, as labels are small.
+    def prepare_data(self, x: Any, y: Any, loss: losses_mod.Loss, *, prefix: str = "",
+                     check_finite: bool = True) -> tuple[Any, Any]:
+        """Validate a whole data set (x (N, in), y: N targets for ``loss``) once, for :meth:`rows`:
+        shapes, lengths, finiteness of x (unless ``check_finite`` is False), targets.
+
+        Returns ``(x, y)``: x stays where it is (host arrays are copied to the device batch by
+        batch; an array-like is wrapped to be read batch by batch); y is validated and kept on
+        the host as ``loss.check_target`` makes it, as labels are small. ``prefix`` starts the
+        names in errors (``"validation_data "``: "validation_data x: ...").
         """
-        x = self._checked(x, f"{name}x", self.in_features, finite=finite)
+        x = self._checked(x, f"{prefix}x", self.in_features, finite=check_finite)
         if self._backend.is_device_array(y):
             y = self._backend.to_numpy(y)  # labels and targets are validated on the host
         n_y = np.shape(y)[0] if np.ndim(y) >= 1 else None
         if n_y != x.shape[0]:
-            raise ValueError(f"{name}y: expected {x.shape[0]} rows to match {name}x, got shape {np.shape(y)}")
+            raise ValueError(f"{prefix}y: expected {x.shape[0]} rows to match {prefix}x, got shape {np.shape(y)}")
         if not is_array_like(y):
             return x, loss.check_target(y, (x.shape[0], self.out_features), self.dtype)
         # An array-like y is read whole: labels and targets are small next to x (one row of y per row
@@ -397,8 +426,9 @@ class Sequential:
             raise
         return x, y
 
-    def _batch(self, data: Any, index: Any) -> Any:
-        """Rows ``index`` (a slice, or a host int64 array) of validated data, on the device."""
+    def rows(self, data: Any, index: Any) -> Any:
+        """Rows ``index`` (a slice, or a host int64 array) of data from :meth:`prepare_input` or
+        :meth:`prepare_data` (x (N, in), or y), on the device: (len(index), ...)."""
         if isinstance(data, LazyRows):  # read (sorted), converted and checked on the host first
             return self._backend.take_rows(data.read(index), slice(None))
         return self._backend.take_rows(data, index)
@@ -412,13 +442,13 @@ class Sequential:
         ``check_finite``: refuse x holding NaN or Inf, as fit does (ValueError naming the first
         such element); False skips that pass over x.
         """
-        x = self._input(x, finite=boolean(check_finite, "check_finite"))
+        x = self.prepare_input(x, check_finite=boolean(check_finite, "check_finite"))
         bs = x.shape[0] if batch_size is None else positive_int(batch_size, "batch_size")
         if isinstance(x, LazyRows):
-            outs = [self._backend.to_numpy(self._forward(self._batch(x, slice(i, i + bs)), training=False))
+            outs = [self._backend.to_numpy(self.forward_batch(self.rows(x, slice(i, i + bs)), training=False))
                     for i in range(0, x.shape[0], bs)]
         else:
-            outs = [self._backend.to_numpy(self._forward(x[i : i + bs], training=False))
+            outs = [self._backend.to_numpy(self.forward_batch(x[i : i + bs], training=False))
                     for i in range(0, x.shape[0], bs)]
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
@@ -452,7 +482,7 @@ class Sequential:
         weighted too. ``metrics``: names or callables of :mod:`gpubp.metrics`, one key each.
         """
         loss = losses_mod.get(loss)
-        x, y = self._dataset(x, y, loss, "", finite=boolean(check_finite, "check_finite"))
+        x, y = self.prepare_data(x, y, loss, check_finite=boolean(check_finite, "check_finite"))
         bs = positive_int(batch_size, "batch_size")
         backend = self._backend
         w = None
@@ -467,8 +497,8 @@ class Sequential:
         total, correct, counted = 0.0, 0, 0
         for i in range(0, x.shape[0], bs):
             rows = slice(i, i + bs)
-            out = self._forward(self._batch(x, rows), training=False)
-            yb = self._batch(y, rows)
+            out = self.forward_batch(self.rows(x, rows), training=False)
+            yb = self.rows(y, rows)
             wb = w_rows = w_total = None
             if w is None:
                 value, _ = loss.compute(out, yb, backend)

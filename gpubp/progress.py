@@ -168,7 +168,7 @@ def _count_ok(c: Any, weighted: bool) -> bool:
 def _resume_point(model: Any, optimizer: Any, n: int, batch_size: int, shuffle: bool,
                   weighted: bool = False, accumulate: int = 1) -> EpochProgress | None:
     """The model's mid-epoch position, checked against this fit; None at an epoch boundary."""
-    pos = model._progress
+    pos = model.epoch_progress
     if pos is None or pos.step == 0:
         return None
     fix = ("; fit with the batch_size, accumulate, data and shuffle it stopped with to finish that epoch, or call "

@@ -172,7 +172,7 @@ class TrainStep:
         """Forward (dropout on, masks of rows ``row0``.. of the big batch; ``dropout`` None: as the
         model's train()/eval() mode says) and the loss of one micro-batch scaled as rows of the
         big batch of ``rows`` rows (weight ``weight``): ``(outputs, value, dL/doutputs)``."""
-        out = self.model._forward(xb, training=True, dropout=dropout, outputs=outputs, row0=row0)
+        out = self.model.forward_batch(xb, training=True, dropout=dropout, outputs=outputs, row0=row0)
         value, dout = self.loss.compute(out, yb, self.backend, wb, weight, rows=rows)
         return out, value, dout
 
@@ -180,7 +180,7 @@ class TrainStep:
         """Backward of micro-batch ``j`` of ``parts``, leaving the gradient sum so far: in the
         accumulator after micro-batches 0 .. parts - 2, in the arena after the last (see the
         module docstring); the strategy's after-layer hook runs in the last one only."""
-        self.model._backward(dout, input_grad=False, after_layer=self._hook(j, parts))
+        self.model.backward_batch(dout, input_grad=False, after_layer=self._hook(j, parts))
         self._accumulated(j, parts)
 
     def no_rows(self, j: int, parts: int) -> None:
@@ -259,7 +259,7 @@ class TrainStep:
         ``read_x(rows)``: this rank's rows of x on the backend; ``outputs``: receives the last
         micro-batch's layer outputs (gradient statistics); ``where``: names the step in errors."""
         model, backend = self.model, self.backend
-        model._step = step
+        model.dropout_step = step
         nb = rows_in(rows, n)
         W = weight_sum(weights[rows]) if weights is not None else None
         value: Any = None
@@ -290,7 +290,7 @@ class TrainStep:
         """Replay the step of big batch ``rows`` with every layer checked; where NaN/Inf first
         appears (every rank's finding). Overwrites the gradients, never the parameters."""
         model = self.model
-        model._step = step
+        model.dropout_step = step
         nb = rows_in(rows, n)
         W = weight_sum(weights[rows]) if weights is not None else None
         text = "no rows on this rank"
@@ -309,7 +309,7 @@ class TrainStep:
     def _replay(self, xb: Any, yb: Any, nb: int, wb: Any, W: float | None, row0: int) -> str | None:
         model, backend = self.model, self.backend
         outputs: list = []
-        model._forward(xb, training=True, dropout=True, outputs=outputs, row0=row0)
+        model.forward_batch(xb, training=True, dropout=True, outputs=outputs, row0=row0)
         for i, h in enumerate(outputs):
             if not backend.all_finite(h):
                 return f"the output of layer {i} ({model.layers[i]!r}) contains NaN or Inf"
@@ -322,7 +322,7 @@ class TrainStep:
                 if not backend.all_finite(p.grad):
                     raise _Found(f"the gradient of {p.name} (layer {i}, {model.layers[i]!r}) contains NaN or Inf")
         try:
-            model._backward(dout, input_grad=False, after_layer=check)
+            model.backward_batch(dout, input_grad=False, after_layer=check)
         except _Found as e:
             return str(e)
         return None

@@ -23,9 +23,9 @@ Ctrl-C during fit (or a KeyboardInterrupt raised by a callback) ends the current
 then training: callbacks see ``history["stopped"] == "interrupted"`` (ModelCheckpoint
 saves), and fit returns the history. A second Ctrl-C interrupts at once.
 
-Mid-epoch resume: the model keeps an :class:`EpochProgress` while an epoch runs (the
-steps taken and the epoch's running sums), and keeps it when fit stops inside an epoch;
-``model.progress()`` is its JSON form, which checkpoints store. The next fit takes the
+Mid-epoch resume: the model keeps an :class:`EpochProgress` (``model.epoch_progress``) while
+an epoch runs (the steps taken and the epoch's running sums), and keeps it when fit stops
+inside an epoch; ``model.progress()`` is its JSON form, which checkpoints store. The next fit takes the
 rest of that epoch first. Everything else an epoch depends on follows from the epoch and
 the step: the batch order is drawn from Generator([seed, epoch]), the dropout masks are
 keyed by (seed, epoch, step, layer), the schedule steps once per epoch and the optimizer's
@@ -207,7 +207,7 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
                                                 validation_split, callbacks)
     accumulate = check_accumulate(accumulate)
     _check_scheduler(scheduler, optimizer, named)
-    x, y = model._dataset(x, y, loss, "")
+    x, y = model.prepare_data(x, y, loss)
     backend = model.arena.backend
     table = _class_table(class_weight, loss, y, model.out_features)
     weights = _row_weights(backend, loss, y, sample_weight, table)  # host float64 (n,), or None
@@ -229,7 +229,8 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
     elif validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
             raise TypeError("validation_data: expected a tuple (x_val, y_val) or (x_val, y_val, sample_weight_val)")
-        xv, yv = model._dataset(validation_data[0], validation_data[1], loss, "validation_data ")
+        xv, yv = model.prepare_data(validation_data[0], validation_data[1], loss,
+                                    prefix="validation_data ")
         val_weight = validation_data[2] if len(validation_data) == 3 else None
         wv = _row_weights(backend, loss, yv, val_weight, table, "validation_data[2]")
     validating = validation_split is not None or validation_data is not None
@@ -274,7 +275,7 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
             slice(s * step_rows, (s + 1) * step_rows)
 
     def read_x(rows: Any) -> Any:
-        return model._batch(x, rows)
+        return model.rows(x, rows)
 
     def diverged(order: Any, epoch_tag0: int) -> NonFiniteError:
         """The error for the step the flag names, after putting the optimizer's count back."""
@@ -317,7 +318,7 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
                     else:
                         pos.forget_sums()
                     resume = None
-                model._progress = pos
+                model.epoch_progress = pos
                 s0 = pos.step
                 total, correct, counted = pos.loss_sum, pos.correct, pos.counted
                 skipped, applied, applied_weight = pos.skipped, pos.applied, pos.weight_sum
@@ -380,7 +381,7 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
                     stopped = "interrupted"
                     break
                 model.epoch += 1
-                model._progress = None
+                model.epoch_progress = None
                 total, correct, counted = strategy.sums(total, correct, counted)
                 record = _record(model, loss, optimizer, scheduler, total, correct, counted,
                                  applied if weights is None else applied_weight, tracker,
@@ -400,21 +401,21 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
                 strategy.agree(run, optimizer, interrupt["hit"])
         except NonFiniteError:
             # No position kept: the next fit (with a lower lr, other data, ...) starts this epoch again.
-            model._progress = None
+            model.epoch_progress = None
             history["stopped"] = "nonfinite"
             _call(callbacks, "on_train_end", interrupt, history)
             raise
         finally:
             if feed is not None:  # an error, Ctrl-C or early stop inside an epoch: stop the reader
                 feed.close()
-            if model._progress is not None:
-                model._progress.to_host()  # no device scalars kept past fit
+            if model.epoch_progress is not None:
+                model.epoch_progress.to_host()  # no device scalars kept past fit
         if run.stop_reason is not None and stopped == "completed":
             stopped = run.stop_reason
         history["stopped"] = stopped
         if stopped == "interrupted" and verbose:
-            where = f"epoch {model.epoch + 1}" if model._progress is None else \
-                f"epoch {model.epoch + 1}, step {model._progress.step} of {steps}"
+            where = f"epoch {model.epoch + 1}" if model.epoch_progress is None else \
+                f"epoch {model.epoch + 1}, step {model.epoch_progress.step} of {steps}"
             print(f"interrupted at {where}: training stopped after the current step", flush=True)
         _call(callbacks, "on_train_end", interrupt, history)
     return history

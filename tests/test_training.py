@@ -69,13 +69,13 @@ def test_every_batch_is_visited_including_the_last_partial_one():
     model = gp.Sequential(gp.Dense(1, 1), dtype="float64")
     opt = gp.optim.SGD(model.parameters(), lr=1e-3)
     seen = []
-    orig = model._forward  # fit runs the forward pass past input validation (done once per fit)
+    orig = model.forward_batch  # fit runs the forward pass past input validation (done once per fit)
 
     def spy(xb, training=True, **kw):
         seen.append(np.asarray(xb).ravel().copy())
         return orig(xb, training, **kw)
 
-    model._forward = spy
+    model.forward_batch = spy
     model.fit(x, y, "mse", opt, epochs=1, batch_size=4, shuffle=True, verbose=0)
     assert [len(s) for s in seen] == [4, 4, 2]
     assert sorted(np.concatenate(seen)) == list(range(10))
@@ -88,8 +88,8 @@ def test_shuffle_order_depends_on_seed_and_epoch_only():
     for seed in (0, 0, 1):
         model = gp.Sequential(gp.Dense(1, 1), dtype="float64", seed=seed)
         seen = []
-        orig = model._forward
-        model._forward = lambda xb, training=True, orig=orig, seen=seen, **kw: (seen.append(xb.ravel().copy()), orig(xb, training, **kw))[1]
+        orig = model.forward_batch
+        model.forward_batch = lambda xb, training=True, orig=orig, seen=seen, **kw: (seen.append(xb.ravel().copy()), orig(xb, training, **kw))[1]
         model.fit(x, np.zeros((12, 1)), "mse", "sgd", epochs=2, batch_size=12, verbose=0)
         orders.append([s.tolist() for s in seen])
     assert orders[0] == orders[1]
@@ -101,8 +101,8 @@ def test_no_shuffle_keeps_order():
     x = np.arange(6, dtype=np.float64).reshape(6, 1)
     model = gp.Sequential(gp.Dense(1, 1), dtype="float64")
     seen = []
-    orig = model._forward
-    model._forward = lambda xb, training=True, **kw: (seen.append(xb.ravel().tolist()), orig(xb, training, **kw))[1]
+    orig = model.forward_batch
+    model.forward_batch = lambda xb, training=True, **kw: (seen.append(xb.ravel().tolist()), orig(xb, training, **kw))[1]
     model.fit(x, np.zeros((6, 1)), "mse", "sgd", epochs=1, batch_size=4, shuffle=False, verbose=0)
     assert seen == [[0, 1, 2, 3], [4, 5]]
 

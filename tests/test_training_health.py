@@ -357,7 +357,7 @@ def test_dropout_mask_statistics_and_scaling():
     assert (keep != other).mean() > 0.3  # a new mask each step
     model = gp.Sequential(gp.Dense(3, 500), gp.Dropout(0.3), gp.Dense(500, 2), dtype="float64")
     x = np.random.default_rng(0).standard_normal((4, 3))
-    h = model.layers[0].forward(model._input(x), training=False)
+    h = model.layers[0].forward(model.prepare_input(x), training=False)
     model.layers[1].prepare(model.seed, 0, 0, 1, True)
     y = model.layers[1].forward(h, training=True)
     kept = y != 0
@@ -398,13 +398,13 @@ def test_dropout_mask_is_identical_across_backends():
 
 def test_dropout_gradient_checks_with_a_fixed_mask():
     model = gp.Sequential(gp.Dense(3, 6, "tanh"), gp.Dropout(0.5), gp.Dense(6, 2), dtype="float64", seed=2)
-    model._step = 7  # a mask that drops something
+    model.dropout_step = 7  # a mask that drops something
     x = np.random.default_rng(0).standard_normal((5, 3))
     y = np.random.default_rng(1).standard_normal((5, 2))
     report = gp.gradcheck.check_model(model, "mse", x, y)
     assert report.passed, report
     dropped = gp.Sequential(gp.Dense(3, 6, "tanh"), gp.Dropout(0.5), gp.Dense(6, 2), dtype="float64", seed=2)
-    dropped._step = 7
+    dropped.dropout_step = 7
     assert not np.array_equal(dropped(x), dropped.predict(x))  # the mask checked above drops units
 
 

@@ -320,10 +320,10 @@ def _ctor_args(cls: type, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _class(ck: Reader, module: Any, base: type, meta: dict[str, Any]) -> type:
-    """``module.<meta["type"]>``, checked to be a concrete subclass of ``base``."""
+    """``module.<meta["type"]>``, checked to be a concrete subclass of ``base`` (not ``base`` itself)."""
     kind = meta.get("type")
     cls = getattr(module, kind, None) if isinstance(kind, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, base)) or inspect.isabstract(cls):
+    if not (isinstance(cls, type) and issubclass(cls, base)) or cls is base or inspect.isabstract(cls):
         what = "optimizer" if base is optim_mod.Optimizer else "scheduler"
         raise ck.bad(f"the {what!r} entry: unknown {base.__name__} type {kind!r:.50}")
     return cls

@@ -43,7 +43,7 @@ from gpubp.backends.numba_cuda.launch import (
 )
 from gpubp.backends.numba_cuda.reduce import LANES, _finish, _tree_max, _tree_sum, _tree_sum3
 
-# Elements per stage-1 partial of an elementwise loss (MSE, BCE): fixes the summation order.
+# Elements per stage-1 partial of an element-wise loss (any row): fixes the summation order.
 CHUNK = LANES * 16
 
 # =========================================================================================

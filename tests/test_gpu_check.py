@@ -115,7 +115,7 @@ def test_rehearsal_stage_0_reports_the_environment_and_the_simulator_guard(rehea
     env = (out / "0-environment.txt").read_text()
     for word in ("git commit", "numba-cuda", "cupy NVRTC (run time)", "NVRTC (offline check)",
                  "check numba-on-cupy: ok", "check fused-rawmodule: skipped: rehearsal",
-                 "check numba-ptx: ok", "TOTAL compiled 2 of 2",
+                 "check numba-ptx: ok", "TOTAL compiled 3 of 3",
                  "check step-launches: ok: cudasim", "launches per step"):
         assert word in env, word
     assert "numba cuda kernels: simulator (" in env  # the header says why

@@ -438,8 +438,12 @@ def test_every_kernel_compiles_to_ptx():
                           env=env, capture_output=True, text=True, timeout=600)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert len(nk.ptx_targets()) == 27  # 13 kernels x (float32, float64) + the final reduction
-    expected = 2 * (len(nk.ptx_targets()) + len(nbo.ptx_targets()))
+    from gpubp.backends import cuda_update
+    from gpubp.tools.numba_ptx import rows
+
+    assert len(nk.ptx_targets(rows("loss"))) == 27  # 13 kernels x (float32, float64) + the final reduction
+    listed = len(nk.ptx_targets(rows("loss"))) + len(nbo.ptx_targets()) + len(cuda_update.ptx_targets(rows("update")))
+    expected = 2 * listed
     assert f"TOTAL compiled {expected} of {expected}" in proc.stdout, proc.stdout[-2000:]
 
 
@@ -449,8 +453,8 @@ def test_ptx_tool_compiles_one_kernel_per_module_and_refuses_the_simulator():
     cmd = [sys.executable, "-m", "gpubp.tools.numba_ptx", "--cc", "90", "--first"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "TOTAL compiled 2 of 2" in proc.stdout
-    assert "ok   numba_cuda." in proc.stdout and "ok   numba_cuda_optim." in proc.stdout
+    assert "TOTAL compiled 3 of 3" in proc.stdout
+    assert all(f"ok   {m}." in proc.stdout for m in ("numba_cuda", "numba_cuda_optim", "cuda_update"))
     bad = subprocess.run(cmd[:3] + ["--cc", "nine"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--cc" in bad.stderr
     from gpubp.tools import numba_ptx

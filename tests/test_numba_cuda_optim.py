@@ -431,7 +431,10 @@ def test_scalar_updates_compile_with_njit_and_match_numpy_to_the_bit(kind, cfg, 
 
 
 def test_ptx_targets_listing():
-    targets = nbo.ptx_targets()
+    from gpubp.backends import cuda_update
+    from gpubp.tools.numba_ptx import rows
+
+    targets = nbo.ptx_targets() + cuda_update.ptx_targets(rows("update"))
     names = [t[0] for t in targets]
     updates = sum(len(rule.examples) for rule in RULES.values())
     assert len(names) == len(set(names)) == 13 + 2 * updates

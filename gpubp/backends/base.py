@@ -42,8 +42,7 @@ import numpy as np
 from gpubp.activations import Activation
 
 if TYPE_CHECKING:  # the optimizer and loss rows import this module
-    from gpubp.losses.base import LossRule
-    from gpubp.optim.rule import Hyper, Rule
+    from gpubp.backends.rows import Hyper, LossRule, Rule
 
 Array = Any  # an array of the backend's array module (numpy.ndarray, cupy.ndarray)
 Value = Any  # a loss value: a float on the host, a 0-d float64 device array on a GPU

@@ -33,8 +33,7 @@ from gpubp.backends import numba_cpu as K
 from gpubp.backends.numpy_ref import NumpyBackend
 
 if TYPE_CHECKING:
-    from gpubp.losses.base import LossRule
-    from gpubp.optim.rule import Hyper, Rule
+    from gpubp.backends.rows import Hyper, LossRule, Rule
 
 Array = np.ndarray
 

@@ -41,8 +41,7 @@ from gpubp.activations import Activation
 from gpubp.backends.base import Array, Backend, Value
 
 if TYPE_CHECKING:
-    from gpubp.losses.base import LossRule
-    from gpubp.optim.rule import Hyper, Rule
+    from gpubp.backends.rows import Hyper, LossRule, Rule
 
 
 class _Slot:

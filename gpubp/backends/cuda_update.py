@@ -17,7 +17,7 @@ as plain Python. Launches are counted with ``numba_cuda_optim``'s.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from numba import cuda
 from gpubp.backends import numba_cuda_optim as nbo
 from gpubp.backends.cuda_arrays import FLOAT_DTYPES, _arr, _check, _one
 from gpubp.backends.numba_cuda import dm, elementwise, launch_stream
-from gpubp.optim.rule import MAX_STATE
+from gpubp.backends.rows import MAX_STATE
 
 __all__ = ["kernel", "update", "ptx_targets"]
 
@@ -107,14 +107,13 @@ def update(rule: Any, p: Any, g: Any, state: tuple, hp: Any, guard: Any = None, 
         nbo._launch(kernel(rule, hp.flags, live), dt, max(1, min(-(-n // t), b)), t, launch_stream(stream), n, args)
 
 
-def ptx_targets() -> list[tuple[str, Callable, tuple]]:
-    """The update kernel of every registered optimizer rule, for each of its example flag sets and
-    each float dtype, with the signature it is launched with (see numba_cuda_optim.ptx_targets)."""
+def ptx_targets(update_rules: Iterable[Any] = ()) -> list[tuple[str, Callable, tuple]]:
+    """The update kernel of each rule of ``update_rules`` (gpubp.tools.numba_ptx passes every
+    registered optimizer's), for each of its example flag sets and each float dtype, with the
+    signature it is launched with (see numba_cuda_optim.ptx_targets)."""
     from numba import types
 
-    from gpubp import optim
-
-    rules = {cls.rule.name: cls.rule for cls in optim.OPTIMIZERS.values()}
+    rules = {rule.name: rule for rule in update_rules}
     out: list[tuple[str, Callable, tuple]] = []
     for dt in FLOAT_DTYPES:
         t = getattr(types, dt.name)

@@ -310,7 +310,8 @@ _COMMON: dict[str, tuple[Any, str]] = {
 
 
 def ptx_targets() -> list[tuple[str, Callable, tuple]]:
-    """Every kernel's Python function with each signature it is launched with.
+    """Every kernel's Python function with each signature it is launched with (the generic update
+    kernel, built per rule, is listed by ``cuda_update.ptx_targets``).
 
     Returns ``(name, function, argument types)`` triples, e.g.
     ``("sgd[float32]", <function>, (int64, Tuple(array(float32, 1d, C), ...)))``, ready for
@@ -340,9 +341,7 @@ def ptx_targets() -> list[tuple[str, Callable, tuple]]:
             out.append((f"{name}[{dt.name}]", kernel.py_func, sig))
     for name, (kernel, kinds) in _COMMON.items():
         out.append((name, kernel.py_func, signature(kinds, types.float64)))
-    from gpubp.backends import cuda_update  # the optimizer updates: one generic kernel, built per rule
-
-    return out + cuda_update.ptx_targets()
+    return out
 
 
 # --- launching -----------------------------------------------------------------------------

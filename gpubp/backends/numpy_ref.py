@@ -23,8 +23,7 @@ from gpubp.backends import numpy_optim
 from gpubp.backends.base import Backend
 
 if TYPE_CHECKING:
-    from gpubp.losses.base import LossRule
-    from gpubp.optim.rule import Hyper, Rule
+    from gpubp.backends.rows import Hyper, LossRule, Rule
 
 Array = np.ndarray
 

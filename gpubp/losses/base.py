@@ -24,8 +24,7 @@ Every expression of a scalar term is in the order of its spec, operation by oper
 from __future__ import annotations
 
 from abc import ABC
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,49 +32,11 @@ import numpy as np
 from gpubp._validate import as_float_array, check_finite, sample_weights, weight_sum
 from gpubp.backends import backend_of, host_backend
 from gpubp.backends.base import Backend
+from gpubp.backends.rows import FAMILIES, LossRule
 
 __all__ = ["Loss", "LossRule", "REDUCTIONS", "FAMILIES", "row_factor"]
 
 REDUCTIONS = ("mean", "sum")
-#: The kernel families a compiled backend has: one generic element-wise kernel, the softmax rows.
-FAMILIES = ("elementwise", "softmax")
-
-
-@dataclass(frozen=True)
-class LossRule:
-    """One loss's maths as the backends run it (see the module docstring)."""
-
-    name: str
-    family: str
-    spec: Callable[..., tuple[float, Any]]
-    #: element-wise rows: ``scalar(ops) -> term(p, t, g) -> (gradient element, float64 value term)``
-    scalar: Callable[[Any], Callable] | None = None
-    #: the gradient's factor is dtype(grad_factor x scale [x w_i]) (2 for the square's derivative)
-    grad_factor: float = 1.0
-    #: the PyTorch twin: a torch.nn.functional name and its keyword arguments
-    torch: tuple[str, Mapping[str, Any]] = field(default=("", {}), compare=False)
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"family: expected one of {FAMILIES}, got {self.family!r}")
-        if (self.family == "elementwise") != (self.scalar is not None):
-            raise ValueError(f"{self.name}: an element-wise loss has a scalar term, and only it")
-
-    def __repr__(self) -> str:
-        return f"LossRule({self.name!r})"
-
-    def torch_loss(self, reduction: str = "mean") -> Callable:
-        """``fn(input, target)``: the PyTorch twin (torch.nn.functional) with ``reduction``."""
-        import torch.nn.functional as F  # noqa: N812
-
-        name, kwargs = self.torch
-        fn = getattr(F, name)
-
-        def twin(input: Any, target: Any) -> Any:  # noqa: A002 - torch's name
-            return fn(input, target, reduction=reduction, **kwargs)
-
-        twin.__name__ = twin.__qualname__ = name
-        return twin
 
 
 def row_factor(g: float, weight: np.ndarray, dtype: Any) -> np.ndarray:

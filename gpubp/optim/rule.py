@@ -26,65 +26,13 @@ The order of the arithmetic follows torch.optim's CPU code where it changes the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
+from gpubp.backends.rows import MAX_STATE, Hyper, Rule
+
 __all__ = ["Rule", "Hyper", "MAX_STATE", "l2", "lerp_", "lerp_factors", "wd_mode"]
-
-#: The most state buffers one rule keeps (the generic kernels take this many).
-MAX_STATE = 3
-
-
-class Hyper(NamedTuple):
-    """Packed hyper-parameters of one step: ``flags`` (ints, compile-time constants of a compiled
-    update) and ``scalars`` (numbers in the data dtype)."""
-
-    flags: tuple[int, ...]
-    scalars: tuple[Any, ...]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One optimizer's update maths (see the module docstring)."""
-
-    name: str
-    state: tuple[str, ...]
-    pack: Callable[[Mapping[str, Any], int, Any], Hyper]
-    uses: Callable[[tuple[int, ...]], tuple[bool, ...]]
-    spec: Callable[..., None]
-    scalar: Callable[[Any], Callable]
-    #: hyper-parameter sets that cover every branch (tests, PTX checks); keys as ``pack`` reads them
-    examples: tuple[dict[str, Any], ...] = field(default=(), compare=False)
-
-    def __post_init__(self) -> None:
-        if len(self.state) > MAX_STATE:
-            raise ValueError(f"state: at most {MAX_STATE} buffers, got {self.state}")
-
-    def __repr__(self) -> str:
-        return f"Rule({self.name!r})"
-
-    def live(self, state: tuple, hp: Hyper) -> tuple[bool, ...]:
-        """Which state buffers the update writes (``uses``), after checking ``state``: one entry per
-        buffer of the rule, an array wherever one is used. ValueError naming a missing buffer."""
-        if len(state) != len(self.state):
-            raise ValueError(f"state: expected {len(self.state)} buffers {self.state}, got {len(state)}")
-        used = tuple(bool(u) for u in self.uses(hp.flags))
-        for name, a, u in zip(self.state, state, used, strict=True):
-            if u and a is None:
-                raise ValueError(f"{name}: required by this {self.name} update")
-        return used
-
-    def slots(self, state: tuple, hp: Hyper, filler: Any) -> tuple[tuple, tuple[bool, ...]]:
-        """The :data:`MAX_STATE` arrays a generic kernel takes (``filler``, never written, for the
-        absent ones) and which of them it writes back."""
-        live = self.live(state, hp)
-        arrays = tuple(a if u else filler for a, u in zip(state, live, strict=True))
-        pad = MAX_STATE - len(arrays)
-        return arrays + (filler,) * pad, live + (False,) * pad
-
 
 # --- host side, written once -------------------------------------------------------------------
 

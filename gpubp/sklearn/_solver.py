@@ -5,7 +5,7 @@ L-BFGS solver, :class:`_Solver` (one scikit-learn optimizer step as a gpubp opti
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from scipy.special import expit, log_expit
@@ -16,9 +16,6 @@ from gpubp import optim as optim_mod
 from gpubp._validate import real
 from gpubp.callbacks import Callback
 from gpubp.model import Sequential
-
-if TYPE_CHECKING:
-    from gpubp.sklearn._base import _BaseMLP
 
 #: scikit-learn's activation names and gpubp's, each to gpubp's name.
 ACTIVATIONS: dict[str, str] = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu",
@@ -195,7 +192,7 @@ class _Loop(Callback):
     """scikit-learn's per-epoch logic inside ``Sequential.fit``: ``loss_``, ``loss_curve_``,
     ``t_``, ``n_iter_``, the learning-rate schedule, the stopping rule and early stopping."""
 
-    def __init__(self, est: _BaseMLP, solver: _Solver, n: int, batch_size: int, validation: list[Any] | None) -> None:
+    def __init__(self, est: Any, solver: _Solver, n: int, batch_size: int, validation: list[Any] | None) -> None:
         self.est, self.solver, self.n, self.validation = est, solver, n, validation
         self.steps = -(-n // batch_size)
         self.converged = False

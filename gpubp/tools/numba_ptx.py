@@ -2,7 +2,8 @@
 
     python -m gpubp.tools.numba_ptx [--cc 80,90] [--first] [--quiet]
 
-Every kernel listed by ``numba_cuda.ptx_targets()`` and ``numba_cuda_optim.ptx_targets()``
+Every kernel listed by ``numba_cuda.ptx_targets``, ``numba_cuda_optim.ptx_targets`` and
+``cuda_update.ptx_targets``
 (each with the argument signatures its launchers use) goes through
 ``numba.cuda.compile_ptx`` for each compute capability; ``--first`` compiles only the first
 kernel of each module (a quick check that each module imports and compiles: the GPU check's
@@ -33,20 +34,34 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-#: The kernel modules, and whether their PTX may contain fused multiply-adds.
-MODULES: tuple[tuple[str, bool], ...] = (("numba_cuda", True), ("numba_cuda_optim", False))
+#: The kernel modules, whether their PTX may contain fused multiply-adds, and which rows their
+#: generic kernels are built for ("loss", "update"; None: no rows).
+MODULES: tuple[tuple[str, bool, str | None], ...] = (
+    ("numba_cuda", True, "loss"), ("numba_cuda_optim", False, None), ("cuda_update", False, "update"))
+
+
+def rows(kind: str) -> list[Any]:
+    """The registered rows of ``kind``: every loss row ("loss"), every optimizer's update rule,
+    once each ("update"). The backends import no rows (they sit below them): this tool hands them in."""
+    if kind == "loss":
+        from gpubp.losses import RULES
+
+        return list(RULES.values())
+    from gpubp.optim import OPTIMIZERS
+
+    return list({cls.rule.name: cls.rule for cls in OPTIMIZERS.values()}.values())
 
 
 def targets(first: bool = False) -> list[tuple[str, str, Callable, tuple, bool]]:
     """(module, kernel name, Python function, signature, FMA allowed) for every kernel to compile."""
     import importlib
 
+    if importlib.import_module("gpubp.backends.numba_cuda").SIMULATOR:
+        raise RuntimeError("the Numba CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): it compiles nothing")
     out = []
-    for mod_name, fma_ok in MODULES:
+    for mod_name, fma_ok, kind in MODULES:
         mod = importlib.import_module(f"gpubp.backends.{mod_name}")
-        if mod.SIMULATOR:
-            raise RuntimeError("the Numba CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): it compiles nothing")
-        listed = mod.ptx_targets()
+        listed = mod.ptx_targets() if kind is None else mod.ptx_targets(rows(kind))
         for name, fn, sig in listed[:1] if first else listed:
             out.append((mod_name, name, fn, sig, fma_ok))
     return out

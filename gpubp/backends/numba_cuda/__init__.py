@@ -42,7 +42,7 @@ parameter of every launcher and never changes a result. Scratch buffers
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gpubp.backends import numba_compat
@@ -98,15 +98,14 @@ from gpubp.backends.numba_cuda.losses import (  # noqa: F401, E402
 from gpubp.backends.numba_cuda.reduce import LANES, reduce_partials_kernel  # noqa: F401, E402
 
 
-def ptx_targets() -> list[tuple[str, Callable, tuple]]:
-    """Every kernel's Python function with each argument signature the launchers use (the
-    element-wise loss kernel of every registered element-wise loss row).
+def ptx_targets(loss_rules: Iterable[Any] = ()) -> list[tuple[str, Callable, tuple]]:
+    """Every kernel's Python function with each argument signature the launchers use, with the
+    element-wise loss kernel of each element-wise row of ``loss_rules`` (gpubp.tools.numba_ptx
+    passes every registered loss row: the backends import nothing from the rows above them).
 
     For compile checks: ``numba.cuda.compile_ptx(func, sig, cc=...)`` on each entry.
     """
-    from gpubp.losses import RULES
-
-    elementwise_rules = [rule for rule in RULES.values() if rule.family == "elementwise"]
+    elementwise_rules = [rule for rule in loss_rules if rule.family == "elementwise"]
     targets: list[tuple[str, Callable, tuple]] = []
 
     def add(name: str, kernel: Any, sig: tuple) -> None:

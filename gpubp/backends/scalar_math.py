@@ -143,8 +143,11 @@ def build(jit: Callable[[Callable], Any] | None = None, mul: Any = None, wide: A
     # into act_f / act_df by table id. p0, p1: the row's packed parameters in z's dtype.
     helpers = types.ModuleType("activation_helpers")  # a module: Numba reads its attributes when compiling
     helpers.cst, helpers.sigmoid = cst, sigmoid
+    # The identity (the table's first row) answers any id no other row claims; the others are tested
+    # in table order (relu first), each level wrapping the ones after it.
+    specs = list(TABLE.values())
     act_f = act_df = None
-    for spec in TABLE.values():
+    for spec in [specs[0], *reversed(specs[1:])]:
         f, df = spec.scalar(helpers)
         act_f = _dispatch(jit, spec.id, jit(f), act_f, 4)
         act_df = _dispatch(jit, spec.id, jit(df), act_df, 5)

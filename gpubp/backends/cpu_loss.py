@@ -19,12 +19,7 @@ row's file, gpubp/losses/base.py); the compiled term reaches the loop as a globa
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
-import sys
-import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numba
@@ -32,25 +27,7 @@ import numba
 from gpubp.backends import numba_cpu as K
 from gpubp.backends.numba_cpu import dm
 
-__all__ = ["kernel", "term"]
-
-
-@functools.cache
-def _source(rule_module: str) -> str:
-    """A hash of what a row's kernel inlines: scalar_math, activations, the row's file, losses/base.py."""
-    files = [Path(inspect.getfile(sys.modules[rule_module])), Path(inspect.getfile(sys.modules["gpubp.losses.base"]))]
-    return hashlib.sha256(K.SOURCE.encode() + b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
-
-
-_TERMS: dict[str, Any] = {}
-
-
-def term(rule: Any) -> Any:
-    """``rule.scalar`` built on :data:`numba_cpu.dm` and compiled with numba.njit (one per row name)."""
-    fn = _TERMS.get(rule.name)
-    if fn is None:
-        fn = _TERMS[rule.name] = K._inline(rule.scalar(dm))
-    return fn
+__all__ = ["kernel"]
 
 
 def _template(source: str, name: str, weighted: bool, parallel: bool) -> Callable:
@@ -91,11 +68,8 @@ def _template(source: str, name: str, weighted: bool, parallel: bool) -> Callabl
 
 @functools.cache
 def _kernel(rule: Any, weighted: bool, parallel: bool) -> Callable:
-    t = _template(_source(rule.spec.__module__), rule.name, weighted, parallel)
-    fn = types.FunctionType(t.__code__, {**t.__globals__, "step": term(rule)}, t.__name__, t.__defaults__,
-                            t.__closure__)
-    fn.__qualname__ = t.__qualname__
-    return K._jit(parallel)(fn)
+    source = K.row_source(rule.spec.__module__, "gpubp.losses.base")
+    return K.bind(_template(source, rule.name, weighted, parallel), K.row_scalar(rule), parallel)
 
 
 def kernel(rule: Any, weighted: bool, parallel: bool) -> Callable:

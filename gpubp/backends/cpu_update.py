@@ -18,37 +18,14 @@ would change the key in every process).
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
-import sys
-import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numba
 
 from gpubp.backends import numba_cpu as K
 
-__all__ = ["kernel", "body"]
-
-
-@functools.cache
-def _source(rule_module: str) -> str:
-    """A hash of what a rule's kernel inlines: scalar_math, activations, the rule's file, rule.py."""
-    files = [Path(inspect.getfile(sys.modules[rule_module])), Path(inspect.getfile(sys.modules["gpubp.optim.rule"]))]
-    return hashlib.sha256(K.SOURCE.encode() + b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
-
-
-_BODIES: dict[str, Any] = {}
-
-
-def body(rule: Any) -> Any:
-    """``rule.scalar`` built on :data:`numba_cpu.dm` and compiled with numba.njit (one per rule name)."""
-    fn = _BODIES.get(rule.name)
-    if fn is None:
-        fn = _BODIES[rule.name] = K._inline(rule.scalar(K.dm))
-    return fn
+__all__ = ["kernel"]
 
 
 def _template(source: str, name: str, flags: tuple, live: tuple, parallel: bool) -> Callable:
@@ -73,11 +50,8 @@ def _template(source: str, name: str, flags: tuple, live: tuple, parallel: bool)
 
 @functools.cache
 def _kernel(rule: Any, flags: tuple, live: tuple, parallel: bool) -> Callable:
-    t = _template(_source(rule.spec.__module__), rule.name, flags, live, parallel)
-    fn = types.FunctionType(t.__code__, {**t.__globals__, "step": body(rule)}, t.__name__, t.__defaults__,
-                            t.__closure__)
-    fn.__qualname__ = t.__qualname__
-    return K._jit(parallel)(fn)
+    source = K.row_source(rule.spec.__module__, "gpubp.optim.rule")
+    return K.bind(_template(source, rule.name, flags, live, parallel), K.row_scalar(rule), parallel)
 
 
 def kernel(rule: Any, flags: tuple, live: tuple, parallel: bool) -> Callable:

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import math
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -259,6 +261,32 @@ def _exp(approx, x):
 
 def _jit(parallel: bool) -> Callable:
     return numba.njit(parallel=parallel, cache=True, nogil=True, error_model="numpy")
+
+
+# --- the generic row kernels (cpu_update, cpu_loss): a template loop bound to a row's scalar code ---
+
+
+@functools.cache
+def row_source(rule_module: str, shared_module: str) -> str:
+    """A hash of what a row's kernel inlines (scalar_math, activations, the row's file and the module
+    its kind shares): a cache key argument of the template, so Numba's disk cache follows edits."""
+    files = [Path(inspect.getfile(sys.modules[m])) for m in (rule_module, shared_module)]
+    return hashlib.sha256(SOURCE.encode() + b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
+@functools.cache
+def row_scalar(rule: Any) -> Any:
+    """``rule.scalar`` built on :data:`dm` and compiled with numba.njit, once per rule."""
+    return _inline(rule.scalar(dm))
+
+
+def bind(template: Callable, step: Any, parallel: bool) -> Callable:
+    """``template`` (a loop calling the global ``step``) with ``step`` bound, compiled: a copy of the
+    function with its own globals, so each row's loop is its own Numba dispatcher."""
+    fn = types.FunctionType(template.__code__, {**template.__globals__, "step": step}, template.__name__,
+                            template.__defaults__, template.__closure__)
+    fn.__qualname__ = template.__qualname__
+    return _jit(parallel)(fn)
 
 
 @functools.cache

@@ -146,7 +146,7 @@ def _activation_from(m: Any, where: str, nn: Any) -> Activation:
     raise AssertionError(f"{where}: not an activation type")  # callers check the type first
 
 
-def _activation_to(act: Activation, where: str, nn: Any) -> Any:
+def _activation_to(act: Activation, nn: Any) -> Any:
     """The torch module of gpubp activation ``act`` (its row's PyTorch twin); None for the identity."""
     return act.to_torch(nn)
 
@@ -368,7 +368,7 @@ def to_torch(model: Sequential, *, device: Any = "cpu") -> torch.nn.Sequential:
                 lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
                 lin.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)))
                 modules.append(lin)
-                act = _activation_to(layer.activation, where, nn)
+                act = _activation_to(layer.activation, nn)
                 if act is not None:
                     modules.append(act)
             elif type(layer) is Dropout:

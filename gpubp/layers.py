@@ -9,12 +9,13 @@ backward, and its initialisation.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
 
-from gpubp import activations
+from gpubp import activations, step_plan
 from gpubp._random import dropout_key, offset_key
 from gpubp._validate import positive_int
 from gpubp.activations import Activation
@@ -208,13 +209,17 @@ class Dropout(Layer):
         self._row0 = int(row0)
         self._active = active and self.p > 0
 
+    def key(self, features: int) -> int:
+        """The mask's key for this step's rows (F = ``features``): rows row0.. of the step's batch
+        take the batch's mask from element row0 x F on."""
+        return offset_key(self._key, self._row0 * features) if self._row0 else self._key
+
     def forward(self, x: Any, training: bool = True) -> Any:
         """y (N, F) for x (N, F); keeps the mask for backward when training and active."""
         if not (training and self._active):
             self._saved = ("identity",) if training else ()
             return x
-        # Rows row0.. of the step's batch: the batch's mask from element row0 x F on.
-        key = offset_key(self._key, self._row0 * int(x.shape[1])) if self._row0 else self._key
+        key = step_plan.value(functools.partial(self.key, int(x.shape[1])), "dropout key")
         y, keep = self._backend.dropout_forward(x, key, self.p)
         self._saved = (keep,)
         return y

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpubp import losses as losses_mod
+from gpubp import step_plan
 from gpubp import metrics as metrics_mod
 from gpubp._lazy import LazyRows, is_array_like
 from gpubp._validate import as_float_array, boolean, check_2d, check_finite, positive_int, sample_weights, weight_sum
@@ -348,8 +349,7 @@ class Sequential:
         step's batch (a rank's share, a micro-batch), whose dropout masks it takes.
         """
         active = training and (self.training if dropout is None else dropout)
-        for i, layer in enumerate(self.layers):
-            layer.prepare(self.seed, self.epoch, self.dropout_step, i, active, row0)
+        step_plan.host(self._prepare_layers, active, row0)  # a recorded step prepares them per replay
         h = xb
         for i, layer in enumerate(self.layers):
             h = layer.forward(h, training)
@@ -358,6 +358,11 @@ class Sequential:
             self._check_layer(i, h, "forward output")
         self._out_shape = tuple(h.shape) if training else None
         return h
+
+    def _prepare_layers(self, active: bool, row0: int) -> None:
+        """Each layer's per-step state (dropout keys of (seed, epoch, ``dropout_step``, layer))."""
+        for i, layer in enumerate(self.layers):
+            layer.prepare(self.seed, self.epoch, self.dropout_step, i, active, row0)
 
     def backward(self, dout: Any, input_grad: bool = False) -> Any:
         """Back-propagate dL/d(output) (N, out) through every layer, writing each ``p.grad``.

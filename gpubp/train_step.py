@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from gpubp import step_plan
 from gpubp._validate import weight_sum
 from gpubp.diagnostics import NonFiniteError
 
@@ -56,6 +57,18 @@ def cut(rows: Any, n: int, size: int) -> list[Any]:
         start, stop, _ = rows.indices(n)
         return [slice(i, min(i + size, stop)) for i in range(start, stop, size)] or [slice(start, start)]
     return [rows[i : i + size] for i in range(0, len(rows), size)] or [rows]
+
+
+def _fill0(a: Any) -> None:
+    a[...] = 0
+
+
+def _copy(dst: Any, src: Any) -> None:
+    dst[...] = src
+
+
+def _iadd(dst: Any, src: Any) -> None:
+    dst += src
 
 
 class Strategy:
@@ -159,11 +172,26 @@ class TrainStep:
         self.flag = backend.asarray(np.zeros(1, dtype=np.int64), np.int64)  # 0, or the first bad step's tag
         grad = model.arena.grad
         self.acc = backend.zeros(grad.shape, grad.dtype) if accumulate > 1 else None  # the micro-batches' sum
+        self.graphs: Any = None  # a StepCapture when the step is recorded and replayed (capture())
+        self._replayed = False  # the last __call__ replayed a plan (its update included)
+        self.tag: int = 0  # the guard's tag and the big batch's weight sum of the step being run
+        self.weight_total: float | None = None
         self.spans: dict[int, tuple[int, int]] = {}  # layer -> its parameters' [lo, hi) in the arena
         for i, layer in enumerate(model.layers):
             params = layer.parameters()
             if params:
                 self.spans[i] = (min(p.offset for p in params), max(p.offset + p.size for p in params))
+
+    def capture(self, graph: Any = True) -> TrainStep:
+        """Record the step per shape and replay it (:mod:`gpubp.step_capture`; a CUDA graph on a GPU):
+        ``graph`` True (say why when a step must run eagerly), "auto" (eager without a word where
+        capture is known not to work) or False (eager). Returns ``self``; then ``step(...)``
+        followed by ``step.update()`` runs an optimizer step, replayed after its shape's first."""
+        from gpubp.step_capture import StepCapture, graph_arg
+
+        graph = graph_arg(graph)
+        self.graphs = StepCapture(self, graph) if graph is not False else None
+        return self
 
     # -- phases (lr_find runs them with a host read between) ----------------------------------
 
@@ -186,56 +214,65 @@ class TrainStep:
     def no_rows(self, j: int, parts: int) -> None:
         """Micro-batch ``j`` has no rows on this rank (a batch smaller than the world): zero gradients."""
         grad = self.model.arena.grad
-        grad[...] = 0
+        step_plan.call(_fill0, grad)
         if j == parts - 1 and j > 0:
-            grad += self.acc
+            step_plan.call(_iadd, grad, self.acc)
         self._accumulated(j, parts)
 
     def _hook(self, j: int, parts: int) -> Callable[[int], None] | None:
         hook = self.strategy.after_layer if j == parts - 1 else None
         if j == 0 or j < parts - 1:
-            return hook
+            return None if hook is None else (lambda i: step_plan.call(hook, i))
         grad, acc, spans = self.model.arena.grad, self.acc, self.spans
 
         def add_then(i: int) -> None:  # layer i's gradient is complete: add the earlier micro-batches'
             if i in spans:
                 lo, hi = spans[i]
-                grad[lo:hi] += acc[lo:hi]
+                step_plan.call(_iadd, grad[lo:hi], acc[lo:hi])
             if hook is not None:
-                hook(i)
+                step_plan.call(hook, i)
         return add_then
 
     def _accumulated(self, j: int, parts: int) -> None:
         if j < parts - 1:
             grad = self.model.arena.grad
-            if j == 0:
-                self.acc[...] = grad
-            else:
-                self.acc += grad
+            step_plan.call(_copy if j == 0 else _iadd, self.acc, grad)
 
     def reduce_and_guard(self, value: Any, tag: int) -> None:
         """The cross-rank sum of the gradients, then the guard: the flag takes ``tag`` where the
         loss or a gradient is not finite (a device op; nothing is read)."""
-        self.strategy.reduce_gradients(self.model.arena.grad)
+        step_plan.call(self.strategy.reduce_gradients, self.model.arena.grad)
         if self.on_nonfinite != "ignore":
             self.backend.flag_nonfinite_(self.strategy.guard_value(value), self.model.arena.grad, self.flag, tag)
 
     def update(self, stats: Any = None, outputs: list | None = None) -> bool:
         """Clip and update, unless ``on_nonfinite="skip"`` and the flag is set (then it is cleared
-        and False returned); ``stats`` (gradient statistics) sees the gradients and the update."""
+        and False returned); ``stats`` (gradient statistics) sees the gradients and the update.
+        After a recorded step (which updated, guarded by the flag) only the skip's part remains."""
+        if self._replayed:
+            self._replayed = False
+            if self.on_nonfinite == "skip" and self.flagged():  # the update read the flag: put the count back
+                self.backend.assign_(self.flag, np.zeros(1, dtype=np.int64))
+                self.optimizer.step_count -= 1
+                return False
+            return True
         if self.on_nonfinite == "skip" and self.flagged():
             self.backend.assign_(self.flag, np.zeros(1, dtype=np.int64))
             return False
-        from gpubp import optim
-
         if stats is not None and outputs is not None:
             stats.after_backward(outputs)
-        if self.clip_grad_norm is not None:
-            optim.clip_grad_norm(self.optimizer.params, self.clip_grad_norm, sync=False)
-        self.optimizer.step(guard=self.flag if self.on_nonfinite == "raise" else None)
+        self.apply(self.flag if self.on_nonfinite == "raise" else None)
         if stats is not None and outputs is not None:
             stats.after_step()
         return True
+
+    def apply(self, guard: Any = None) -> None:
+        """Clip (global 2-norm, on the device) and ``optimizer.step(guard=guard)``."""
+        from gpubp import optim
+
+        if self.clip_grad_norm is not None:
+            optim.clip_grad_norm(self.optimizer.params, self.clip_grad_norm, sync=False)
+        self.optimizer.step(guard=guard)
 
     def flagged(self) -> int:
         """The guard flag: 0, or the tag of the first non-finite step (reads the device)."""
@@ -259,6 +296,11 @@ class TrainStep:
         ``read_x(rows)``: this rank's rows of x on the backend; ``outputs``: receives the last
         micro-batch's layer outputs (gradient statistics); ``where``: names the step in errors."""
         model, backend = self.model, self.backend
+        if self.graphs is not None and outputs is None:
+            res = self.graphs(rows, n, step, tag, read_x, y, weights)
+            if res is not None:
+                self._replayed = True
+                return res
         model.dropout_step = step
         nb = rows_in(rows, n)
         W = weight_sum(weights[rows]) if weights is not None else None

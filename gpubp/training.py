@@ -80,6 +80,7 @@ from gpubp.fit_setup import (
     resolve_optimizer,
 )
 from gpubp.progress import EpochProgress, _resume_point
+from gpubp.step_capture import graph_arg
 from gpubp.train_step import LocalStrategy, Strategy, TrainStep
 
 __all__ = ["fit", "EpochProgress", "ON_NONFINITE", "READ_EVERY"]
@@ -109,6 +110,7 @@ def fit(
     class_weight: dict[int, float] | str | None = None,
     metrics: list[Any] | None = None,
     accumulate: int = 1,
+    graph: bool | str = "auto",
 ) -> dict[str, Any]:
     """Train for ``epochs`` more epochs of mini-batch steps; returns the history.
 
@@ -176,6 +178,12 @@ def fit(
             memory of ``batch_size`` rows. The loss is the big batch's mean (weighted mean
             with weights); clipping, the guard, schedules, callbacks' ``on_batch_end``, Ctrl-C
             and checkpoints act per optimizer step; with ``comm``, one all-reduce per step.
+        graph: record the step and replay it (``"auto"``, the default; ``True``; ``False``:
+            eager): the first step of each shape is recorded, every later one replays it,
+            bit for bit the eager step (:mod:`gpubp.step_capture`): a CUDA graph on a GPU (one
+            launch per step), a plan of bound kernel calls on the CPU. With ``check_finite=True``
+            or ``gradient_stats`` the step runs eagerly (True: with a warning saying why), as it
+            does from the first step that cannot be recorded (a warning names the cause).
 
     History keys: ``loss`` (per-sample mean over the epoch), ``accuracy`` (for
     CrossEntropy and BCEWithLogits), each metric, ``val_loss`` / ``val_accuracy`` /
@@ -197,7 +205,7 @@ def fit(
 def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, batch_size: Any, validation_data: Any,
          shuffle: bool, verbose: int, scheduler: Any, clip_grad_norm: Any, callbacks: Any, validation_split: Any,
          on_nonfinite: str, gradient_stats: bool, comm: Any, sample_weight: Any, class_weight: Any, metrics: Any,
-         accumulate: Any) -> dict[str, Any]:
+         accumulate: Any, graph: Any) -> dict[str, Any]:
     from gpubp.diagnostics import NonFiniteError
 
     loss = losses_mod.get(loss)
@@ -206,6 +214,7 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
     epochs, batch_size, callbacks = _check_args(epochs, batch_size, clip_grad_norm, on_nonfinite, validation_data,
                                                 validation_split, callbacks)
     accumulate = check_accumulate(accumulate)
+    graph = graph_arg(graph)
     _check_scheduler(scheduler, optimizer, named)
     x, y = model.prepare_data(x, y, loss)
     backend = model.arena.backend
@@ -265,6 +274,8 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
         cb.set_run(run)
     train_step = TrainStep(model, loss, optimizer, strategy, micro_rows=batch_size, accumulate=accumulate,
                            clip_grad_norm=clip_grad_norm, on_nonfinite=on_nonfinite)
+    if graph is not False:
+        train_step.capture(graph)  # (the epoch's last step runs eagerly with gradient_stats: it reads them)
     step_count0, tag0 = optimizer.step_count, 0  # tag of a step: 1 + steps run before it in this fit
     warned = [False]
     stopped = "completed"

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gpubp import step_plan
 from gpubp.activations import Activation
 
 if TYPE_CHECKING:  # the optimizer and loss rows import this module
@@ -48,8 +49,35 @@ Array = Any  # an array of the backend's array module (numpy.ndarray, cupy.ndarr
 Value = Any  # a loss value: a float on the host, a 0-d float64 device array on a GPU
 
 
+#: The primitives a step plan records (gpubp.step_plan): every abstract method that computes or
+#: writes; ``to_numpy`` (a host read) is refused while a step is captured.
+RECORDED = ("asarray", "full", "assign_", "take_rows", "dense_forward", "dense_backward", "dropout_forward",
+            "dropout_backward", "loss", "update", "flag_nonfinite_", "reduce_into", "scale_", "clip_scale_")
+
+
+def _no_host_read(fn: Any) -> Any:
+    def to_numpy(self: Any, x: Any) -> np.ndarray:
+        plan = step_plan.ACTIVE[0]
+        if plan is not None and not plan.depth and (plan.capturing or plan.checked):
+            raise step_plan.CaptureError("the step reads a device value on the host (to_numpy)")
+        return fn(self, x)
+
+    to_numpy.__doc__, to_numpy.__wrapped_primitive__ = fn.__doc__, fn
+    return to_numpy
+
+
 class Backend(ABC):
     """One device's arrays and maths. Every method below is implemented by every backend."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in RECORDED:  # each implementation, wherever a subclass defines one
+            fn = cls.__dict__.get(name)
+            if fn is not None and not hasattr(fn, "__wrapped_primitive__"):
+                setattr(cls, name, step_plan.recordable(fn))
+        fn = cls.__dict__.get("to_numpy")
+        if fn is not None and not hasattr(fn, "__wrapped_primitive__"):
+            cls.to_numpy = _no_host_read(fn)
 
     #: short name: "numpy", "cuda", "cudasim"
     name: str = ""

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from gpubp import step_plan
 from gpubp._validate import as_float_array, check_finite, sample_weights, weight_sum
 from gpubp.backends import backend_of, host_backend
 from gpubp.backends.base import Backend
@@ -96,7 +97,9 @@ class Loss(ABC):
         """
         if weight is None:
             return backend.loss(self.rule, pred, target, self.scale(pred, rows))
-        return backend.loss(self.rule, pred, target, self.weighted_scale(pred, weight_total), weight)
+        # the weight sum changes per step: a recorded step recomputes the scale per replay
+        scale = step_plan.value(lambda: self.weighted_scale(pred, step_plan.get(weight_total)), "loss scale")
+        return backend.loss(self.rule, pred, target, scale, weight)
 
     def scale(self, pred: Any, rows: int | None = None) -> float:
         """The factor of the unweighted loss of ``pred``'s rows as part of a batch of ``rows`` rows

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from gpubp import step_plan
 from gpubp._validate import real
 from gpubp.backends.base import Backend
 from gpubp.optim.rule import Rule
@@ -195,12 +196,21 @@ class Optimizer(ABC):
         flag); where it holds a non-zero value the update leaves parameters and state as
         they are, without the host reading it (on a GPU the kernels read it).
         """
-        self.step_count += 1
         rule = self.rule
-        hp = rule.pack(self._rule_hparams(), self.step_count, self.params[0].arena.dtype)  # one dtype (checked)
+        hp = step_plan.value(self.advance, "hyper-parameters")  # a recorded step re-packs them per replay
         for (arena, lo, hi), state in zip(self._runs, self._state, strict=True):
             bufs = tuple(state.get(name) for name in rule.state)
             _ops(arena).update(rule, arena.data[lo:hi], arena.grad[lo:hi], bufs, hp, guard)
+
+    def advance(self) -> Any:
+        """Count one more step and pack the hyper-parameters of it (``rule.pack``: the learning rate
+        as it is now, the step count's bias corrections): the host part of :meth:`step`."""
+        self.step_count += 1
+        return self.rule.pack(self._rule_hparams(), self.step_count, self.params[0].arena.dtype)  # one dtype
+
+    def buffers(self) -> list[Any]:
+        """The state buffers (flat arrays of the backend, one set per run), as the update writes them."""
+        return [arr for state in self._state for arr in state.values()]
 
     def zero_grad(self) -> None:
         """Set the gradients of this optimizer's parameters to 0."""

@@ -86,11 +86,19 @@ class StepCapture:
         self.plans: dict[Any, Captured] = {}
         self.reason: str | None = None
         self.captures = self.replays = 0
+        from gpubp.losses.base import Loss
+        from gpubp.optim.base import Optimizer
+
+        opt, loss = type(train_step.optimizer), type(train_step.loss)
+        if opt.step is not Optimizer.step or opt.advance is not Optimizer.advance:
+            self.refuse(f"{opt.__name__}.step runs its own host code per step, which a replay would not repeat")
+        elif loss.compute is not Loss.compute:
+            self.refuse(f"{loss.__name__}.compute runs its own host code per step, which a replay would not repeat")
 
     def refuse(self, reason: str, attempted: bool = False) -> None:
         """Run eagerly from now on because of ``reason`` (a warning when asked for, or when a capture failed)."""
         if self.reason is None and (attempted or self.mode is True):
-            warnings.warn(f"graph: the training step runs eagerly: {reason}", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"graph: the training step runs eagerly: {reason}", RuntimeWarning, stacklevel=3)
         self.reason = self.reason or reason
         self.plans.clear()
 

@@ -193,8 +193,9 @@ class Plan:
         self.depth += 1
         try:
             planned = getattr(backend, "plan_" + name, None)
-            if planned is not None:
-                entry = _Entry(planned(*args, **kw), (), {}, None, copy=False)
+            thunk = None if planned is None else planned(*args, **kw)
+            if thunk is not None:  # (a form may decline: None)
+                entry = _Entry(thunk, (), {}, None, copy=False)
                 entry()
                 self.device_part.append(entry)
                 self.planned[name] = self.planned.get(name, 0) + 1

@@ -76,7 +76,8 @@ def test_every_batch_is_visited_including_the_last_partial_one():
         return orig(xb, training, **kw)
 
     model.forward_batch = spy
-    model.fit(x, y, "mse", opt, epochs=1, batch_size=4, shuffle=True, verbose=0)
+    # graph=False: the spy sees every forward pass of the eager step (a replayed step calls no Python)
+    model.fit(x, y, "mse", opt, epochs=1, batch_size=4, shuffle=True, verbose=0, graph=False)
     assert [len(s) for s in seen] == [4, 4, 2]
     assert sorted(np.concatenate(seen)) == list(range(10))
     assert opt.step_count == 3
@@ -90,7 +91,7 @@ def test_shuffle_order_depends_on_seed_and_epoch_only():
         seen = []
         orig = model.forward_batch
         model.forward_batch = lambda xb, training=True, orig=orig, seen=seen, **kw: (seen.append(xb.ravel().copy()), orig(xb, training, **kw))[1]
-        model.fit(x, np.zeros((12, 1)), "mse", "sgd", epochs=2, batch_size=12, verbose=0)
+        model.fit(x, np.zeros((12, 1)), "mse", "sgd", epochs=2, batch_size=12, verbose=0, graph=False)  # the spy: eager
         orders.append([s.tolist() for s in seen])
     assert orders[0] == orders[1]
     assert orders[0] != orders[2]
@@ -103,7 +104,8 @@ def test_no_shuffle_keeps_order():
     seen = []
     orig = model.forward_batch
     model.forward_batch = lambda xb, training=True, **kw: (seen.append(xb.ravel().tolist()), orig(xb, training, **kw))[1]
-    model.fit(x, np.zeros((6, 1)), "mse", "sgd", epochs=1, batch_size=4, shuffle=False, verbose=0)
+    model.fit(x, np.zeros((6, 1)), "mse", "sgd", epochs=1, batch_size=4, shuffle=False, verbose=0,
+              graph=False)  # the spy sees the eager step's forward passes
     assert seen == [[0, 1, 2, 3], [4, 5]]
 
 

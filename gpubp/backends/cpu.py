@@ -28,7 +28,7 @@ import numpy as np
 
 from gpubp import threads
 from gpubp.activations import Activation
-from gpubp.backends import cpu_loss, cpu_update
+from gpubp.backends import cpu_loss, cpu_plan, cpu_update
 from gpubp.backends import numba_cpu as K
 from gpubp.backends.numpy_ref import NumpyBackend
 
@@ -148,6 +148,16 @@ class CpuBackend(NumpyBackend):
             return
         kernel = cpu_update.kernel(rule, hp.flags, live, K.parallel_for(p.size))
         kernel(p, g, *slots, hp.scalars, K.FLAT_CHUNK)
+
+    # --- planned forms: the primitives above bound to static buffers for a recorded step --------
+
+    plan_dense_forward = cpu_plan.dense_forward
+    plan_dense_backward = cpu_plan.dense_backward
+    plan_loss = cpu_plan.loss
+    plan_update = cpu_plan.update
+    plan_flag_nonfinite_ = cpu_plan.flag_nonfinite_
+    plan_reduce_into = cpu_plan.reduce_into
+    plan_full = cpu_plan.full
 
     # --- reductions -----------------------------------------------------------------------------
 

@@ -124,7 +124,12 @@ class StepCapture:
         nb = rows_in(rows, n)
         W = weight_sum(weights[rows]) if weights is not None else None
         st.tag, st.weight_total = tag, W
-        key = (tuple(rows_in(mine, n) for _, _, mine, _ in pieces), weights is not None, self._state_key())
+        # The plan binds the big batch's row count (the unweighted loss scale) and each micro-batch's first
+        # row (its dropout masks), not only this rank's row counts: with data parallelism a rank's share of
+        # the epoch's short last batch can have as many rows as its share of a full one (7 rows over 2
+        # ranks: 3 and 4; 8 rows: 4 and 4).
+        key = (tuple((rows_in(mine, n), row0) for _, _, mine, row0 in pieces), nb, weights is not None,
+               self._state_key())
         got = self.plans.get(key)
         if got is None:
             got = self._capture(key, pieces, nb, read_x, y, weights)

@@ -41,11 +41,20 @@ def offset_key(key: int, elements: int) -> int:
     return (int(key) + int(elements) * _GOLDEN) & _MASK64
 
 
-def dropout_keep(xp: Any, key: int, shape: tuple[int, ...], p: float) -> Any:
-    """Boolean keep-mask of ``shape`` (True with probability 1 - p), an array of ``xp`` (numpy, cupy)."""
+def dropout_keep(xp: Any, key: Any, shape: tuple[int, ...], p: float) -> Any:
+    """Boolean keep-mask of ``shape`` (True with probability 1 - p), an array of ``xp`` (numpy, cupy).
+
+    ``key``: an int, or a 1-element uint64 array of ``xp`` holding it (a key kept on the device, read
+    when the work runs: a recorded step's); the same mask bit for bit."""
     n = int(np.prod(shape, dtype=np.int64))
     u64 = xp.uint64
-    z = xp.arange(n, dtype=u64) * u64(_GOLDEN) + u64(key)  # wraps mod 2^64
+    if getattr(key, "ndim", 0) == 1:
+        if key.dtype != np.uint64 or key.shape != (1,):
+            raise ValueError(f"key: expected an int or a 1-element uint64 array, got {key.dtype} {key.shape}")
+        k = key  # broadcast: the same wrapping uint64 add as with a scalar
+    else:
+        k = u64(key)
+    z = xp.arange(n, dtype=u64) * u64(_GOLDEN) + k  # wraps mod 2^64
     z = (z ^ (z >> u64(30))) * u64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> u64(27))) * u64(0x94D049BB133111EB)
     z = z ^ (z >> u64(31))

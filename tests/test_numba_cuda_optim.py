@@ -437,13 +437,13 @@ def test_ptx_targets_listing():
     targets = nbo.ptx_targets() + cuda_update.ptx_targets(rows("update"))
     names = [t[0] for t in targets]
     updates = sum(len(rule.examples) for rule in RULES.values())
-    assert len(names) == len(set(names)) == 13 + 2 * updates
+    assert len(names) == len(set(names)) == 14 + 4 * updates  # updates: hp as a tuple, and on the device
     for name in ("reduce_chunks", "clip_scale", "finite_scan"):
         assert f"{name}[float32]" in names and f"{name}[float64]" in names
     for name, rule in RULES.items():  # the generic update kernel, compiled for each rule's examples
         for k in range(len(rule.examples)):
             assert f"update_{name}{k}[float32]" in names and f"update_{name}{k}[float64]" in names
-    assert {"reduce_partials", "set_flag", "merge_flag"} <= set(names)
+    assert {"reduce_partials", "set_flag", "merge_flag", "merge_flag_dev"} <= set(names)
     assert all(callable(fn) and isinstance(sig, tuple) for _, fn, sig in targets)
 
 

@@ -9,6 +9,11 @@ round-to-nearest product, so no product is fused with an add into an FMA (checke
 by ``python -m gpubp.tools.numba_ptx`` for every rule, see :func:`ptx_targets`): the update
 rounds as the NumPy spec does. The flags are closure constants of the kernel.
 
+The scalars come as a tuple argument (``hp.scalars``), or, in a recorded step, as a device array
+of the data dtype (``hp_device``: the step's cell, refreshed by a copy before the launch, so a new
+learning rate needs no new kernel or graph): the same kernel, specialised for an array argument
+(the scalar bodies unpack ``hp`` as a tuple or as an array alike); the same values, the same bits.
+
 ``guard`` (a 1-element int64 array) is read on the device: while guard[0] != 0 the kernel
 writes nothing, and the host never waits to find out. Under the simulator the same body runs
 as plain Python. Launches are counted with ``numba_cuda_optim``'s.
@@ -86,12 +91,14 @@ def _guard(guard: Any, like: Any) -> Any:
 
 
 def update(rule: Any, p: Any, g: Any, state: tuple, hp: Any, guard: Any = None, *, stream: Any = 0,
-           threads: int | None = None, max_blocks: int | None = None) -> None:
+           threads: int | None = None, max_blocks: int | None = None, hp_device: Any = None) -> None:
     """One step of ``rule`` over flat device arrays, in place (one launch; none for an empty run).
 
     ``state``: the rule's buffers in ``rule.state`` order (None where unused); ``hp``: the
     step's ``rule.pack`` (its scalars already in the arrays' dtype). Arrays are checked: 1-D,
-    contiguous, one float dtype and one length."""
+    contiguous, one float dtype and one length. ``hp_device``: the scalars of ``hp`` as a 1-D
+    array of the data dtype on the device, read by the kernel instead of ``hp.scalars`` (whose
+    flags still choose the kernel)."""
     pa, ga = _arr(p, "p"), _arr(g, "g")
     live_state = rule.live(state, hp)
     arrays = {"p": pa, "g": ga}
@@ -100,17 +107,24 @@ def update(rule: Any, p: Any, g: Any, state: tuple, hp: Any, guard: Any = None, 
             arrays[name] = _arr(a, name)
     n, dt = _check(arrays)
     slots, live = rule.slots(tuple(arrays.get(k) for k in rule.state), hp, ga)
-    scalars = tuple(dt.type(x) for x in hp.scalars)
+    if hp_device is None:
+        scalars, key = tuple(dt.type(x) for x in hp.scalars), dt
+    else:
+        scalars, key = _arr(hp_device, "hp_device"), (dt, "hp on the device")
+        if np.dtype(scalars.dtype) != dt or tuple(scalars.shape) != (len(hp.scalars),):
+            raise ValueError(f"hp_device: expected {len(hp.scalars)} elements of {dt}, got "
+                             f"{tuple(scalars.shape)} {scalars.dtype}")
     if n:
         t, b = nbo._shape(threads, max_blocks)
         args = (pa, ga, *slots, scalars, _guard(guard, pa))
-        nbo._launch(kernel(rule, hp.flags, live), dt, max(1, min(-(-n // t), b)), t, launch_stream(stream), n, args)
+        nbo._launch(kernel(rule, hp.flags, live), key, max(1, min(-(-n // t), b)), t, launch_stream(stream), n, args)
 
 
 def ptx_targets(update_rules: Iterable[Any] = ()) -> list[tuple[str, Callable, tuple]]:
     """The update kernel of each rule of ``update_rules`` (gpubp.tools.numba_ptx passes every
     registered optimizer's), for each of its example flag sets and each float dtype, with the
-    signature it is launched with (see numba_cuda_optim.ptx_targets)."""
+    signatures it is launched with (see numba_cuda_optim.ptx_targets): the scalars as a tuple, and
+    as a device array (``[<dtype>, hp on the device]``, a recorded step's)."""
     from numba import types
 
     rules = {rule.name: rule for rule in update_rules}
@@ -122,9 +136,10 @@ def ptx_targets(update_rules: Iterable[Any] = ()) -> list[tuple[str, Callable, t
             for k, example in enumerate(rule.examples):
                 hp = rule.pack(example, 2, dt)
                 live = _live3(rule, hp)
-                sig = (types.int64, types.Tuple((arr,) * 5 + (types.UniTuple(t, len(hp.scalars)),
-                                                              types.Array(types.int64, 1, "C"))))
-                out.append((f"update_{name}{k}[{dt.name}]", kernel(rule, hp.flags, live).py_func, sig))
+                fn = kernel(rule, hp.flags, live).py_func
+                for how, scalars in (("", types.UniTuple(t, len(hp.scalars))), (", hp on the device", arr)):
+                    sig = (types.int64, types.Tuple((arr,) * 5 + (scalars, types.Array(types.int64, 1, "C"))))
+                    out.append((f"update_{name}{k}[{dt.name}{how}]", fn, sig))
     return out
 
 

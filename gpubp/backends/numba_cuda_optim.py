@@ -294,6 +294,13 @@ def merge_flag(finite, value, flag, tag):
         flag[0] = tag
 
 
+@cuda.jit
+def merge_flag_dev(finite, value, flag, tag):
+    # merge_flag with the tag read on the device (tag[0]): a recorded step's, refreshed per replay.
+    if cuda.grid(1) == 0 and flag[0] == 0 and (finite[0] == 0 or not math.isfinite(value[0])):
+        flag[0] = tag[0]
+
+
 # name -> (kernel, argument kinds, element-wise); the dtype-generic kernels are listed per dtype.
 _KERNELS: dict[str, tuple[Any, str, bool]] = {
     "scale": (scale, "AS", True),
@@ -306,6 +313,7 @@ _COMMON: dict[str, tuple[Any, str]] = {
     "reduce_partials": (reduce_partials, "DIDII"),
     "set_flag": (set_flag, "N"),
     "merge_flag": (merge_flag, "NDGI"),
+    "merge_flag_dev": (merge_flag_dev, "NDGG"),
 }
 
 
@@ -512,17 +520,21 @@ def all_finite_into(
 
 
 def flag_nonfinite_(
-    value: Array, g: Array, flag: Array, tag: int, *, stream: Any = 0, threads: int | None = None,
+    value: Array, g: Array, flag: Array, tag: Any, *, stream: Any = 0, threads: int | None = None,
     max_blocks: int | None = None
 ) -> None:
     """``flag[0] = tag`` where ``flag[0] == 0`` and the 1-element float64 ``value`` or any element of
-    ``g`` is not finite; three launches, no wait (fit's non-finite guard, read with the loss)."""
+    ``g`` is not finite; three launches, no wait (fit's non-finite guard, read with the loss).
+    ``tag``: an int, or a 1-element int64 array read on the device (a recorded step's)."""
     va = _one(value, "value", np.dtype(np.float64))
     fl = _one(flag, "flag", np.dtype(np.int64))
     s = launch_stream(stream)
     finite = _workspace("finite", 1, np.int32, s, _arr(g, "g"))
     all_finite_into(g, finite, stream=s, threads=threads, max_blocks=max_blocks)
-    _launch(merge_flag, None, 1, 1, s, finite, va, fl, int(tag))
+    if getattr(tag, "ndim", 0) == 1:
+        _launch(merge_flag_dev, None, 1, 1, s, finite, va, fl, _one(tag, "tag", np.dtype(np.int64)))
+    else:
+        _launch(merge_flag, None, 1, 1, s, finite, va, fl, int(tag))
 
 
 def all_finite(g: Array, *, stream: Any = 0, threads: int | None = None, max_blocks: int | None = None) -> bool:

@@ -39,9 +39,27 @@ import numpy as np
 from gpubp._random import dropout_keep
 from gpubp.activations import Activation
 from gpubp.backends.base import Array, Backend, Value
+from gpubp.step_plan import CaptureError, Cell, get
 
 if TYPE_CHECKING:
     from gpubp.backends.rows import Hyper, LossRule, Rule
+
+
+def _refilled(run: Any) -> Any:
+    """A planned form's thunk: ``run()``'s arrays, written after the first call into those it
+    returned first (the arrays the rest of the recorded step is bound to)."""
+    first: list[Any] = []
+
+    def thunk() -> Any:
+        fresh = run()
+        if not first:
+            first.append(fresh)
+            return fresh
+        for into, new in zip(first[0], fresh, strict=True):
+            into[...] = new
+        return first[0]
+
+    return thunk
 
 
 class _Slot:
@@ -73,6 +91,11 @@ class CudaBackend(Backend):
     #: launch-shape keywords for the Numba kernels (the simulator narrows them)
     _launch: dict[str, int] = {}
     _bias_launch: dict[str, int] = {}
+    #: a recorded step's per-step values reach the primitives as step_plan Cells, read on the device
+    #: (gpubp.backends.cuda_graph.device_cell): the optimizer's scalars, the guard's tag, dropout keys
+    reads_cells = True
+    #: the CUDA graph capture under way (a cuda_graph.Capture), None outside
+    _capture: Any = None
 
     @classmethod
     def for_device(cls, index: int, fused: bool = False) -> CudaBackend:
@@ -106,6 +129,42 @@ class CudaBackend(Backend):
             from gpubp.backends import cuda_fused
 
             self._fused = cuda_fused
+
+    def graph_capture(self, plan: Any) -> Any:
+        """A context manager capturing the recorded step run inside as a CUDA graph (``plan.graph``):
+        gpubp.backends.cuda_graph."""
+        from gpubp.backends import cuda_graph
+
+        return cuda_graph.graph_capture(self, plan)
+
+    def _cell(self, cell: Cell, dtype: Any, kind: str) -> Array:
+        from gpubp.backends import cuda_graph
+
+        return cuda_graph.device_cell(self, cell, dtype, kind)
+
+    def _loss_scale(self, scale: Any) -> float:
+        """A weighted loss's scale: the loss kernels take it as a launch argument (the host forms the
+        gradient factor from it, and the value's final product), so a recorded one cannot be replayed
+        as a graph; the step runs eagerly (StepCapture's CaptureError)."""
+        if type(scale) is Cell:
+            raise CaptureError("a weighted loss's scale changes per step and the CUDA loss kernels take it as a "
+                               "launch argument")
+        return scale
+
+    # -- planned forms (gpubp.step_plan): the primitives that take cells, replayed with the cells as
+    #    they are (a re-capture, the simulator's replay) and their outputs written into those of the capture
+
+    def plan_update(self, rule: Rule, p: Array, g: Array, state: tuple, hp: Any, guard: Array | None = None) -> Any:
+        return lambda: self.update(rule, p, g, state, hp, guard)
+
+    def plan_flag_nonfinite_(self, value: Any, g: Array, flag: Array, tag: Any) -> Any:
+        return lambda: self.flag_nonfinite_(value, g, flag, tag)
+
+    def plan_dropout_forward(self, x: Array, key: Any, p: float) -> Any:
+        return _refilled(lambda: self.dropout_forward(x, key, p))
+
+    def plan_loss(self, rule: LossRule, pred: Array, target: Array, scale: Any, weight: Array | None = None) -> Any:
+        return _refilled(lambda: self.loss(rule, pred, target, scale, weight))
 
     def launch_count(self) -> int:
         """Kernels queued so far: every Numba kernel launch in this process (``numba_cuda`` and
@@ -295,8 +354,10 @@ class CudaBackend(Backend):
 
     # -- dropout: the reference's counter-based mask, computed with this backend's array module ----
 
-    def dropout_forward(self, x: Array, key: int, p: float) -> tuple[Array, Array]:
+    def dropout_forward(self, x: Array, key: Any, p: float) -> tuple[Array, Array]:
         with self.context(), self._oom(f"dropout over {tuple(x.shape)}"):
+            if type(key) is Cell:  # a recorded step's: the key read on the device, the same mask
+                key = self._cell(key, np.uint64, "one")
             keep = dropout_keep(self.xp, key, tuple(x.shape), p)
             return x * keep * x.dtype.type(1.0 / (1.0 - p)), keep
 
@@ -308,6 +369,7 @@ class CudaBackend(Backend):
 
     def loss(self, rule: LossRule, pred: Array, target: Array, scale: float,
              weight: Array | None = None) -> tuple[Value, Array]:
+        scale = self._loss_scale(scale)
         rowwise = rule.family == "softmax"
         with self._launching(f"a {rule.name} loss over {tuple(pred.shape)}") as s:
             value = self.xp.empty(1, dtype=np.float64)
@@ -319,15 +381,24 @@ class CudaBackend(Backend):
     # -- optimizer updates: one launch of the rule's generic kernel over each contiguous run ----
 
     def update(self, rule: Rule, p: Array, g: Array, state: tuple, hp: Hyper, guard: Array | None = None) -> None:
+        """``hp`` a Cell (a recorded step): the kernel reads its scalars from the device, its flags
+        (compile-time constants) from ``hp.value`` (cuda_graph: a graph re-captured when they change)."""
         from gpubp.backends import cuda_update
 
         with self._launching(f"a {rule.name} step") as s:
-            cuda_update.update(rule, p, g, state, hp, guard, stream=s)
+            dev = None
+            if type(hp) is Cell:
+                dev = self._cell(hp, p.dtype, "hyper")
+                hp = hp.value
+            cuda_update.update(rule, p, g, state, hp, guard, stream=s, hp_device=dev)
 
-    def flag_nonfinite_(self, value: Value, g: Array, flag: Array, tag: int) -> None:
-        """Three Numba launches on the stream (set, scan, merge); nothing comes back to the host."""
+    def flag_nonfinite_(self, value: Value, g: Array, flag: Array, tag: Any) -> None:
+        """Three Numba launches on the stream (set, scan, merge); nothing comes back to the host.
+        ``tag`` a Cell (a recorded step): read on the device; ``value`` a Cell: its value now."""
         with self._launching("checking for NaN/Inf") as s:
-            self.nbo.flag_nonfinite_(value.reshape(1), g.reshape(-1), flag, tag, stream=s)
+            if type(tag) is Cell:
+                tag = self._cell(tag, np.int64, "one")
+            self.nbo.flag_nonfinite_(get(value).reshape(1), g.reshape(-1), flag, tag, stream=s)
 
     # -- reductions (two-pass, fixed order) ------------------------------------------------------
 

@@ -9,6 +9,15 @@ It is slow: blocks of 32 threads, each a Python thread.
 
 Only the hooks differ from :class:`~gpubp.backends.cuda.CudaBackend`: where arrays
 live (the host), the device context and stream (none), and the launch shape.
+
+A recorded step (gpubp.step_plan) is replayed entry by entry, as on the CPU backends: the simulator
+has no stream to capture (``graph_capture`` is None). The cells still reach the primitives as they
+are (``reads_cells`` and the planned forms, inherited), so the device-scalar paths of a CUDA graph run
+here on every replay: the update kernel reads the optimizer's scalars from an array, the guard's merge
+reads the tag from one, dropout adds the key from one; each cell's ``device`` (a 1-element NumPy
+array) is refreshed from its value when the primitive is called, where the GPU's graph copies it from
+the pinned mirror (gpubp.backends.cuda_graph.device_cell). A weighted loss's scale is read as a plain
+value (the GPU refuses to capture it, see ``CudaBackend._loss_scale``).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import numpy as np
 
 from gpubp.backends.base import Array
 from gpubp.backends.cuda import CudaBackend, _Slot
+from gpubp.step_plan import get
 
 # Threads per block under the simulator, which runs every thread as a Python thread.
 SIM_THREADS = 32
@@ -33,6 +43,7 @@ class SimulatedCudaBackend(CudaBackend):
     _launch = {"threads": SIM_THREADS}
     _bias_launch = {"tile": 8, "row_threads": 2}
     _instance: SimulatedCudaBackend | None = None
+    graph_capture = None  # no stream to capture: a recorded step is replayed entry by entry
 
     @classmethod
     def instance(cls) -> SimulatedCudaBackend:
@@ -59,6 +70,9 @@ class SimulatedCudaBackend(CudaBackend):
 
     def __repr__(self) -> str:
         return "SimulatedCudaBackend()"
+
+    def _loss_scale(self, scale: Any) -> float:
+        return get(scale)  # the entry is replayed: the cell's value now
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:

@@ -35,12 +35,23 @@
 #          `gpubp kernels check --arch sm_90`, the compile report. CI compiles every
 #          instantiation under NVRTC 13.0 and the newest; NVRTC runs one program per
 #          (file, arch), so 16 cores barely help (it hit 40 s on 2 cores)
-#   5      short benchmark: dense_fwd_bwd:relu and step:mnist_mlp,     ~40 s    75 s
-#          fused vs unfused (cupy.matmul + kernels) vs torch, plots off
-#   total (stages 0 1 2 3 5)                                          ~5 min   7.5 min
+#   5      benchmarks, plots off:                                    ~130 s   165 s
+#          a) `gpubp bench` dense_fwd_bwd:relu and step:mnist_mlp,     ~40 s    75 s
+#             fused vs unfused (cupy.matmul + kernels) vs torch        (its own timeout)
+#          b) bench/step_overhead.py --device cuda: the training step  ~90 s   the rest
+#             eager vs replayed (fit(graph=True)) vs PyTorch eager,   (its --budget: the stage's
+#             torch.cuda.graph, torch.compile(reduce-overhead), jax.jit time left, at most 80 s,
+#             at 64-64-64-10 x 1024, 784-1024-1024-10 x 4096 and      drops torch.compile when
+#             8 x 64 relu at 2^18 rows: host and device us per step    under 45 s are left)
+#             [the estimate is not timed: compiles (Numba ~10 kernels, torch.compile ~20-40 s
+#             per case, XLA) dominate; its log goes into 5-bench.txt, its folder into raw.tgz]
+#   total (stages 0 1 2 3 5)                                          ~6.5 min 10.5 min
 # A stage never starts past the budget (GPUBP_CHECK_BUDGET, default 450 s): later stages keep
-# a reserve, so the script ends within 8 minutes even when every stage runs to its limit, and
-# two runs fit 15 minutes of device time with the machine's start.
+# a reserve (stage 5: 45 s), so the script ends within 8 minutes even when every stage runs to
+# its limit (the limits add up to more than the budget: a stage that overruns shortens the later
+# ones, stage 5 first). At the estimate one run takes ~6.5 min: with the machine's start (~1-2
+# min) a second full run no longer fits in 15 minutes of device time; name the stages a second
+# run needs (GPUBP_CHECK_STAGES="0 5", say).
 # Hangs leave a stack: each pytest run gets a per-test limit (pytest-timeout, thread method,
 # where installed: it prints every thread's stack, then ends that pytest run) kept below the
 # time the stage has left, and pytest's faulthandler_timeout prints the stacks earlier still
@@ -49,17 +60,19 @@
 # Writes to OUT_DIR (8 files, no folders):
 #   summary.txt                one line per stage: status (ok, FAIL, TIMEOUT, SKIP, xfail, off), seconds, log, notes
 #   0-environment.txt ... 5-bench.txt   each stage's log (a stage that is off says so)
-#   raw.tgz                    the benchmark folder (results.json, summary.md) and the pytest JUnit XML files
+#   raw.tgz                    the benchmark folders (bench/ and step_overhead/: results.json, summary.md)
+#                              and the pytest JUnit XML files
 # Exit status 0 when every stage is ok (or off), 1 otherwise.
 #
 # Environment: PYTHON (default python3); GPUBP_COMMIT (the commit where the tree has no .git);
 # GPUBP_CHECK_STAGES (default "0 1 2 3 5"; e.g. "0 2": run only these); GPUBP_CHECK_BUDGET (seconds);
-# GPUBP_CHECK_LIMITS (six per-stage limits in seconds, default "75 150 150 90 60 75");
+# GPUBP_CHECK_LIMITS (six per-stage limits in seconds, default "75 150 150 90 60 165");
 # GPUBP_REHEARSE_FULL=1 (a rehearsal with the full test selections and the full compile report).
 #
 # --rehearse: every stage runs what it can without a GPU, through the same code: the Numba
 # kernels in the simulator (and one of each module compiled to PTX), the CUDA C GPU tests
-# skipped, the benchmark's CPU grid. Test selections are cut down (unless
+# skipped, the benchmark's CPU grid, bench/step_overhead.py on the CPU (--quick, a few
+# seconds: PyTorch and JAX contenders skip themselves where they do not import). Test selections are cut down (unless
 # GPUBP_REHEARSE_FULL=1) and stage 4, when asked for, lists the kernels instead of compiling
 # them (CI compiles them). Stage 0's "suite header says GPU" check is reported as xfail
 # (expected in a rehearsal) instead of failing, after checking that GPUBP_REQUIRE_GPU=1 makes
@@ -74,8 +87,8 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDO
 STAGE_NAMES=(environment fused-kernels numba-backend large-cli-bench kernels-check bench)
 STAGE_LOGS=(0-environment.txt 1-fused-kernels.txt 2-numba-backend.txt 3-large-cli-bench.txt 4-kernels-check.txt
             5-bench.txt)
-STAGE_LIMITS=(${GPUBP_CHECK_LIMITS:-75 150 150 90 60 75})
-STAGE_RESERVE=(20 30 30 20 15 25)   # kept for a stage while earlier ones run
+STAGE_LIMITS=(${GPUBP_CHECK_LIMITS:-75 150 150 90 60 165})
+STAGE_RESERVE=(20 30 30 20 15 45)   # kept for a stage while earlier ones run
 XFAIL=10                             # a stage's exit status for "failed as a rehearsal must"
 
 rehearsing() { [ "${GPUBP_CHECK_REHEARSE:-0}" = 1 ]; }
@@ -220,7 +233,43 @@ stage4() {
 }
 
 stage5() {
-  local help args=(--out "$GPUBP_CHECK_WORK/bench") cases=() c listing
+  local rc=0
+  stage5_bench || rc=1
+  stage5_step_overhead || rc=1
+  return $rc
+}
+
+# Part b: the training step's cost per step (bench/step_overhead.py), in the time the stage has left.
+stage5_step_overhead() {
+  local out="$GPUBP_CHECK_WORK/step_overhead" args now left
+  if [ ! -f "$REPO/bench/step_overhead.py" ]; then
+    echo "(bench/step_overhead.py not in this tree: skipped)"
+    return 0
+  fi
+  if rehearsing; then
+    args=(--device cpu --quick)
+  else
+    now=$(date +%s)
+    left=$((${GPUBP_STAGE_DEADLINE:-$((now + 100))} - now - 10))
+    [ $left -gt 80 ] && left=80
+    if [ $left -lt 20 ]; then
+      echo "(no time left in this stage for bench/step_overhead.py: ${left} s)"
+      return 1
+    fi
+    args=(--device cuda --budget "$left")
+    [ $left -lt 60 ] && args+=(--quick)   # the stage was cut short by the budget
+  fi
+  echo "== training step: eager vs replayed (bench/step_overhead.py)"
+  echo "\$ $PY bench/step_overhead.py ${args[*]} --out $out"
+  (cd "$REPO" && "$PY" bench/step_overhead.py "${args[@]}" --out "$out")
+  local rc=$?
+  echo "(bench/step_overhead.py exit status $rc)"
+  return $rc
+}
+
+# Part a: gpubp bench's short suite, under its own timeout so that part b keeps ~90 s.
+stage5_bench() {
+  local help args=(--out "$GPUBP_CHECK_WORK/bench") cases=() c listing now left
   help=$(cd "$REPO" && "$PY" -m gpubp bench --help 2>&1) || { echo "$help"; return 1; }
   grep -q -- "--no-plots" <<<"$help" && args+=(--no-plots)
   grep -q -- "--no-compile" <<<"$help" && args+=(--no-compile)
@@ -233,9 +282,17 @@ stage5() {
     done
     [ ${#cases[@]} -gt 0 ] && args+=(--cases "$(IFS=,; echo "${cases[*]}")")
   fi
+  local keep=100   # seconds kept for part b (its CPU --quick run in a rehearsal: 30)
+  rehearsing && keep=30
+  now=$(date +%s)
+  left=$((${GPUBP_STAGE_DEADLINE:-$((now + 175))} - now - keep))
+  [ $left -gt 75 ] && left=75
+  [ $left -lt 10 ] && left=10
+  echo "== gpubp bench (limit $left s)"
   echo "\$ $PY -m gpubp bench ${args[*]}"
-  (cd "$REPO" && "$PY" -m gpubp bench "${args[@]}")
+  (cd "$REPO" && timeout -k 5 "$left" "$PY" -m gpubp bench "${args[@]}")
   local rc=$?
+  case $rc in 124 | 137) echo "(gpubp bench killed at its $left s limit)" ;; esac
   if [ -f "$GPUBP_CHECK_WORK/bench/summary.md" ]; then
     echo "== summary.md"
     cat "$GPUBP_CHECK_WORK/bench/summary.md"
@@ -352,8 +409,8 @@ for n in 0 1 2 3 4 5; do
   echo "$line"
 done
 
-# Everything else in one archive: the benchmark folder and the JUnit files (<= 8 files in all).
-(cd "$GPUBP_CHECK_WORK" && tar -czf "$OUT/raw.tgz" --exclude=tmp $(ls -d bench junit 2>/dev/null)) \
+# Everything else in one archive: the benchmark folders and the JUnit files (<= 8 files in all).
+(cd "$GPUBP_CHECK_WORK" && tar -czf "$OUT/raw.tgz" --exclude=tmp $(ls -d bench step_overhead junit 2>/dev/null)) \
   || echo "raw.tgz: tar failed" >>"$SUMMARY"
 total=$(($(date +%s) - START))
 {

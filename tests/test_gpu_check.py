@@ -152,6 +152,17 @@ def test_rehearsal_fits_what_comes_back(rehearsal):
         names = tar.getnames()
     assert any(n.startswith("junit/") and n.endswith(".xml") for n in names), names
     assert "bench/results.json" in names, names
+    assert "step_overhead/results.json" in names and "step_overhead/summary.md" in names, names
+
+
+@no_gpu_only
+def test_rehearsal_stage_5_runs_the_step_overhead_benchmark_on_the_cpu(rehearsal):
+    """Stage 5's part b (bench/step_overhead.py) runs its CPU side, --quick, and its table is in the log."""
+    _, out, _ = rehearsal
+    text = (out / "5-bench.txt").read_text()
+    assert re.search(r"^\$ .*bench/step_overhead\.py --device cpu --quick --out ", text, re.M), text[-3000:]
+    assert "(bench/step_overhead.py exit status 0)" in text, text[-3000:]
+    assert "| tiny 2-16-2 | gpubp replayed |" in text, text[-3000:]
 
 
 @no_gpu_only

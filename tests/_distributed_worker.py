@@ -412,10 +412,60 @@ def accumulate(comm, out, arg):
     return res
 
 
+# cases of CASES trained with graph=True and graph=False by the "graph" scenario (and accumulate=3 with dropout)
+GRAPH_CASES = ("dropout", "clip", "last_batch_of_one", "float32", "weighted_ce", "sgd_nesterov")
+
+
+def graph(comm, out, arg):
+    """fit(graph=True) and fit(graph=False) on every rank, per case of GRAPH_CASES plus accumulate=3 with
+    buckets: the parameters after every step and the history, and how many steps were replayed
+    (tests/test_step_capture.py: the same bits)."""
+    from gpubp.step_capture import StepCapture
+
+    made = []
+    init = StepCapture.__init__
+
+    def recorded(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+
+    StepCapture.__init__ = recorded
+    res = {}
+    try:
+        for name in (*GRAPH_CASES, "accumulate"):
+            got = {}
+            for mode in (False, True):
+                made.clear()
+                loss, make_opt, fit_kw, opts = CASES["dropout" if name == "accumulate" else name]
+                fit_kw = dict(fit_kw)
+                model = model_for(opts)
+                opt = make_opt(model.parameters())
+                x, y = data(opts.get("n", 23), loss)
+                if fit_kw.pop("weights", False):
+                    fit_kw["sample_weight"] = weights_for(x.shape[0])
+                if name == "accumulate":
+                    comm.bucket_bytes = 1  # a bucket per layer, started inside the recorded backward
+                    fit_kw.update(accumulate=3, batch_size=2)
+                rec = Record()
+                hist = model.fit(x, y, loss, opt, **{"epochs": EPOCHS, "batch_size": BATCH, "verbose": 0,
+                                                    "callbacks": [rec], "comm": comm, "graph": mode, **fit_kw})
+                comm.bucket_bytes = None
+                key = "graph" if mode else "eager"
+                got[f"params_{key}"] = np.stack(rec.steps).tobytes().hex()
+                got[f"history_{key}"] = {k: v for k, v in hist.items() if k != "time"}
+                if mode:
+                    got["replays"] = sum(c.replays for c in made)
+                    got["reason"] = [c.reason for c in made]
+            res[name] = got
+    finally:
+        StepCapture.__init__ = init
+    return {"cases": res}
+
+
 SCENARIOS = {f.__name__: f for f in (equivalence, api, bad_data, raise_midway, hang, nan_one_rank, interrupt,
                                      resume_mid_epoch, mismatch,
                                      seeds_differ, callbacks, checkpoint, device_api, device_equivalence,
-                                     buckets, device_buckets, accumulate)}
+                                     buckets, device_buckets, accumulate, graph)}
 
 
 def main() -> int:

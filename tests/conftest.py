@@ -135,6 +135,7 @@ SLOW_TESTS = {
     "tests/test_threads.py::test_two_ranks_under_mpiexec_share_the_cores": "an mpiexec world",
     "tests/test_training_health.py::test_ctrl_c_*": "a training process interrupted by SIGINT",
     "tests/test_accumulate.py::*_over_mpi": "an mpiexec world",
+    "tests/test_step_capture.py::test_a_data_parallel_world_of_two_*": "an mpiexec world, each case trained twice",
     "tests/test_cli.py::test_module_entry_point": "fresh gpubp processes",
     "tests/test_cli.py::test_console_script": "a fresh gpubp process",
     "tests/test_numba_compat.py::test_kernels_compile_where_numpy_has_no_row_stack": "a process compiling kernels",

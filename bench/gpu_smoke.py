@@ -17,7 +17,8 @@ where Numba found NVVM, libdevice and NVRTC), then runs:
                    value further than z moved).
   step-launches    kernel launches and host time per training step of a 64-256-256-10 relu MLP
                    (batch 128, Adam, cross-entropy; 8-16-16-10, batch 8 in the simulator), from the
-                   CUDA backend's launch_count().
+                   CUDA backend's launch_count(): the eager step (graph=False), then the recorded
+                   one (graph=True: a CUDA graph; a warning that it ran eagerly is quoted).
 
 Each check prints one line "check NAME: ok|FAIL|skipped: details"; the last line counts them.
 Exit status 1 when a check fails. With --rehearse (a machine without a GPU) the Numba kernel runs
@@ -33,6 +34,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,13 +260,20 @@ def check_step_launches(rehearse: bool) -> tuple[str, str]:
     opt = gp.optim.Adam(model.parameters(), lr=1e-3)
     b = model.arena.backend
     fit = dict(loss="cross_entropy", optimizer=opt, epochs=1, batch_size=batch, shuffle=False, verbose=0)
-    model.fit(x, y, **fit)  # compile and warm up
-    before, t0 = b.launch_count(), time.perf_counter()
-    model.fit(x, y, **fit)
-    took = (time.perf_counter() - t0) / steps
-    per_step = (b.launch_count() - before) / steps
-    return "ok", (f"{device}, {d}-{h}-{h}-10 relu, batch {batch}, Adam: {per_step:g} launches per step, "
-                  f"{took * 1e6:.0f} us per step (host wall time)")
+    figures = {}
+    for graph in (False, True):  # the eager step launch by launch, then the recorded one (a CUDA graph)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, graph=graph, **fit)  # compile and warm up (graph: record)
+            before, t0 = b.launch_count(), time.perf_counter()
+            model.fit(x, y, graph=graph, **fit)  # (a new fit records its first step again)
+        took = (time.perf_counter() - t0) / steps
+        eager = [str(w.message) for w in caught if "runs eagerly" in str(w.message)]
+        figures[graph] = ((b.launch_count() - before) / steps, took, eager)
+    (n_e, t_e, _), (n_g, t_g, why) = figures[False], figures[True]
+    return "ok", (f"{device}, {d}-{h}-{h}-10 relu, batch {batch}, Adam: eager {n_e:g} launches per step, "
+                  f"{t_e * 1e6:.0f} us per step (host wall time); graph=True {n_g:g} kernel launches counted per "
+                  f"step, {t_g * 1e6:.0f} us per step" + (f" [{why[0]}]" if why else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

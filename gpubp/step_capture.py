@@ -145,10 +145,9 @@ class StepCapture:
                         backend.assign_(ws, weights[mine])
             got.plan.replay()
             self.replays += 1
-        # The outputs are the plan's buffers, which the next replay writes again; the loop may keep a
-        # step's outputs past it (gathered metrics, f1 or roc_auc, hold every batch's until the epoch's
-        # end), so each part gets a copy, made outside the plan, as the eager step's are fresh arrays.
-        parts = [Part(out.copy(), inp[1], mine, inp[2], None if weights is None else weights[mine])
+        # The outputs (and staged targets, weights) are the plan's buffers, which the next replay
+        # writes again: what the loop keeps past the step it copies (metrics.Tracker's gathered outputs).
+        parts = [Part(out, inp[1], mine, inp[2], None if weights is None else weights[mine])
                  for (_, _, mine, _), inp, out in zip(pieces, got.inputs, got.outs, strict=True) if inp is not None]
         return StepResult(step_plan.get(got.value), nb, W, parts)
 

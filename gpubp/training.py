@@ -182,8 +182,9 @@ def fit(
             eager): the first step of each shape is recorded, every later one replays it,
             bit for bit the eager step (:mod:`gpubp.step_capture`): a CUDA graph on a GPU (one
             launch per step), a plan of bound kernel calls on the CPU. With ``check_finite=True``
-            or ``gradient_stats`` the step runs eagerly (True: with a warning saying why), as it
-            does from the first step that cannot be recorded (a warning names the cause).
+            the step runs eagerly (True: with a warning saying why), as it does from the first
+            step that cannot be recorded (a warning names the cause); with ``gradient_stats``,
+            the epoch's last step (whose gradients it reads).
 
     History keys: ``loss`` (per-sample mean over the epoch), ``accuracy`` (for
     CrossEntropy and BCEWithLogits), each metric, ``val_loss`` / ``val_accuracy`` /

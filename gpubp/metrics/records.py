@@ -218,7 +218,7 @@ class Tracker:
             if self.weighted:
                 self.ws.append(np.asarray(w_rows, dtype=np.float64))
         if self._gathers:
-            self.outs.append(out)
+            self.outs.append(out.copy())  # kept to the epoch's end: a recorded step's buffer is written again
 
     def _device_sum(self, m: Metric, out: Any, yb: Any, wb: Any) -> Any:
         """This batch's sums of metric ``m`` on the backend (float64): weighted hits (top-k), or

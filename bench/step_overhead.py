@@ -101,7 +101,7 @@ def initial_params(widths):
     """gpubp's initial parameters (seed 0) as float32 NumPy [(W (in, out), b (out,)), ...]."""
     m = gpubp_model(widths, "cpu")
     ps = [np.array(p.data, dtype=np.float32) for p in m.parameters()]
-    return list(zip(ps[0::2], ps[1::2]))
+    return list(zip(ps[0::2], ps[1::2], strict=True))
 
 
 def batch(widths, b):

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpubp import losses as losses_mod
-from gpubp import step_plan
 from gpubp import metrics as metrics_mod
+from gpubp import step_plan
 from gpubp._lazy import LazyRows, is_array_like
 from gpubp._validate import as_float_array, boolean, check_2d, check_finite, positive_int, sample_weights, weight_sum
 from gpubp.backends import DENSE_IMPLS, Backend, get_backend

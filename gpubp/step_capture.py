@@ -37,6 +37,7 @@ import numpy as np
 
 from gpubp import step_plan
 from gpubp._validate import weight_sum
+from gpubp.step_parts import Part, StepResult, rows_in
 from gpubp.step_plan import CaptureError, Plan
 
 __all__ = ["StepCapture", "Captured", "GRAPH_MODES", "graph_arg"]
@@ -111,8 +112,6 @@ class StepCapture:
                  weights: np.ndarray | None = None) -> Any:
         """The step of big batch ``rows`` (TrainStep.__call__'s arguments), its update included; None
         when it must run eagerly (then nothing of it has run)."""
-        from gpubp.train_step import Part, StepResult, rows_in
-
         if self.reason is not None:
             return None
         st, backend = self.step, self.step.backend

@@ -32,7 +32,6 @@ training step", for CUDA graph capture and mixed precision.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,23 +39,8 @@ import numpy as np
 from gpubp import step_plan
 from gpubp._validate import weight_sum
 from gpubp.diagnostics import NonFiniteError
-
-
-def rows_in(rows: Any, n: int) -> int:
-    """The number of rows of ``rows`` (a slice of [0, n) or a host index array)."""
-    if isinstance(rows, slice):
-        start, stop, _ = rows.indices(n)
-        return max(stop - start, 0)
-    return len(rows)
-
-
-def cut(rows: Any, n: int, size: int) -> list[Any]:
-    """``rows`` (a slice of [0, n) or a host index array) cut into parts of ``size`` rows, in order
-    (the last part holds the remainder)."""
-    if isinstance(rows, slice):
-        start, stop, _ = rows.indices(n)
-        return [slice(i, min(i + size, stop)) for i in range(start, stop, size)] or [slice(start, start)]
-    return [rows[i : i + size] for i in range(0, len(rows), size)] or [rows]
+from gpubp.step_capture import StepCapture, graph_arg
+from gpubp.step_parts import Part, StepResult, cut, rows_in
 
 
 def _fill0(a: Any) -> None:
@@ -127,28 +111,6 @@ class LocalStrategy(Strategy):
     """One process: every hook is the identity."""
 
 
-@dataclass
-class Part:
-    """One micro-batch on this rank, as the epoch's sums and metrics need it."""
-
-    out: Any  # the model's outputs (n, out)
-    yb: Any  # targets on the backend
-    rows: Any  # the rows of y (host index or slice)
-    wb: Any = None  # row weights on the backend
-    w_rows: Any = None  # row weights on the host
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step leaves for the loop: the loss of this rank's rows (scaled for the big
-    batch: summed over ranks it is the big batch's loss), the big batch's rows and weight, the parts."""
-
-    value: Any
-    rows: int
-    weight: float | None
-    parts: list[Part] = field(default_factory=list)
-
-
 class _Found(Exception):
     """The replay found NaN/Inf (its text)."""
 
@@ -187,8 +149,6 @@ class TrainStep:
         ``graph`` True (say why when a step must run eagerly), "auto" (eager without a word where
         capture is known not to work) or False (eager). Returns ``self``; then ``step(...)``
         followed by ``step.update()`` runs an optimizer step, replayed after its shape's first."""
-        from gpubp.step_capture import StepCapture, graph_arg
-
         graph = graph_arg(graph)
         self.graphs = StepCapture(self, graph) if graph is not False else None
         return self

@@ -4,7 +4,8 @@ Dense: z = x @ W + b, a = f(z); shapes x (N, in), W (in, out), b (out,), z and a
 (N, out). Dropout: y = x * keep / (1 - p) with a mask drawn from a counter-based
 generator. The maths runs in the model's backend (gpubp.backends.base.Backend; the
 NumPy reference on the CPU); a layer holds its parameters, what forward saves for
-backward, and its initialisation.
+backward, and its initialisation. ``layer.precision`` (a gpubp.precision.Precision, or None)
+is handed to the backend with every call: the rounding points of a mixed-precision layer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gpubp._random import dropout_key, offset_key
 from gpubp._validate import positive_int
 from gpubp.activations import Activation
 from gpubp.parameter import Arena, Parameter
+from gpubp.precision import Precision
 
 INITS = ("he_uniform", "he_normal", "glorot_uniform", "glorot_normal")
 
@@ -36,10 +38,17 @@ class Layer:
     in_features: int | None = None
     out_features: int | None = None
     num_parameters = 0
+    #: the precision the layer's maths runs in (gpubp.precision; set by the model on every layer):
+    #: None is float32 / float64 as the arrays are, with no rounding
+    precision: Precision | None = None
 
     def bind(self, arena: Arena, index: int, backend: Any) -> None:
         self._backend = backend
         self._saved: tuple = ()
+
+    def _precision(self) -> dict[str, Any]:
+        """The backend calls' ``precision`` keyword: none at all while it is None (the calls as before)."""
+        return {} if self.precision is None else {"precision": self.precision}
 
     def initial_weight(self, rng: np.random.Generator) -> np.ndarray | None:
         return None  # no weight to draw
@@ -143,7 +152,7 @@ class Dense(Layer):
     def forward(self, x: Any, training: bool = True) -> Any:
         """a = f(x @ W + b) for x (N, in); keeps (x, z or a) for backward when training."""
         w, b = self.parameters()
-        a, saved = self._backend.dense_forward(x, w.data, b.data, self.activation, training)
+        a, saved = self._backend.dense_forward(x, w.data, b.data, self.activation, training, **self._precision())
         self._saved = saved
         return a
 
@@ -152,7 +161,8 @@ class Dense(Layer):
         if not self._saved:
             raise RuntimeError("backward called without a training forward pass before it")
         w, b = self.parameters()
-        dx = self._backend.dense_backward(da, self._saved, w.data, self.activation, w.grad, b.grad, need_dx)
+        dx = self._backend.dense_backward(da, self._saved, w.data, self.activation, w.grad, b.grad, need_dx,
+                                          **self._precision())
         self._saved = ()
         return dx
 
@@ -220,7 +230,7 @@ class Dropout(Layer):
             self._saved = ("identity",) if training else ()
             return x
         key = step_plan.value(functools.partial(self.key, int(x.shape[1])), "dropout key")
-        y, keep = self._backend.dropout_forward(x, key, self.p)
+        y, keep = self._backend.dropout_forward(x, key, self.p, **self._precision())
         self._saved = (keep,)
         return y
 
@@ -232,7 +242,7 @@ class Dropout(Layer):
         self._saved = ()
         if isinstance(keep, str):
             return da
-        return self._backend.dropout_backward(da, keep, self.p)
+        return self._backend.dropout_backward(da, keep, self.p, **self._precision())
 
     def config(self) -> dict[str, Any]:
         return {"type": "Dropout", "p": self.p}

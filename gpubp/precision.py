@@ -180,3 +180,31 @@ def round_to(xp: Any, a: Any, kind: str | None, out: Any = None) -> Any:
         return r
     out[...] = r
     return out
+
+
+# --- emulation: the rounding points around a backend's float32 dense kernels -----------------------
+
+
+def emulate_dense_forward(xp: Any, forward32: Any, x: Any, w: Any, b: Any, act: Any, training: bool,
+                          p: Precision) -> tuple[Any, tuple]:
+    """The spec's forward under ``p`` from a backend's float32 forward ``forward32(x, w, b, act,
+    training) -> (a, saved)`` that returns fresh arrays: run on R_g(x), R_g(W), then a and the
+    saved z or a rounded to ``p.store`` in place (saved x is R_g(x))."""
+    a, saved = forward32(round_to(xp, x, p.gemm), round_to(xp, w, p.gemm), b, act, training)
+    if p.store is not None:
+        round_to(xp, a, p.store, out=a)
+        kept = saved[1] if saved else None
+        if kept is not None and kept is not a:
+            round_to(xp, kept, p.store, out=kept)
+    return a, saved
+
+
+def emulate_dense_gemms(xp: Any, xg: Any, dz: Any, w: Any, dw: Any, need_dx: bool, p: Precision) -> Any:
+    """The spec's backward GEMMs under ``p`` given the float32 dz (db formed from it already) and the
+    saved R_g(x): dW = R_g(x)^T @ R_g(dz) into ``dw``; returns dx = R_s(R_g(dz) @ R_g(W)^T) or None."""
+    dzg = round_to(xp, dz, p.gemm)
+    xp.matmul(xg.T, dzg, out=dw)
+    if not need_dx:
+        return None
+    dx = xp.matmul(dzg, round_to(xp, w, p.gemm).T)
+    return round_to(xp, dx, p.store, out=dx)

@@ -44,6 +44,7 @@ from gpubp.activations import Activation
 
 if TYPE_CHECKING:  # the optimizer and loss rows import this module
     from gpubp.backends.rows import Hyper, LossRule, Rule
+    from gpubp.precision import Precision
 
 Array = Any  # an array of the backend's array module (numpy.ndarray, cupy.ndarray)
 Value = Any  # a loss value: a float on the host, a 0-d float64 device array on a GPU
@@ -114,27 +115,40 @@ class Backend(ABC):
 
     # --- dense layer: forward and backward as a pair --------------------------------------
 
+    # ``precision``: None (or fp32: the float32 code path, bit for bit), or a
+    # gpubp.precision.Precision of a float32 model, whose rounding points (R_g: GEMM inputs to
+    # ``precision.gemm``, R_s: stored values to ``precision.store``, gpubp.precision.round_to)
+    # numpy_ref defines; every backend rounds at the same points.
+
     @abstractmethod
-    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
+    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool,
+                      precision: Precision | None = None) -> tuple[Array, tuple]:
         """a = f(x @ W + b) (N, out). Returns ``(a, saved)``: what :meth:`dense_backward`
-        needs, ``(x, z or a or a mask)``, or ``()`` when not training."""
+        needs, ``(x, z or a or a mask)``, or ``()`` when not training. Under a precision:
+        z = R_g(x) @ R_g(W) (float32 accumulation), a = f(z + b) in float32, returned as R_s(a),
+        saved (R_g(x), R_s(z or a or a mask))."""
 
     @abstractmethod
     def dense_backward(
-        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool
+        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool,
+        precision: Precision | None = None,
     ) -> Array | None:
         """Given da = dL/da (N, out): dz = da * f'; dW = x^T dz written into ``dw`` (=, not +=);
-        db = sum_rows dz written into ``db``; returns dx = dz W^T (N, in) when ``need_dx``, else None."""
+        db = sum_rows dz written into ``db``; returns dx = dz W^T (N, in) when ``need_dx``, else None.
+        Under a precision: dz, db in float32; dW = R_g(x)^T @ R_g(dz) (float32 accumulation, into the
+        float32 ``dw``); dx = R_s(R_g(dz) @ R_g(W)^T)."""
 
     # --- dropout (gpubp.layers.Dropout): the mask is gpubp._random.dropout_keep's, bit for bit ---
 
     @abstractmethod
-    def dropout_forward(self, x: Array, key: int, p: float) -> tuple[Array, Array]:
-        """y = x * keep / (1 - p) with keep = gpubp._random.dropout_keep(xp, key, x.shape, p); returns (y, keep)."""
+    def dropout_forward(self, x: Array, key: int, p: float,
+                        precision: Precision | None = None) -> tuple[Array, Array]:
+        """y = x * keep / (1 - p) with keep = gpubp._random.dropout_keep(xp, key, x.shape, p); returns (y, keep).
+        Under a precision: y = R_s(x * keep / (1 - p))."""
 
     @abstractmethod
-    def dropout_backward(self, dy: Array, keep: Array, p: float) -> Array:
-        """dx = dy * keep / (1 - p)."""
+    def dropout_backward(self, dy: Array, keep: Array, p: float, precision: Precision | None = None) -> Array:
+        """dx = dy * keep / (1 - p); under a precision R_s of it."""
 
     # --- losses: value and gradient in one call, any loss row (gpubp.losses) --------------------
     # ``scale`` is 1/count for reduction="mean" and 1 for "sum"; the value is reduced in float64.

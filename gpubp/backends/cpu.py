@@ -14,6 +14,10 @@ and for relu a = max(z, 0) as the mask (a > 0 exactly where z > 0, NaN included)
 relu's forward writes one array in place. Float32 gelu and softmax use numba_cpu's
 polynomial erf/exp (error bounds there), float64 libm.
 
+Mixed precision (a ``precision`` argument): the same kernels on copies rounded at the spec's
+points (gpubp.precision.emulate_dense_forward / emulate_dense_gemms), an emulation; dropout is
+the reference's, rounding included; a recorded step runs these calls eagerly (cpu_plan declines).
+
 Array helpers, dropout, the max-abs reduction, scale_ and the clip are the reference's (NumpyBackend):
 each is a single NumPy pass already. Threads: :mod:`gpubp.threads`, applied when the
 backend is first made. ``tests/test_conformance.py`` checks every operation against the
@@ -31,6 +35,7 @@ from gpubp.activations import Activation
 from gpubp.backends import cpu_loss, cpu_plan, cpu_update
 from gpubp.backends import numba_cpu as K
 from gpubp.backends.numpy_ref import NumpyBackend
+from gpubp.precision import Precision, active, emulate_dense_forward, emulate_dense_gemms
 
 if TYPE_CHECKING:
     from gpubp.backends.rows import Hyper, LossRule, Rule
@@ -73,7 +78,14 @@ class CpuBackend(NumpyBackend):
 
     # --- dense layer ---------------------------------------------------------------------------
 
-    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
+    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool,
+                      precision: Precision | None = None) -> tuple[Array, tuple]:
+        prec = active(precision)
+        if prec is not None:  # the float32 kernels on rounded copies, outputs rounded (gpubp.precision)
+            return emulate_dense_forward(np, self._dense_forward, x, w, b, act, training, prec)
+        return self._dense_forward(x, w, b, act, training)
+
+    def _dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
         z = np.matmul(x, w)
         n, m = z.shape
         keep_z = training and act.saves == "z" and act.id != _RELU
@@ -87,9 +99,19 @@ class CpuBackend(NumpyBackend):
         return a, (x, None if act.saves == "" else z)
 
     def dense_backward(
-        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool
+        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool,
+        precision: Precision | None = None,
     ) -> Array | None:
         x, kept = saved
+        dz = self._act_bias_grad(da, kept, act, db)
+        prec = active(precision)
+        if prec is not None:
+            return emulate_dense_gemms(np, x, dz, w, dw, need_dx, prec)
+        np.matmul(x.T, dz, out=dw)
+        return dz @ w.T if need_dx else None
+
+    def _act_bias_grad(self, da: Array, kept: Array | None, act: Activation, db: Array) -> Array:
+        """dz = da f'(kept) and db = sum_rows dz (one fused pass); returns dz."""
         da = _c(da)
         n, m = da.shape
         if n == 0:
@@ -102,8 +124,7 @@ class CpuBackend(NumpyBackend):
             p0, p1 = (da.dtype.type(v) for v in act.packed())
             kernel = K.act_bias_grad(act.id, da.dtype == np.float32, K.parallel_for(da.size))
             kernel(da, da if kept is None else kept, p0, p1, dz, partial, db, rows)
-        np.matmul(x.T, dz, out=dw)
-        return dz @ w.T if need_dx else None
+        return dz
 
     # --- losses: an element-wise row's term in the generic loop, or the softmax rows -----------
 

@@ -12,6 +12,8 @@ read when the thunk runs. A form returns None where its arguments are not what i
 (a non-contiguous operand the eager method would copy); the plan then records the eager call.
 
 Dropout is not planned (its mask is the reference's NumPy expression: the replay recomputes it).
+Nor is a dense layer under a mixed precision (``precision`` not None or fp32): the forms decline,
+and the plan records the eager call (its emulation rounds fresh copies each call).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from gpubp.backends import cpu_loss, cpu_update
 from gpubp.backends import numba_cpu as K
+from gpubp.precision import active
 from gpubp.step_plan import get
 
 Thunk = Callable[[], Any]
@@ -43,9 +46,9 @@ def _all_finite(g):  # noqa: ANN001, ANN202 - a Numba kernel
     return True
 
 
-def dense_forward(self: Any, x: Any, w: Any, b: Any, act: Any, training: bool) -> Thunk | None:
+def dense_forward(self: Any, x: Any, w: Any, b: Any, act: Any, training: bool, precision: Any = None) -> Thunk | None:
     """CpuBackend.dense_forward's: z = x @ W (BLAS, into z), a = f(z + b) (bias_act)."""
-    if not _contiguous(x, b) or x.shape[0] == 0 or w.shape[1] == 0:
+    if active(precision) is not None or not _contiguous(x, b) or x.shape[0] == 0 or w.shape[1] == 0:
         return None
     z = np.empty((x.shape[0], w.shape[1]), dtype=np.result_type(x, w))
     keep_z = training and act.saves == "z" and act.id != _RELU
@@ -64,10 +67,10 @@ def dense_forward(self: Any, x: Any, w: Any, b: Any, act: Any, training: bool) -
 
 
 def dense_backward(self: Any, da: Any, saved: tuple, w: Any, act: Any, dw: Any, db: Any,
-                   need_dx: bool) -> Thunk | None:
+                   need_dx: bool, precision: Any = None) -> Thunk | None:
     """CpuBackend.dense_backward's: dz = da f', db (act_bias_grad), dW = x^T dz, dx = dz W^T (BLAS)."""
     x, kept = saved
-    if not _contiguous(da) or da.shape[0] == 0:
+    if active(precision) is not None or not _contiguous(da) or da.shape[0] == 0:
         return None
     n, m = da.shape
     dz = da if act.saves == "" else np.empty_like(da)

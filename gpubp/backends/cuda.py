@@ -19,6 +19,10 @@ used in turn: a copy is queued asynchronously, and a buffer is refilled only
 after the copy queued from it four uploads ago has finished (a training step
 uploads x and y, so the host runs at most two steps ahead of the device).
 
+Mixed precision (a ``precision`` argument, gpubp.precision): emulated around the unfused path,
+fused or not: the kernels above on copies rounded at the spec's points (round_to on CuPy arrays),
+outputs rounded in place; tensor-core GEMMs are not used yet.
+
 With ``fused=True`` dense layers run the fused CUDA C kernels of kernels/ instead
 (gpubp.backends.cuda_fused: forward GEMM + bias + activation in one kernel, backward
 with dz formed in the operand loads); everything else is the same.
@@ -39,6 +43,7 @@ import numpy as np
 from gpubp._random import dropout_keep
 from gpubp.activations import Activation
 from gpubp.backends.base import Array, Backend, Value
+from gpubp.precision import Precision, active, emulate_dense_forward, emulate_dense_gemms, round_to
 from gpubp.step_plan import CaptureError, Cell, get
 
 if TYPE_CHECKING:
@@ -160,8 +165,8 @@ class CudaBackend(Backend):
     def plan_flag_nonfinite_(self, value: Any, g: Array, flag: Array, tag: Any) -> Any:
         return lambda: self.flag_nonfinite_(value, g, flag, tag)
 
-    def plan_dropout_forward(self, x: Array, key: Any, p: float) -> Any:
-        return _refilled(lambda: self.dropout_forward(x, key, p))
+    def plan_dropout_forward(self, x: Array, key: Any, p: float, precision: Precision | None = None) -> Any:
+        return _refilled(lambda: self.dropout_forward(x, key, p, precision))
 
     def plan_loss(self, rule: LossRule, pred: Array, target: Array, scale: Any, weight: Array | None = None) -> Any:
         return _refilled(lambda: self.loss(rule, pred, target, scale, weight))
@@ -314,11 +319,21 @@ class CudaBackend(Backend):
 
     # -- dense layer: forward and backward as a pair -----------------------------------------
 
-    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
-        """a = f(x @ W + b); saved = (x, z or a or a mask) when training, else (). See numpy_ref."""
+    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool,
+                      precision: Precision | None = None) -> tuple[Array, tuple]:
+        """a = f(x @ W + b); saved = (x, z or a or a mask) when training, else (). See numpy_ref.
+        Under a precision: the unfused kernels on copies rounded at the spec's points (an emulation)."""
+        prec = active(precision)
+        if prec is not None:
+            with self.context(), self._oom(f"a mixed-precision dense forward of shape {tuple(x.shape)}"):
+                return emulate_dense_forward(self.xp, self._dense_forward, x, w, b, act, training, prec)
         if self.fused:
             with self.context(), self._oom(f"a fused dense forward of shape {tuple(x.shape)}"):
                 return self._fused.dense_forward(x, w, b, act, training)
+        return self._dense_forward(x, w, b, act, training)
+
+    def _dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
+        """The unfused forward: cuBLAS, then the bias-activation kernel."""
         xp = self.xp
         with self._launching(f"a dense forward of shape {tuple(x.shape)} @ {tuple(w.shape)}") as s:
             z = xp.matmul(x, w)
@@ -331,9 +346,14 @@ class CudaBackend(Backend):
         return a, (x, {"z": z, "a": a, "": None}[act.saves])
 
     def dense_backward(
-        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool
+        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool,
+        precision: Precision | None = None,
     ) -> Array | None:
-        """dz = da * f'; dW = x^T dz (into dw); db = sum_rows dz (into db); dx = dz W^T if need_dx."""
+        """dz = da * f'; dW = x^T dz (into dw); db = sum_rows dz (into db); dx = dz W^T if need_dx.
+        Under a precision: the unfused kernels for dz and db, the GEMMs on rounded copies (an emulation)."""
+        prec = active(precision)
+        if prec is not None:
+            return self._dense_backward_mixed(da, saved, w, act, dw, db, need_dx, prec)
         if self.fused:
             with self.context(), self._oom(f"a fused dense backward of shape {tuple(da.shape)}"):
                 return self._fused.dense_backward(da, saved, w, act, dw, db, need_dx)
@@ -352,18 +372,37 @@ class CudaBackend(Backend):
             self.nk.bias_grad(dz, db, stream=s, work=work, **self._bias_launch)
             return xp.matmul(dz, w.T) if need_dx else None
 
+    def _dense_backward_mixed(self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array,
+                              need_dx: bool, prec: Precision) -> Array | None:
+        x, kept = saved
+        with self._launching(f"a mixed-precision dense backward of shape {tuple(da.shape)}") as s:
+            if act.saves == "":
+                dz = da
+            else:
+                z = kept if act.saves == "z" else None
+                a = kept if act.saves == "a" else None
+                dz = self.nk.activation_backward(da, z, a, act, stream=s, **self._launch)
+            work = self._scratch(self.nk.bias_grad_work_size(*dz.shape), "bias_grad")
+            self.nk.bias_grad(dz, db, stream=s, work=work, **self._bias_launch)
+            self._gemms += 1 + bool(need_dx)
+            return emulate_dense_gemms(self.xp, x, dz, w, dw, need_dx, prec)
+
     # -- dropout: the reference's counter-based mask, computed with this backend's array module ----
 
-    def dropout_forward(self, x: Array, key: Any, p: float) -> tuple[Array, Array]:
+    def dropout_forward(self, x: Array, key: Any, p: float, precision: Precision | None = None) -> tuple[Array, Array]:
         with self.context(), self._oom(f"dropout over {tuple(x.shape)}"):
             if type(key) is Cell:  # a recorded step's: the key read on the device, the same mask
                 key = self._cell(key, np.uint64, "one")
             keep = dropout_keep(self.xp, key, tuple(x.shape), p)
-            return x * keep * x.dtype.type(1.0 / (1.0 - p)), keep
+            y = x * keep * x.dtype.type(1.0 / (1.0 - p))
+            prec = active(precision)
+            return (y if prec is None else round_to(self.xp, y, prec.store, out=y)), keep
 
-    def dropout_backward(self, dy: Array, keep: Array, p: float) -> Array:
+    def dropout_backward(self, dy: Array, keep: Array, p: float, precision: Precision | None = None) -> Array:
         with self.context(), self._oom(f"dropout backward over {tuple(dy.shape)}"):
-            return dy * keep * dy.dtype.type(1.0 / (1.0 - p))
+            dx = dy * keep * dy.dtype.type(1.0 / (1.0 - p))
+            prec = active(precision)
+            return dx if prec is None else round_to(self.xp, dx, prec.store, out=dx)
 
     # -- losses: value and gradient in one call (numba_cuda.loss: the rule's kernel family) -------
 

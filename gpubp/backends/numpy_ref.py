@@ -9,6 +9,11 @@ reductions live beside them in ``numpy_optim``, each optimizer's update is its r
 NumPy spec in ``gpubp/optim/``, each loss its row's NumPy spec in ``gpubp/losses/``);
 :class:`NumpyBackend` implements the backend interface (gpubp.backends.base.Backend) by
 calling them.
+
+Mixed precision (``precision``, a :class:`gpubp.precision.Precision`, or None): the rounding
+points of :mod:`gpubp.precision` are defined here. R_g rounds GEMM inputs to ``precision.gemm``,
+R_s stored values to ``precision.store`` (:func:`gpubp.precision.round_to`, the identity where the
+kind is None); everything else is float32. None or ``fp32``: the code path without rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from gpubp._random import dropout_keep
 from gpubp.activations import Activation
 from gpubp.backends import numpy_optim
 from gpubp.backends.base import Backend
+from gpubp.precision import Precision, active, round_to
 
 if TYPE_CHECKING:
     from gpubp.backends.rows import Hyper, LossRule, Rule
@@ -31,14 +37,21 @@ Array = np.ndarray
 # --- dense layer: forward and backward as a pair -----------------------------------------
 
 
-def dense_forward(x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
+def dense_forward(x: Array, w: Array, b: Array, act: Activation, training: bool,
+                  precision: Precision | None = None) -> tuple[Array, tuple]:
     """a = f(x @ W + b).
 
     x (N, in), w (in, out), b (out,) -> a (N, out).
     Returns ``(a, saved)``; ``saved`` is what :func:`dense_backward` needs and
     nothing more: ``(x, z)`` or ``(x, a)`` as ``act.saves`` says, or ``()`` when
     not training.
+
+    Under a precision P (float32): z = R_g(x) @ R_g(W) (a float32 GEMM of the rounded inputs),
+    a = f(z + b) in float32, returned as R_s(a); saved (R_g(x), R_s(z) or R_s(a)).
     """
+    p = active(precision)
+    if p is not None:
+        return _dense_forward_mixed(x, w, b, act, training, p)
     z = x @ w
     z += b
     a = act.forward(z)
@@ -49,7 +62,8 @@ def dense_forward(x: Array, w: Array, b: Array, act: Activation, training: bool)
 
 
 def dense_backward(
-    da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool
+    da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool,
+    precision: Precision | None = None,
 ) -> Array | None:
     """Backward of :func:`dense_forward`, given da = dL/da (N, out).
 
@@ -57,7 +71,14 @@ def dense_backward(
         dW = x^T @ dz        (in, out)   written into ``dw`` (=, not +=)
         db = sum_rows dz     (out,)      written into ``db``
         dx = dz @ W^T        (N, in)     returned when ``need_dx``, else None
+
+    Under a precision P: dz and db as above in float32 (x, z or a the saved, rounded ones);
+    dW = R_g(x)^T @ R_g(dz) (float32 accumulation, into the float32 ``dw``);
+    dx = R_s(R_g(dz) @ R_g(W)^T).
     """
+    p = active(precision)
+    if p is not None:
+        return _dense_backward_mixed(da, saved, w, act, dw, db, need_dx, p)
     x, kept = saved
     z = kept if act.saves == "z" else None
     a = kept if act.saves == "a" else None
@@ -67,18 +88,44 @@ def dense_backward(
     return dz @ w.T if need_dx else None
 
 
+def _dense_forward_mixed(x: Array, w: Array, b: Array, act: Activation, training: bool,
+                         p: Precision) -> tuple[Array, tuple]:
+    xg = round_to(np, x, p.gemm)
+    z = xg @ round_to(np, w, p.gemm)  # float32 accumulation
+    z += b
+    a = round_to(np, act.forward(z), p.store)
+    if not training:
+        return a, ()
+    kept = {"z": round_to(np, z, p.store), "a": a, "": None}[act.saves]
+    return a, (xg, kept)
+
+
+def _dense_backward_mixed(da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array,
+                          need_dx: bool, p: Precision) -> Array | None:
+    xg, kept = saved  # R_g(x), and R_s(z) or R_s(a)
+    dz = act.backward(da, kept if act.saves == "z" else None, kept if act.saves == "a" else None)
+    np.sum(dz, axis=0, out=db)
+    dzg = round_to(np, dz, p.gemm)
+    np.matmul(xg.T, dzg, out=dw)
+    return round_to(np, dzg @ round_to(np, w, p.gemm).T, p.store) if need_dx else None
+
+
 # --- dropout: the mask from gpubp._random's counter-based generator ------------------------------
 
 
-def dropout_forward(x: Array, key: int, p: float) -> tuple[Array, Array]:
-    """y = x * keep / (1 - p); returns (y, keep)."""
+def dropout_forward(x: Array, key: int, p: float, precision: Precision | None = None) -> tuple[Array, Array]:
+    """y = x * keep / (1 - p); returns (y, keep). Under a precision: y = R_s(x * keep / (1 - p))."""
     keep = dropout_keep(np, key, x.shape, p)
-    return x * keep * x.dtype.type(1.0 / (1.0 - p)), keep
+    y = x * keep * x.dtype.type(1.0 / (1.0 - p))
+    prec = active(precision)
+    return (y if prec is None else round_to(np, y, prec.store, out=y)), keep
 
 
-def dropout_backward(dy: Array, keep: Array, p: float) -> Array:
-    """dx = dy * keep / (1 - p)."""
-    return dy * keep * dy.dtype.type(1.0 / (1.0 - p))
+def dropout_backward(dy: Array, keep: Array, p: float, precision: Precision | None = None) -> Array:
+    """dx = dy * keep / (1 - p). Under a precision: dx = R_s(dy * keep / (1 - p))."""
+    dx = dy * keep * dy.dtype.type(1.0 / (1.0 - p))
+    prec = active(precision)
+    return dx if prec is None else round_to(np, dx, prec.store, out=dx)
 
 
 # --- the interface ---------------------------------------------------------------------------
@@ -113,20 +160,22 @@ class NumpyBackend(Backend):
         return np.ascontiguousarray(data[index])
 
     # dense layer
-    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool) -> tuple[Array, tuple]:
-        return dense_forward(x, w, b, act, training)
+    def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool,
+                      precision: Precision | None = None) -> tuple[Array, tuple]:
+        return dense_forward(x, w, b, act, training, precision)
 
     def dense_backward(
-        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool
+        self, da: Array, saved: tuple, w: Array, act: Activation, dw: Array, db: Array, need_dx: bool,
+        precision: Precision | None = None,
     ) -> Array | None:
-        return dense_backward(da, saved, w, act, dw, db, need_dx)
+        return dense_backward(da, saved, w, act, dw, db, need_dx, precision)
 
     # dropout
-    def dropout_forward(self, x: Array, key: int, p: float) -> tuple[Array, Array]:
-        return dropout_forward(x, key, p)
+    def dropout_forward(self, x: Array, key: int, p: float, precision: Precision | None = None) -> tuple[Array, Array]:
+        return dropout_forward(x, key, p, precision)
 
-    def dropout_backward(self, dy: Array, keep: Array, p: float) -> Array:
-        return dropout_backward(dy, keep, p)
+    def dropout_backward(self, dy: Array, keep: Array, p: float, precision: Precision | None = None) -> Array:
+        return dropout_backward(dy, keep, p, precision)
 
     # losses: the row's NumPy spec
     def loss(self, rule: LossRule, pred: Array, target: Array, scale: float,

@@ -13,6 +13,18 @@ enough" has one answer per question:
 | float32 activation with device libm vs float64       | :func:`activation_bound`             |
 | f' that jumps (relu family) near its kink            | :func:`kinks`, :func:`near_kink`     |
 | a benchmark result vs the reference (max-relative)   | :func:`gate_tolerance`, :func:`rel_err` |
+| unit roundoff / underflow of a rounding kind         | :data:`KIND_ROUNDOFF`, :data:`KIND_UNDERFLOW` |
+| a dot product of inputs rounded to a kind (tf32, bf16, fp16), float32 accumulation, vs the float64 product of the unrounded inputs | :func:`mixed_dot_error_bound` |
+| one rounding of a stored value to a kind (R_s)       | :func:`store_error_bound`; one ulp: :func:`ulp_bound` |
+
+The rounding kinds (gpubp.precision: tf32 and fp16 keep 10 mantissa bits, bf16 7):
+
+| kind | unit roundoff u | underflow (absolute error below the normal range) |
+|------|-----------------|---------------------------------------------------|
+| fp32 | 2^-24           | 2^-150                                            |
+| tf32 | 2^-11           | 2^-137                                            |
+| bf16 | 2^-8            | 2^-134                                            |
+| fp16 | 2^-11           | 2^-25 (float16's subnormals are multiples of 2^-24); values >= 65520 overflow to inf, outside every bound |
 
 Elementwise checks are ``|got - want| <= atol + rtol * |want|`` (as numpy.allclose).
 """
@@ -24,6 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from gpubp.precision import KINDS
+from gpubp.precision import unit_roundoff as unit_roundoff_of
 
 __all__ = [
     "Tolerance",
@@ -43,6 +58,11 @@ __all__ = [
     "gate_tolerance",
     "rel_err",
     "within",
+    "KIND_ROUNDOFF",
+    "KIND_UNDERFLOW",
+    "mixed_dot_error_bound",
+    "store_error_bound",
+    "ulp_bound",
 ]
 
 
@@ -208,3 +228,45 @@ def within(got: Any, want: Any, tol: Tolerance, allowance: Any = 0.0) -> tuple[b
     i = np.unravel_index(int(np.argmax(np.where(bad, err - bound, -np.inf) if np.isfinite(err).all() else bad)), g.shape)
     return False, (f"{int(bad.sum())} of {g.size} elements off; worst at {tuple(int(k) for k in i)}: "
                    f"got {g[i]!r}, want {w[i]!r}, allowed {np.broadcast_to(bound, g.shape)[i]:.3g}")
+
+
+# --- mixed precision (gpubp.precision): GEMM inputs rounded to a kind, stored values rounded ----------
+# A rounding R to a kind with unit roundoff u and underflow eta errs by |R(v) - v| <= u |v| + eta
+# (u |v| in the normal range, eta below it). One product of rounded inputs then errs by
+# |R(a) R(b) - a b| <= (2u + u^2) |a b| + (1 + u) eta (|a| + |b|) + eta^2, and is exact in float32
+# (10 + 10 or 7 + 7 mantissa bits); the float32 accumulation adds dot_error_bound of the rounded
+# products' magnitudes.
+
+KIND_ROUNDOFF = {kind: unit_roundoff_of(kind) for kind in KINDS}  # gpubp.precision's: 2^-24, 2^-11, 2^-8, 2^-11
+KIND_UNDERFLOW = {"fp32": 2.0**-150, "tf32": 2.0**-137, "bf16": 2.0**-134, "fp16": 2.0**-25}
+
+
+def _kind(kind: str | None) -> str:
+    return "fp32" if kind is None else kind
+
+
+def mixed_dot_error_bound(scale: Any, k: int, gemm: str | None, margins: Any = 0.0) -> Any:
+    """Bound on |result - exact| of K-long dot products sum_k a_k b_k computed as the float32 dot
+    product of R_g(a_k) R_g(b_k) (inputs rounded to ``gemm``; None: not rounded), against the exact
+    product of the unrounded a, b. ``scale``: sum_k |a_k b_k|; ``margins``: sum_k (|a_k| + |b_k|)
+    (weighs the underflow, which matters for fp16's subnormals only)."""
+    if gemm is None:
+        return dot_error_bound(scale, k)
+    u, eta = KIND_ROUNDOFF[gemm], KIND_UNDERFLOW[gemm]
+    k = max(int(k), 1)
+    rounding = (2 * u + u * u) * scale + (1 + u) * eta * margins + k * eta * eta
+    return rounding + dot_error_bound((1 + u) ** 2 * scale + (1 + u) * eta * margins + k * eta * eta, k)
+
+
+def store_error_bound(value: Any, store: str | None) -> Any:
+    """Bound on |R_s(v) - v| for one rounding to ``store`` (None: 0): u_s |v| + eta_s (|v| < 65504 for fp16)."""
+    if store is None:
+        return 0.0 * np.abs(value)
+    return KIND_ROUNDOFF[store] * np.abs(value) + KIND_UNDERFLOW[store]
+
+
+def ulp_bound(value: Any, kind: str | None) -> Any:
+    """One ulp of ``kind`` at |v| (at most 2 u |v| + 2 eta): what two correct results may differ by
+    when rounding inputs that differ by a hair fall on either side of a tie."""
+    kind = _kind(kind)
+    return 2.0 * KIND_ROUNDOFF[kind] * np.abs(value) + 2.0 * KIND_UNDERFLOW[kind]

@@ -12,6 +12,11 @@ float64 copy of the same computation:
   <dL/dinput, u>, with L = <v, y>) against v . (f(p + eps u) - f(p - eps u)) / 2 eps.
   Cheap at any size and catches most errors.
 
+A third check, :func:`check_precision`, compares a float32 Dense layer's backward under a mixed
+precision (gpubp.precision) with the exact float64 gradient, element by element, against the
+bound the accuracy contract derives for that layer (gpubp.accuracy: mixed_dot_error_bound,
+store_error_bound).
+
 The backward pass runs in the checked dtype (float32 or float64); the finite
 differences always run in float64, so a float32 check measures the float32
 backward against the exact derivative. An element passes when
@@ -28,7 +33,15 @@ from typing import Any
 import numpy as np
 
 from gpubp import losses as losses_mod
-from gpubp.accuracy import GRADCHECK, Tolerance
+from gpubp import precision as precision_mod
+from gpubp.accuracy import (
+    GRADCHECK,
+    Tolerance,
+    activation_bound,
+    dot_error_bound,
+    mixed_dot_error_bound,
+    store_error_bound,
+)
 from gpubp.backends import backend_of
 from gpubp.layers import Dense
 from gpubp.model import Sequential
@@ -302,3 +315,87 @@ def check_model(model: Sequential, loss: str | losses_mod.Loss, x: Any, y: Any, 
     return check_function(forward64, inputs64, backward, (),
                           case=f"model[{acts}] + {loss.name} x {x64.shape}", dtype=model.dtype.name,
                           mode=mode, eps=eps, seed=seed)
+
+
+def _variation(act: Any, saved: np.ndarray, delta: np.ndarray, saves: str) -> np.ndarray:
+    """max |f'(s +- delta) - f'(s)| in float64, f' read from the saved z or a as the activation does."""
+    def fprime(v: np.ndarray) -> np.ndarray:
+        return np.asarray(act.backward(np.ones_like(v), v if saves == "z" else None, v if saves == "a" else None))
+    base = fprime(saved)
+    return np.maximum(np.abs(fprime(saved + delta) - base), np.abs(fprime(saved - delta) - base))
+
+
+def precision_bounds(layer: Dense, x: np.ndarray, da: np.ndarray, precision: Any) -> dict[str, np.ndarray]:
+    """The contract's per-element bounds on |gradient under ``precision`` - exact float64 gradient| of
+    a Dense layer at x (float64), da (float64) and the layer's weights: name -> bound ("x", "weight",
+    "bias"). Forward: z = R_g(x) R_g(W) + b errs by mixed_dot_error_bound, the saved z or a by that
+    plus one store rounding; dz by |da| times f' 's variation over that interval (a kink inside it
+    counts whole) plus float32 libm; then the backward GEMMs' own mixed_dot_error_bound and dx's
+    store rounding."""
+    p = precision_mod.get(precision)
+    w, b = _host(layer.weight.data), _host(layer.bias.data)
+    act = layer.activation
+    n, k = x.shape
+    m = w.shape[1]
+    ax, aw = np.abs(x), np.abs(w)
+    z = x @ w + b
+    z_err = mixed_dot_error_bound(ax @ aw + np.abs(b), k + 1, p.gemm,
+                                  ax.sum(axis=1, keepdims=True) + aw.sum(axis=0) + np.abs(b))
+    a = act.forward(z)
+    if act.saves == "z":
+        var = _variation(act, z, z_err + store_error_bound(np.abs(z) + z_err, p.store), "z")
+    elif act.saves == "a":
+        slope = np.abs(act.backward(np.ones_like(z), z, a)) + 1.0
+        a_err = slope * z_err + activation_bound(a, z) + store_error_bound(np.abs(a) + slope * z_err, p.store)
+        var = _variation(act, a, a_err, "a")
+    else:
+        var = np.zeros_like(z)
+    dz = act.backward(da, z, a)
+    dz_allow = np.abs(da) * var + activation_bound(dz, z, da)
+    dz_big = np.abs(dz) + dz_allow
+    dw = mixed_dot_error_bound(ax.T @ dz_big, n, p.gemm, ax.sum(axis=0)[:, None] + dz_big.sum(axis=0)) + ax.T @ dz_allow
+    db = dot_error_bound(dz_big.sum(axis=0), n) + dz_allow.sum(axis=0)
+    dx_pre = (mixed_dot_error_bound(dz_big @ aw.T, m, p.gemm, dz_big.sum(axis=1, keepdims=True) + aw.sum(axis=1))
+              + dz_allow @ aw.T)
+    dx = dx_pre + store_error_bound(np.abs(dz @ w.T) + dx_pre, p.store)
+    return {"x": dx, "weight": dw, "bias": db}
+
+
+def check_precision(layer: Dense, precision: Any = None, x: Any = None, *, batch: int = 3, seed: int = 0) -> Report:
+    """Check a float32 Dense layer's backward (dx, dW, db) under ``precision`` (default: the layer's
+    own ``precision``) against the exact float64 gradient of the same layer at the same x, W, b and
+    da, element by element within :func:`precision_bounds`. x (float32-representable) and da are
+    standard normal, drawn from ``seed`` unless x is given; da is rounded to the store type (it
+    would arrive rounded from the next layer). A layer outside a model is placed in a float32 one."""
+    if not isinstance(layer, Dense):
+        raise TypeError(f"layer: expected a Dense layer, got {type(layer).__name__}")
+    if layer.weight is None:
+        Sequential(layer, dtype="float32", seed=seed)
+    p = precision_mod.check_dtype(layer.precision if precision is None else precision, layer.weight.data.dtype)
+    rng = np.random.default_rng(seed + 1)
+    x32 = np.array(rng.standard_normal((batch, layer.in_features)) if x is None else x, dtype=np.float32, order="C")
+    da32 = precision_mod.round_to(np, rng.standard_normal((x32.shape[0], layer.out_features)).astype(np.float32),
+                                  p.store)
+    x64, da64 = x32.astype(np.float64), da32.astype(np.float64)
+    w64, b64 = _host(layer.weight.data), _host(layer.bias.data)
+    act = layer.activation
+    z = x64 @ w64 + b64
+    dz = act.backward(da64, z, act.forward(z))
+    want = {"x": dz @ w64.T, "weight": x64.T @ dz, "bias": dz.sum(axis=0)}
+    bounds = precision_bounds(layer, x64, da64, p)
+    before = layer.precision
+    layer.precision = p
+    try:
+        backend = layer._backend
+        layer.forward(backend.asarray(x32, np.float32), training=True)
+        dx = layer.backward(backend.asarray(da32, np.float32), need_dx=True)
+    finally:
+        layer.precision = before
+    got = {"x": _host(dx), "weight": _host(layer.weight.grad), "bias": _host(layer.bias.grad)}
+    report = Report(case=f"{layer!r} batch {x32.shape[0]} {p.name}", dtype="float32", tolerance=Tolerance(0.0, 1.0))
+    for name in ("x", "weight", "bias"):
+        shape = want[name].shape
+        report.checks.append(_compare(name, p.name, got[name], want[name], report.tolerance,
+                                      lambda i, shape=shape: tuple(int(t) for t in np.unravel_index(i, shape)),
+                                      scale=bounds[name]))
+    return report

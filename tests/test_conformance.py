@@ -493,3 +493,138 @@ def test_a_model_trains_the_same_on_every_backend(name, seed):
     want = run("cpu", "reference").arena.data
     model = run("cpu", "reference") if name == "numpy" else run(name)
     close(host(model.arena.backend, model.arena.data), want, accuracy.MODEL["float64"], f"{name} seed {seed}")
+
+
+# --- mixed precision: every backend against the spec under the same precision (gpubp.precision) -------
+
+MIXED = ["tf32", "bf16-mixed", "fp16-mixed"]
+MIXED_ACTS = ["identity", "relu", "sigmoid", "gelu"]
+MIXED_SHAPES = [(7, 3, 5), (17, 33, 13)]
+
+
+def _mixed_shapes(name: str) -> list:
+    return MIXED_SHAPES[:1] if name == "cudasim" else MIXED_SHAPES
+
+
+def _representable(b: Backend, a, kind) -> bool:
+    """Whether every value of ``a`` is one of ``kind``'s (round_to leaves it as it is, bit for bit)."""
+    from gpubp.precision import round_to
+
+    h = np.asarray(b.to_numpy(a), dtype=np.float32)
+    return kind is None or bool((round_to(np, h, kind).view(np.uint32) == h.view(np.uint32)).all())
+
+
+@pytest.mark.parametrize("act", MIXED_ACTS)
+@pytest.mark.parametrize("precision", MIXED)
+@pytest.mark.parametrize("name", _dense_backends())
+def test_dense_under_a_precision(name, precision, act, seed):
+    """dense_forward / dense_backward under a precision vs numpy_ref under the same precision (the spec):
+    rounded values agree to one ulp of their kind beyond the float32 differences (summation order, libm)
+    that may move a rounding across a tie; the backward runs from the backend's own saved tensors."""
+    from gpubp import precision as prec_mod
+
+    P = prec_mod.get(precision)
+    b = backend_for(name, "float32")
+    activation = _act(act)
+    for shape in _mixed_shapes(name):
+        n, k, m = shape
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        w = (rng.standard_normal((k, m)) / np.sqrt(k)).astype(np.float32)
+        bias = rng.standard_normal(m).astype(np.float32)
+        da = prec_mod.round_to(np, rng.standard_normal((n, m)).astype(np.float32), P.store)
+        msg = f"{name} {precision} {act} {shape} seed {seed}"
+
+        a_want, (xg_want, kept_want) = numpy_ref.dense_forward(x, w, bias, activation, True, P)
+        xd, wd, bd = b.asarray(x, "float32"), b.asarray(w, "float32"), b.asarray(bias, "float32")
+        a, saved = b.dense_forward(xd, wd, bd, activation, True, precision=P)
+        a_inf, none = b.dense_forward(xd, wd, bd, activation, False, precision=P)
+        assert none == ()
+        assert _representable(b, a, P.store) and _representable(b, saved[0], P.gemm), msg
+        assert host(b, saved[0]).tolist() == xg_want.astype(np.float64).tolist(), f"saved x, {msg}"
+
+        xg, wg = (prec_mod.round_to(np, v, P.gemm).astype(np.float64) for v in (x, w))
+        z = xg @ wg + bias
+        z_err = accuracy.dot_error_bound(np.abs(xg) @ np.abs(wg) + np.abs(bias), k + 1)
+        slope = np.abs(activation.backward(np.ones_like(z), z, activation.forward(z))) + 1.0
+        a_pre = accuracy.activation_bound(activation.forward(z), z) + slope * z_err
+        a_allow = a_pre + accuracy.ulp_bound(np.abs(a_want) + a_pre, P.store)
+        tol = accuracy.Tolerance(0.0, 0.0)
+        close(host(b, a), a_want, tol, f"forward a, {msg}", a_allow)
+        close(host(b, a_inf), a_want, tol, f"inference a, {msg}", a_allow)
+        if activation.saves:
+            kept = host(b, saved[1])
+            assert _representable(b, saved[1], P.store), msg
+            if not (name == "cpu" and act == "relu"):  # the CPU keeps relu's a as the mask
+                close(kept, kept_want, tol, f"saved, {msg}",
+                      (z_err if activation.saves == "z" else a_pre) + accuracy.ulp_bound(np.abs(kept_want) + a_pre, P.store))
+
+        # backward from the backend's saved tensors, the spec on the same (host) values
+        saved_host = (np.asarray(b.to_numpy(saved[0])),
+                      None if saved[1] is None else np.asarray(b.to_numpy(saved[1])))
+        dw_want, db_want = np.empty_like(w), np.empty_like(bias)
+        dx_want = numpy_ref.dense_backward(da, saved_host, w, activation, dw_want, db_want, True, P)
+        dw, db = poisoned(b, w.shape, "float32"), poisoned(b, bias.shape, "float32")
+        dx = b.dense_backward(b.asarray(da, "float32"), saved, wd, activation, dw, db, True, precision=P)
+        dw2, db2 = poisoned(b, w.shape, "float32"), poisoned(b, bias.shape, "float32")
+        assert b.dense_backward(b.asarray(da, "float32"), saved, wd, activation, dw2, db2, False, precision=P) is None
+        assert _representable(b, dx, P.store), msg
+
+        s = saved_host[1]
+        dz = np.asarray(activation.backward(da.astype(np.float64), None if s is None else s.astype(np.float64),
+                                            None if s is None else s.astype(np.float64)), dtype=np.float64)
+        if act in ("identity", "relu"):
+            dz_allow = np.zeros_like(dz)  # exact in float32
+        else:
+            dz_allow = accuracy.activation_bound(dz, s if activation.saves == "z" else 0.0, da)
+        dzg = np.abs(prec_mod.round_to(np, dz.astype(np.float32), P.gemm)).astype(np.float64)
+        flip = np.where(dz_allow > 0, dz_allow + accuracy.ulp_bound(np.abs(dz) + dz_allow, P.gemm), 0.0)
+        dw_allow = accuracy.dot_error_bound(np.abs(xg).T @ (dzg + flip), n) + np.abs(xg).T @ flip
+        db_allow = accuracy.dot_error_bound((np.abs(dz) + dz_allow).sum(axis=0), n) + dz_allow.sum(axis=0)
+        dx_pre = accuracy.dot_error_bound((dzg + flip) @ np.abs(wg).T, m) + flip @ np.abs(wg).T
+        dx_allow = dx_pre + accuracy.ulp_bound(np.abs(dx_want) + dx_pre, P.store)
+        close(host(b, dw), dw_want, tol, f"dW, {msg}", dw_allow)
+        close(host(b, db), db_want, tol, f"db, {msg}", db_allow)
+        close(host(b, dx), dx_want, tol, f"dx, {msg}", dx_allow)
+        assert host(b, dw2).tolist() == host(b, dw).tolist(), f"dW differs without dx, {msg}"
+
+
+@pytest.mark.parametrize("precision", [None, "fp32", *MIXED])
+@pytest.mark.parametrize("name", _backends())
+def test_dropout_under_a_precision(name, precision, seed):
+    """dropout_forward / dropout_backward: the spec's bits (the mask is the same, the product one
+    float32 multiplication, the rounding exact); None and fp32 are the calls without a precision."""
+    from gpubp import precision as prec_mod
+
+    b = backend_for(name, "float32")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((7, 5)).astype(np.float32)
+    dy = rng.standard_normal((7, 5)).astype(np.float32)
+    y_want, keep_want = numpy_ref.dropout_forward(x, 12345, 0.3, prec_mod.get(precision))
+    y, keep = b.dropout_forward(b.asarray(x, "float32"), 12345, 0.3, precision=prec_mod.get(precision))
+    assert np.asarray(b.to_numpy(y)).view(np.uint32).tolist() == y_want.view(np.uint32).tolist()
+    dx_want = numpy_ref.dropout_backward(dy, keep_want, 0.3, prec_mod.get(precision))
+    dx = b.dropout_backward(b.asarray(dy, "float32"), keep, 0.3, precision=prec_mod.get(precision))
+    assert np.asarray(b.to_numpy(dx)).view(np.uint32).tolist() == dx_want.view(np.uint32).tolist()
+    if precision in (None, "fp32"):
+        y0, _ = b.dropout_forward(b.asarray(x, "float32"), 12345, 0.3)
+        assert np.asarray(b.to_numpy(y0)).view(np.uint32).tolist() == y_want.view(np.uint32).tolist()
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "sigmoid"])
+@pytest.mark.parametrize("name", _dense_backends())
+def test_dense_fp32_precision_is_the_plain_path(name, act, seed):
+    """precision=None and precision="fp32" are the calls without a precision, bit for bit."""
+    from gpubp import precision as prec_mod
+
+    b = backend_for(name, "float32")
+    activation = _act(act)
+    rng = np.random.default_rng(seed)
+    x, w, bias, da = (b.asarray(rng.standard_normal(s), "float32") for s in ((7, 3), (3, 5), (5,), (7, 5)))
+    runs = []
+    for kw in ({}, {"precision": None}, {"precision": prec_mod.get("fp32")}):
+        a, saved = b.dense_forward(x, w, bias, activation, True, **kw)
+        dw, db = b.zeros((3, 5), "float32"), b.zeros(5, "float32")
+        dx = b.dense_backward(da, saved, w, activation, dw, db, True, **kw)
+        runs.append([np.asarray(b.to_numpy(v)).view(np.uint32).tolist() for v in (a, dw, db, dx)])
+    assert runs[0] == runs[1] == runs[2]

@@ -14,6 +14,7 @@ import numpy as np
 
 from gpubp import losses as losses_mod
 from gpubp import metrics as metrics_mod
+from gpubp import precision as precision_mod
 from gpubp import step_plan
 from gpubp._lazy import LazyRows, is_array_like
 from gpubp._validate import as_float_array, boolean, check_2d, check_finite, positive_int, sample_weights, weight_sum
@@ -22,6 +23,7 @@ from gpubp.device import Device, parse_device
 from gpubp.diagnostics import NonFiniteError
 from gpubp.layers import Dense, Layer
 from gpubp.layers import from_config as layer_from_config
+from gpubp.loss_scale import LossScaler
 from gpubp.parameter import Arena, Parameter
 from gpubp.training import fit as _fit
 
@@ -59,6 +61,14 @@ class Sequential:
             verified on GPU hardware. On the CPU: ``"auto"`` (the fast CPU backend:
             BLAS GEMMs, fused Numba kernels) or ``"reference"`` (the NumPy spec, for
             every operation).
+        precision: ``"fp32"`` (the default), ``"tf32"`` (GEMM inputs rounded to TF32, as
+            torch's allow_tf32), ``"bf16-mixed"`` or ``"fp16-mixed"`` (float32 master parameters,
+            gradients and optimizer state; GEMM inputs, activations and saved tensors in 16
+            bits; float32 accumulation; the loss in float32: torch.autocast for dense networks;
+            fp16 with dynamic loss scaling, :mod:`gpubp.loss_scale`). The rounding points are
+            :mod:`gpubp.precision`'s spec. float32 models only. Without a GPU the 16-bit and
+            TF32 arithmetic is emulated in float32 (slower than fp32: it defines the semantics).
+            ``fit(precision=...)`` overrides it for one fit.
     """
 
     def __init__(
@@ -69,11 +79,13 @@ class Sequential:
         seed: int = 0,
         check_finite: bool = False,
         dense_impl: str = "auto",
+        precision: str = "fp32",
     ) -> None:
-        self._construct(layers, device, dtype, seed, check_finite, dense_impl)
+        self._construct(layers, device, dtype, seed, check_finite, dense_impl, precision)
         self._initialise()
 
-    def _construct(self, layers: Any, device: Any, dtype: Any, seed: Any, check_finite: Any, dense_impl: Any) -> None:
+    def _construct(self, layers: Any, device: Any, dtype: Any, seed: Any, check_finite: Any, dense_impl: Any,
+                   precision: Any = "fp32") -> None:
         """Check the arguments, pick the backend and carve a zeroed arena (no initialisation)."""
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
@@ -117,6 +129,26 @@ class Sequential:
         self.loss_name: str | None = None  # the loss fit last used (predict_proba's default; in config())
         self._out_shape: tuple[int, ...] | None = None  # output shape of the last training forward
         self._bind(get_backend(self.device, self.dense_impl, self.dtype))
+        #: fp16-mixed's dynamic loss scale (made by the first fp16-mixed fit; kept in config())
+        self.loss_scaler: LossScaler | None = None
+        self.precision = precision
+
+    @property
+    def precision(self) -> str:
+        """The precision forward, backward and fit run in (see the class docstring)."""
+        return self._precision.name
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = precision_mod.check_dtype(value, self.dtype)
+        self.use_precision(self._precision)
+
+    def use_precision(self, value: Any) -> None:
+        """Run the layers in precision ``value`` (a name or Precision) without changing
+        :attr:`precision` (fit's ``precision=`` for the duration of one fit)."""
+        p = precision_mod.active(precision_mod.check_dtype(value, self.dtype))
+        for layer in self.layers:
+            layer.precision = p
 
     def _bind(self, backend: Backend) -> None:
         """Allocate a zeroed arena on ``backend`` and carve every layer's parameters from it."""
@@ -231,6 +263,10 @@ class Sequential:
             "check_finite": self.check_finite,
             "dense_impl": self.dense_impl,
         }
+        if self.precision != "fp32":
+            cfg["precision"] = self.precision
+        if self.loss_scaler is not None:
+            cfg["loss_scale"] = self.loss_scaler.state()
         if self.loss_name is not None:
             cfg["loss"] = self.loss_name
         return cfg
@@ -241,7 +277,12 @@ class Sequential:
         initialised from its seed, or left at 0 with ``initialise=False`` (to be loaded)."""
         model = cls.__new__(cls)
         model._construct([layer_from_config(c) for c in cfg["layers"]], device, cfg["dtype"], cfg["seed"],
-                         cfg["check_finite"], cfg.get("dense_impl", "auto"))
+                         cfg["check_finite"], cfg.get("dense_impl", "auto"), cfg.get("precision", "fp32"))
+        scale = cfg.get("loss_scale")
+        if scale is not None:
+            if not isinstance(scale, dict) or set(scale) != {"scale", "clean"}:
+                raise ValueError(f"config['loss_scale']: expected {{'scale': S, 'clean': n}}, got {scale!r}")
+            model.loss_scaler = LossScaler(model._backend, scale["scale"], scale["clean"])
         loss = cfg.get("loss")
         model.loss_name = loss if isinstance(loss, str) and loss in losses_mod.NAMES else None
         if initialise:
@@ -270,7 +311,10 @@ class Sequential:
             return self
         data = self._backend.to_numpy(self.arena.data)
         grad = self._backend.to_numpy(self.arena.grad)
+        scaler = None if self.loss_scaler is None else self.loss_scaler.state()
         self._bind(get_backend(target, self.dense_impl, self.dtype))
+        if scaler is not None:
+            self.loss_scaler = LossScaler(self._backend, scaler["scale"], scaler["clean"])
         self._backend.assign_(self.arena.data, data)
         self._backend.assign_(self.arena.grad, grad)
         self.device = target

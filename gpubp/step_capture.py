@@ -178,13 +178,13 @@ class StepCapture:
                         continue
                     xs, ys, ws = inp
                     out, _, dout = st.forward(xs, ys, nb, ws, W, row0)
-                    terms.append(plan.result())  # the loss call is the last one recorded
+                    terms.append(plan.result())  # the loss is the last primitive recorded
                     outs.append(out)
                     st.backward(dout, j, k)
                 value = step_plan.device_value(lambda: _total(terms), "loss")
                 st.reduce_and_guard(value, tag)
                 applying = True
-                st.apply(st.flag if st.on_nonfinite != "ignore" else None)
+                st.apply(st.guard())
         except CaptureError as e:
             if applying:
                 raise  # the update may have run: the step cannot be run again

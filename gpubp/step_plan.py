@@ -173,6 +173,7 @@ class Plan:
         self.planned: dict[str, int] = {}
         self.generic: dict[str, int] = {}
         self.graph: Any = None  # a backend's own replay of the device part (a CUDA graph)
+        self.last_primitive: _Entry | None = None  # the entry of the last primitive recorded
 
     # -- capture --------------------------------------------------------------------------------
 
@@ -198,20 +199,22 @@ class Plan:
                 entry = _Entry(thunk, (), {}, None, copy=False)
                 entry()
                 self.device_part.append(entry)
+                self.last_primitive = entry
                 self.planned[name] = self.planned.get(name, 0) + 1
                 return entry.result
             # a backend that reads cells on the device takes them as they are
             out = fn(backend, *(args if getattr(backend, "reads_cells", False) else _resolve(args)), **kw)
         finally:
             self.depth -= 1
-        self.device_part.append(_Entry(functools.partial(fn, backend), args, kw, out, copy=True))
+        self.last_primitive = _Entry(functools.partial(fn, backend), args, kw, out, copy=True)
+        self.device_part.append(self.last_primitive)
         self.generic[name] = self.generic.get(name, 0) + 1
         return out
 
-    def result(self, index: int = -1) -> Callable[[], Any]:
-        """A reader of what the device part's entry ``index`` (default: the last recorded) returns
-        when replayed: the loss value of the step, say."""
-        entry = self.device_part[index]
+    def result(self, index: int | None = None) -> Callable[[], Any]:
+        """A reader of what the device part's entry ``index`` (default: the last backend primitive
+        recorded) returns when replayed: the loss value of the step, say."""
+        entry = self.last_primitive if index is None else self.device_part[index]
         if not isinstance(entry, _Entry):
             raise TypeError(f"device entry {index} is not a recorded call")
         return lambda: entry.result

@@ -125,12 +125,15 @@ class TrainStep:
 
     def __init__(self, model: Any, loss: Any, optimizer: Any, strategy: Strategy | None = None, *,
                  micro_rows: int | None = None, accumulate: int = 1, clip_grad_norm: float | None = None,
-                 on_nonfinite: str = "raise") -> None:
+                 on_nonfinite: str = "raise", loss_scaler: Any = None) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.strategy = LocalStrategy() if strategy is None else strategy
         self.backend = backend = model.arena.backend
         self.micro_rows, self.accumulate = micro_rows, accumulate
         self.clip_grad_norm, self.on_nonfinite = clip_grad_norm, on_nonfinite
+        #: fp16-mixed's dynamic loss scale (gpubp.loss_scale): dL/dout x S, the gradient / S, and a
+        #: non-finite step skipped by the guard with S halved (whatever on_nonfinite says)
+        self.loss_scaler = loss_scaler
         self.flag = backend.asarray(np.zeros(1, dtype=np.int64), np.int64)  # 0, or the first bad step's tag
         grad = model.arena.grad
         self.acc = backend.zeros(grad.shape, grad.dtype) if accumulate > 1 else None  # the micro-batches' sum
@@ -162,6 +165,8 @@ class TrainStep:
         big batch of ``rows`` rows (weight ``weight``): ``(outputs, value, dL/doutputs)``."""
         out = self.model.forward_batch(xb, training=True, dropout=dropout, outputs=outputs, row0=row0)
         value, dout = self.loss.compute(out, yb, self.backend, wb, weight, rows=rows)
+        if self.loss_scaler is not None:
+            step_plan.call(self.loss_scaler.scale_, dout)
         return out, value, dout
 
     def backward(self, dout: Any, j: int, parts: int) -> None:
@@ -202,13 +207,20 @@ class TrainStep:
         """The cross-rank sum of the gradients, then the guard: the flag takes ``tag`` where the
         loss or a gradient is not finite (a device op; nothing is read)."""
         step_plan.call(self.strategy.reduce_gradients, self.model.arena.grad)
-        if self.on_nonfinite != "ignore":
+        if self.loss_scaler is not None:
+            step_plan.call(self.loss_scaler.unscale_, self.model.arena.grad)
+        if self.guard() is not None:
             self.backend.flag_nonfinite_(self.strategy.guard_value(value), self.model.arena.grad, self.flag, tag)
 
     def update(self, stats: Any = None, outputs: list | None = None) -> bool:
         """Clip and update, unless ``on_nonfinite="skip"`` and the flag is set (then it is cleared
         and False returned); ``stats`` (gradient statistics) sees the gradients and the update.
         After a recorded step (which updated, guarded by the flag) only the skip's part remains."""
+        if self.loss_scaler is not None:  # (the scaler skips a non-finite step: no host read)
+            if not self._replayed:
+                self.apply(self.guard())
+            self._replayed = False
+            return True
         if self._replayed:
             self._replayed = False
             if self.on_nonfinite == "skip" and self.flagged():  # the update read the flag: put the count back
@@ -226,13 +238,20 @@ class TrainStep:
             stats.after_step()
         return True
 
+    def guard(self) -> Any:
+        """The flag the update reads (None: no guard, ``on_nonfinite="ignore"`` without a loss scale)."""
+        return self.flag if self.on_nonfinite != "ignore" or self.loss_scaler is not None else None
+
     def apply(self, guard: Any = None) -> None:
-        """Clip (global 2-norm, on the device) and ``optimizer.step(guard=guard)``."""
+        """Clip (global 2-norm, on the device) and ``optimizer.step(guard=guard)``; with a loss
+        scale, its end-of-step rule (which reads and clears the flag on the device)."""
         from gpubp import optim
 
         if self.clip_grad_norm is not None:
             optim.clip_grad_norm(self.optimizer.params, self.clip_grad_norm, sync=False)
         self.optimizer.step(guard=guard)
+        if self.loss_scaler is not None:
+            step_plan.call(self.loss_scaler.after_step, self.flag)
 
     def flagged(self) -> int:
         """The guard flag: 0, or the tag of the first non-finite step (reads the device)."""

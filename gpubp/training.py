@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 from gpubp import diagnostics
 from gpubp import losses as losses_mod
 from gpubp import metrics as metrics_mod
+from gpubp import precision as precision_mod
 from gpubp._lazy import LazyRows, Prefetch
 from gpubp.callbacks import Callback, Run
 from gpubp.fit_setup import (
@@ -79,6 +80,7 @@ from gpubp.fit_setup import (
     check_accumulate,
     resolve_optimizer,
 )
+from gpubp.loss_scale import LossScaler
 from gpubp.progress import EpochProgress, _resume_point
 from gpubp.step_capture import graph_arg
 from gpubp.train_step import LocalStrategy, Strategy, TrainStep
@@ -111,6 +113,7 @@ def fit(
     metrics: list[Any] | None = None,
     accumulate: int = 1,
     graph: bool | str = "auto",
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Train for ``epochs`` more epochs of mini-batch steps; returns the history.
 
@@ -185,6 +188,12 @@ def fit(
             the step runs eagerly (True: with a warning saying why), as it does from the first
             step that cannot be recorded (a warning names the cause); with ``gradient_stats``,
             the epoch's last step (whose gradients it reads).
+        precision: the precision of this fit's forward and backward passes (None: the model's,
+            ``model.precision``; see :class:`~gpubp.model.Sequential`); the model's is unchanged
+            after. ``"fp16-mixed"`` scales the loss dynamically (:mod:`gpubp.loss_scale`, its state
+            kept as ``model.loss_scaler`` and in checkpoints): a step that overflows is not applied
+            and counts in ``history["skipped"]``. Without a GPU, precisions other than fp32 are
+            emulated in float32 (slower; a warning says so once).
 
     History keys: ``loss`` (per-sample mean over the epoch), ``accuracy`` (for
     CrossEntropy and BCEWithLogits), each metric, ``val_loss`` / ``val_accuracy`` /
@@ -197,16 +206,34 @@ def fit(
     args = dict(locals())
     del args["resolve"]
     args["comm"] = comm = resolve(comm)
-    if comm is None:
-        return _fit(**args)
-    with comm.stop_together():  # an error on one rank stops every rank, naming it
-        return _fit(**args)
+    try:
+        if comm is None:
+            return _fit(**args)
+        with comm.stop_together():  # an error on one rank stops every rank, naming it
+            return _fit(**args)
+    finally:
+        if hasattr(model, "use_precision"):
+            model.use_precision(model.precision)  # fit's precision= lasts one fit
+
+
+_EMULATED: set[tuple[str, str]] = set()
+
+
+def _warn_emulated(precision: str, backend: str) -> None:
+    """Say once per process and backend that ``precision`` runs as the spec's float32 emulation."""
+    if (precision, backend) not in _EMULATED:
+        _EMULATED.add((precision, backend))
+        import warnings
+
+        warnings.warn(f"precision: {precision!r} is emulated on the {backend} backend: float32 arithmetic rounded "
+                      f"where gpubp.precision's spec rounds (slower than fp32; it defines and tests the semantics)",
+                      RuntimeWarning, stacklevel=4)
 
 
 def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, batch_size: Any, validation_data: Any,
          shuffle: bool, verbose: int, scheduler: Any, clip_grad_norm: Any, callbacks: Any, validation_split: Any,
          on_nonfinite: str, gradient_stats: bool, comm: Any, sample_weight: Any, class_weight: Any, metrics: Any,
-         accumulate: Any, graph: Any) -> dict[str, Any]:
+         accumulate: Any, graph: Any, precision: Any) -> dict[str, Any]:
     from gpubp.diagnostics import NonFiniteError
 
     loss = losses_mod.get(loss)
@@ -216,6 +243,7 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
                                                 validation_split, callbacks)
     accumulate = check_accumulate(accumulate)
     graph = graph_arg(graph)
+    prec = precision_mod.check_dtype(model.precision if precision is None else precision, model.dtype)
     _check_scheduler(scheduler, optimizer, named)
     x, y = model.prepare_data(x, y, loss)
     backend = model.arena.backend
@@ -273,8 +301,16 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
     run = Run(model, optimizer, scheduler, history)
     for cb in callbacks:
         cb.set_run(run)
+    model.use_precision(prec)
+    scaler = None
+    if prec.name == "fp16-mixed":
+        if model.loss_scaler is None:
+            model.loss_scaler = LossScaler(backend)
+        scaler = model.loss_scaler
+    if not prec.is_fp32 and prec.name not in getattr(backend, "native_precisions", ()):
+        _warn_emulated(prec.name, backend.name)
     train_step = TrainStep(model, loss, optimizer, strategy, micro_rows=batch_size, accumulate=accumulate,
-                           clip_grad_norm=clip_grad_norm, on_nonfinite=on_nonfinite)
+                           clip_grad_norm=clip_grad_norm, on_nonfinite=on_nonfinite, loss_scaler=scaler)
     if graph is not False:
         train_step.capture(graph)  # (the epoch's last step runs eagerly with gradient_stats: it reads them)
     step_count0, tag0 = optimizer.step_count, 0  # tag of a step: 1 + steps run before it in this fit
@@ -401,7 +437,9 @@ def _fit(model: Any, x: Any, y: Any, loss: Any, optimizer: Any, epochs: Any, bat
                 record["time"] = time.perf_counter() - t0
                 for k, v in record.items():
                     history.setdefault(k, []).append(v)
-                if on_nonfinite == "skip":
+                if scaler is not None:  # the loss scale's skipped steps, counted on the device
+                    skipped += scaler.take_skipped()
+                if on_nonfinite == "skip" or scaler is not None:
                     history.setdefault("skipped", []).append(skipped)
                 if stats is not None:
                     history.setdefault("gradient_stats", []).append(stats.read())

@@ -386,7 +386,7 @@ def check_precision(layer: Dense, precision: Any = None, x: Any = None, *, batch
     before = layer.precision
     layer.precision = p
     try:
-        backend = layer._backend
+        backend = layer.weight.arena.backend  # the backend the layer's parameters live on
         layer.forward(backend.asarray(x32, np.float32), training=True)
         dx = layer.backward(backend.asarray(da32, np.float32), need_dx=True)
     finally:

@@ -12,6 +12,9 @@ apart from what touches the device:
              for any launch function: CuPy's on a GPU, the host emulation in the tests
     launch   run time (needs CuPy and a GPU): RawModules per device, argument checks,
              :func:`dense_forward` / :func:`dense_backward`, :func:`launch_count`
+    plans_tc, launch_tc   the same for the tensor-core kernels (kernels/*_tc.cu), keyed by
+             precision (tf32, bf16-mixed, fp16-mixed): :func:`queue_forward_tc`,
+             :func:`queue_backward_tc`, :func:`dense_forward_tc`, :func:`dense_backward_tc`
 
 Every name is re-exported here: ``from gpubp.backends import cuda_fused`` is the way in.
 
@@ -44,8 +47,32 @@ from gpubp.backends.cuda_fused.plans import (  # noqa: F401
     queue_forward,
     split_plan,
 )
+from gpubp.backends.cuda_fused.launch_tc import (  # noqa: F401
+    check_backward_tc_args,
+    check_forward_tc_args,
+    dense_backward_tc,
+    dense_forward_tc,
+)
+from gpubp.backends.cuda_fused.plans_tc import (  # noqa: F401
+    precision_id,
+    queue_backward_tc,
+    queue_forward_tc,
+    split_plan_tc,
+    storage_ok,
+)
 from gpubp.backends.cuda_fused.table import (  # noqa: F401
+    ALL_SOURCES,
     BACKWARD_FILE,
+    BACKWARD_TC_FILE,
+    FORWARD_TC_FILE,
+    MIN_CC_TC,
+    PRECISION_NAMES,
+    PRECISIONS,
+    TC_BK,
+    TC_BLOCK,
+    TC_SOURCES,
+    TC_TILE,
+    TC_VERSION,
     COMPILE_OPTIONS,
     DEFAULT_VERSION,
     FORWARD_FILE,

@@ -18,8 +18,13 @@ from gpubp.activations import TABLE
 
 FORWARD_FILE = "dense_forward.cu"
 BACKWARD_FILE = "dense_backward.cu"
-HEADERS = ("activations.cuh", "gemm_tile.cuh")
+HEADERS = ("activations.cuh", "gemm_tile.cuh", "mma.cuh", "tc_tile.cuh")
 SOURCES = (FORWARD_FILE, BACKWARD_FILE)
+# The tensor-core kernels (TF32, BF16 / FP16 mixed precision): their own files and numbering (tc1).
+FORWARD_TC_FILE = "dense_forward_tc.cu"
+BACKWARD_TC_FILE = "dense_backward_tc.cu"
+TC_SOURCES = (FORWARD_TC_FILE, BACKWARD_TC_FILE)
+ALL_SOURCES = SOURCES + TC_SOURCES
 
 # Constants shared with the C headers, one table: saved kinds (activations.cuh: SavedKind), tile
 # geometry (gemm_tile.cuh, dense_forward.cu); activation ids come from gpubp.activations.TABLE.
@@ -44,6 +49,13 @@ INT32_MAX = 2**31 - 1
 SPLIT_TARGET_BLOCKS = 264  # about 2 blocks per SM of a 132-SM H100
 SPLIT_MIN_ROWS = 256  # no chunk of the batch shorter than this
 SPLIT_MAX = 64
+
+# Tensor-core kernels (mma.cuh: Precision; tc_tile.cuh / mma.cuh: tc::BM, BN, BK, THREADS).
+PRECISIONS = {"tf32": 0, "bf16": 1, "fp16": 2}
+PRECISION_NAMES = {v: k for k, v in PRECISIONS.items()}
+TC_VERSION = 1
+TC_TILE, TC_BK, TC_BLOCK = 64, 32, (128, 1, 1)
+MIN_CC_TC = 80  # mma.sync .bf16 / .tf32, cvt.rn.bf16.f32, cvt.rna.tf32.f32
 
 COMPILE_OPTIONS = ("-std=c++17",)  # plus -I<kernel_dir>; CuPy adds -arch and its implied options
 MIN_CC_V2 = 80  # v2 copies with cp.async (Ampere and later)
@@ -81,10 +93,13 @@ class KernelSpec:
     mode: int | None  # saved kind: what forward writes / what backward reads
     vec: bool | None  # 16-byte path (v2 only)
     hot: bool  # on the training / inference path by default: no spill, no stack allowed
+    prec: int | None = None  # tensor-core kernels: PRECISIONS value (first template argument)
 
     @property
     def name(self) -> str:
         args = [] if self.act is None else [str(self.act), str(self.mode)]
+        if self.prec is not None:
+            args.insert(0, str(self.prec))
         if self.vec is not None:
             args.append("true" if self.vec else "false")
         return f"gpubp::{self.kernel}<{', '.join(args)}>" if args else f"gpubp::{self.kernel}"
@@ -95,9 +110,10 @@ class KernelSpec:
         if self.act is None:
             return self.kernel
         act_name = next(n for n, s in TABLE.items() if s.id == self.act)
-        role = "save" if self.file == FORWARD_FILE else "from"
+        role = "save" if self.file in (FORWARD_FILE, FORWARD_TC_FILE) else "from"
         vec = "" if self.vec is None else (" vec" if self.vec else " scalar")
-        return f"{self.kernel} {act_name} {role}={SAVED_NAMES[self.mode]}{vec}"
+        prec = "" if self.prec is None else f" {PRECISION_NAMES[self.prec]}"
+        return f"{self.kernel}{prec} {act_name} {role}={SAVED_NAMES[self.mode]}{vec}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,28 +131,43 @@ def kernel_specs() -> tuple[KernelSpec, ...]:
                 for vec in (True, False):
                     specs.append(KernelSpec(BACKWARD_FILE, f"{kernel}_v2", 2, spec.id, src, vec, True))
     specs.append(KernelSpec(BACKWARD_FILE, "splitk_reduce", 2, None, None, None, True))
+    for prec in PRECISIONS.values():
+        for act, spec in TABLE.items():
+            for mode in forward_modes(act):
+                specs.append(KernelSpec(FORWARD_TC_FILE, "dense_forward_tc1", TC_VERSION, spec.id, mode, None, True, prec))
+            for src in backward_sources(act):
+                for kernel in ("dense_dx_tc1", "dense_dw_tc1"):
+                    specs.append(KernelSpec(BACKWARD_TC_FILE, kernel, TC_VERSION, spec.id, src, None, True, prec))
+    specs.append(KernelSpec(BACKWARD_TC_FILE, "splitk_reduce_tc", TC_VERSION, None, None, None, True))
     return tuple(specs)
 
 
 @functools.lru_cache(maxsize=1)
 def _spec_index() -> dict[tuple, KernelSpec]:
-    return {(s.kernel, s.act, s.mode, s.vec): s for s in kernel_specs()}
+    return {(s.kernel, s.act, s.mode, s.vec, s.prec): s for s in kernel_specs()}
 
 
-def _module_specs(file: str, version: int, act_id: int) -> list[KernelSpec]:
-    """The instantiations of one run-time module: one file, one version, one activation."""
+def _module_specs(file: str, version: int, act_id: int, prec: int | None = None) -> list[KernelSpec]:
+    """The instantiations of one run-time module: one file, one version, one activation (one precision).
+
+    The activation-free kernels (split-K reduction) go into every module of their file.
+    """
     return [
         s
         for s in kernel_specs()
-        if s.file == file and s.version == version and (s.act == act_id or (s.act is None and version == 2))
+        if s.file == file
+        and s.version == version
+        and ((s.act == act_id and s.prec == prec) or (s.act is None and (version == 2 or file in TC_SOURCES)))
     ]
 
 
-def _find_spec(kernel: str, act_id: int | None, mode: int | None, vec: bool | None) -> KernelSpec:
-    spec = _spec_index().get((kernel, act_id, mode, vec))
+def _find_spec(
+    kernel: str, act_id: int | None, mode: int | None, vec: bool | None, prec: int | None = None
+) -> KernelSpec:
+    spec = _spec_index().get((kernel, act_id, mode, vec, prec))
     if spec is not None:
         return spec
-    raise ValueError(f"no kernel {kernel} for activation id {act_id}, saved kind {mode}, vec {vec}")
+    raise ValueError(f"no kernel {kernel} for activation id {act_id}, saved kind {mode}, vec {vec}, precision {prec}")
 
 
 # --- sources and options ----------------------------------------------------------------------------

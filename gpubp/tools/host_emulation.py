@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gpubp._resources import kernel_dir
-from gpubp.backends.cuda_fused import KernelSpec, kernel_specs
+from gpubp.backends.cuda_fused import ALL_SOURCES, SOURCES, KernelSpec, kernel_specs
 
 __all__ = ["Emulator", "compiler"]
 
@@ -32,19 +32,24 @@ def compiler() -> str | None:
 
 
 class Emulator:
-    """kernels/*.cu compiled by g++ into ``build_dir``; :meth:`launch` runs one kernel on the CPU."""
+    """kernels/*.cu compiled by g++ into ``build_dir``; :meth:`launch` runs one kernel on the CPU.
 
-    def __init__(self, build_dir: str | Path):
+    ``specs``: the instantiations to build (default: those of the SIMT kernels, dense_forward.cu and
+    dense_backward.cu); the files they live in are included. The tensor-core tests build the
+    few they run (each instantiation costs g++ time).
+    """
+
+    def __init__(self, build_dir: str | Path, specs: tuple[KernelSpec, ...] | list[KernelSpec] | None = None):
         cxx = compiler()
         if cxx is None:
             raise RuntimeError("the host emulation of the CUDA C kernels needs g++ (C++20)")
         build_dir = Path(build_dir)
-        specs = kernel_specs()
+        specs = tuple(s for s in kernel_specs() if s.file in SOURCES) if specs is None else tuple(specs)
         self.index = {s: i for i, s in enumerate(specs)}
+        files = [f for f in ALL_SOURCES if any(s.file == f for s in specs)]
         lines = [
             '#include "host_emulation.h"',
-            '#include "dense_forward.cu"',
-            '#include "dense_backward.cu"',
+            *[f'#include "{f}"' for f in files],
             "static const emu::Runner runners[] = {",
             *[f"    emu::make_runner(&{s.name})," for s in specs],
             "};",

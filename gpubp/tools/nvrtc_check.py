@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpubp.backends.cuda_fused import SOURCES, KernelSpec, compile_options, kernel_specs, module_source
+from gpubp.backends.cuda_fused import ALL_SOURCES, KernelSpec, compile_options, kernel_specs, module_source
 
 __all__ = [
     "ENV_VAR",
@@ -384,7 +384,7 @@ def offline_check(
     lib = load(nvrtc)
     lib.version()  # a library that loads but cannot answer fails here, once
     specs = kernel_specs() if specs is None else tuple(specs)
-    tasks = [(f, a, [s for s in specs if s.file == f]) for a in archs for f in SOURCES]
+    tasks = [(f, a, [s for s in specs if s.file == f]) for a in archs for f in ALL_SOURCES]
     tasks = [t for t in tasks if t[2]]
     jobs = jobs or min(len(tasks), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:

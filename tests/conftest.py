@@ -149,6 +149,9 @@ SLOW_TESTS = {
     "tests/test_bench.py::test_bench_command_runs_the_cpu_cases_and_prints_a_table": "every CPU case compiled and timed",
     "tests/test_bench.py::test_a_backend_that_counts_launches_gives_launches_per_step": "a smoke suite timed",
     "tests/test_export_onnx.py::test_activation_on_a_grid*": "onnxruntime over a dense grid per activation",
+    # the tensor-core kernels built by g++ and run by host emulation (a std::thread per GPU thread)
+    "tests/test_cuda_fused_tc_offline.py::test_emulated_*": "tensor-core kernels run by host emulation",
+    "tests/test_cuda_fused_tc_offline.py::test_tf32_rounding_*": "tensor-core kernels run by host emulation",
 }
 
 

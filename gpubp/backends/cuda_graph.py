@@ -11,19 +11,20 @@ outside ``with plan:``). What happens, in order:
    outputs, masks and temporaries are rewritten by every launch, so none may be handed to other
    code, as PyTorch keeps a private pool per graph), a private work-buffer dict for the backend
    (``_scratch``'s buffers come from that pool too), and one block of 8-byte slots for the cells:
-   a device block and its pinned host mirror, both allocated here, before capture begins
-   (``cudaMallocHost`` synchronises and is not a stream operation: it does not belong inside a
-   capture, and pinned memory is what a captured copy may read from).
+   a device block, its host staging block and a ring of RING pinned host blocks, all allocated
+   here, before capture begins (``cudaMallocHost`` synchronises and is not a stream operation: it
+   does not belong inside a capture; a copy from pinned memory is asynchronous).
 2. ``begin_capture`` on the stream (CuPy's default mode, relaxed: the pool may still grow with
    ``cudaMalloc`` and kernels may still be loaded while capturing), the stream current for CuPy
    and Numba alike (``CudaBackend.stream`` reads CuPy's current stream).
 3. The step runs: nothing executes, every kernel, GEMM and copy is recorded. A cell reaching a
-   primitive (:func:`device_cell`) takes a slot at first use and queues the copy mirror -> device
-   on the stream there, before the first kernel that reads it; later uses in the same capture
-   read the slot. The update kernel reads the optimizer's scalars from its slot, the guard's
+   primitive (:func:`device_cell`) takes a slot at its first use; every kernel that reads it
+   reads the slot. The update kernel reads the optimizer's scalars from its slot, the guard's
    merge reads the tag, dropout adds the key from its slot.
 4. ``end_capture``, ``upload``, and ``plan.graph`` set to a :class:`Launch`: write each cell's
-   current value into its mirror, then launch the graph on the private stream, fenced by events
+   current value into the staging block, copy the block's used bytes into the next pinned block of
+   the ring and from there to the device block (one asynchronous copy, outside the graph), then
+   launch the graph on the private stream, fenced by events
    against the caller's stream both ways (the next batch's input copy waits for the graph, the
    graph waits for it). The launch is made once at once: capturing runs nothing, and this step
    must still run.
@@ -40,9 +41,10 @@ from the plan's recorded entries (the cells stay cells: the CUDA backend's plann
 same stream, pool and slots, then launches the new graph: one more capture for SGD's second step,
 none while only the learning rate changes.
 
-The mirrors are written while the previous launch may still be running: the launch first waits
-for the event recorded after the previous launch (the host runs at most one step ahead of the
-device's graph, as the copies of the previous step must have read the mirrors).
+The values reach the device by one copy per launch, ahead of the graph on the same stream, so the
+graph reads the step's values; the host writes a pinned block only after the copy made from it
+RING launches ago has run (an event per block), so it never waits while it is fewer than RING
+launches ahead of the device.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ __all__ = ["graph_capture", "device_cell", "Launch", "Runtime", "SCALAR_BYTES"]
 
 #: bytes of per-step values one captured step may hold (optimizer scalars, dropout keys, the tag)
 SCALAR_BYTES = 1 << 16
+#: pinned blocks the launches take in turn: the host runs up to RING launches ahead of the device
+RING = 4
 
 
 class Runtime:
@@ -97,17 +101,21 @@ class Runtime:
         return self.cp.cuda.get_current_stream()
 
     def blocks(self, n: int) -> tuple[Any, np.ndarray]:
-        """(device block, pinned host block) of ``n`` uint64 slots, allocated now (outside capture)."""
+        """(device block, host staging block) of ``n`` uint64 slots, allocated now (outside capture)."""
+        return self.cp.zeros(n, np.uint64), np.zeros(n, np.uint64)
+
+    def pinned(self, n: int) -> np.ndarray:
+        """A pinned host block of ``n`` uint64 (a copy from it is asynchronous), allocated now."""
         import cupyx
 
-        return self.cp.zeros(n, np.uint64), cupyx.zeros_pinned(n, np.uint64)
+        return cupyx.zeros_pinned(n, np.uint64)
 
     def copy(self, dev: Any, host: np.ndarray, stream: Any) -> None:
-        dev.set(host, stream=stream)  # cudaMemcpyAsync from pinned memory: a copy node when captured
+        dev.set(host, stream=stream)  # cudaMemcpyAsync from pinned memory: the host does not wait
 
 
 class Slot:
-    """A cell's device scalar ``dev`` and its pinned host mirror ``host`` (same dtype and length)."""
+    """A cell's device scalar ``dev`` and its place ``host`` in the host staging block (same dtype and length)."""
 
     __slots__ = ("dev", "host", "owner")
 
@@ -116,7 +124,7 @@ class Slot:
 
 
 class Scalars:
-    """Slots carved from a device block and its pinned mirror, 8-byte aligned; CaptureError when full."""
+    """Slots carved from a device block and its host staging block, 8-byte aligned; CaptureError when full."""
 
     def __init__(self, dev: Any, host: np.ndarray, owner: Any = None) -> None:
         self.dev, self.host, self.owner = dev.view(np.uint8), host.view(np.uint8), owner
@@ -135,7 +143,7 @@ class Scalars:
 
 class Capture:
     """What one captured plan owns: stream, memory pool, cell slots, work buffers, and what the
-    capture under way has copied (``cells``: (cell, mirror, values) in order; ``hyper``: each
+    capture under way reads (``cells``: (cell, its staging slot, values) in order; ``hyper``: each
     update's hyper-parameter cell with the flags it was captured with)."""
 
     def __init__(self, backend: Any, plan: Any, rt: Runtime) -> None:
@@ -145,6 +153,8 @@ class Capture:
         with rt.allocator(self.pool):
             dev, host = rt.blocks(SCALAR_BYTES // 8)
         self.scalars = Scalars(dev, host, self)
+        #: pinned blocks the launches copy the cells from, in turn (see Launch)
+        self.ring = [rt.pinned(SCALAR_BYTES // 8).view(np.uint8) for _ in range(RING)]
         self.work: dict[Any, Any] = {}
         self.cells: list[tuple[Cell, np.ndarray, Callable[[Any], Any]]] = []
         self.hyper: list[tuple[Cell, tuple]] = []
@@ -183,6 +193,7 @@ class Launch:
     def __init__(self, state: Capture) -> None:
         self.state = state
         self.done: Any = None
+        self.sent: list[Any] = [None] * RING  # the event after each ring block's last copy
         self.launches = self.captures = 0
 
     def stale(self) -> bool:
@@ -204,12 +215,18 @@ class Launch:
         with st.backend.context():
             if self.stale():
                 self.recapture()
-            if self.done is not None:
-                self.done.synchronize()  # the previous launch's copies have read the mirrors
-            for cell, host, values in st.cells:
+            for cell, host, values in st.cells:  # the values into the staging block
                 host[...] = values(cell.value)
+            k, used = self.launches % RING, st.scalars.used
+            if self.sent[k] is not None:
+                self.sent[k].synchronize()  # block k's copy of RING launches ago has been read
+            block = st.ring[k]
+            block[:used] = st.scalars.host[:used]
             outer = st.rt.current()
             st.stream.wait_event(outer.record())  # the inputs copied for this step
+            if used:
+                st.rt.copy(st.scalars.dev[:used], block[:used], st.stream)  # the cells, one copy
+            self.sent[k] = st.stream.record()
             st.graph.launch(stream=st.stream)
             self.done = st.stream.record()
             outer.wait_event(self.done)  # what the caller queues next sees the step's results
@@ -251,7 +268,7 @@ def device_cell(backend: Any, cell: Cell, dtype: Any, kind: str) -> Any:
 
     Simulator (host arrays): ``cell.device``, refreshed from ``cell.value`` here, at every call: the
     primitive's copy is the captured memcpy's stand-in. GPU, while a graph is captured: the cell's
-    slot, its copy mirror -> device queued at its first use in the capture. GPU otherwise (a plan run
+    slot (taken at its first use in the capture), which each launch fills first. GPU otherwise (a plan run
     entry by entry): a fresh device copy."""
     values = VALUES[kind]
     dt = np.dtype(dtype)
@@ -267,8 +284,6 @@ def device_cell(backend: Any, cell: Cell, dtype: Any, kind: str) -> Any:
     if not isinstance(slot, Slot) or slot.owner is not st:
         slot = cell.device = st.scalars.take(dt, len(values(cell.value)))
     if not any(c is cell for c, _, _ in st.cells):
-        slot.host[...] = values(cell.value)
-        st.rt.copy(slot.dev, slot.host, st.stream)
         st.cells.append((cell, slot.host, values))
         if kind == "hyper":
             st.hyper.append((cell, tuple(cell.value.flags)))

@@ -91,10 +91,14 @@ class StepCapture:
         from gpubp.optim.base import Optimizer
 
         opt, loss = type(train_step.optimizer), type(train_step.loss)
+        replaced = [f"{type(o).__name__}.{name}" for o, name in ((train_step.optimizer, "step"),
+                    (train_step.optimizer, "advance"), (train_step.loss, "compute")) if name in vars(o)]
         if opt.step is not Optimizer.step or opt.advance is not Optimizer.advance:
             self.refuse(f"{opt.__name__}.step runs its own host code per step, which a replay would not repeat")
         elif loss.compute is not Loss.compute:
             self.refuse(f"{loss.__name__}.compute runs its own host code per step, which a replay would not repeat")
+        elif replaced:
+            self.refuse(f"{replaced[0]} is replaced on the object: a replay would not call it")
 
     def refuse(self, reason: str, attempted: bool = False) -> None:
         """Run eagerly from now on because of ``reason`` (a warning when asked for, or when a capture failed)."""

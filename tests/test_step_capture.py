@@ -217,9 +217,15 @@ def assert_same(got: Outcome, want: Outcome) -> None:
         assert records(got.history) == records(want.history)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(CASES))
+#: the simulator (seconds per fit) runs the cases whose device paths differ (the update's flags, dropout
+#: keys, accumulation, the weighted scale, the guard) in float32; the host backends run them all
+SIM_CASES = ("sgd_momentum", "dropout", "accumulate", "sample_weight", "skip")
+RUNS = [pytest.param(name, b.values[0], dtype, id=f"{name}-{b.id}-{dtype}")
+        for name in CASES for b in BACKENDS for dtype in DTYPES
+        if b.values[0][0] != "cudasim" or (name in SIM_CASES and dtype == "float32")]
+
+
+@pytest.mark.parametrize("name,backend,dtype", RUNS)
 def test_the_replayed_fit_equals_the_eager_fit_bit_for_bit(name, backend, dtype, captures):
     device, impl = backend
     case = CASES[name]

@@ -80,6 +80,6 @@ def test_tc_kernels_rerun_bit_for_bit_and_split_k(precision):
     act = Activation("gelu")
     first = _run(x, w, b, da, act, precision, split_k=3)
     again = _run(x, w, b, da, act, precision, split_k=3)
-    for u, v in zip(first, again):
+    for u, v in zip(first, again, strict=True):
         np.testing.assert_array_equal(u, v, err_msg=f"rerun differs (seed {seed})")
     check_against_oracle(x, w, b, da, act, prec, *first, seed)

@@ -391,7 +391,7 @@ def test_bench_command_runs_the_cpu_cases_and_prints_a_table(smoke_run):
     assert "step:wide: not run in the smoke suite" in text
     if cuda_status()[0] == 0:
         assert "GPU: none: " + cuda_status()[1] in text
-        assert "GPU contenders skipped (gpubp, gpubp-unfused, torch-cuda, torch-compile)" in text
+        assert "GPU contenders skipped (gpubp, gpubp-unfused, torch-cuda, torch-compile, jax-jit)" in text
     assert f"wrote {out}/" in text
 
 
@@ -603,3 +603,85 @@ def test_allreduce_reports_each_time_over_one_process(monkeypatch):
     assert by["step", 2]["size"] == {"N": 512} and by["allreduce", 2]["size_label"] == "P=2^16"
     text = br.table(res)
     assert "vs 1 process" in text and "cpu x2" in text and "1.50" in text
+
+
+# --- mixed-precision cases ------------------------------------------------------------------
+
+
+def test_precision_cases_are_named_grouped_and_kept_out_of_the_smoke_suite():
+    quick = {c.name: c for c in bc.select_cases("quick", patterns=["precision"])}
+    assert set(quick) == {f"{n}@{p}" for n in ("dense_fwd_bwd:relu", "step:mnist_mlp") for p in ("tf32", "bf16-mixed")}
+    assert all(c.group == "precision" and c.dtype == "float32" for c in quick.values())
+    assert quick["step:mnist_mlp@bf16-mixed"].precision == "bf16-mixed" and "jax" in quick["step:mnist_mlp@bf16-mixed"].ops
+    assert "jax" not in quick["step:mnist_mlp@tf32"].ops and "jax" not in quick["dense_fwd_bwd:relu@bf16-mixed"].ops
+    assert not any(c.precision != "fp32" for c in bc.select_cases("smoke"))  # CI's smoke run is unchanged
+    assert [c.name for c in bc.select_cases("smoke", patterns=["step"])] == ["step:mnist_mlp", "step:deep_narrow",
+                                                                             "step:wide"]
+    assert len(bc.select_cases("full", patterns=["precision"])) == 10
+    assert bc.select_cases("quick", "float64", patterns=["dense_fwd_bwd"])  # float64: no precision cases
+    assert not [c for c in bc.all_cases("float64") if c.precision != "fp32"]
+    assert [c.name for c in bc.select_cases("smoke", patterns=["step:*@tf32"])] == [  # names and globs: any tier
+        "step:mnist_mlp@tf32", "step:deep_narrow@tf32", "step:wide@tf32"]
+    case = quick["dense_fwd_bwd:relu@bf16-mixed"]  # same work as fp32; the CPU runs the smoke sizes
+    assert case.work({"N": 256, "W": 64}) == bc.layer_case("fwd_bwd", "relu").work({"N": 256, "W": 64})
+    assert case.grid("quick", "cpu")[0] == bc.layer_case("fwd_bwd", "relu").grid("smoke", "cpu")[0]
+    assert case.grid("quick", "gpu") == bc.layer_case("fwd_bwd", "relu").grid("quick", "gpu")
+
+
+def test_precision_gate_scales_the_contracts_tf32_tolerance_by_the_unit_roundoff():
+    from gpubp.bench import gate
+
+    assert gate.tolerance("float32") == (accuracy.gate_tolerance("float32"), 2.0**-24)
+    assert gate.tolerance("float32", precision="tf32") == (accuracy.gate_tolerance("float32", tf32=True), 2.0**-11)
+    assert gate.tolerance("float32", tf32=True, precision="bf16-mixed") == (pytest.approx(8e-2), 2.0**-8)
+    assert gate.tolerance("float32", precision="fp16-mixed")[0] == pytest.approx(1e-2)
+
+
+def test_tensor_core_peaks_are_the_dense_datasheet_figures():
+    assert timing.tensor_core_peak("NVIDIA H100 80GB HBM3", "tf32")[0] == 494.7e12
+    assert timing.tensor_core_peak("NVIDIA H200", "bf16")[0] == 989.4e12
+    assert timing.tensor_core_peak("NVIDIA H100 PCIe", "bf16")[0] == 756.5e12
+    peak, why = timing.tensor_core_peak("NVIDIA A10", "bf16")
+    assert peak is None and "no stated BF16 tensor-core peak for NVIDIA A10" in why
+
+
+class PoisonedContender(WrongContender):
+    """A 50% error or NaN: beyond even the bf16-mixed gate (8e-2)."""
+
+    def setup(self, case, size, inputs, copies):
+        prep = bk.Contender.setup(self, case, size, inputs, copies)
+
+        def result():
+            out = prep.result()
+            key = next(iter(out))
+            out[key] = out[key] * 1.5 if self.how == "scale" else np.full_like(out[key], np.nan)
+            return out
+
+        return bk.Prepared(prep.step, result)
+
+
+def test_precision_cases_run_tiny_on_the_cpu_and_refuse_poisoned_results(monkeypatch):
+    """gpubp's emulation of tf32 and bf16-mixed on the CPU at one tiny size each, through the runner: within the
+    precision's gate (and not bit-equal to fp32 in bf16); a poisoned contender is refused. No timing asserted."""
+    import gpubp as gp
+
+    monkeypatch.setitem(bc.LAYER_GRID, ("smoke", "cpu"), ([16], [32]))
+    monkeypatch.setitem(bc.MODELS, "mnist_mlp", ("tiny MLP", [32, 16, 16, 10], 16, {"smoke": ([16], [16])}))
+    monkeypatch.setattr(bc, "_initial_params", lambda key, dtype, seed: np.asarray(
+        gp.Sequential(*bc.model_layers(key), dtype="float64", seed=seed).arena.data, dtype=dtype))
+    cases = bc.select_cases("quick", patterns=["precision"])
+    poisoned = [PoisonedContender("scale"), PoisonedContender("nan")]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the emulation says once that it emulates
+        res = run_suite(cases, [bk.make_contenders(["gpubp-cpu"])[0], *poisoned], min_repeats=1)
+    ok = [r for r in res["records"] if r["contender"] == "gpubp-cpu"]
+    assert len(ok) == 4 and all(r["status"] == "ok" for r in ok), [(r["case"], r["reason"]) for r in ok]
+    for r in ok:
+        tol = 8e-2 if r["case"].endswith("bf16-mixed") else 1e-2
+        assert r["gate"]["tol"] == pytest.approx(tol) and 0 < r["gate"]["max_err"] < tol / 4, r["gate"]
+        assert r["peak_source"] == "measured GEMM ceiling" and "gemm" in r
+    bad = [r for r in res["records"] if r["contender"] in ("wrong-scale", "wrong-nan")]
+    assert len(bad) == 8 and all(r["status"] == "refused" and "stats" not in r for r in bad)
+

@@ -19,12 +19,19 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import gpubp as gp
-from gpubp.accuracy import kinks, near_kink, rel_err
 from gpubp.activations import NAMES as ACTIVATIONS
 from gpubp.activations import Activation
 from gpubp.backends import numpy_ref
+from gpubp.bench.gate import Gate, _f64, _ulp, chain, compare  # noqa: F401  (Gate and compare: cases' API)
+from gpubp.bench.mixed import jax_step_op, torch_half, torch_modes
+from gpubp.precision import get as get_precision
 
 TIER_ACTIVATIONS = {"smoke": ("relu",), "quick": ("relu", "gelu"), "full": ACTIVATIONS}
+# The mixed-precision cases (group "precision", named <case>@<precision>): precision -> tier -> the cases it takes.
+# Not in the smoke suite (name them); on the CPU they run the smoke sizes: gpubp's float32 emulation, no tensor cores.
+PRECISION_CASES = {p: {"quick": ("dense_fwd_bwd:relu", "step:mnist_mlp"),
+                       "full": ("dense_fwd_bwd:relu", "dense_fwd_bwd:gelu", "step:mnist_mlp", "step:deep_narrow",
+                                "step:wide")} for p in ("tf32", "bf16-mixed")}
 LAYER_GRID = {  # (tier, target) -> (widths, batches), in = out = width
     ("smoke", "cpu"): ([32, 64], [64, 256]), ("smoke", "gpu"): ([64, 1024], [256, 4096]),
     ("quick", "cpu"): ([64, 256], [256, 1024]), ("quick", "gpu"): ([64, 512, 4096], [1024, 65536]),
@@ -71,15 +78,6 @@ def fmt_count(v: int) -> str:
     return f"2^{v.bit_length() - 1}" if v >= 2**16 and v & (v - 1) == 0 else str(v)
 
 
-def _f64(a: Any) -> np.ndarray:
-    return np.asarray(a, dtype=np.float64)
-
-
-def _ulp(values: np.ndarray, dtype: str) -> np.ndarray:
-    """One unit in the last place of ``values`` stored in ``dtype``: what a stored parameter cannot avoid."""
-    return np.spacing(np.abs(values).astype(dtype)).astype(np.float64)
-
-
 def _optimizer(which: str, params: list, torch: bool = False) -> Any:
     """gpubp's (or PyTorch's) optimizer ``which`` with the HYPER settings."""
     cls = gp.optim.OPTIMIZERS["adam" if which == "adam" else "sgd"]
@@ -97,64 +95,6 @@ def spec_update(which: str, p0: np.ndarray, g: np.ndarray) -> np.ndarray:
     arena.data[:], arena.grad[:] = p0, g
     _optimizer(which, [p]).step()
     return arena.data.copy()
-
-
-@dataclass
-class Gate:
-    ok: bool
-    max_err: float  # worst accuracy.rel_err over the compared arrays
-    worst: str
-    tol: float
-    message: str = ""
-    size: str = ""  # the size checked: a reduced batch when the reference would cost too much
-    reduced: bool = False
-
-
-def compare(result: dict[str, Any], expected: dict[str, Any], tol: float, slack: dict | None = None) -> Gate:
-    """Every array of ``expected`` against the same key of ``result``; ``slack``: absolute allowances."""
-    worst, where = 0.0, ""
-    for key, want in expected.items():
-        try:
-            err = rel_err(result[key], want, (slack or {}).get(key))
-        except KeyError:
-            return Gate(False, math.inf, key, tol, f"no {key!r} in the result")
-        except ValueError as e:
-            return Gate(False, math.inf, key, tol, f"{key}: {e}")
-        if not err <= worst:  # also takes the first inf
-            worst, where = err, key
-    ok = worst <= tol
-    return Gate(ok, worst, where, tol, "" if ok else f"wrong result (max err {worst:.3g} in {where!r} > tol {tol:g})")
-
-
-def chain(acts: list[Activation], ws: list, bs: list, x: np.ndarray, dout: Any, u: float, need_dx: bool) -> dict:
-    """Forward and backward of dense layers in float64 (numpy_ref), with the worst-case effect of the
-    pre-activations that rounding may put on either side of a kink (accuracy.near_kink): ``hs`` (inputs, output
-    last), ``grads`` [(dW, db)], ``dx``, ``slack`` [(s_dW, s_db)] and ``s_dx`` (None: none). ``dout`` is the
-    output gradient, or a function of the output giving (value, gradient)."""
-    hs, saved, amb = [x], [], []
-    for act, w, b in zip(acts, ws, bs, strict=True):
-        a, sv = numpy_ref.dense_forward(hs[-1], w, b, act, True)
-        z = (sv[1] if act.saves == "z" else hs[-1] @ w + b) if kinks(act)[1] else None
-        amb.append(near_kink(act, z, hs[-1], w, b, u))
-        saved.append(sv)
-        hs.append(a)
-    value, da = dout(hs[-1]) if callable(dout) else (None, dout)
-    grads, slack, s_da = [], [], None
-    for i in reversed(range(len(ws))):
-        act, sv, want_dx = acts[i], saved[i], i > 0 or need_dx
-        dw, db = np.empty_like(ws[i]), np.empty(ws[i].shape[1])
-        dx = numpy_ref.dense_backward(da, sv, ws[i], act, dw, db, want_dx)
-        s_dz = None
-        if s_da is not None:  # allowance arriving from later layers, through |f'(z)|
-            s_dz = s_da * np.abs(act.backward(np.ones_like(da), *((sv[1], None) if act.saves == "z" else (None, sv[1]))))
-        if amb[i] is not None and amb[i].any():
-            flip = amb[i] * (np.abs(da) + (0.0 if s_da is None else s_da)) * kinks(act)[1]
-            s_dz = flip if s_dz is None else s_dz + flip
-        slack.insert(0, (None, None) if s_dz is None else (np.abs(hs[i]).T @ s_dz, s_dz.sum(axis=0)))
-        s_da = s_dz @ np.abs(ws[i]).T if (s_dz is not None and want_dx) else None
-        grads.insert(0, (dw, db))
-        da = dx
-    return {"hs": hs, "value": value, "grads": grads, "dx": da, "slack": slack, "s_dx": s_da}
 
 
 class Work(NamedTuple):
@@ -192,11 +132,13 @@ class Case:
     gate_budget: float | None = None  # the budget of that cost (default: --gate-flops)
     dtype: str = "float32"
     act: str | None = None  # the activation of a layer case
+    precision: str = "fp32"  # gpubp.precision's name; others: group "precision", their own tiers
+    tiers: tuple[str, ...] | None = None  # the tiers that take the case by default (None: by act and kind)
     ops: dict[str, Callable[..., Callable[[int], dict]]] = field(default_factory=dict)
 
     @property
     def group(self) -> str:
-        return self.name.split(":")[0]
+        return "precision" if self.precision != "fp32" else self.name.split(":")[0]
 
     def label(self, size: dict[str, int]) -> str:
         return " ".join(f"{k}={fmt_count(v)}" for k, v in size.items())
@@ -255,13 +197,30 @@ def torch_activation(act: Activation) -> Callable:
     return (lambda z: z) if module is None else module
 
 
-def layer_case(mode: str, activation: str, dtype: str = "float32") -> Case:
+def _in_precision(name: str, precision: str, grid: Grid) -> dict[str, Any]:
+    """Case fields of ``name`` run in ``precision``: fp32 changes nothing; another precision names the case
+    <name>@<precision>, takes it into the tiers PRECISION_CASES says and runs the smoke sizes on the CPU."""
+    if get_precision(precision).is_fp32:
+        return {"name": name, "grid": grid}
+
+    def small(tier: str, target: str) -> tuple[list[dict[str, int]], str]:
+        if target == "gpu":
+            return grid(tier, target)
+        sizes, note = grid("smoke", target)
+        return sizes, ("precision cases on the CPU run the smoke sizes (gpubp's float32 emulation, no tensor cores)"
+                       + (f"; {note}" if sizes and note else "" if sizes else ": none for this case"))
+    tiers = tuple(t for t, names in PRECISION_CASES.get(precision, {}).items() if name in names)
+    return {"name": f"{name}@{precision}", "grid": small, "precision": get_precision(precision).name, "tiers": tiers}
+
+
+def layer_case(mode: str, activation: str, dtype: str = "float32", precision: str = "fp32") -> Case:
     """One Dense(W, W): a = f(x W + b) with x (N, W). Forward: 2 N W^2 FLOPs; x, W, b read, a written.
-    Forward+backward also writes the saved tensor, then reads da, it, x, W and writes dx, dW, db: 6 N W^2."""
+    Forward+backward also writes the saved tensor, then reads da, it, x, W and writes dx, dW, db: 6 N W^2.
+    ``precision``: gpubp with precision=..., PyTorch under torch_modes (allow_tf32, autocast); bytes as float32."""
     if mode not in ("fwd", "fwd_bwd"):
         raise ValueError(f"mode: expected 'fwd' or 'fwd_bwd', got {mode!r}")
     act, fwd, s = Activation(activation), mode == "fwd", np.dtype(dtype).itemsize
-    name = f"dense_{mode}:{act.name}"
+    name, pkw = f"dense_{mode}:{act.name}", {} if get_precision(precision).is_fp32 else {"precision": precision}
 
     def work(size: dict[str, int]) -> Work:
         n, w = size["N"], size["W"]
@@ -286,7 +245,7 @@ def layer_case(mode: str, activation: str, dtype: str = "float32") -> Case:
 
     def gpubp_op(c: Any, inp: dict, A: dict) -> Callable:
         layer = gp.Dense(*inp["w"].shape, act)
-        model = c.model([layer], dtype, np.concatenate([inp["w"].ravel(), inp["b"]]))
+        model = c.model([layer], dtype, np.concatenate([inp["w"].ravel(), inp["b"]]), **pkw)
 
         def call(i: int) -> dict:
             a = model.forward(pick(A, "x", i), training=not fwd)
@@ -298,25 +257,33 @@ def layer_case(mode: str, activation: str, dtype: str = "float32") -> Case:
         import torch
         import torch.nn.functional as F
 
-        f = torch_activation(act)
+        f, (whole, fwd_mode), half = torch_activation(act), torch_modes(precision, A["w"][0].device.type), torch_half(precision)
         wt, b = A["w"][0].T.contiguous().requires_grad_(not fwd), A["b"][0].requires_grad_(not fwd)  # nn.Linear's
-        fn = c.compiled(name, lambda x, w, bias: f(F.linear(x, w, bias)))  # layout: weight (out, in)
+        das = {"da": [d.to(half) if half else d for d in A.get("da", ())]}  # as autocast's output: 16 bits
+
+        def forward(x: Any, w: Any, bias: Any) -> Any:  # layout: weight (out, in)
+            with fwd_mode():
+                return f(F.linear(x, w, bias))
+        fn = c.compiled(f"{name}@{precision}", forward)
         for x in A["x"]:
             x.requires_grad_(not fwd)
 
         def call(i: int) -> dict:
-            with torch.set_grad_enabled(not fwd):
-                a = fn(pick(A, "x", i), wt, b)
-            if fwd:
-                return {"a": a}
-            g = torch.autograd.grad(a, (pick(A, "x", i), wt, b), grad_outputs=pick(A, "da", i))
+            with whole():
+                with torch.set_grad_enabled(not fwd):
+                    a = fn(pick(A, "x", i), wt, b)
+                if fwd:
+                    return {"a": a}
+                g = torch.autograd.grad(a, (pick(A, "x", i), wt, b), grad_outputs=pick(das, "da", i))
             return {"a": a, "dx": g[0], "dW": g[1].T, "db": g[2]}
         return call
 
-    title = f"dense layer {'forward' if fwd else 'forward+backward'}, {activation}, {np.dtype(dtype).name}"
+    title = (f"dense layer {'forward' if fwd else 'forward+backward'}, {activation}, {np.dtype(dtype).name}"
+             + ("" if not pkw else f", precision {precision}"))
     grid = lambda tier, target: ([{"N": n, "W": w} for w, n in itertools.product(*LAYER_GRID[(tier, target)])], "")  # noqa: E731
-    return Case(name, "layer", title, "GFLOP/s", grid, work, inputs, reference, batched=("x",) if fwd else ("x", "da"),
-                dtype=np.dtype(dtype).name, act=act.name, ops={"gpubp": gpubp_op, "torch": torch_op})
+    return Case(kind="layer", title=title, unit="GFLOP/s", work=work, inputs=inputs, reference=reference,
+                batched=("x",) if fwd else ("x", "da"), dtype=np.dtype(dtype).name, act=act.name,
+                ops={"gpubp": gpubp_op, "torch": torch_op}, **_in_precision(name, precision, grid))
 
 
 def model_layers(key: str) -> list[gp.Dense]:
@@ -330,14 +297,16 @@ def _initial_params(key: str, dtype: str, seed: int) -> np.ndarray:
     return np.asarray(gp.Sequential(*model_layers(key), dtype="float64", seed=seed).arena.data, dtype=dtype)
 
 
-def step_case(key: str, dtype: str = "float32") -> Case:
+def step_case(key: str, dtype: str = "float32", precision: str = "fp32") -> Case:
     """A training step: forward, cross-entropy, backward, SGD momentum 0.9 (lr 0.01), not Adam: its first update
     is linear in the gradient, so the gate on the new parameters checks the gradients (Adam's first update is
     lr sign(g), which float32 legitimately flips for gradients near 0; Adam is gated alone in optim:adam).
     GEMMs per layer (in a, out b): x W (N, a, b), dW = x^T dz (a, N, b) and, but for the first, dx = dz W^T
     (N, b, a). Bytes: each layer's x, W, b, a, saved z, da, dx, dW, db once, 5 accesses per parameter for SGD
-    momentum, the logits read and their gradient written, the int64 labels."""
+    momentum, the logits read and their gradient written, the int64 labels. ``precision``: gpubp with precision=...,
+    PyTorch under torch_modes, and for the -mixed ones a jax.jit step (mixed.jax_step_op); bytes as float32."""
     desc, widths, stated, grids = MODELS[key]
+    pkw = {} if get_precision(precision).is_fp32 else {"precision": precision}
     pairs, s, dtype = list(zip(widths[:-1], widths[1:], strict=True)), np.dtype(dtype).itemsize, np.dtype(dtype).name
     params, slices, off = sum(a * b + b for a, b in pairs), [], 0
     for i, (a, b) in enumerate(pairs):  # (name, slice) of each weight (in, out) and bias: gpubp's arena layout
@@ -392,7 +361,7 @@ def step_case(key: str, dtype: str = "float32") -> Case:
 
     def gpubp_op(c: Any, inp: dict, A: dict) -> Callable:
         """Driven as fit drives it: inputs on the device, loss.compute (value left there), backward, step()."""
-        model = c.model(model_layers(key), dtype, inp["params"])
+        model = c.model(model_layers(key), dtype, inp["params"], **pkw)
         be, loss, opt = model.arena.backend, gp.losses.CrossEntropy(), _optimizer(STEP_OPTIM, model.parameters())
 
         def call(i: int) -> dict:
@@ -415,21 +384,30 @@ def step_case(key: str, dtype: str = "float32") -> Case:
         net = torch.nn.Sequential(*[m for lin in lins for m in (lin, torch.nn.ReLU())][:-1])  # relu between layers
         opt = _optimizer(STEP_OPTIM, net.parameters(), torch=True)
         loss_fn = gp.losses.CrossEntropy().torch_loss()  # the row's PyTorch twin, F.cross_entropy
-        fn = c.compiled(None, lambda x, y: loss_fn(net(x), y))
+        whole, fwd_mode = torch_modes(precision, flat.device.type)
+
+        def forward(x: Any, y: Any) -> Any:
+            with fwd_mode():
+                return loss_fn(net(x), y)
+        fn = c.compiled(None, forward)
 
         def flat_of(get: Callable) -> Any:  # gpubp's arena layout: weight (in, out), then bias, per layer
             return torch.cat([t for m in lins for t in (get(m.weight).T.reshape(-1), get(m.bias))])
 
         def call(i: int) -> dict:
-            opt.zero_grad(set_to_none=True)
-            loss = fn(pick(A, "x", i), pick(A, "y", i))
-            loss.backward()
-            opt.step()
+            with whole():
+                opt.zero_grad(set_to_none=True)
+                loss = fn(pick(A, "x", i), pick(A, "y", i))
+                loss.backward()
+                opt.step()
             return {"loss": loss, "grads": lambda: flat_of(lambda t: t.grad), "params": lambda: flat_of(lambda t: t)}
         return call
 
-    return Case(f"step:{key}", "step", f"training step, {desc}, {dtype}", "samples/s", grid, work, inputs, reference,
-                check, batched=("x", "y"), dtype=dtype, ops={"gpubp": gpubp_op, "torch": torch_op})
+    ops = {"gpubp": gpubp_op, "torch": torch_op} | ({"jax": jax_step_op(precision, widths, **HYPER[STEP_OPTIM])}
+                                                    if get_precision(precision).store else {})
+    return Case(kind="step", title=f"training step, {desc}, {dtype}" + (f", precision {precision}" if pkw else ""),
+                unit="samples/s", work=work, inputs=inputs, reference=reference, check=check, batched=("x", "y"),
+                dtype=dtype, ops=ops, **_in_precision(f"step:{key}", precision, grid))
 
 
 def optim_case(which: str, dtype: str = "float32") -> Case:
@@ -550,18 +528,28 @@ def allreduce_case(dtype: str = "float32") -> Case:
                 "s", grid, measure=measure, x_key="P", dtype=np.dtype(dtype).name)
 
 
+def precision_cases(dtype: str = "float32") -> list[Case]:
+    """The mixed-precision cases (float32 only): every case PRECISION_CASES names in some tier, per precision."""
+    if np.dtype(dtype) != np.float32:
+        return []
+    names = {p: dict.fromkeys(n for tier in t.values() for n in tier) for p, t in PRECISION_CASES.items()}
+    return [layer_case(n.split(":")[0][6:], n.split(":")[1], dtype, p) if n.startswith("dense_")
+            else step_case(n.split(":")[1], dtype, p) for p, ns in names.items() for n in ns]
+
+
 def all_cases(dtype: str = "float32") -> list[Case]:
     """Every case, in table order."""
     return ([layer_case(m, a, dtype) for m in ("fwd", "fwd_bwd") for a in ACTIVATIONS]
             + [step_case(k, dtype) for k in MODELS] + [optim_case(w, dtype) for w in HYPER]
-            + [loss_case(dtype), allreduce_case(dtype)])
+            + [loss_case(dtype)] + precision_cases(dtype) + [allreduce_case(dtype)])
 
 
 def select_cases(tier: str, dtype: str = "float32", patterns: Sequence[str] | None = None) -> list[Case]:
     """The tier's cases, or those matching ``patterns``: names (``dense_fwd:silu``), groups (``step``) or globs
     (``dense_*:relu``). Groups and the default take the tier's activations (and allreduce with --full only)."""
     cases = all_cases(dtype)
-    in_tier = [c for c in cases if (c.act in TIER_ACTIVATIONS[tier] if c.act else tier == "full" or c.kind != "allreduce")]
+    in_tier = [c for c in cases if (tier in c.tiers if c.tiers is not None else c.act in TIER_ACTIVATIONS[tier]
+                                    if c.act else tier == "full" or c.kind != "allreduce")]
     if not patterns:
         return in_tier
     hits = {p: [c for c in cases if c.name == p or fnmatch.fnmatch(c.name, p) or (c.group == p and c in in_tier)]

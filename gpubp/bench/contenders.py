@@ -6,6 +6,7 @@ to the device (batched ones in ``copies`` copies that steps rotate over) and wra
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,9 +16,9 @@ import numpy as np
 
 import gpubp as gp
 from gpubp.bench.cases import Case
-from gpubp.bench.timing import Settings, timer
+from gpubp.bench.timing import Settings, time_host, timer
 
-CONTENDER_NAMES = ("gpubp", "gpubp-unfused", "torch-cuda", "torch-compile", "gpubp-cpu", "torch-cpu")
+CONTENDER_NAMES = ("gpubp", "gpubp-unfused", "torch-cuda", "torch-compile", "jax-jit", "gpubp-cpu", "torch-cpu")
 # Names a contender had before: old name -> the name today.
 RENAMED = {"numpy": "gpubp-cpu"}  # it always ran gpubp's CPU backend (CpuBackend), never plain NumPy
 
@@ -33,9 +34,13 @@ class Prepared:
 
 
 def to_host(a: Any) -> np.ndarray:
-    """A host copy of a NumPy, CuPy or PyTorch array (or a number)."""
+    """A host copy of a NumPy, CuPy, PyTorch or JAX array (or a number); 16-bit floats (bfloat16 has no NumPy
+    dtype) as float32."""
     mod = type(a).__module__.split(".")[0]
-    return np.array(a.detach().cpu().numpy() if mod == "torch" else a.get() if mod == "cupy" else a, copy=True)
+    if mod == "torch":
+        a = a.detach().float().cpu().numpy() if a.is_floating_point() and a.element_size() < 4 else a.detach().cpu().numpy()
+    out = np.array(a.get() if mod == "cupy" else a, copy=True)  # JAX (jaxlib) arrays convert by __array__
+    return out.astype(np.float32) if out.dtype.kind == "V" or str(out.dtype) in ("bfloat16", "float16") else out
 
 
 def short(e: BaseException) -> str:
@@ -72,6 +77,17 @@ class Contender:
             except Exception as e:
                 return False, f"gpubp cannot run this here: {short(e)}"
             return True, ""
+        if self.family == "jax":
+            if importlib.util.find_spec("jax") is None:
+                return False, "JAX is not installed"
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # not 75% of the GPU: CuPy and
+            import jax  # PyTorch share the process
+
+            try:
+                jax.devices("gpu")
+            except RuntimeError as e:
+                return False, f"JAX sees no GPU (jax {jax.__version__}): {short(e)}"
+            return True, ""
         if importlib.util.find_spec("torch") is None:
             return False, "PyTorch is not installed"
         import torch
@@ -86,7 +102,12 @@ class Contender:
         return True, ""
 
     def supports(self, case: Case) -> tuple[bool, str]:
-        """False and why for the case kinds in ``skip``."""
+        """False and why for the case kinds in ``skip``, a case without this family's operation (JAX: the -mixed
+        training steps) and TF32 on the CPU (PyTorch's CPU matmul would run float32)."""
+        if self.family not in case.ops and case.ops:
+            return False, f"{self.name} runs only {'the -mixed training steps' if self.family == 'jax' else 'its cases'}"
+        if case.precision == "tf32" and self.family == "torch" and self.device == "cpu":
+            return False, "TF32 is a GPU tensor-core format: PyTorch's CPU matmul would run float32"
         return case.kind not in self.skip, self.skip.get(case.kind, "")
 
     def backend(self) -> Any:
@@ -96,12 +117,18 @@ class Contender:
         return get_backend(parse_device(self.device))
 
     def array(self, a: np.ndarray) -> Any:
+        if self.family == "jax":
+            import jax
+
+            return jax.device_put(np.array(a, copy=True), jax.devices("gpu" if self.device == "cuda" else "cpu")[0])
         if self.family == "torch":
             return __import__("torch").from_numpy(np.array(a, copy=True)).to(self.device)
         return self.backend().asarray(np.array(a, copy=True) if self.device == "cpu" else a, a.dtype)
 
-    def model(self, layers: list[gp.Dense], dtype: str, flat: np.ndarray | None = None) -> gp.Sequential:
+    def model(self, layers: list[gp.Dense], dtype: str, flat: np.ndarray | None = None,
+              precision: str = "fp32") -> gp.Sequential:
         impl = {} if self.device == "cpu" else {"dense_impl": self.impl}  # one CPU implementation
+        impl |= {} if precision == "fp32" else {"precision": precision}
         model = gp.Sequential(*layers, device=self.device, dtype=dtype, seed=0, **impl)
         if flat is not None:
             model.arena.backend.assign_(model.arena.data, np.asarray(flat, dtype=model.dtype))
@@ -118,7 +145,7 @@ class Contender:
 
     def setup(self, case: Case, size: dict[str, int], inputs: dict[str, np.ndarray], copies: int) -> Prepared:
         A = {k: [self.array(inputs[k]) for _ in range(copies if k in case.batched else 1)]  # gpubp sets its
-             for k in (inputs if self.family == "torch" else case.batched)}  # parameters from the host
+             for k in (case.batched if self.family == "gpubp" else inputs)}  # parameters from the host
         call, last = case.ops[self.family](self, inputs, A), {}
         count = getattr(call, "launch_count", None)
 
@@ -134,7 +161,8 @@ class Contender:
         return Prepared(lambda i: last.update(call(i)), result, launches if callable(count) else None)
 
     def timer(self, step: Callable[[int], Any], settings: Settings) -> dict[str, Any]:
-        return timer(self.device)(step, settings)
+        """GPU timing on the current stream, but JAX (its own streams): on the host, each step waiting for its result."""
+        return time_host(step, settings) if self.family == "jax" else timer(self.device)(step, settings)
 
     def release(self) -> None:
         """Give cached device memory back between runs."""
@@ -164,6 +192,8 @@ def make_contenders(names: Sequence[str] | None = None, compile_: bool = False, 
         Contender("torch-compile", "cuda", "torch", "PyTorch, torch.compile(dynamic=True), on the GPU",
                   {"optimizer": "an optimizer step alone is not compiled; torch-cuda shows PyTorch's optimizer"},
                   compile=True, off="" if compile_ else compile_reason or "off (--compile turns it on)", tf32=tf32),
+        Contender("jax-jit", "cuda", "jax", "JAX, a jax.jit training step in bf16 (the -mixed steps only), "
+                  "host-timed"),
         Contender("gpubp-cpu", "cpu", "gpubp", "gpubp on the CPU: its CPU backend (CpuBackend, the default)"),
         Contender("torch-cpu", "cpu", "torch", "PyTorch eager on the CPU", tf32=tf32),
     ]

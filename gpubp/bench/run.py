@@ -22,9 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gpubp.accuracy import GATE, gate_tolerance, unit_roundoff
+from gpubp.accuracy import GATE
 from gpubp.bench.contenders import CONTENDER_NAMES, Contender, short
-from gpubp.bench.timing import SETTINGS, Settings, ceilings, environment, rotation, time_gemms
+from gpubp.bench.gate import tolerance
+from gpubp.bench.timing import SETTINGS, Settings, ceilings, environment, rotation, tensor_core_peak, time_gemms
+from gpubp.precision import get as get_precision
 
 SCHEMA = 3
 METHOD = {"cpu": "time.perf_counter around each call; inputs rotate over up to 4 copies (64 MiB)",
@@ -127,9 +129,9 @@ class Runner:
         if c.broken:
             return record("error", f"not run: {c.broken}")
         tf32 = self.opt.tf32 and c.device == "cuda"
-        tol, gsize = gate_tolerance(self.opt.dtype, tf32), case.gate_size(size, self.opt.gate_flops)
+        (tol, u), gsize = tolerance(self.opt.dtype, tf32, case.precision), case.gate_size(size, self.opt.gate_flops)
         try:
-            inputs, expected = self._expected(case, size, gsize, unit_roundoff(self.opt.dtype, tf32))
+            inputs, expected = self._expected(case, size, gsize, u)
             nbytes = sum(inputs[k].nbytes for k in case.batched)
             copies = rotation(c.device, nbytes, self.env["gpu"].get("l2_bytes")) if nbytes else 1
             prepared = c.setup(case, gsize, case.restrict(inputs, gsize), copies if gsize == size else 1)
@@ -166,19 +168,25 @@ class Runner:
     def floor(self, case: Any, size: dict, device: str, stats: dict) -> dict[str, Any]:
         """``floor_s`` = max(bytes / bandwidth, FLOPs / peak) at the device's ceilings; ``fraction``: of_peak_flops,
         of_bandwidth (work rate over the ceiling) and of_floor (floor over median: 1 is the roofline); with GEMMs,
-        ``gemm`` (their time alone, on the same device, timed once per size) and ``over_gemm`` (median over it)."""
+        ``gemm`` (their time alone, on the same device, timed once per size) and ``over_gemm`` (median over it).
+        A case in a mixed precision on a GPU takes the stated tensor-core peak of its GEMM kind instead of the
+        measured float32 GEMM ceiling (``peak_flops``, ``peak_source``); on the CPU the float32 one (emulation)."""
         w, t, ceil = case.work(size), stats["median_s"], self.ceilings.get(device, {})
-        flops = w.flops / ceil["flops"] if w.flops and ceil.get("flops") else None  # seconds at the peaks
+        kind = get_precision(case.precision).gemm
+        peak, source = ceil.get("flops"), "measured GEMM ceiling" if ceil.get("flops") else "no GEMM ceiling"
+        if kind is not None and device != "cpu":
+            peak, source = tensor_core_peak(self.env.get("gpu", {}).get("name"), kind)
+        flops = w.flops / peak if w.flops and peak else None  # seconds at the peaks
         moved = w.bytes / ceil["bandwidth_Bps"] if w.bytes and ceil.get("bandwidth_Bps") else None
         floor = max((f for f in (flops, moved) if f), default=None)
-        out = {"floor_s": floor, "fraction": {"of_peak_flops": flops and flops / t, "of_bandwidth": moved and moved / t,
+        out = {"floor_s": floor, "peak_flops": peak, "peak_source": source, "fraction": {"of_peak_flops": flops and flops / t, "of_bandwidth": moved and moved / t,
                                               "of_floor": floor and floor / t}}
         if not w.gemms:
             return out
         key = (case.name, case.label(size), device)
         if key not in self._gemm:
             try:
-                self._gemm[key] = time_gemms(device, w.gemms, self.opt.dtype, self.opt.settings(device))
+                self._gemm[key] = time_gemms(device, w.gemms, self.opt.dtype, self.opt.settings(device), kind)
             except Exception as e:  # no CuPy for a GPU stand-in, or out of memory: said, not fatal
                 self._gemm[key] = {"error": short(e)}
         g = self._gemm[key]

@@ -107,9 +107,23 @@ def xp(device: str) -> Any:
     return np if device == "cpu" else __import__("cupy")
 
 
-def time_gemms(device: str, gemms: Sequence[tuple[int, int, int]], dtype: str, s: Settings) -> dict[str, Any]:
+def time_gemms(device: str, gemms: Sequence[tuple[int, int, int]], dtype: str, s: Settings,
+               kind: str | None = None) -> dict[str, Any]:
     """One call runs every GEMM (m, k, n) of ``gemms`` once, (m, k) @ (k, n) into a preallocated output, with
-    numpy.matmul (the BLAS) on the CPU or cupy.matmul (cuBLAS) on a GPU: the time of a case's GEMMs alone."""
+    numpy.matmul (the BLAS) on the CPU or cupy.matmul (cuBLAS) on a GPU: the time of a case's GEMMs alone.
+    ``kind`` (a mixed precision's GEMM inputs: tf32, bf16, fp16) on a GPU: torch.matmul (cuBLAS; CuPy has no
+    bfloat16) in float32 with allow_tf32, or in the 16-bit type; on the CPU the float32 GEMMs gpubp's emulation runs."""
+    if kind is not None and device != "cpu":
+        import torch
+
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(kind, torch.float32)
+        ops = [(torch.full((m, k), 0.5, dtype=dt, device=device), torch.full((k, n), 0.5, dtype=dt, device=device),
+                torch.empty((m, n), dtype=dt, device=device)) for m, k, n in gemms]
+        before, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, kind == "tf32"
+        try:
+            return timer(device)(lambda i: [torch.matmul(a, b, out=c) for a, b, c in ops], s)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
     m_ = xp(device)
     ops = [(m_.full((m, k), 0.5, dtype), m_.full((k, n), 0.5, dtype), m_.empty((m, n), dtype)) for m, k, n in gemms]
     return timer(device)(lambda i: [m_.matmul(a, b, out=c) for a, b, c in ops], s)
@@ -134,6 +148,29 @@ def ceilings(device: str, tier: str, dtype: str, tf32: bool = False) -> dict[str
             "bandwidth_Bps": 2 * nbytes / copy["min_s"], "flops": 2 * n**3 / mm["min_s"],
             "copy": {"what": f"{lib}.copyto of {nbytes >> 20} MiB (counted as {2 * nbytes >> 20} MiB moved)", **copy},
             "matmul": {"what": f"{lib}.matmul {dtype} {n}x{n}x{n}, TF32 {'on' if tf32 else 'off'}", **mm}}
+
+
+# Dense (not sparse) tensor-core peaks in FLOP/s by GEMM input kind, from NVIDIA's datasheets, which state them
+# "with sparsity" (2x the dense figure): H100 SXM5 and H200 SXM (the same SMs and clocks): TF32 989.4 / 2 = 494.7
+# TFLOP/s, BF16 and FP16 1,978.9 / 2 = 989.4 TFLOP/s; H100 PCIe: TF32 756 / 2, BF16 1,513 / 2; H100 NVL and H200 NVL:
+# TF32 835 / 2, BF16 1,671 / 2 (nvidia.com/en-us/data-center/h100/ and /h200/, "Technical Specifications"). The first
+# key contained in the GPU's name wins (CuPy names an H100 SXM "NVIDIA H100 80GB HBM3").
+TENSOR_CORE_PEAK = {
+    "H100 PCIe": {"tf32": 378e12, "bf16": 756.5e12, "fp16": 756.5e12},
+    "H100 NVL": {"tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12},
+    "H200 NVL": {"tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12},
+    "H100": {"tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12},
+    "H200": {"tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12},
+}
+
+
+def tensor_core_peak(gpu_name: str | None, kind: str) -> tuple[float | None, str]:
+    """(dense tensor-core FLOP/s of GEMM inputs ``kind`` on the GPU named ``gpu_name``, where it comes from); None
+    and why for a GPU the table does not know (the floor then has no FLOP term)."""
+    for key, peaks in TENSOR_CORE_PEAK.items():
+        if gpu_name and key in gpu_name and kind in peaks:
+            return peaks[kind], f"{kind.upper()} dense tensor-core peak of the {key}, NVIDIA datasheet (timing.py)"
+    return None, f"no stated {kind.upper()} tensor-core peak for {gpu_name or 'this GPU'} (TENSOR_CORE_PEAK)"
 
 
 DISTS = ("numpy", "numba", "numba-cuda", "cupy-cuda13x", "cupy-cuda12x", "torch", "triton", "matplotlib",

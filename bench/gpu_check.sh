@@ -35,9 +35,13 @@
 #          `gpubp kernels check --arch sm_90`, the compile report. CI compiles every
 #          instantiation under NVRTC 13.0 and the newest; NVRTC runs one program per
 #          (file, arch), so 16 cores barely help (it hit 40 s on 2 cores)
-#   5      benchmarks, plots off:                                    ~130 s   165 s
-#          a) `gpubp bench` dense_fwd_bwd:relu and step:mnist_mlp,     ~40 s    75 s
-#             fused vs unfused (cupy.matmul + kernels) vs torch        (its own timeout)
+#   5      benchmarks, plots off:                                    ~150 s   165 s
+#          a) `gpubp bench` dense_fwd_bwd:relu, step:mnist_mlp and    ~60 s    75 s
+#             step:mnist_mlp@bf16-mixed (the tensor-core path: one    (its own timeout)
+#             size, N 4096), fused vs unfused (cupy.matmul + kernels)
+#             vs torch eager (autocast bf16 in the last) vs a jax.jit
+#             bf16 step [the bf16 case: ~20 s of the ~60, mostly
+#             importing JAX and compiling its step once]
 #          b) bench/step_overhead.py --device cuda: the training step  ~90 s   the rest
 #             eager vs replayed (fit(graph=True)) vs PyTorch eager,   (its --budget: the stage's
 #             torch.cuda.graph, torch.compile(reduce-overhead), jax.jit time left, at most 80 s,
@@ -45,11 +49,11 @@
 #             8 x 64 relu at 2^18 rows: host and device us per step    under 45 s are left)
 #             [the estimate is not timed: compiles (Numba ~10 kernels, torch.compile ~20-40 s
 #             per case, XLA) dominate; its log goes into 5-bench.txt, its folder into raw.tgz]
-#   total (stages 0 1 2 3 5)                                          ~6.5 min 10.5 min
+#   total (stages 0 1 2 3 5)                                          ~6.8 min 10.5 min
 # A stage never starts past the budget (GPUBP_CHECK_BUDGET, default 450 s): later stages keep
 # a reserve (stage 5: 45 s), so the script ends within 8 minutes even when every stage runs to
 # its limit (the limits add up to more than the budget: a stage that overruns shortens the later
-# ones, stage 5 first). At the estimate one run takes ~6.5 min: with the machine's start (~1-2
+# ones, stage 5 first). At the estimate one run takes ~6.8 min: with the machine's start (~1-2
 # min) a second full run no longer fits in 15 minutes of device time; name the stages a second
 # run needs (GPUBP_CHECK_STAGES="0 5", say).
 # Hangs leave a stack: each pytest run gets a per-test limit (pytest-timeout, thread method,
@@ -277,7 +281,7 @@ stage5_bench() {
   reduced && grep -q -- "--smoke" <<<"$help" && args+=(--smoke)
   if grep -q -- "--cases" <<<"$help"; then
     listing=$(cd "$REPO" && "$PY" -m gpubp bench --list 2>/dev/null)
-    for c in dense_fwd_bwd:relu step:mnist_mlp; do
+    for c in dense_fwd_bwd:relu step:mnist_mlp step:mnist_mlp@bf16-mixed; do
       if [ -z "$listing" ] || grep -q "^ *$c\b" <<<"$listing"; then cases+=("$c"); else echo "(no case $c here)"; fi
     done
     [ ${#cases[@]} -gt 0 ] && args+=(--cases "$(IFS=,; echo "${cases[*]}")")

@@ -166,6 +166,19 @@ def test_rehearsal_stage_5_runs_the_step_overhead_benchmark_on_the_cpu(rehearsal
 
 
 @no_gpu_only
+def test_rehearsal_stage_5_benches_a_mixed_precision_case(rehearsal):
+    """Stage 5's part a (gpubp bench) names the bf16-mixed training step beside the float32 cases, and in the
+    rehearsal gpubp's CPU emulation of it passes the gate and is timed (its block is in the log)."""
+    _, out, _ = rehearsal
+    text = (out / "5-bench.txt").read_text()
+    cmd = re.search(r"^\$ .*-m gpubp bench .*--cases (\S+)", text, re.M)
+    assert cmd and cmd.group(1).split(",") == ["dense_fwd_bwd:relu", "step:mnist_mlp", "step:mnist_mlp@bf16-mixed"], (
+        text[:3000])
+    block = re.search(r"^step:mnist_mlp@bf16-mixed: training step.*?(?=\n\n)", text, re.M | re.S)
+    assert block and re.search(r"^  N=\d+ +gpubp-cpu +\d", block.group(0), re.M), text[-4000:]
+
+
+@no_gpu_only
 def test_a_gpu_run_without_a_gpu_stops_at_stage_0_with_the_reason(tmp_path):
     r = run_script(str(tmp_path / "out"), env={"GPUBP_CHECK_STAGES": "0 1"})
     assert r.returncode == 1, r.stdout + r.stderr

@@ -186,7 +186,12 @@ def near_kink(act: Any, z: np.ndarray, h: np.ndarray, w: np.ndarray, b: np.ndarr
 GATE = {"float32": 1e-3, "float32+tf32": 1e-2, "float64": 1e-9}
 
 
-def gate_tolerance(dtype: str, tf32: bool = False) -> float:
+def gate_tolerance(dtype: str, tf32: bool = False, gemm: str | None = None) -> float:
+    """The benchmark's max-relative gate of a run in ``dtype`` (TF32 GEMMs with ``tf32``); ``gemm``: the
+    kind a precision rounds GEMM inputs to (gpubp.precision), whose gate is TF32's scaled by its unit
+    roundoff (bf16: 8x TF32's)."""
+    if gemm is not None and gemm != "fp32":
+        return GATE["float32+tf32"] * KIND_ROUNDOFF[gemm] / KIND_ROUNDOFF["tf32"]
     key = f"{dtype}+tf32" if tf32 and dtype == "float32" else str(dtype)
     return GATE[key]
 

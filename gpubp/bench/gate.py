@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gpubp.accuracy import GATE, KIND_ROUNDOFF, gate_tolerance, kinks, near_kink, rel_err, unit_roundoff
+from gpubp.accuracy import KIND_ROUNDOFF, gate_tolerance, kinks, near_kink, rel_err, unit_roundoff
 from gpubp.activations import Activation
 from gpubp.backends import numpy_ref
 from gpubp.precision import get as get_precision
@@ -29,8 +29,7 @@ def precision_gate(precision: str) -> tuple[float, float]:
     kind = get_precision(precision).gemm
     if kind is None:
         return gate_tolerance("float32"), unit_roundoff("float32")
-    u = KIND_ROUNDOFF[kind]
-    return GATE["float32+tf32"] * u / KIND_ROUNDOFF["tf32"], u
+    return gate_tolerance("float32", gemm=kind), KIND_ROUNDOFF[kind]
 
 
 def tolerance(dtype: str, tf32: bool = False, precision: str = "fp32") -> tuple[float, float]:

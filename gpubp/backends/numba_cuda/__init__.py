@@ -14,6 +14,8 @@ Modules (each kernel beside its launcher; the launch machinery apart):
     reduce         the fixed-order block trees (LANES) and stage 2 of every loss value
     activations    forward, dense epilogue, backward (elementwise)
     bias_gradient  db = dz.sum(axis=0): two-stage column sums
+    precision      mixed precision: the spec's roundings on bit patterns (16-bit values as uint16),
+                   the 16-bit epilogue and activation backward of the native mixed path
     losses         one chunked kernel per element-wise loss row (its scalar term: MSE,
                    BCEWithLogits, ...), CrossEntropy (labels / probabilities); ``loss``
                    launches any row
@@ -51,6 +53,7 @@ numba_compat.check_numba_cuda()  # the floor, with the fix named, before any mod
 
 from numba import float32, float64, int64, types  # noqa: E402
 
+from gpubp.backends.numba_cuda import precision as precision_kernels  # noqa: E402
 from gpubp.backends.numba_cuda.activations import (  # noqa: F401, E402
     _act_args,
     activation_backward,
@@ -146,4 +149,5 @@ def ptx_targets(loss_rules: Iterable[Any] = ()) -> list[tuple[str, Callable, tup
             (m, m, float64, w, m, float64[::1]),
         )
     add("reduce_partials_kernel", reduce_partials_kernel, (float64[::1], int64, float64, float64[::1]))
+    targets.extend(precision_kernels.ptx_targets())  # the mixed-precision conversions and epilogues
     return targets

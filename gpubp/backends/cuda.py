@@ -19,9 +19,13 @@ used in turn: a copy is queued asynchronously, and a buffer is refilled only
 after the copy queued from it four uploads ago has finished (a training step
 uploads x and y, so the host runs at most two steps ahead of the device).
 
-Mixed precision (a ``precision`` argument, gpubp.precision): emulated around the unfused path,
-fused or not: the kernels above on copies rounded at the spec's points (round_to on CuPy arrays),
-outputs rounded in place; tensor-core GEMMs are not used yet.
+Mixed precision (a ``precision`` argument, gpubp.precision): native for tf32, bf16-mixed and
+fp16-mixed (``native_precisions``; gpubp.backends.cuda_precision): tensor-core GEMMs through
+cublasGemmEx (TF32 compute type, or 16-bit inputs with fp32 accumulation), 16-bit working copies of
+the weights made once per parameter change, the Numba 16-bit epilogue and activation backward;
+what a layer returns stays float32. Fused or not (the tensor-core fused kernels take da in 16 bits,
+the spec a float32 da: not wired). A precision outside ``native_precisions`` is emulated around the
+unfused path: the kernels above on copies rounded at the spec's points, outputs rounded in place.
 
 With ``fused=True`` dense layers run the fused CUDA C kernels of kernels/ instead
 (gpubp.backends.cuda_fused: forward GEMM + bias + activation in one kernel, backward
@@ -101,6 +105,11 @@ class CudaBackend(Backend):
     reads_cells = True
     #: the CUDA graph capture under way (a cuda_graph.Capture), None outside
     _capture: Any = None
+    #: the precisions run natively (gpubp.backends.cuda_precision); others are emulated (training warns)
+    native_precisions: tuple[str, ...] = ("tf32", "bf16-mixed", "fp16-mixed")
+    #: bumped whenever parameters may change (update, assign_, full): the 16-bit weight copies' key
+    _param_version = 0
+    _native_dense: Any = None
 
     @classmethod
     def for_device(cls, index: int, fused: bool = False) -> CudaBackend:
@@ -134,6 +143,22 @@ class CudaBackend(Backend):
             from gpubp.backends import cuda_fused
 
             self._fused = cuda_fused
+
+    def _blas(self) -> tuple[Any, Any]:
+        """CuPy's cuBLAS bindings and this device's handle (the simulator's tests pass a fake)."""
+        from cupy_backends.cuda.libs import cublas
+
+        return cublas, self.xp.cuda.device.get_cublas_handle()
+
+    def _native(self, prec: Precision | None) -> Any:
+        """The native mixed-precision dense path when ``prec`` is one of ``native_precisions``, else None."""
+        if prec is None or prec.name not in self.native_precisions:
+            return None
+        if self._native_dense is None:
+            from gpubp.backends.cuda_precision import NativeDense
+
+            self._native_dense = NativeDense(self)
+        return self._native_dense
 
     def graph_capture(self, plan: Any) -> Any:
         """A context manager capturing the recorded step run inside as a CUDA graph (``plan.graph``):
@@ -257,11 +282,13 @@ class CudaBackend(Backend):
 
     def full(self, shape: Any, value: float, dtype: Any) -> Array:
         n = int(np.prod(shape, dtype=np.int64))
+        self._param_version += 1  # a new array may take a freed one's memory
         with self._launching("allocating an array", n * np.dtype(dtype).itemsize) as s:
             out = self.nbo.full(n, value, dtype, stream=s)
         return out if isinstance(shape, (int, np.integer)) else out.reshape(shape)
 
     def assign_(self, dst: Array, src: np.ndarray) -> None:
+        self._param_version += 1
         with self._launching("copying to the device") as s:
             self.nbo.assign_(dst, src, stream=s)
 
@@ -303,6 +330,10 @@ class CudaBackend(Backend):
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """A host copy (waits for the device)."""
+        from gpubp.backends.cuda_precision import bf16_to_float32, is_bf16
+
+        if is_bf16(x):  # a native bf16 saved tensor: its values
+            return bf16_to_float32(self.to_numpy(x.view(type=type(x).__mro__[1])))
         if isinstance(x, np.ndarray) or np.isscalar(x):
             return np.array(x, copy=True)
         with self.context():
@@ -322,8 +353,12 @@ class CudaBackend(Backend):
     def dense_forward(self, x: Array, w: Array, b: Array, act: Activation, training: bool,
                       precision: Precision | None = None) -> tuple[Array, tuple]:
         """a = f(x @ W + b); saved = (x, z or a or a mask) when training, else (). See numpy_ref.
-        Under a precision: the unfused kernels on copies rounded at the spec's points (an emulation)."""
+        Under a precision: native (cuda_precision) or the unfused kernels on rounded copies (an emulation)."""
         prec = active(precision)
+        native = self._native(prec)
+        if native is not None:
+            with self._launching(f"a {prec.name} dense forward of shape {tuple(x.shape)} @ {tuple(w.shape)}") as s:
+                return native.forward(x, w, b, act, training, prec, s)
         if prec is not None:
             with self.context(), self._oom(f"a mixed-precision dense forward of shape {tuple(x.shape)}"):
                 return emulate_dense_forward(self.xp, self._dense_forward, x, w, b, act, training, prec)
@@ -352,6 +387,10 @@ class CudaBackend(Backend):
         """dz = da * f'; dW = x^T dz (into dw); db = sum_rows dz (into db); dx = dz W^T if need_dx.
         Under a precision: the unfused kernels for dz and db, the GEMMs on rounded copies (an emulation)."""
         prec = active(precision)
+        native = self._native(prec)
+        if native is not None:
+            with self._launching(f"a {prec.name} dense backward of shape {tuple(da.shape)}") as s:
+                return native.backward(da, saved, w, act, dw, db, need_dx, prec, s)
         if prec is not None:
             return self._dense_backward_mixed(da, saved, w, act, dw, db, need_dx, prec)
         if self.fused:
@@ -424,6 +463,7 @@ class CudaBackend(Backend):
         (compile-time constants) from ``hp.value`` (cuda_graph: a graph re-captured when they change)."""
         from gpubp.backends import cuda_update
 
+        self._param_version += 1  # the 16-bit weight copies are made again
         with self._launching(f"a {rule.name} step") as s:
             dev = None
             if type(hp) is Cell:

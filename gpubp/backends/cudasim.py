@@ -44,6 +44,7 @@ class SimulatedCudaBackend(CudaBackend):
     _bias_launch = {"tile": 8, "row_threads": 2}
     _instance: SimulatedCudaBackend | None = None
     graph_capture = None  # no stream to capture: a recorded step is replayed entry by entry
+    native_precisions: tuple[str, ...] = ()  # no cuBLAS: every precision is the emulation (training warns)
 
     @classmethod
     def instance(cls) -> SimulatedCudaBackend:
@@ -92,7 +93,9 @@ class SimulatedCudaBackend(CudaBackend):
         return np.array(x, dtype=np.dtype(dtype), order="C", copy=True)  # a copy, as a transfer would be
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return np.array(x, copy=True)
+        from gpubp.backends.cuda_precision import bf16_to_float32, is_bf16
+
+        return bf16_to_float32(x) if is_bf16(x) else np.array(x, copy=True)
 
     def take_rows(self, data: Array, index: slice | np.ndarray) -> Array:
         return np.ascontiguousarray(data[index])

@@ -21,14 +21,18 @@
 #          reference, launches per step; the test suite's header must
 #          say "GPU" (FAIL if it says simulator)
 #   1      CUDA C kernels on the GPU, tests/test_cuda_fused_gpu.py:    ~90 s   150 s
-#          small and odd shapes first, then 1x4096x4096 and 65536x64x64
-#          [152 tests; NVRTC builds ~40 modules once, ~30 s on one core]
+#          small and odd shapes first, then 1x4096x4096 and 65536x64x64,
+#          then the tensor-core kernels (test_cuda_fused_tc_gpu.py: relu,
+#          gelu and the reruns in tf32/bf16/fp16; up to 60 s of the limit)
+#          [152 + ~30 tests; NVRTC builds ~40 + ~10 modules once, ~30 + ~15 s on one core]
 #   2      Numba kernels and the CUDA backend on the GPU:              ~80 s   150 s
 #          test_numba_cuda.py, test_numba_cuda_optim.py, test_cuda_backend.py without
 #          the PTX-only tests CI runs, then test_conformance.py's GPU backends only
 #          (cuda, cuda-fused: CI covers the CPU backends, whose cold Numba compile alone
-#          took 164 s on 2 cores)
-#          [~400 tests; NVVM compiles ~100 kernel specializations at ~0.3-0.5 s each]
+#          took 164 s on 2 cores), then the GPU tests of test_cuda_graph.py (the recorded
+#          step as a CUDA graph vs eager, bit for bit) and test_cuda_precision.py (the native
+#          tf32/bf16/fp16 paths vs the spec)
+#          [~400 + ~14 tests; NVVM compiles ~100 kernel specializations at ~0.3-0.5 s each]
 #   3      CLI and benchmark tests on the GPU (test_cli.py,            ~50 s    90 s
 #          test_bench.py), then every test marked `large`
 #   4      OFF unless asked for (GPUBP_CHECK_STAGES="... 4 ..."):       ~30 s    60 s
@@ -186,6 +190,10 @@ stage1() {
   run_pytest 1-small 90 tests/test_cuda_fused_gpu.py -m "not large" -k "not 4096 and not 65536" || rc=1
   echo "== 1x4096x4096 and 65536x64x64"
   run_pytest 1-big 90 tests/test_cuda_fused_gpu.py -m "not large" -k "4096 or 65536" || rc=1
+  if [ -f "$REPO/tests/test_cuda_fused_tc_gpu.py" ]; then
+    echo "== the tensor-core kernels (tf32, bf16, fp16) against the float64 oracle, small shapes"
+    run_pytest 1-tc 60 tests/test_cuda_fused_tc_gpu.py -m "not large" -k "not 4096 and (relu or gelu or rerun)" || rc=1
+  fi
   return $rc
 }
 
@@ -206,6 +214,14 @@ stage2() {
   if [ -f "$REPO/tests/test_conformance.py" ]; then
     echo "== conformance of the GPU backends (cuda, cuda-fused; CI covers the CPU backends)"
     run_pytest 2-conformance 60 tests/test_conformance.py -m "not large" -k "$kc" || rc=1
+  fi
+  local gfiles=()
+  for f in tests/test_cuda_graph.py tests/test_cuda_precision.py; do
+    [ -f "$REPO/$f" ] && gfiles+=("$f")
+  done
+  if [ ${#gfiles[@]} -gt 0 ]; then
+    echo "== the recorded step as a CUDA graph, the native precision paths (their GPU tests)"
+    run_pytest 2-graph-precision 60 "${gfiles[@]}" -m "not large" -k "gpu" || rc=1
   fi
   return $rc
 }

@@ -131,7 +131,8 @@ def test_rehearsal_per_test_limits_sit_below_the_stage_limit(rehearsal):
     text = (out / "2-numba-backend.txt").read_text()
     limit = int(re.search(r"^== stage 2: numba-backend \(limit (\d+) s\)", text, re.M).group(1))
     runs = re.findall(r"^\$ .* -m pytest .*$", text, re.M)
-    assert len(runs) == 2, text[:3000]  # the Numba / backend tests, then the GPU backends' conformance
+    # the Numba / backend tests, the GPU backends' conformance, the CUDA graph and native precision GPU tests
+    assert len(runs) == 3, text[:3000]
     for run in runs:
         dump = int(re.search(r"faulthandler_timeout=(\d+)", run).group(1))
         per_test = re.search(r"--timeout (\d+)", run)
@@ -139,6 +140,7 @@ def test_rehearsal_per_test_limits_sit_below_the_stage_limit(rehearsal):
         if per_test:
             assert dump < int(per_test.group(1)) < limit, run
     assert "test_conformance.py" in runs[1] and " -k cuda" in runs[1], runs[1]  # the GPU backends' cases
+    assert "test_cuda_graph.py" in runs[2] and "test_cuda_precision.py" in runs[2] and " -k gpu" in runs[2], runs[2]
 
 
 @no_gpu_only

@@ -99,6 +99,10 @@ class StepCapture:
             self.refuse(f"{loss.__name__}.compute runs its own host code per step, which a replay would not repeat")
         elif replaced:
             self.refuse(f"{replaced[0]} is replaced on the object: a replay would not call it")
+        elif mode == "auto" and getattr(train_step.backend, "graph_capture", None) is not None:
+            # as dense_impl="auto" keeps the fused kernels off: the CUDA graph path has not yet run on
+            # a GPU, so "auto" leaves it off there and graph=True opts in
+            self.refuse("CUDA graphs are opt-in (graph=True) until verified on a GPU")
 
     def refuse(self, reason: str, attempted: bool = False) -> None:
         """Run eagerly from now on because of ``reason`` (a warning when asked for, or when a capture failed)."""

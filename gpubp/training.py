@@ -184,7 +184,8 @@ def fit(
         graph: record the step and replay it (``"auto"``, the default; ``True``; ``False``:
             eager): the first step of each shape is recorded, every later one replays it,
             bit for bit the eager step (:mod:`gpubp.step_capture`): a CUDA graph on a GPU (one
-            launch per step), a plan of bound kernel calls on the CPU. With ``check_finite=True``
+            launch per step; opt-in with ``True`` until that path has run on a GPU: "auto" keeps
+            it off there), a plan of bound kernel calls on the CPU. With ``check_finite=True``
             the step runs eagerly (True: with a warning saying why), as it does from the first
             step that cannot be recorded (a warning names the cause); with ``gradient_stats``,
             the epoch's last step (whose gradients it reads).

@@ -342,6 +342,34 @@ def test_graph_auto_is_the_default_and_replays(captures):
     assert captures[0].captures == 2 and captures[0].replays == 2 * size.steps - 2
 
 
+def test_auto_leaves_cuda_graphs_off_and_true_opts_in(monkeypatch, captures):
+    """A backend that captures CUDA graphs (graph_capture; here a stand-in on the CPU backend) is
+    left eager by "auto" without a word until that path has run on a GPU; graph=True uses it."""
+    import contextlib
+    import warnings
+
+    from gpubp.backends.cpu import CpuBackend
+
+    entered = []
+
+    @contextlib.contextmanager
+    def graph_capture(self, plan):
+        entered.append(plan)
+        yield
+
+    monkeypatch.setattr(CpuBackend, "graph_capture", graph_capture, raising=False)
+    size = size_for("cpu")
+    x, y = classification(size.n)
+    for graph in ("auto", True):
+        model = make_model("cpu", "auto", "float32", size.width)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model.fit(x, y, "cross_entropy", "adam", epochs=1, batch_size=size.batch, verbose=0, graph=graph)
+    auto, opted = captures
+    assert "opt-in" in auto.reason and auto.captures == 0
+    assert opted.reason is None and opted.captures == 2 and len(entered) == 2
+
+
 def test_gradient_stats_runs_the_epochs_last_step_eagerly_and_equals_eager(captures):
     outs = []
     for graph in (False, True):
